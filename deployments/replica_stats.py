@@ -1,0 +1,109 @@
+"""Live statistics of one replica: load, token rate, context length and KV usage.
+
+Fed by the replica's request loop (tokens, context lengths) and by a vLLM stat logger (scheduler
+stats after every engine step). Read by `record_autoscaling_stats()` and the metrics gauges.
+Time comes in as an argument so the arithmetic is testable without clocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ReplicaStatsSnapshot(BaseModel):
+    """One reading of a replica's load. Keys of `as_metrics()` are the autoscaling signal names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    running_requests: float = Field(description="Sequences the engine is decoding now.")
+    waiting_requests: float = Field(description="Requests queued inside the engine.")
+    ongoing_requests: float = Field(description="Requests this replica holds (any state).")
+    tokens_per_s: float = Field(description="Generated tokens per second over the rate window.")
+    mean_context_tokens: float = Field(description="Mean prompt+generated tokens of ongoing requests.")
+    kv_usage: float = Field(description="Share of the KV pool in use, 0..1.")
+    preemptions_total: float = Field(description="Sequences the engine preempted since start.")
+
+    def as_metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.model_dump().items()}
+
+
+class ReplicaStats:
+    """Thread-safe accumulator (vLLM calls the stat logger from its output-handler task)."""
+
+    def __init__(self, rate_window_s: float = 10.0):
+        self._window = rate_window_s
+        self._lock = threading.Lock()
+        self._token_events: deque[tuple[float, int]] = deque()
+        self._context: dict[str, int] = {}
+        self._running = 0
+        self._waiting = 0
+        self._kv_usage = 0.0
+        self._preemptions = 0
+
+    def on_scheduler(self, running: int, waiting: int, kv_usage: float, preempted: int = 0) -> None:
+        with self._lock:
+            self._running, self._waiting, self._kv_usage = running, waiting, kv_usage
+            self._preemptions += preempted
+
+    def on_tokens(self, now: float, request_id: str, new_tokens: int, context_tokens: int) -> None:
+        with self._lock:
+            if new_tokens:
+                self._token_events.append((now, new_tokens))
+            self._context[request_id] = context_tokens
+            self._trim(now)
+
+    def on_start(self, request_id: str, prompt_tokens: int) -> None:
+        with self._lock:
+            self._context[request_id] = prompt_tokens
+
+    def on_finish(self, request_id: str) -> None:
+        with self._lock:
+            self._context.pop(request_id, None)
+
+    def snapshot(self, now: float) -> ReplicaStatsSnapshot:
+        with self._lock:
+            self._trim(now)
+            tokens = sum(n for _, n in self._token_events)
+            ctx = list(self._context.values())
+            return ReplicaStatsSnapshot(
+                running_requests=self._running,
+                waiting_requests=self._waiting,
+                ongoing_requests=len(ctx),
+                tokens_per_s=tokens / self._window,
+                mean_context_tokens=(sum(ctx) / len(ctx)) if ctx else 0.0,
+                kv_usage=self._kv_usage,
+                preemptions_total=self._preemptions,
+            )
+
+    def _trim(self, now: float) -> None:
+        cutoff = now - self._window
+        while self._token_events and self._token_events[0][0] < cutoff:
+            self._token_events.popleft()
+
+
+def stat_logger_factory(stats: ReplicaStats):
+    """A vLLM `StatLoggerFactory` whose loggers feed `stats` with the scheduler's numbers."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Collector(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self._stats = stats
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            preempted: Optional[int] = getattr(iteration_stats, "num_preempted_reqs", 0) if iteration_stats else 0
+            self._stats.on_scheduler(
+                scheduler_stats.num_running_reqs,
+                scheduler_stats.num_waiting_reqs,
+                scheduler_stats.kv_cache_usage,
+                int(preempted or 0),
+            )
+
+        def log_engine_initialized(self):
+            pass
+
+    return _Collector
