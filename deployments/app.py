@@ -8,6 +8,7 @@ otherwise), and binds the OpenAI ingress in front of one replica deployment per 
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Literal, Optional
 
@@ -158,7 +159,9 @@ def _field_hint(loc) -> Optional[str]:
             continue
         field = model.model_fields.get(str(part))
         if field is None:
-            return "a known field; remove it or fix its spelling" if hint is None else hint
+            close = difflib.get_close_matches(str(part), list(model.model_fields), n=1)
+            guess = f"; did you mean {close[0]!r}?" if close else ""
+            return f"a known field ({', '.join(model.model_fields)}){guess}"
         hint = field.description
         ann = field.annotation
         inner = getattr(ann, "__args__", (ann,))

@@ -57,6 +57,12 @@ def _unavailable(detail: str) -> GenerateError:
     return GenerateError(status=503, type="service_unavailable", message=detail, retryable=True)
 
 
+def _error(status: int, message: str, type_: str, param: Optional[str] = None, code=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)
+
+
+# Serve pickles the ingress class with the FastAPI app when this decorator runs: helpers the
+# routes call must already exist above this line.
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(
@@ -203,7 +209,3 @@ class OpenAIIngress:
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             return _error(401, "invalid API key", "authentication_error")
         return None
-
-
-def _error(status: int, message: str, type_: str, param: Optional[str] = None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)

