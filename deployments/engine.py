@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fcntl
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ _SPEC_OWNED = {
     "enforce_eager": "enforce_eager",
 }
 
+logger = logging.getLogger("ray.serve")
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 
@@ -174,8 +176,30 @@ def device_start_lock(key: str, lock_dir: Optional[Path] = None) -> Iterator[Non
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def undo_worker_niceness() -> Optional[str]:
+    """Ray starts worker processes at nice 15 (`RAY_worker_niceness`); an engine must not be.
+
+    The engine processes inherit the replica's priority. Returns a warning when it cannot be
+    raised (lowering niceness needs CAP_SYS_NICE), else None.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= 0:
+        return None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        return None
+    except PermissionError:
+        return (
+            f"the vLLM engine runs at nice {current} (Ray's worker niceness), so any background "
+            "process preempts it; start Ray with RAY_worker_niceness=0 in its environment"
+        )
+
+
 def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None) -> "AsyncLLM":
     """Build the replica's `AsyncLLM` (blocks until the engine is ready)."""
+    warning = undo_worker_niceness()
+    if warning:
+        logger.warning(warning)
     os.environ.update(engine_env(spec, cores))
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM

@@ -36,8 +36,3 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    from deployments.models import pull
-
-    return pull("smollm2-135m")

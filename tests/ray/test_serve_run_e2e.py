@@ -1,0 +1,84 @@
+"""End to end: `serve run config.yaml` as a user runs it, on a CPU-only cluster, via the openai client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.ray.conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def _serve_bin() -> str:
+    return str(Path(sys.executable).with_name("serve"))
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-run") / "serve-run.log"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [_serve_bin(), "run", "--address", "local", "config.yaml"], cwd=ROOT, env=env,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"serve run exited early; log:\n{log.read_text()[-4000:]}"
+        try:
+            r = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=30,
+                           json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 300, "serve run config.yaml to answer", every_s=3)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_openai_client_gets_real_text(served):
+    api = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", max_retries=0, timeout=120)
+    out = api.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20, temperature=0,
+    )
+    assert "Paris" in out.choices[0].message.content
+    text = "".join(c.choices[0].text for c in api.completions.create(
+        model="smollm2-135m", prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True))
+    assert text.strip()
+
+
+def _status() -> dict:
+    out = subprocess.run([_serve_bin(), "status"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def test_two_replicas_run_on_the_cpu_only_cluster(served):
+    # Engines start one after another (one start lock per device), so the second replica may
+    # still be starting when the first one already answers.
+    wait_until(lambda: _status()["applications"]["plateau"]["status"] == "RUNNING", 180,
+               "both replicas to be running", every_s=3)
+    deployment = _status()["applications"]["plateau"]["deployments"]["LLM:smollm2-135m"]
+    assert deployment["replica_states"] == {"RUNNING": 2}
+    assert deployment["status"] == "HEALTHY"
