@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -115,18 +118,40 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
         ray.shutdown()
 
 
+def run_phase(phase: str, ns: argparse.Namespace) -> dict:
+    """Each phase runs in a fresh process so one engine's leftovers cannot touch the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "phase.json"
+        cmd = [sys.executable, __file__, "--phase", phase, "--phase-out", str(out), "--port", str(ns.port),
+               "--output-tokens", str(ns.output_tokens), "--rounds", str(ns.rounds), "--batches",
+               *map(str, ns.batches)]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--port", type=int, default=8131)
+    ap.add_argument("--phase", choices=["bare", "served"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase-out", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     path = pull("smollm2-135m")
+    if ns.phase == "bare":
+        Path(ns.phase_out).write_text(json.dumps({"bare": bare(path, ns.batches, ns.output_tokens, ns.rounds)}))
+        return
+    if ns.phase == "served":
+        h, w = served(path, ns.batches, ns.output_tokens, ns.rounds, ns.port)
+        Path(ns.phase_out).write_text(json.dumps({"handle": h, "http": w}))
+        return
     print("bare AsyncLLM ...", flush=True)
-    a = bare(path, ns.batches, ns.output_tokens, ns.rounds)
+    a = {int(k): v for k, v in run_phase("bare", ns)["bare"].items()}
     print("Ray Serve (handle, then HTTP) ...", flush=True)
-    h, w = served(path, ns.batches, ns.output_tokens, ns.rounds, ns.port)
+    served_res = run_phase("served", ns)
+    h = {int(k): v for k, v in served_res["handle"].items()}
+    w = {int(k): v for k, v in served_res["http"].items()}
     rows = [{"batch": b, "bare_tok_s": round(a[b], 1), "handle_tok_s": round(h[b], 1), "http_tok_s": round(w[b], 1),
              "handle_vs_bare": round(h[b] / a[b], 3), "http_vs_bare": round(w[b] / a[b], 3)} for b in ns.batches]
     print(f"\n{'batch':>5} {'bare':>9} {'handle':>9} {'http':>9} {'handle/bare':>12} {'http/bare':>10}")

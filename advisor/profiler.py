@@ -1,0 +1,186 @@
+"""The adaptive profiling sweep: closed batches of exactly B requests, B doubling to the plateau.
+
+The engine is injected as a `BatchRunner` (deployments/profiling.py wraps vLLM's AsyncLLM for
+CPU and CUDA alike), device counters as an optional `DeviceSampler` (advisor/nvml.py), so the
+sweep logic is tested without vLLM. Doubling stops when a doubling gains less than eps; then
+the knee is bisected between the last two batch sizes; at most `max_points` points in all.
+Two extra points at a longer context separate the per-sequence and per-KV-token costs of the
+step-time fit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.plateau import Knee, PlateauRules, ProfilePoint, StepModel, find_knee, fit_step_model
+
+
+class WorkloadShape(BaseModel):
+    """Prompt and output lengths of the requests a profile is measured with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    prompt_tokens: int = Field(128, ge=1, description="Prompt tokens per request.")
+    output_tokens: int = Field(64, ge=2, description="Generated tokens per request.")
+
+    @property
+    def context_tokens(self) -> float:
+        """Mean tokens a sequence holds while it decodes."""
+        return self.prompt_tokens + self.output_tokens / 2
+
+    @property
+    def bucket(self) -> str:
+        """Coarse key for stored profiles: prompt and output rounded to powers of two."""
+        return f"p{_pow2(self.prompt_tokens)}-o{_pow2(self.output_tokens)}"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, round(math.log2(max(1, n))))
+
+
+class BatchMeasurement(BaseModel):
+    """What a runner measured for one closed batch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    batch: int
+    wall_s: float
+    output_tokens: int
+    ttft_ms: list[float]
+    tpot_ms: list[float]
+    kv_usage_peak: float
+
+
+class DeviceSample(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    dram_bw_util: Optional[float] = None
+    sm_util: Optional[float] = None
+    memory_used_bytes: Optional[int] = None
+
+
+class BatchRunner(Protocol):
+    max_batch: int
+
+    def run(self, batch: int, shape: WorkloadShape) -> BatchMeasurement: ...
+
+
+class DeviceSampler(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> DeviceSample: ...
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_points: int = Field(8, ge=3, description="Batch sizes measured in the main sweep, at most.")
+    min_tokens_per_point: int = Field(256, ge=1, description="Small batches repeat until this many tokens.")
+    fit_context_factor: float = Field(4.0, gt=1.0, description="Prompt length multiplier of the fit points.")
+
+
+class Profile(BaseModel):
+    """A model's throughput curve on one device, its knee and its step-time fit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str = Field(description="Model reference (name or path).")
+    device_name: str = Field(description="Device the profile was measured on.")
+    engine_version: str = Field(description="vLLM version.")
+    dtype: str
+    shape: WorkloadShape
+    rules: PlateauRules
+    points: list[ProfilePoint] = Field(description="Main sweep, by batch.")
+    fit_points: list[ProfilePoint] = Field(description="Extra points at a longer context, for the fit.")
+    knee: Knee
+    step_model: StepModel
+    weight_bytes: int = Field(description="Weights in memory (memory model).")
+    kv_bytes_per_token: int
+    overhead_bytes: int = Field(description="Non-KV, non-weight memory of the engine, measured at profile time.")
+    seconds: float = Field(description="Wall time of the sweep.")
+
+    @property
+    def b_star(self) -> int:
+        return self.knee.b_star
+
+
+def to_point(m: BatchMeasurement, shape: WorkloadShape, sample: Optional[DeviceSample]) -> ProfilePoint:
+    tpot = sorted(m.tpot_ms)
+    return ProfilePoint(
+        batch=m.batch,
+        context_tokens=shape.context_tokens,
+        tokens_per_s=m.output_tokens / m.wall_s,
+        tpot_p50_ms=_quantile(tpot, 0.5),
+        tpot_p99_ms=_quantile(tpot, 0.99),
+        ttft_ms=sum(m.ttft_ms) / len(m.ttft_ms),
+        kv_usage=m.kv_usage_peak,
+        dram_bw_util=sample.dram_bw_util if sample else None,
+        sm_util=sample.sm_util if sample else None,
+        gpu_memory_used_bytes=sample.memory_used_bytes if sample else None,
+    )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    idx = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[idx]
+
+
+def measure(runner: BatchRunner, batch: int, shape: WorkloadShape, sampler: Optional[DeviceSampler],
+            cfg: SweepConfig) -> ProfilePoint:
+    rounds = max(1, math.ceil(cfg.min_tokens_per_point / (batch * shape.output_tokens)))
+    if sampler:
+        sampler.start()
+    runs = [runner.run(batch, shape) for _ in range(rounds)]
+    sample = sampler.stop() if sampler else None
+    merged = BatchMeasurement(
+        batch=batch,
+        wall_s=sum(r.wall_s for r in runs),
+        output_tokens=sum(r.output_tokens for r in runs),
+        ttft_ms=[x for r in runs for x in r.ttft_ms],
+        tpot_ms=[x for r in runs for x in r.tpot_ms],
+        kv_usage_peak=max(r.kv_usage_peak for r in runs),
+    )
+    return to_point(merged, shape, sample)
+
+
+def sweep(runner: BatchRunner, shape: WorkloadShape, rules: PlateauRules, cfg: SweepConfig = SweepConfig(),
+          sampler: Optional[DeviceSampler] = None,
+          progress: Callable[[ProfilePoint, int], None] = lambda p, i: None) -> list[ProfilePoint]:
+    """Doubling then bisection; returns the points sorted by batch."""
+    points: dict[int, ProfilePoint] = {}
+
+    def take(b: int) -> ProfilePoint:
+        p = measure(runner, b, shape, sampler, cfg)
+        points[b] = p
+        progress(p, len(points))
+        return p
+
+    b, prev = 1, None
+    budget = cfg.max_points
+    while b <= runner.max_batch and len(points) < budget:
+        p = take(b)
+        slow = p.tpot_p50_ms > rules.tpot_growth_limit * points[1].tpot_p50_ms
+        over_slo = rules.tpot_p99_slo_ms is not None and p.tpot_p99_ms > rules.tpot_p99_slo_ms
+        if prev is not None and (p.tokens_per_s / prev.tokens_per_s - 1 < rules.doubling_gain_eps or slow or over_slo):
+            break
+        prev, b = p, b * 2
+    # Bisect the knee: between the largest batch below the target and the first one at it.
+    while len(points) < budget:
+        knee = find_knee(list(points.values()), rules)
+        below = [x for x in sorted(points) if x < knee.b_star]
+        if not below:
+            break
+        lo, hi = below[-1], knee.b_star
+        mid = (lo + hi) // 2
+        if mid in points or mid <= lo:
+            break
+        take(mid)
+    return [points[k] for k in sorted(points)]
+
+
+def fit_points(runner: BatchRunner, shape: WorkloadShape, b_star: int, sampler: Optional[DeviceSampler],
+               cfg: SweepConfig) -> tuple[WorkloadShape, list[ProfilePoint]]:
+    """Two points at a longer prompt (B*/2 and B*) so the fit can tell KV reads from other work."""
+    long = shape.model_copy(update={"prompt_tokens": int(shape.prompt_tokens * cfg.fit_context_factor)})
+    batches = sorted({max(1, b_star // 2), max(2, b_star)})
+    return long, [measure(runner, min(b, runner.max_batch), long, sampler, cfg) for b in batches]
