@@ -50,6 +50,7 @@ class BatchMeasurement(BaseModel):
     ttft_ms: list[float]
     tpot_ms: list[float]
     kv_usage_peak: float
+    rounds: int = Field(1, description="Closed batches merged into this measurement.")
 
 
 class DeviceSample(BaseModel):
@@ -78,6 +79,14 @@ class SweepConfig(BaseModel):
     fit_context_factor: float = Field(4.0, gt=1.0, description="Prompt length multiplier of the fit points.")
 
 
+class SharePoint(BaseModel):
+    """B* measured on a share of the device (CPU: fewer cores) to learn how throughput scales."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cores: int = Field(ge=1, description="Cores the engine was pinned to.")
+    point: ProfilePoint
+
+
 class Profile(BaseModel):
     """A model's throughput curve on one device, its knee and its step-time fit."""
 
@@ -96,10 +105,23 @@ class Profile(BaseModel):
     kv_bytes_per_token: int
     overhead_bytes: int = Field(description="Non-KV, non-weight memory of the engine, measured at profile time.")
     seconds: float = Field(description="Wall time of the sweep.")
+    cores: int = Field(0, ge=0, description="CPU cores the main sweep ran on (0 on GPUs).")
+    share_points: list[SharePoint] = Field(default_factory=list, description="B* on fewer cores (CPU).")
 
     @property
     def b_star(self) -> int:
         return self.knee.b_star
+
+    @property
+    def cpu_scaling_exponent(self) -> Optional[float]:
+        """g in T(cores) ~ cores^g at B*, from the share point; None without one."""
+        full = next((p for p in self.points if p.batch == self.knee.b_star), None)
+        shares = [s for s in self.share_points if 0 < s.cores < self.cores]
+        if full is None or not shares:
+            return None
+        s = shares[0]
+        g = math.log(full.tokens_per_s / s.point.tokens_per_s) / math.log(self.cores / s.cores)
+        return min(1.5, max(0.0, g))
 
 
 def to_point(m: BatchMeasurement, shape: WorkloadShape, sample: Optional[DeviceSample]) -> ProfilePoint:
@@ -107,7 +129,9 @@ def to_point(m: BatchMeasurement, shape: WorkloadShape, sample: Optional[DeviceS
     return ProfilePoint(
         batch=m.batch,
         context_tokens=shape.context_tokens,
-        tokens_per_s=m.output_tokens / m.wall_s,
+        # Decode rate: each sequence emits 1000/TPOT tokens per second once its prefill is done.
+        tokens_per_s=sum(1000.0 / t for t in m.tpot_ms if t > 0) / max(1, m.rounds),
+        e2e_tokens_per_s=m.output_tokens / m.wall_s,
         tpot_p50_ms=_quantile(tpot, 0.5),
         tpot_p99_ms=_quantile(tpot, 0.99),
         ttft_ms=sum(m.ttft_ms) / len(m.ttft_ms),
@@ -139,6 +163,7 @@ def measure(runner: BatchRunner, batch: int, shape: WorkloadShape, sampler: Opti
         ttft_ms=[x for r in runs for x in r.ttft_ms],
         tpot_ms=[x for r in runs for x in r.tpot_ms],
         kv_usage_peak=max(r.kv_usage_peak for r in runs),
+        rounds=len(runs),
     )
     return to_point(merged, shape, sample)
 
@@ -184,3 +209,27 @@ def fit_points(runner: BatchRunner, shape: WorkloadShape, b_star: int, sampler: 
     long = shape.model_copy(update={"prompt_tokens": int(shape.prompt_tokens * cfg.fit_context_factor)})
     batches = sorted({max(1, b_star // 2), max(2, b_star)})
     return long, [measure(runner, min(b, runner.max_batch), long, sampler, cfg) for b in batches]
+
+
+def build_profile(
+    runner: BatchRunner, shape: WorkloadShape, rules: PlateauRules, *, model: str, device_name: str,
+    engine_version: str, dtype: str, weight_bytes: int, kv_bytes_per_token: int, overhead_bytes: int,
+    cfg: SweepConfig = SweepConfig(), sampler: Optional[DeviceSampler] = None,
+    progress: Callable[[ProfilePoint, int], None] = lambda p, i: None, clock: Callable[[], float] = None,
+) -> Profile:
+    """Sweep, knee, fit points and step-time fit: everything `plateau profile` reports."""
+    import time
+
+    clock = clock or time.monotonic
+    t0 = clock()
+    points = sweep(runner, shape, rules, cfg, sampler, progress)
+    knee = find_knee(points, rules)
+    _, extra = fit_points(runner, shape, knee.b_star, sampler, cfg)
+    for i, p in enumerate(extra, start=len(points) + 1):
+        progress(p, i)
+    return Profile(
+        model=model, device_name=device_name, engine_version=engine_version, dtype=dtype, shape=shape,
+        rules=rules, points=points, fit_points=extra, knee=knee, step_model=fit_step_model(points + extra),
+        weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, overhead_bytes=overhead_bytes,
+        seconds=clock() - t0,
+    )

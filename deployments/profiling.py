@@ -14,6 +14,8 @@ import time
 import uuid
 from typing import Optional
 
+import psutil
+
 from advisor.memory import MemoryModel
 from advisor.profiler import BatchMeasurement, WorkloadShape
 from deployments.engine import start_engine
@@ -41,11 +43,13 @@ def profiling_spec(
 class VllmBatchRunner:
     """Runs closed batches on one AsyncLLM; use as a context manager (shuts the engine down)."""
 
-    def __init__(self, spec: ReplicaSpec, seed: int = 0):
+    def __init__(self, spec: ReplicaSpec, seed: int = 0, cores: Optional[list[int]] = None):
         self.spec = spec
         self.max_batch = spec.max_num_seqs
         self.stats = ReplicaStats()
-        cores = sorted(os.sched_getaffinity(0)) if spec.device_kind == "cpu" else None
+        if spec.device_kind == "cpu" and cores is None:
+            cores = sorted(os.sched_getaffinity(0))
+        self.cores = cores
         self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
         self._loop = asyncio.new_event_loop()
         self._rng = random.Random(seed)
@@ -60,7 +64,22 @@ class VllmBatchRunner:
 
     def close(self) -> None:
         self.engine.shutdown()
+        # The engine's output-handler task lives on our loop: let it finish before closing.
+        pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
+
+    def engine_memory_bytes(self) -> int:
+        """Memory the engine holds: RSS of its processes on CPU, device memory used on CUDA."""
+        if self.spec.device_kind == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return int(total - free)
+        children = psutil.Process().children(recursive=True)
+        return sum(_rss(p) for p in children if p.name().startswith("VLLM"))
 
     def run(self, batch: int, shape: WorkloadShape) -> BatchMeasurement:
         return self._loop.run_until_complete(self._run(batch, shape))
@@ -103,3 +122,10 @@ class VllmBatchRunner:
             batch=batch, wall_s=wall, output_tokens=sum(r[2] for r in results),
             ttft_ms=[r[0] for r in results], tpot_ms=[r[1] for r in results], kv_usage_peak=peak,
         )
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return int(proc.memory_info().rss)
+    except psutil.Error:
+        return 0

@@ -1,0 +1,157 @@
+"""The replica plan for one model on one device: B*, memory per replica, and N.
+
+Memory per replica = weights + the engine's measured overhead + a KV pool that holds B*
+sequences at their full length (prompt + output) plus headroom, so the planned batch never
+preempts. N is the count with the best predicted aggregate throughput that fits the device's
+memory and, where measured, its DRAM bandwidth and cores:
+- GPU: one engine at B* uses a share u of the DRAM bandwidth (NVML GPM); N replicas can add up
+  to at most 1/u of it. Without a bandwidth reading no gain is predicted beyond one engine.
+- CPU: replicas split the cores. The profile's share point (B* on half the cores) gives the
+  scaling exponent g of throughput with cores, T(k) ~ k^g; N replicas then give
+  T_all * N^(1-g). Without it, scaling is taken as linear (no gain).
+A larger N must beat the smaller one by `min_gain`; every choice is explained in `reasons`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.memory import KV_BLOCK_TOKENS
+from advisor.profiler import Profile, WorkloadShape
+
+
+class PlanError(ValueError):
+    """No plan exists: the model does not fit, or no batch meets the SLO."""
+
+
+class DeviceSpec(BaseModel):
+    """A device replicas are planned onto."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["cuda", "cpu"]
+    name: str = Field(description="Device name (profile store key).")
+    memory_bytes: int = Field(gt=0, description="Total memory of the device (CPU: of the node).")
+    cores: int = Field(0, ge=0, description="CPU cores (CPU devices).")
+
+
+class PlannerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    device_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of device memory all replicas may use.")
+    kv_headroom: float = Field(0.10, ge=0, description="Extra KV beyond B* full-length sequences.")
+    max_replicas: int = Field(8, ge=1, description="Most replicas per device.")
+    min_gain: float = Field(0.05, ge=0, description="A larger N must beat a smaller one by this share.")
+    vllm_default_fraction: float = Field(0.9, gt=0, le=1, description="vLLM's default single-engine share.")
+
+
+class ReplicaPlan(BaseModel):
+    """What `plateau plan` prints and the app builder applies."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    device_name: str
+    device_kind: Literal["cuda", "cpu"]
+    replicas_per_device: int
+    num_gpus_per_replica: float
+    num_cpus_per_replica: float
+    max_num_seqs: int
+    kv_cache_bytes: int
+    memory_per_replica_bytes: int
+    context_tokens: int = Field(description="Prompt + output tokens a sequence may hold.")
+    predicted_tokens_per_s_per_replica: float
+    predicted_aggregate_tokens_per_s: float
+    single_engine_tokens_per_s: float = Field(description="Best single engine on the whole device (measured).")
+    memory_freed_bytes: int = Field(description="vs vLLM's default single engine at gpu_memory_utilization 0.9.")
+    reasons: list[str]
+
+
+def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
+                  cfg: PlannerConfig = PlannerConfig()) -> ReplicaPlan:
+    shape = shape or profile.shape
+    reasons: list[str] = []
+    b_star, t_star = _b_star(profile, shape, reasons)
+
+    block = KV_BLOCK_TOKENS[device.kind]
+    context = shape.prompt_tokens + shape.output_tokens
+    blocks = math.ceil(context / block) * b_star
+    kv = int(math.ceil(blocks * (1 + cfg.kv_headroom)) * block * profile.kv_bytes_per_token)
+    per_replica = profile.weight_bytes + profile.overhead_bytes + kv
+    usable = int(device.memory_bytes * cfg.device_memory_fraction)
+    reasons.append(
+        f"memory per replica {_gib(per_replica)}: weights {_gib(profile.weight_bytes)} + engine overhead "
+        f"{_gib(profile.overhead_bytes)} + KV {_gib(kv)} ({b_star} sequences x {context} tokens, "
+        f"+{cfg.kv_headroom:.0%} headroom, so the planned batch never preempts)"
+    )
+    n_mem = usable // per_replica
+    if n_mem < 1:
+        raise PlanError(
+            f"{profile.model} does not fit on {device.name}: one replica needs {_gib(per_replica)} but "
+            f"{cfg.device_memory_fraction:.0%} of the device is {_gib(usable)}; shorten the context "
+            f"(prompt+output {context} tokens), lower the batch, or use a larger device"
+        )
+    limits = {"memory": int(n_mem), "max_replicas": cfg.max_replicas}
+    if device.kind == "cpu":
+        limits["cores"] = max(1, device.cores)
+    n_cap = min(limits.values())
+    reasons.append("replica limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+
+    predict = _aggregate_model(profile, device, t_star, reasons)
+    best_n, best_t = 1, predict(1)
+    for n in range(2, n_cap + 1):
+        t = predict(n)
+        if t > best_t * (1 + cfg.min_gain):
+            best_n, best_t = n, t
+    reasons.append(f"N={best_n}: predicted aggregate {best_t:.0f} tok/s "
+                   f"(N=1: {predict(1):.0f}; a larger N must gain >= {cfg.min_gain:.0%})")
+    default_engine = int(device.memory_bytes * cfg.vllm_default_fraction)
+    used = best_n * per_replica
+    return ReplicaPlan(
+        model=profile.model, device_name=device.name, device_kind=device.kind, replicas_per_device=best_n,
+        num_gpus_per_replica=round(1.0 / best_n, 6) if device.kind == "cuda" else 0.0,
+        num_cpus_per_replica=round(device.cores / best_n, 4) if device.kind == "cpu" else 1.0,
+        max_num_seqs=b_star, kv_cache_bytes=kv, memory_per_replica_bytes=per_replica, context_tokens=context,
+        predicted_tokens_per_s_per_replica=best_t / best_n, predicted_aggregate_tokens_per_s=best_t,
+        single_engine_tokens_per_s=max(p.tokens_per_s for p in profile.points),
+        memory_freed_bytes=max(0, default_engine - used), reasons=reasons,
+    )
+
+
+def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple[int, float]:
+    if shape.bucket == profile.shape.bucket:
+        reasons.append(f"measured knee: {profile.knee.reason}")
+        return profile.knee.b_star, profile.knee.tokens_per_s_at_b_star
+    m = profile.step_model
+    predicted = m.b_star(shape.context_tokens, profile.rules.plateau_fraction)
+    largest = max(p.batch for p in profile.points)
+    b = max(1, min(int(predicted), 2 * largest))
+    t = m.tokens_per_s(b, shape.context_tokens)
+    reasons.append(
+        f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}: B*={b} predicted by the step "
+        f"model t(B,ctx)={m.a_ms:.2f}+{m.b_ms:.4f}B+{m.c_ms:.6f}B*ctx ms at ctx {shape.context_tokens:.0f} "
+        f"({t:.0f} tok/s, fit error {m.mape:.1f}%)"
+    )
+    return b, t
+
+
+def _aggregate_model(profile: Profile, device: DeviceSpec, t_star: float, reasons: list[str]):
+    at_knee = next((p for p in profile.points if p.batch == profile.knee.b_star), None)
+    if device.kind == "cuda":
+        if at_knee is not None and at_knee.dram_bw_util:
+            u = min(1.0, at_knee.dram_bw_util / 100.0)
+            reasons.append(f"one engine at B* uses {u:.0%} of DRAM bandwidth (GPM): N replicas add up to {1 / u:.2f}x")
+            return lambda n: t_star * min(n, 1.0 / u)
+        reasons.append("no DRAM bandwidth reading: no gain predicted beyond one engine (run --validate to measure)")
+        return lambda n: t_star
+    g = profile.cpu_scaling_exponent
+    if g is None:
+        reasons.append("no CPU share point in the profile: throughput assumed linear in cores (no gain)")
+        g = 1.0
+    else:
+        reasons.append(f"throughput scales with cores as k^{g:.2f} (share point): N replicas give N^{1 - g:.2f}x")
+    return lambda n: t_star * n ** (1.0 - g)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,116 @@
+"""Profiles and plans on disk: pandas DataFrames stored as parquet, reloaded after a restart.
+
+One row per stored object, keyed by model, device name, engine version, dtype and workload
+bucket; the full object is kept as JSON in the `body` column, the key columns make lookups and
+`pandas` analysis easy. Writes go to a temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, TypeVar
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from advisor.profiler import Profile
+
+KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket"]
+T = TypeVar("T", bound=BaseModel)
+
+
+class StoreKey(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    device_name: str
+    engine_version: str
+    dtype: str
+    bucket: str
+
+    @classmethod
+    def of(cls, profile: Profile) -> "StoreKey":
+        return cls(model=profile.model, device_name=profile.device_name, engine_version=profile.engine_version,
+                   dtype=profile.dtype, bucket=profile.shape.bucket)
+
+
+class ProfileStore:
+    """Parquet tables `profiles.parquet` (and later `plans.parquet`) under one folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _table(self, kind: str) -> Path:
+        return self.root / f"{kind}.parquet"
+
+    def _read(self, kind: str) -> pd.DataFrame:
+        path = self._table(kind)
+        if not path.exists():
+            return pd.DataFrame(columns=KEY_COLUMNS + ["stored_at", "body"])
+        return pd.read_parquet(path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _put(self, kind: str, key: StoreKey, body: BaseModel) -> Path:
+        with self._locked():
+            df = self._read(kind)
+            mask = pd.Series(True, index=df.index)
+            for col, val in key.model_dump().items():
+                mask &= df[col] == val
+            row = {**key.model_dump(), "stored_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                   "body": body.model_dump_json()}
+            df = pd.concat([df[~mask], pd.DataFrame([row])], ignore_index=True)
+            tmp = self._table(kind).with_suffix(f".tmp{os.getpid()}")
+            df.to_parquet(tmp, index=False)
+            tmp.replace(self._table(kind))
+        return self._table(kind)
+
+    def _get(self, kind: str, key: StoreKey, model_type: type[T]) -> Optional[T]:
+        df = self._read(kind)
+        for col, val in key.model_dump().items():
+            df = df[df[col] == val]
+        if df.empty:
+            return None
+        return model_type.model_validate_json(df.sort_values("stored_at").iloc[-1]["body"])
+
+    def put_profile(self, profile: Profile) -> Path:
+        return self._put("profiles", StoreKey.of(profile), profile)
+
+    def get_profile(self, key: StoreKey) -> Optional[Profile]:
+        return self._get("profiles", key, Profile)
+
+    def find(self, model: str, device_name: str, engine_version: str, dtype: str, bucket: str) -> Optional[Profile]:
+        """The profile for this bucket, else the newest for the same model/device/engine/dtype
+        (the step model predicts other workload shapes), else None."""
+        exact = self.get_profile(StoreKey(model=model, device_name=device_name, engine_version=engine_version,
+                                          dtype=dtype, bucket=bucket))
+        if exact is not None:
+            return exact
+        df = self._read("profiles")
+        df = df[(df.model == model) & (df.device_name == device_name) & (df.engine_version == engine_version)
+                & (df.dtype == dtype)]
+        if df.empty:
+            return None
+        return Profile.model_validate_json(df.sort_values("stored_at").iloc[-1]["body"])
+
+    def profiles(self) -> pd.DataFrame:
+        """All stored profiles' keys (without bodies), newest last."""
+        return self._read("profiles").drop(columns=["body"]).sort_values("stored_at")
+
+    def points(self, key: StoreKey) -> pd.DataFrame:
+        """One profile's points as a DataFrame (one row per batch size)."""
+        profile = self.get_profile(key)
+        if profile is None:
+            return pd.DataFrame()
+        return pd.DataFrame([p.model_dump() for p in profile.points])

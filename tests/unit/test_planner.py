@@ -1,0 +1,85 @@
+"""Planner choices on hand-built profiles."""
+
+import pytest
+
+from advisor.plateau import PlateauRules, ProfilePoint
+from advisor.planner import DeviceSpec, PlanError, plan_replicas
+from advisor.profiler import SharePoint, WorkloadShape
+from tests.factories import FakeRunner, make_profile
+
+GIB = 2**30
+H100 = DeviceSpec(kind="cuda", name="H100", memory_bytes=80 * GIB)
+
+
+def with_bw(profile, util_pct):
+    pts = [p.model_copy(update={"dram_bw_util": util_pct}) for p in profile.points]
+    return profile.model_copy(update={"points": pts})
+
+
+def test_memory_per_replica_holds_b_star_full_sequences_with_headroom():
+    profile = make_profile()
+    plan = plan_replicas(profile, H100)
+    b = profile.knee.b_star
+    blocks = -(-192 // 16) * b
+    assert plan.max_num_seqs == b
+    assert plan.kv_cache_bytes == int(-(-blocks * 1.1 // 1)) * 16 * profile.kv_bytes_per_token
+    assert plan.memory_per_replica_bytes == profile.weight_bytes + profile.overhead_bytes + plan.kv_cache_bytes
+    assert plan.memory_freed_bytes == int(80 * GIB * 0.9) - plan.replicas_per_device * plan.memory_per_replica_bytes
+
+
+def test_gpu_packs_replicas_up_to_the_bandwidth_share():
+    profile = with_bw(make_profile(), 30.0)
+    plan = plan_replicas(profile, H100)
+    # One engine uses 30% of the bandwidth: 3 replicas give 3x, a 4th adds the last 0.33x (> 5%), a 5th nothing.
+    assert plan.replicas_per_device == 4
+    assert plan.num_gpus_per_replica == 0.25
+    assert plan.predicted_aggregate_tokens_per_s == pytest.approx(profile.knee.tokens_per_s_at_b_star / 0.3)
+    assert any("DRAM bandwidth" in r for r in plan.reasons)
+
+
+def test_gpu_without_bandwidth_reading_keeps_one_engine_and_says_why():
+    plan = plan_replicas(make_profile(), H100)
+    assert plan.replicas_per_device == 1
+    assert any("no DRAM bandwidth reading" in r for r in plan.reasons)
+
+
+def test_memory_caps_n():
+    profile = with_bw(make_profile(), 10.0)  # bandwidth would allow 10 replicas
+    per_replica = plan_replicas(profile, H100).memory_per_replica_bytes
+    small = DeviceSpec(kind="cuda", name="small", memory_bytes=int(2.5 * per_replica / 0.9))
+    plan = plan_replicas(profile, small)
+    assert plan.replicas_per_device == 2
+    assert any("memory 2" in r for r in plan.reasons)
+
+
+def test_model_that_does_not_fit_is_a_clear_error():
+    tiny = DeviceSpec(kind="cuda", name="tiny", memory_bytes=1 * GIB)
+    with pytest.raises(PlanError, match="does not fit on tiny: one replica needs .* GiB"):
+        plan_replicas(make_profile(), tiny)
+
+
+def test_cpu_share_point_drives_n():
+    profile = make_profile()
+    knee_point = next(p for p in profile.points if p.batch == profile.knee.b_star)
+    half = knee_point.model_copy(update={"tokens_per_s": knee_point.tokens_per_s * 0.66})
+    profile = profile.model_copy(update={"cores": 2, "share_points": [SharePoint(cores=1, point=half)]})
+    cpu = DeviceSpec(kind="cpu", name="cpu", memory_bytes=24 * GIB, cores=2)
+    plan = plan_replicas(profile, cpu)
+    assert plan.replicas_per_device == 2 and plan.num_cpus_per_replica == 1.0
+    assert plan.predicted_aggregate_tokens_per_s == pytest.approx(2 * 0.66 * knee_point.tokens_per_s, rel=0.01)
+
+
+def test_other_workload_shape_uses_the_fit_and_lowers_b_star_for_long_contexts():
+    profile = make_profile()
+    long = plan_replicas(profile, H100, WorkloadShape(prompt_tokens=4000, output_tokens=64))
+    short = plan_replicas(profile, H100)
+    assert long.max_num_seqs < short.max_num_seqs
+    assert any("predicted by the step model" in r for r in long.reasons)
+
+
+def test_impossible_slo_is_reported_before_planning():
+    from advisor.plateau import find_knee
+
+    profile = make_profile()
+    with pytest.raises(ValueError, match="no batch size meets"):
+        find_knee(profile.points, PlateauRules(tpot_p99_slo_ms=1.0))
