@@ -51,6 +51,16 @@ class BatchMeasurement(BaseModel):
     tpot_ms: list[float]
     kv_usage_peak: float
     rounds: int = Field(1, description="Closed batches merged into this measurement.")
+    decode_window_s: float = Field(0.0, ge=0, description="Time all B sequences decoded together (no prefill).")
+    decode_window_tokens: int = Field(0, ge=0, description="Tokens generated inside that window.")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Steady-state decode rate of batch B; falls back to sum(1/TPOT) when the window is too
+        short to measure (outputs barely longer than the prefill phase)."""
+        if self.decode_window_tokens >= 4 * self.batch and self.decode_window_s > 0:
+            return self.decode_window_tokens / self.decode_window_s
+        return sum(1000.0 / t for t in self.tpot_ms if t > 0) / max(1, self.rounds)
 
 
 class DeviceSample(BaseModel):
@@ -129,8 +139,7 @@ def to_point(m: BatchMeasurement, shape: WorkloadShape, sample: Optional[DeviceS
     return ProfilePoint(
         batch=m.batch,
         context_tokens=shape.context_tokens,
-        # Decode rate: each sequence emits 1000/TPOT tokens per second once its prefill is done.
-        tokens_per_s=sum(1000.0 / t for t in m.tpot_ms if t > 0) / max(1, m.rounds),
+        tokens_per_s=m.decode_tokens_per_s,
         e2e_tokens_per_s=m.output_tokens / m.wall_s,
         tpot_p50_ms=_quantile(tpot, 0.5),
         tpot_p99_ms=_quantile(tpot, 0.99),
@@ -164,6 +173,8 @@ def measure(runner: BatchRunner, batch: int, shape: WorkloadShape, sampler: Opti
         tpot_ms=[x for r in runs for x in r.tpot_ms],
         kv_usage_peak=max(r.kv_usage_peak for r in runs),
         rounds=len(runs),
+        decode_window_s=sum(r.decode_window_s for r in runs),
+        decode_window_tokens=sum(r.decode_window_tokens for r in runs),
     )
     return to_point(merged, shape, sample)
 

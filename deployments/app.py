@@ -9,10 +9,12 @@ otherwise), and binds the OpenAI ingress in front of one replica deployment per 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -20,6 +22,9 @@ from deployments.engine import EngineConfigError, check_engine_kwargs, deploymen
 from deployments.ingress import OpenAIIngress, RetryPolicy, ServedModel
 from deployments.replica import LLMReplica
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
+
+
+logger = logging.getLogger("ray.serve")
 
 
 class AppConfigError(ValueError):
@@ -35,12 +40,17 @@ class ModelConfig(BaseModel):
         description="an embedded model name (smollm2-135m), a local Hugging Face folder, or a hub id",
     )
     name: Optional[str] = Field(None, description="the name clients send as `model`; defaults to `model`")
-    replicas_per_device: int = Field(2, ge=1, le=64, description="replicas packed on one device (N), 1..64")
-    devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy, >= 1")
-    max_num_seqs: int = Field(32, ge=1, le=4096, description="per-replica batch cap (B), 1..4096")
-    kv_cache_bytes: Optional[ByteSize] = Field(
-        None, description="KV pool per replica, e.g. 512MiB or 2GiB; omit to let vLLM size it from its share"
+    replicas_per_device: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        "auto", description="replicas packed on one device (N), 1..64, or auto: the Advisor's plan"
     )
+    devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy, >= 1")
+    max_num_seqs: int = Field(32, ge=1, le=4096, description="per-replica batch cap (B), 1..4096 (auto: planned)")
+    kv_cache_bytes: Optional[ByteSize] = Field(
+        None, description="KV pool per replica, e.g. 512MiB or 2GiB; omit to let vLLM size it (auto: planned)"
+    )
+    prompt_tokens: int = Field(128, ge=1, description="typical prompt length the plan is made for (auto)")
+    output_tokens: int = Field(64, ge=2, description="typical output length the plan is made for (auto)")
+    tpot_slo_ms: Optional[float] = Field(None, gt=0, description="TPOT p99 limit in ms the plan must keep (auto)")
     device_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0, description="share of a device's memory all its replicas may use together, (0, 1]"
     )
@@ -102,8 +112,6 @@ class ClusterView(BaseModel):
 
     @classmethod
     def from_ray(cls) -> "ClusterView":
-        import ray
-
         if not ray.is_initialized():
             ray.init()
         cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
@@ -135,13 +143,26 @@ def parse_args(raw: Optional[dict]) -> AppArgs:
 
 
 def _explain(exc: ValidationError) -> str:
+    """One line per field: path, value, what pydantic said, and what the field expects."""
     lines = ["invalid plateau-serve config (application args):"]
+    seen: dict[tuple, list[str]] = {}
     for err in exc.errors():
-        loc = _dotted(err["loc"])
-        fix = _field_hint(err["loc"])
-        value = err.get("input")
-        lines.append(f"  {loc} = {value!r}: {err['msg']}" + (f" (expected: {fix})" if fix else ""))
-    return "\n".join(lines)
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        msgs = seen.setdefault(loc, [])
+        if not msgs:
+            lines.append((loc, err.get("input")))
+        msgs.append(err["msg"])
+    out = [lines[0]]
+    for loc, value in lines[1:]:
+        fix = _field_hint(loc)
+        out.append(f"  {_dotted(loc)} = {value!r}: {' or '.join(dict.fromkeys(seen[loc]))}"
+                   + (f" (expected: {fix})" if fix else ""))
+    return "\n".join(out)
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic names the union member an error came from ("literal['auto']", "int") in the path
+    return isinstance(part, str) and (part in ("int", "str", "float", "bool") or "[" in part or part.startswith("constrained-"))
 
 
 def _dotted(loc) -> str:
@@ -172,7 +193,9 @@ def _field_hint(loc) -> Optional[str]:
 
 
 def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSpec:
-    """The spec and resources of one replica of model `m` on this cluster."""
+    """The spec and resources of one replica of model `m` on this cluster (N already resolved)."""
+    if m.replicas_per_device == "auto":
+        raise AppConfigError(f"model {m.served_name!r}: replicas_per_device is still 'auto'; resolve the plan first")
     n = m.replicas_per_device
     use_gpus = device == "cuda" or (device == "auto" and cluster.gpus > 0)
     if use_gpus and cluster.gpus <= 0:
@@ -200,10 +223,36 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
     )
 
 
+def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> ModelConfig:
+    """Ask the Advisor actor for the plan of an `auto` model and apply it to the config."""
+    from advisor.actor import DeviceResources, get_or_create_advisor
+    from advisor.profiler import WorkloadShape
+    from deployments.profiling import AdvisorRequest, plan_model, profile_model
+
+    use_gpus = device == "cuda" or (device == "auto" and cluster.gpus > 0)
+    request = AdvisorRequest(
+        model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
+        shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype,
+    )
+    # The profiling task holds the whole device: a GPU, or every CPU of the node.
+    resources = DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node)
+    advisor = get_or_create_advisor(plan_model, profile_model)
+    plan = ray.get(advisor.get_plan.remote(request, resources))
+    for reason in plan.reasons:
+        logger.info("plan for %s: %s", m.served_name, reason)
+    return m.model_copy(update={
+        "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
+        "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),
+    })
+
+
 def build(args: AppArgs, cluster: ClusterView) -> Application:
     handles = {}
     served = []
     for m in args.models:
+        if m.replicas_per_device == "auto":
+            m = resolve_auto(m, cluster, args.device)
         spec = replica_spec(m, cluster, args.device)
         count = m.replicas_per_device * m.devices
         opts = deployment_options(spec, count)

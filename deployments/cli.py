@@ -6,6 +6,7 @@
   plateau memory MODEL              weight and KV bytes from config.json (pure, no engine)
   plateau profile MODEL             real engine sweep: throughput/latency vs batch, B*, step-time fit
   plateau plan MODEL                N per device, memory and batch per replica, with reasons
+  plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
 """
 
 from __future__ import annotations
@@ -65,23 +66,23 @@ def _config_check(ns: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
 def _err(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
-
-
-def _model_folder(reference: str) -> Path:
-    from deployments.models import resolve_model
-
-    return resolve_model(reference)
 
 
 def _memory(ns: argparse.Namespace) -> int:
     from advisor.memory import ModelConfigError, memory_model
     from deployments.models import ModelNotFound
 
+    from deployments.models import resolve_model
+
     try:
-        m = memory_model(_model_folder(ns.model), dtype=ns.dtype, device_kind=ns.device_kind,
+        m = memory_model(resolve_model(ns.model), dtype=ns.dtype, device_kind=ns.device_kind,
                          max_model_len=ns.max_model_len)
     except (ModelConfigError, ModelNotFound) as exc:
         return _err(str(exc))
@@ -92,99 +93,30 @@ def _memory(ns: argparse.Namespace) -> int:
     return 0
 
 
-def device_name(device: str) -> str:
-    """Stable name of the device a profile is measured on (a key of the profile store)."""
-    if device == "cpu":
-        import platform
+def _request(ns: argparse.Namespace):
+    from advisor.profiler import WorkloadShape
+    from deployments.profiling import AdvisorRequest
 
-        cpu = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"cpu:{cpu} x{len(os.sched_getaffinity(0))}"
-    from advisor.nvml import gpu_sampler
-
-    sampler = gpu_sampler(_cuda_index(device))
-    return f"cuda:{sampler.name}" if sampler else device
+    return AdvisorRequest(
+        model=ns.model, device=ns.device, shape=WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens),
+        max_batch=ns.max_batch, max_points=ns.max_points, max_kv_bytes=ns.max_kv_bytes, tpot_slo_ms=ns.tpot_slo_ms,
+        dtype=ns.dtype, dummy=ns.dummy, share_point=ns.share_point, store_dir=ns.store,
+        device_memory=getattr(ns, "device_memory", None), reprofile=getattr(ns, "reprofile", False),
+    )
 
 
-def _cuda_index(device: str) -> int:
-    return int(device.split(":", 1)[1]) if ":" in device else 0
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
-def _device_kind(device: str) -> str:
-    if device != "cpu" and not device.startswith("cuda"):
-        raise CliError(f"--device {device!r}: use cpu or cuda[:INDEX]")
-    return "cpu" if device == "cpu" else "cuda"
-
-
-def run_profile(ns: argparse.Namespace):
-    """Profile ns.model on ns.device, store it, and return (profile, store path)."""
-    from advisor.memory import ModelConfigError, memory_model
-    from advisor.nvml import gpu_sampler
-    from advisor.plateau import PlateauRules
-    from advisor.profiler import SweepConfig, WorkloadShape, build_profile
-    from deployments.engine import vllm_version
-    from deployments.models import ModelNotFound
-    from deployments.profiling import VllmBatchRunner, profiling_spec
-
-    kind = _device_kind(ns.device)
-    try:
-        folder = _model_folder(ns.model)
-        memory = memory_model(folder, dtype=ns.dtype, device_kind=kind)
-    except (ModelConfigError, ModelNotFound) as exc:
-        raise CliError(str(exc)) from None
-    shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
-    rules = PlateauRules(tpot_p99_slo_ms=ns.tpot_slo_ms)
-    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if ns.dummy else {}
-    spec = profiling_spec(str(folder), memory, shape, ns.max_batch, kind, ns.max_kv_bytes, dtype=memory.dtype,
-                          engine_kwargs=extra)
-    sampler = gpu_sampler(_cuda_index(ns.device)) if kind == "cuda" else None
-    print(f"[profile] starting one engine on {ns.device} (max batch {ns.max_batch}, KV {spec.kv_cache_bytes / 2**20:.0f} MiB)",
-          file=sys.stderr, flush=True)
-
-    def progress(p, i):
-        bar = "#" * i + "." * max(0, 11 - i)
-        print(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> {p.tokens_per_s:8.1f} tok/s, "
-              f"TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}", file=sys.stderr, flush=True)
-
-    with VllmBatchRunner(spec) as runner:
-        kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
-        overhead = max(0, runner.engine_memory_bytes() - memory.weight_bytes - kv_allocated)
-        try:
-            profile = build_profile(
-                runner, shape, rules, model=ns.model, device_name=device_name(ns.device),
-                engine_version=vllm_version(), dtype=memory.dtype, weight_bytes=memory.weight_bytes,
-                kv_bytes_per_token=memory.kv_bytes_per_token, overhead_bytes=overhead,
-                cfg=SweepConfig(max_points=ns.max_points), sampler=sampler, progress=progress,
-            )
-        except ValueError as exc:  # e.g. no batch size meets the SLO
-            raise CliError(str(exc)) from None
-    if kind == "cpu" and ns.share_point:
-        profile = _with_share_point(profile, spec, shape, progress)
-    path = _store(ns).put_profile(profile)
-    return profile, path
-
-
-def _store(ns: argparse.Namespace):
-    from advisor.store import ProfileStore
-    from deployments.models import plateau_home
-
-    return ProfileStore(Path(ns.store) if ns.store else plateau_home() / "profiles")
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _profile(ns: argparse.Namespace) -> int:
     from advisor.store import StoreKey
+    from deployments.profiling import AdvisorError, profile_model
 
-    profile, path = run_profile(ns)
+    try:
+        profile, path = profile_model(_request(ns), _progress)
+    except AdvisorError as exc:
+        raise CliError(str(exc)) from None
     out = profile.model_dump(mode="json")
     out["b_star"] = profile.b_star
     out["stored_at"] = str(path)
@@ -194,65 +126,40 @@ def _profile(ns: argparse.Namespace) -> int:
 
 
 def _plan(ns: argparse.Namespace) -> int:
-    import psutil
+    from deployments.profiling import AdvisorError, plan_model
 
-    from advisor.memory import memory_model
-    from advisor.planner import DeviceSpec, PlanError, plan_replicas
-    from advisor.profiler import Profile, WorkloadShape
-    from deployments.engine import vllm_version
-
-    kind = _device_kind(ns.device)
-    shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
-    dtype = memory_model(_model_folder(ns.model), dtype=ns.dtype, device_kind=kind).dtype
-    name = device_name(ns.device)
-    stored = _store(ns).find(ns.model, name, vllm_version(), dtype, shape.bucket)
-    if stored is None or ns.reprofile:
-        print("[plan] no stored profile for this model/device/engine/dtype: profiling first", file=sys.stderr)
-        stored, _ = run_profile(ns)
-    profile: Profile = stored
-    if ns.tpot_slo_ms is not None and ns.tpot_slo_ms != profile.rules.tpot_p99_slo_ms:
-        from advisor.plateau import find_knee
-
-        rules = profile.rules.model_copy(update={"tpot_p99_slo_ms": ns.tpot_slo_ms})
-        try:
-            profile = profile.model_copy(update={"rules": rules, "knee": find_knee(profile.points, rules)})
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    if ns.device_memory:
-        memory_bytes = ns.device_memory
-    elif kind == "cpu":
-        memory_bytes = psutil.virtual_memory().total
-    else:
-        from advisor.nvml import gpu_sampler
-
-        sampler = gpu_sampler(_cuda_index(ns.device))
-        if sampler is None:
-            raise CliError("no NVIDIA GPU found through NVML; pass --device-memory BYTES")
-        memory_bytes = sampler.memory_total
-    device = DeviceSpec(kind=kind, name=name, memory_bytes=memory_bytes,
-                        cores=len(os.sched_getaffinity(0)) if kind == "cpu" else 0)
     try:
-        plan = plan_replicas(profile, device, shape)
-    except PlanError as exc:
+        plan = plan_model(_request(ns), _progress)
+    except AdvisorError as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(plan.model_dump(mode="json"), indent=2), flush=True)
     return 0
 
 
-def _with_share_point(profile, spec, shape, progress):
-    """On CPU: B* again on half the cores, so the planner knows how throughput scales with cores."""
-    from advisor.profiler import SharePoint, SweepConfig, measure
-    from deployments.profiling import VllmBatchRunner
+def _report(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
 
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return profile
-    half = cores[: len(cores) // 2]
-    print(f"[profile] share point: B*={profile.b_star} on {len(half)} of {len(cores)} cores", file=sys.stderr, flush=True)
-    with VllmBatchRunner(spec, cores=half) as runner:
-        point = measure(runner, profile.b_star, shape, None, SweepConfig())
-    progress(point, len(profile.points) + len(profile.fit_points) + 1)
-    return profile.model_copy(update={"cores": len(cores), "share_points": [SharePoint(cores=len(half), point=point)]})
+    from advisor.profiler import Profile
+    from advisor.report import write_report
+
+    path = Path(ns.profile)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file; save `plateau profile ... > profile.json` first")
+    try:
+        profile = Profile.model_validate_json(_profile_json(path.read_text()))
+    except (ValidationError, ValueError) as exc:
+        raise CliError(f"{path}: not a plateau profile ({str(exc).splitlines()[0]})") from None
+    png, page = write_report(profile, Path(ns.out))
+    print(json.dumps({"png": str(png), "html": str(page)}), flush=True)
+    return 0
+
+
+def _profile_json(text: str) -> str:
+    """`plateau profile` output adds b_star/stored_at/store_key around the profile itself."""
+    doc = json.loads(text)
+    for extra in ("b_star", "stored_at", "store_key"):
+        doc.pop(extra, None)
+    return json.dumps(doc)
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -302,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-memory", type=int, default=None, help="device memory in bytes (default: measured)")
     plan.add_argument("--reprofile", action="store_true", help="profile again even if a stored profile exists")
     plan.set_defaults(func=_plan)
+
+    report = sub.add_parser("report", help="PNG + HTML of a profile (`plateau profile` JSON output)")
+    report.add_argument("profile", help="JSON file written by `plateau profile`")
+    report.add_argument("--out", required=True, help="folder for profile.png and index.html")
+    report.set_defaults(func=_report)
     return parser
 
 

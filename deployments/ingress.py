@@ -83,7 +83,7 @@ class OpenAIIngress:
         if (denied := self._auth(request)) is not None:
             return denied
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "plateau-serve",
-                 "max_model_len": m.max_model_len} for m in self.models.values()]
+                 "max_model_len": m.max_model_len, "replicas": m.replicas} for m in self.models.values()]
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/completions")

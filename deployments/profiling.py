@@ -1,24 +1,40 @@
-"""The vLLM side of profiling: a `BatchRunner` over a real `AsyncLLM` built through the engine seam.
+"""The vLLM side of the advisor: profile and plan a model on the device this process runs on.
 
-`advisor/profiler.py` owns the sweep; this module only starts an engine sized for the sweep and
-runs closed batches of exactly B requests of random token-id prompts (ignore_eos, so every
-request produces exactly the output length), timing TTFT and every token.
+`advisor/` owns the sweep, the knee, the fit and the planner; this module supplies the engine (a
+`BatchRunner` over a real `AsyncLLM` built through the engine seam: closed batches of exactly B
+random token-id prompts, ignore_eos, timing TTFT and every token) and wires them together for
+`plateau profile` / `plateau plan` and the Advisor actor's device task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import random
 import time
 import uuid
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import MemoryModel
-from advisor.profiler import BatchMeasurement, WorkloadShape
-from deployments.engine import start_engine
+from advisor.nvml import gpu_sampler
+from advisor.plateau import PlateauRules, ProfilePoint, find_knee
+from advisor.planner import DeviceSpec, PlanError, ReplicaPlan, plan_replicas
+from advisor.profiler import (
+    BatchMeasurement,
+    Profile,
+    SharePoint,
+    SweepConfig,
+    WorkloadShape,
+    build_profile,
+    measure,
+)
+from advisor.store import ProfileStore
+from deployments.engine import start_engine, vllm_version
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
@@ -99,18 +115,14 @@ class VllmBatchRunner:
                 peak = max(peak, self.stats.snapshot(time.monotonic()).kv_usage)
                 await asyncio.sleep(KV_POLL_S)
 
-        async def one() -> tuple[float, float, int]:
+        async def one() -> tuple[float, list[tuple[float, int]]]:
             # Distinct random prompts: prefix caching must not turn prefill into a cache hit.
             ids = [self._rng.randrange(100, 10_000) for _ in range(shape.prompt_tokens)]
             t0 = time.perf_counter()
-            first = last = None
-            n = 0
+            stamps: list[tuple[float, int]] = []  # (arrival time, new tokens)
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
-                now = time.perf_counter()
-                n += len(out.outputs[0].token_ids)
-                first = first if first is not None else now
-                last = now
-            return (first - t0) * 1000.0, (last - first) * 1000.0 / max(1, n - 1), n
+                stamps.append((time.perf_counter(), len(out.outputs[0].token_ids)))
+            return t0, stamps
 
         watcher = asyncio.create_task(watch_kv())
         start = time.perf_counter()
@@ -118,10 +130,31 @@ class VllmBatchRunner:
         wall = time.perf_counter() - start
         done.set()
         await watcher
-        return BatchMeasurement(
-            batch=batch, wall_s=wall, output_tokens=sum(r[2] for r in results),
-            ttft_ms=[r[0] for r in results], tpot_ms=[r[1] for r in results], kv_usage_peak=peak,
-        )
+        return summarize(batch, wall, results, peak)
+
+
+def summarize(batch: int, wall_s: float, results: list[tuple[float, list[tuple[float, int]]]],
+              kv_peak: float) -> BatchMeasurement:
+    """Per-request TTFT/TPOT plus the steady-state decode window.
+
+    The window runs from the moment every request has its first token (all prefills done) to the
+    moment the first request finishes: exactly B sequences decode in it, with no prefill mixed
+    in, so tokens/window is the decode throughput of batch B.
+    """
+    ttft, tpot = [], []
+    for t0, stamps in results:
+        first, last = stamps[0][0], stamps[-1][0]
+        n = sum(k for _, k in stamps)
+        ttft.append((first - t0) * 1000.0)
+        tpot.append((last - first) * 1000.0 / max(1, n - 1))
+    begin = max(stamps[0][0] for _, stamps in results)
+    end = min(stamps[-1][0] for _, stamps in results)
+    in_window = sum(k for _, stamps in results for t, k in stamps if begin < t <= end)
+    return BatchMeasurement(
+        batch=batch, wall_s=wall_s, output_tokens=sum(k for _, stamps in results for _, k in stamps),
+        ttft_ms=ttft, tpot_ms=tpot, kv_usage_peak=kv_peak,
+        decode_window_s=max(0.0, end - begin), decode_window_tokens=in_window,
+    )
 
 
 def _rss(proc: psutil.Process) -> int:
@@ -129,3 +162,152 @@ def _rss(proc: psutil.Process) -> int:
         return int(proc.memory_info().rss)
     except psutil.Error:
         return 0
+
+
+# ---- profile and plan a model on the device this process runs on ------------------------------
+class AdvisorError(ValueError):
+    """A user-facing advisor failure: unusable model, no room on the device, impossible SLO."""
+
+
+class AdvisorRequest(BaseModel):
+    """What to profile/plan, and how (the `plateau profile` / `plateau plan` options)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str = Field(description="Embedded name, model folder or hub id.")
+    device: str = Field("cpu", description="cpu or cuda[:INDEX].")
+    shape: WorkloadShape = Field(default_factory=WorkloadShape)
+    max_batch: int = Field(128, ge=2, description="Largest batch the sweep may try.")
+    max_points: int = Field(8, ge=3, description="Batch sizes in the main sweep, at most.")
+    max_kv_bytes: int = Field(4 << 30, gt=0, description="Cap on the profiling engine's KV pool.")
+    tpot_slo_ms: Optional[float] = Field(None, gt=0, description="TPOT p99 limit that caps B*.")
+    dtype: str = "auto"
+    dummy: bool = Field(False, description="Random weights (load_format=dummy), token-id prompts.")
+    share_point: bool = Field(True, description="CPU: also measure B* on half the cores.")
+    store_dir: Optional[str] = Field(None, description="Profile store folder; default $PLATEAU_HOME/profiles.")
+    device_memory: Optional[int] = Field(None, gt=0, description="Device memory override in bytes.")
+    reprofile: bool = Field(False, description="Profile even if a stored profile exists.")
+
+    @property
+    def kind(self) -> DeviceKind:
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise AdvisorError(f"device {self.device!r}: use cpu or cuda[:INDEX]")
+        return "cpu" if self.device == "cpu" else "cuda"
+
+    @property
+    def cuda_index(self) -> int:
+        return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+
+    def store(self) -> ProfileStore:
+        from deployments.models import plateau_home
+
+        return ProfileStore(Path(self.store_dir) if self.store_dir else plateau_home() / "profiles")
+
+
+def device_name(req: AdvisorRequest) -> str:
+    """Stable name of the device a profile is measured on (a key of the profile store)."""
+    if req.kind == "cpu":
+        cpu = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"cpu:{cpu} x{len(os.sched_getaffinity(0))}"
+    sampler = gpu_sampler(req.cuda_index)
+    return f"cuda:{sampler.name}" if sampler else req.device
+
+
+def _memory(req: AdvisorRequest) -> tuple[Path, MemoryModel]:
+    from advisor.memory import ModelConfigError, memory_model
+    from deployments.models import ModelNotFound, resolve_model
+
+    try:
+        folder = resolve_model(req.model)
+        return folder, memory_model(folder, dtype=req.dtype, device_kind=req.kind)
+    except (ModelConfigError, ModelNotFound) as exc:
+        raise AdvisorError(str(exc)) from None
+
+
+def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, Path]:
+    """Run the adaptive sweep on a real engine, store the profile, return it and the store path."""
+    folder, memory = _memory(req)
+    rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
+    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if req.dummy else {}
+    spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, req.max_kv_bytes,
+                          dtype=memory.dtype, engine_kwargs=extra)
+    sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
+    log(f"[profile] starting one engine on {req.device} (max batch {req.max_batch}, "
+        f"KV {spec.kv_cache_bytes / 2**20:.0f} MiB)")
+
+    def progress(p: ProfilePoint, i: int) -> None:
+        bar = "#" * i + "." * max(0, 11 - i)
+        log(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> "
+            f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}")
+
+    with VllmBatchRunner(spec) as runner:
+        kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
+        overhead = max(0, runner.engine_memory_bytes() - memory.weight_bytes - kv_allocated)
+        try:
+            profile = build_profile(
+                runner, req.shape, rules, model=req.model, device_name=device_name(req),
+                engine_version=vllm_version(), dtype=memory.dtype, weight_bytes=memory.weight_bytes,
+                kv_bytes_per_token=memory.kv_bytes_per_token, overhead_bytes=overhead,
+                cfg=SweepConfig(max_points=req.max_points), sampler=sampler, progress=progress,
+            )
+        except ValueError as exc:  # no batch size meets the SLO
+            raise AdvisorError(str(exc)) from None
+    if req.kind == "cpu":
+        profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
+        if req.share_point:
+            profile = _with_share_point(profile, spec, req.shape, progress, log)
+    return profile, req.store().put_profile(profile)
+
+
+def _with_share_point(profile: Profile, spec: ReplicaSpec, shape: WorkloadShape, progress, log) -> Profile:
+    """On CPU: B* again on half the cores, so the planner knows how throughput scales with cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return profile
+    half = cores[: len(cores) // 2]
+    log(f"[profile] share point: B*={profile.b_star} on {len(half)} of {len(cores)} cores")
+    with VllmBatchRunner(spec, cores=half) as runner:
+        point = measure(runner, profile.b_star, shape, None, SweepConfig())
+    progress(point, len(profile.points) + len(profile.fit_points) + 1)
+    return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)]})
+
+
+def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
+    """The plan for req.model on this device: reuse a stored profile (any workload bucket of the
+    same model/device/engine/dtype; the fit covers other shapes) or profile first."""
+    _, memory = _memory(req)
+    name = device_name(req)
+    profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype, req.shape.bucket)
+    if profile is None:
+        log("[plan] no stored profile for this model/device/engine/dtype: profiling first")
+        profile, _ = profile_model(req, log)
+    if req.tpot_slo_ms is not None and req.tpot_slo_ms != profile.rules.tpot_p99_slo_ms:
+        rules = profile.rules.model_copy(update={"tpot_p99_slo_ms": req.tpot_slo_ms})
+        try:
+            profile = profile.model_copy(update={"rules": rules, "knee": find_knee(profile.points, rules)})
+        except ValueError as exc:
+            raise AdvisorError(str(exc)) from None
+    try:
+        return plan_replicas(profile, _device_spec(req, name), req.shape)
+    except PlanError as exc:
+        raise AdvisorError(str(exc)) from None
+
+
+def _device_spec(req: AdvisorRequest, name: str) -> DeviceSpec:
+    if req.device_memory:
+        memory_bytes = req.device_memory
+    elif req.kind == "cpu":
+        memory_bytes = psutil.virtual_memory().total
+    else:
+        sampler = gpu_sampler(req.cuda_index)
+        if sampler is None:
+            raise AdvisorError("no NVIDIA GPU found through NVML; pass --device-memory BYTES")
+        memory_bytes = sampler.memory_total
+    cores = len(os.sched_getaffinity(0)) if req.kind == "cpu" else 0
+    return DeviceSpec(kind=req.kind, name=name, memory_bytes=memory_bytes, cores=cores)

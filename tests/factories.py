@@ -41,8 +41,10 @@ class FakeRunner:
         self.calls.append(batch)
         t = step_ms(batch, shape.context_tokens, **self.step_kwargs)
         wall = (shape.output_tokens * t + 50) / 1000
+        window_tokens = batch * (shape.output_tokens - 2)
         return BatchMeasurement(batch=batch, wall_s=wall, output_tokens=batch * shape.output_tokens,
-                                ttft_ms=[50.0] * batch, tpot_ms=[t] * batch, kv_usage_peak=min(1.0, batch / 300))
+                                ttft_ms=[50.0] * batch, tpot_ms=[t] * batch, kv_usage_peak=min(1.0, batch / 300),
+                                decode_window_s=(shape.output_tokens - 2) * t / 1000, decode_window_tokens=window_tokens)
 
 
 def make_profile(runner=None, shape=None, rules=None, **overrides):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

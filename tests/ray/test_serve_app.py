@@ -37,7 +37,8 @@ def app(smollm2_path):
              _metrics_export_port=METRICS_PORT, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     args = parse_args({
-        "models": [shipped_model_args(kv_cache_bytes="256MiB", max_model_len=1024, model=str(smollm2_path), name=MODEL)],
+        "models": [shipped_model_args(replicas_per_device=2, max_num_seqs=32, kv_cache_bytes="256MiB",
+                                      max_model_len=1024, model=str(smollm2_path), name=MODEL)],
         "api_key": API_KEY,
     })
     serve.run(build(args, ClusterView.from_ray()), name=APP, route_prefix="/")

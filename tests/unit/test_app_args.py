@@ -15,8 +15,8 @@ def shipped_args() -> dict:
 def test_shipped_config_is_valid():
     args = parse_args(shipped_args())
     (m,) = args.models
-    assert m.model == "smollm2-135m" and m.replicas_per_device == 2
-    assert int(m.kv_cache_bytes) == 512 * 2**20
+    assert m.model == "smollm2-135m" and m.replicas_per_device == "auto"
+    assert m.dtype == "float32" and m.enforce_eager
 
 
 def test_defaults_serve_the_embedded_model():
@@ -28,6 +28,7 @@ def test_defaults_serve_the_embedded_model():
     "models,needles",
     [
         ([{"replicas_per_device": 0}], ["models[0].replicas_per_device", "= 0", "replicas packed on one device"]),
+        ([{"replicas_per_device": "many"}], ["models[0].replicas_per_device", "'many'", "or auto"]),
         ([{"max_num_seq": 8}], ["models[0].max_num_seq", "Extra inputs", "known field"]),
         ([{"dtype": "fp8x"}], ["models[0].dtype", "'fp8x'", "float32"]),
         ([{"kv_cache_bytes": "lots"}], ["models[0].kv_cache_bytes", "'lots'", "512MiB"]),
@@ -55,7 +56,7 @@ def test_duplicate_served_names_are_refused():
 
 
 def test_gpu_cluster_gets_fractional_gpus():
-    m = parse_args(shipped_args()).models[0]
+    m = parse_args({"models": [{"replicas_per_device": 2}]}).models[0]
     spec = replica_spec(m, ClusterView(gpus=1, cpus_per_node=2, engine_device="cpu"), device="auto")
     assert spec.resources.num_gpus == 0.5
     assert spec.resources.num_cpus == 1.0
@@ -69,7 +70,13 @@ def test_cpu_cluster_splits_the_node_cpus():
     assert spec.resources.num_cpus == 4.0
 
 
-def test_device_cuda_without_gpus_is_a_clear_error():
+def test_unresolved_auto_is_refused_by_the_spec_builder():
     m = parse_args(None).models[0]
+    with pytest.raises(AppConfigError, match="still 'auto'"):
+        replica_spec(m, ClusterView(gpus=0, cpus_per_node=2, engine_device="cpu"), device="auto")
+
+
+def test_device_cuda_without_gpus_is_a_clear_error():
+    m = parse_args({"models": [{"replicas_per_device": 1}]}).models[0]
     with pytest.raises(AppConfigError, match="no GPUs"):
         replica_spec(m, ClusterView(gpus=0, cpus_per_node=2, engine_device="cpu"), device="cuda")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from advisor.plateau import PlateauRules, ProfilePoint
+from advisor.plateau import PlateauRules
 from advisor.planner import DeviceSpec, PlanError, plan_replicas
 from advisor.profiler import SharePoint, WorkloadShape
-from tests.factories import FakeRunner, make_profile
+from tests.factories import make_profile
 
 GIB = 2**30
 H100 = DeviceSpec(kind="cuda", name="H100", memory_bytes=80 * GIB)

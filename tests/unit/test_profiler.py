@@ -40,3 +40,19 @@ def test_profile_fits_the_curve_and_predicts_other_contexts():
     truth = 64 * 1000 / step_ms(64, 2000)
     assert m.tokens_per_s(64, 2000) == pytest.approx(truth, rel=0.02)
     assert profile.knee.b_star in {p.batch for p in profile.points}
+
+
+def test_decode_window_excludes_prefill_and_the_tail():
+    from deployments.profiling import summarize
+
+    # Two requests: A's first token at 1.0 s, B's at 2.0 s (long prefill); A ends at 4.0 s, B at 5.0 s.
+    # 10 tokens per second each while both decode: the window [2.0, 4.0] holds 2 x 20 tokens.
+    def stamps(first, last):
+        n = int((last - first) * 10)
+        return [(first + i / 10, 1) for i in range(n + 1)]
+
+    m = summarize(2, 5.0, [(0.0, stamps(1.0, 4.0)), (0.0, stamps(2.0, 5.0))], kv_peak=0.1)
+    assert m.decode_window_s == pytest.approx(2.0)
+    assert m.decode_window_tokens == 40
+    assert m.decode_tokens_per_s == pytest.approx(20.0)
+    assert m.ttft_ms == [pytest.approx(1000.0), pytest.approx(2000.0)]

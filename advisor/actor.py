@@ -1,0 +1,94 @@
+"""The Advisor: a named, detached, restartable Ray actor that hands out replica plans.
+
+Thin shell: the work happens in functions injected at creation (`plan_fn`, `profile_fn`; the app
+builder passes deployments/profiling.py's), each run as a Ray task that holds the whole device,
+because a profile must not share its device with serving replicas. Plans are cached in memory;
+profiles persist in the parquet store, so a restarted Advisor re-plans from them without
+starting an engine. `observe()` keeps live replica samples for refining the fit later.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.planner import ReplicaPlan
+
+ADVISOR_NAME = "plateau-advisor"
+ADVISOR_NAMESPACE = "plateau"
+
+
+class DeviceResources(BaseModel):
+    """What a device task asks Ray for: a whole GPU, or all CPUs of a node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+
+
+class Observation(BaseModel):
+    """One live reading of a replica, for refining the step-time fit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    at: float = Field(description="Unix time of the reading.")
+    running_requests: float
+    tokens_per_s: float
+    mean_context_tokens: float
+    kv_usage: float
+
+
+class Advisor:
+    def __init__(self, plan_fn: Callable[[Any], ReplicaPlan], profile_fn: Optional[Callable[[Any], Any]] = None,
+                 max_observations: int = 10_000):
+        self._plan_fn = plan_fn
+        self._profile_fn = profile_fn
+        self._plans: dict[str, ReplicaPlan] = {}
+        self._observations: list[Observation] = []
+        self._max_observations = max_observations
+
+    async def get_plan(self, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
+        """The plan for `request` (cached); profiles first when no stored profile exists."""
+        key = request.model_dump_json()
+        if key not in self._plans:
+            self._plans[key] = await self._on_device(self._plan_fn, request, resources)
+        return self._plans[key]
+
+    async def profile(self, request: BaseModel, resources: DeviceResources):
+        if self._profile_fn is None:
+            raise RuntimeError("this Advisor was created without a profile function")
+        return await self._on_device(self._profile_fn, request, resources)
+
+    def observe(self, samples: list[Observation]) -> int:
+        self._observations.extend(samples)
+        del self._observations[: max(0, len(self._observations) - self._max_observations)]
+        return len(self._observations)
+
+    def observations(self, model: Optional[str] = None) -> list[Observation]:
+        return [o for o in self._observations if model is None or o.model == model]
+
+    def plans(self) -> list[ReplicaPlan]:
+        return list(self._plans.values())
+
+    @staticmethod
+    async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources):
+        task = ray.remote(_call).options(num_gpus=resources.num_gpus, num_cpus=resources.num_cpus, max_retries=0)
+        return await task.remote(fn, request)
+
+
+def _call(fn: Callable, request: BaseModel):
+    started = time.monotonic()
+    result = fn(request, lambda msg: print(msg, flush=True))
+    print(f"[advisor] device task done in {time.monotonic() - started:.0f} s", flush=True)
+    return result
+
+
+def get_or_create_advisor(plan_fn: Callable, profile_fn: Optional[Callable] = None):
+    """The cluster's Advisor actor handle (created detached and restartable on first use)."""
+    return ray.remote(Advisor).options(
+        name=ADVISOR_NAME, namespace=ADVISOR_NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, num_cpus=0,
+    ).remote(plan_fn, profile_fn)
