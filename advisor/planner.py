@@ -46,6 +46,18 @@ class PlannerConfig(BaseModel):
     vllm_default_fraction: float = Field(0.9, gt=0, le=1, description="vLLM's default single-engine share.")
 
 
+class Validation(BaseModel):
+    """A measured check of a plan: N replicas at once against the best single engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    single_engine_batch: int = Field(description="Batch of the single engine (its own knee).")
+    single_engine_tokens_per_s: float = Field(description="Measured, one engine on the whole device.")
+    replicas: int
+    aggregate_tokens_per_s: float = Field(description="Measured, N planned replicas decoding at once.")
+    gain: float = Field(description="aggregate / single - 1.")
+    predicted_aggregate_tokens_per_s: float
+
+
 class ReplicaPlan(BaseModel):
     """What `plateau plan` prints and the app builder applies."""
 
@@ -65,6 +77,7 @@ class ReplicaPlan(BaseModel):
     single_engine_tokens_per_s: float = Field(description="Best single engine on the whole device (measured).")
     memory_freed_bytes: int = Field(description="vs vLLM's default single engine at gpu_memory_utilization 0.9.")
     reasons: list[str]
+    validation: Optional[Validation] = Field(None, description="Set by `plateau plan --validate`.")
 
 
 def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,

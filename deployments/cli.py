@@ -102,6 +102,7 @@ def _request(ns: argparse.Namespace):
         max_batch=ns.max_batch, max_points=ns.max_points, max_kv_bytes=ns.max_kv_bytes, tpot_slo_ms=ns.tpot_slo_ms,
         dtype=ns.dtype, dummy=ns.dummy, share_point=ns.share_point, store_dir=ns.store,
         device_memory=getattr(ns, "device_memory", None), reprofile=getattr(ns, "reprofile", False),
+        validate_plan=getattr(ns, "validate", False),
     )
 
 
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_args(plan)
     plan.add_argument("--device-memory", type=int, default=None, help="device memory in bytes (default: measured)")
     plan.add_argument("--reprofile", action="store_true", help="profile again even if a stored profile exists")
+    plan.add_argument("--validate", action="store_true",
+                      help="start the planned N replicas on the device and measure them against one engine")
     plan.set_defaults(func=_plan)
 
     report = sub.add_parser("report", help="PNG + HTML of a profile (`plateau profile` JSON output)")

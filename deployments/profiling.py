@@ -14,6 +14,7 @@ import platform
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.memory import MemoryModel
 from advisor.nvml import gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
-from advisor.planner import DeviceSpec, PlanError, ReplicaPlan, plan_replicas
+from advisor.planner import DeviceSpec, PlanError, ReplicaPlan, Validation, plan_replicas
 from advisor.profiler import (
     BatchMeasurement,
     Profile,
@@ -34,7 +35,7 @@ from advisor.profiler import (
     measure,
 )
 from advisor.store import ProfileStore
-from deployments.engine import start_engine, vllm_version
+from deployments.engine import cpu_cores_for, start_engine, vllm_version
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
@@ -186,6 +187,7 @@ class AdvisorRequest(BaseModel):
     store_dir: Optional[str] = Field(None, description="Profile store folder; default $PLATEAU_HOME/profiles.")
     device_memory: Optional[int] = Field(None, gt=0, description="Device memory override in bytes.")
     reprofile: bool = Field(False, description="Profile even if a stored profile exists.")
+    validate_plan: bool = Field(False, description="Start the planned N replicas and measure them.")
 
     @property
     def kind(self) -> DeviceKind:
@@ -294,9 +296,45 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
         except ValueError as exc:
             raise AdvisorError(str(exc)) from None
     try:
-        return plan_replicas(profile, _device_spec(req, name), req.shape)
+        plan = plan_replicas(profile, _device_spec(req, name), req.shape)
     except PlanError as exc:
         raise AdvisorError(str(exc)) from None
+    if req.validate_plan:
+        plan = plan.model_copy(update={"validation": validate(req, profile, plan, log)})
+    return plan
+
+
+def validate(req: AdvisorRequest, profile: Profile, plan: ReplicaPlan, log: Callable[[str], None]) -> Validation:
+    """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding B* each
+    at the same time, against one engine on the whole device at its own knee, same workload."""
+    folder, memory = _memory(req)
+    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if req.dummy else {}
+    cfg = SweepConfig(min_tokens_per_point=4 * plan.max_num_seqs * req.shape.output_tokens)
+    single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, req.max_kv_bytes,
+                                 dtype=memory.dtype, engine_kwargs=extra)
+    log(f"[validate] single engine at batch {profile.b_star}")
+    with VllmBatchRunner(single_spec) as runner:
+        single = measure(runner, profile.b_star, req.shape, None, cfg).tokens_per_s
+    n = plan.replicas_per_device
+    spec = single_spec.model_copy(update={
+        "replicas_per_device": n, "max_num_seqs": plan.max_num_seqs, "kv_cache_bytes": plan.kv_cache_bytes,
+        "device_memory_fraction": 0.9,
+    })
+    cores = sorted(os.sched_getaffinity(0))
+    log(f"[validate] {n} replicas at batch {plan.max_num_seqs} each, decoding at once")
+    runners = [VllmBatchRunner(spec, seed=i, cores=cpu_cores_for(i, n, cores) if req.kind == "cpu" else None)
+               for i in range(n)]
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            points = list(pool.map(lambda r: measure(r, plan.max_num_seqs, req.shape, None, cfg), runners))
+    finally:
+        for r in runners:
+            r.close()
+    aggregate = sum(p.tokens_per_s for p in points)
+    log(f"[validate] single {single:.0f} tok/s, {n} replicas {aggregate:.0f} tok/s ({aggregate / single - 1:+.0%})")
+    return Validation(single_engine_batch=profile.b_star, single_engine_tokens_per_s=single, replicas=n,
+                      aggregate_tokens_per_s=aggregate, gain=aggregate / single - 1,
+                      predicted_aggregate_tokens_per_s=plan.predicted_aggregate_tokens_per_s)
 
 
 def _device_spec(req: AdvisorRequest, name: str) -> DeviceSpec:
