@@ -9,7 +9,7 @@ run: setup
 	$(VENV)/bin/serve run config.yaml
 
 test: setup
-	$(VENV)/bin/python -m pytest tests -v -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider
 
 unit: setup
 	$(VENV)/bin/python -m pytest tests/unit -q

@@ -192,12 +192,16 @@ def _field_hint(loc) -> Optional[str]:
     return hint
 
 
+def _uses_gpus(device: str, cluster: ClusterView) -> bool:
+    return device == "cuda" or (device == "auto" and cluster.gpus > 0)
+
+
 def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSpec:
     """The spec and resources of one replica of model `m` on this cluster (N already resolved)."""
     if m.replicas_per_device == "auto":
         raise AppConfigError(f"model {m.served_name!r}: replicas_per_device is still 'auto'; resolve the plan first")
     n = m.replicas_per_device
-    use_gpus = device == "cuda" or (device == "auto" and cluster.gpus > 0)
+    use_gpus = _uses_gpus(device, cluster)
     if use_gpus and cluster.gpus <= 0:
         raise AppConfigError(
             "device = 'cuda' but the Ray cluster has no GPUs; start it with GPUs "
@@ -229,7 +233,7 @@ def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> ModelConf
     from advisor.profiler import WorkloadShape
     from deployments.profiling import AdvisorRequest, plan_model, profile_model
 
-    use_gpus = device == "cuda" or (device == "auto" and cluster.gpus > 0)
+    use_gpus = _uses_gpus(device, cluster)
     request = AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
@@ -238,7 +242,13 @@ def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> ModelConf
     # The profiling task holds the whole device: a GPU, or every CPU of the node.
     resources = DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node)
     advisor = get_or_create_advisor(plan_model, profile_model)
-    plan = ray.get(advisor.get_plan.remote(request, resources))
+    try:
+        plan = ray.get(advisor.get_plan.remote(request, resources))
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
+            raise AppConfigError(f"model {m.served_name!r}: no replica plan: {cause}") from None
+        raise
     for reason in plan.reasons:
         logger.info("plan for %s: %s", m.served_name, reason)
     return m.model_copy(update={

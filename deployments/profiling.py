@@ -205,18 +205,20 @@ class AdvisorRequest(BaseModel):
         return ProfileStore(Path(self.store_dir) if self.store_dir else plateau_home() / "profiles")
 
 
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def device_name(req: AdvisorRequest) -> str:
     """Stable name of the device a profile is measured on (a key of the profile store)."""
     if req.kind == "cpu":
-        cpu = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"cpu:{cpu} x{len(os.sched_getaffinity(0))}"
+        return f"cpu:{cpu_model_name()} x{len(os.sched_getaffinity(0))}"
     sampler = gpu_sampler(req.cuda_index)
     return f"cuda:{sampler.name}" if sampler else req.device
 
