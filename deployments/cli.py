@@ -7,6 +7,7 @@
   plateau profile MODEL             real engine sweep: throughput/latency vs batch, B*, step-time fit
   plateau plan MODEL                N per device, memory and batch per replica, with reasons
   plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
+  plateau pack INPUT.json           place replicas of many models on devices (capacity planning)
 """
 
 from __future__ import annotations
@@ -163,6 +164,23 @@ def _profile_json(text: str) -> str:
     return json.dumps(doc)
 
 
+def _pack(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cluster.packing import PackInput, pack
+
+    path = Path(ns.input)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    try:
+        spec = PackInput.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise CliError(f"{path}: {problems}") from None
+    print(pack(spec).model_dump_json(indent=2), flush=True)
+    return 0
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="embedded name, model folder or hub id")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:INDEX]")
@@ -217,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("profile", help="JSON file written by `plateau profile`")
     report.add_argument("--out", required=True, help="folder for profile.png and index.html")
     report.set_defaults(func=_report)
+
+    packer = sub.add_parser("pack", help="capacity planning: place replicas of many models on devices")
+    packer.add_argument("input", help='JSON: {"devices": [{name, kind, memory_bytes}], "models": '
+                        '[{model, kind, replicas, share, memory_per_replica_bytes}]}')
+    packer.set_defaults(func=_pack)
     return parser
 
 

@@ -1,0 +1,101 @@
+"""The packer: hand cases and properties (hypothesis)."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.packing import DeviceCapacity, ModelDemand, PackInput, pack
+
+GIB = 2**30
+
+
+def gpus(n, mem=80 * GIB):
+    return [DeviceCapacity(name=f"gpu{i:03d}", memory_bytes=mem) for i in range(n)]
+
+
+def check_capacity(spec, result):
+    devices = {d.name: d for d in spec.devices}
+    for name, items in result.placement.items():
+        assert sum(p.share for p in items) <= devices[name].share + 1e-9
+        assert sum(p.memory_bytes for p in items) <= devices[name].memory_bytes
+
+
+def test_two_models_share_devices_by_share_and_memory():
+    spec = PackInput(devices=gpus(4), models=[
+        ModelDemand(model="a", replicas=4, share=0.25, memory_per_replica_bytes=15 * GIB),
+        ModelDemand(model="b", replicas=2, share=0.5, memory_per_replica_bytes=30 * GIB),
+    ])
+    result = pack(spec)
+    check_capacity(spec, result)
+    assert result.devices_used == 2 == result.lower_bound
+    assert result.unplaced == []
+    assert sum(p.replicas for items in result.placement.values() for p in items if p.model == "a") == 4
+
+
+def test_memory_binds_before_share():
+    spec = PackInput(devices=gpus(3, mem=40 * GIB), models=[
+        ModelDemand(model="a", replicas=4, share=0.25, memory_per_replica_bytes=15 * GIB)])
+    result = pack(spec)
+    check_capacity(spec, result)
+    assert result.devices_used == 2 and all(items[0].replicas == 2 for items in result.placement.values())
+
+
+def test_what_does_not_fit_is_reported_with_the_shortfall():
+    spec = PackInput(devices=gpus(1, mem=40 * GIB), models=[
+        ModelDemand(model="huge", replicas=1, share=0.5, memory_per_replica_bytes=60 * GIB),
+        ModelDemand(model="many", replicas=5, share=0.25, memory_per_replica_bytes=5 * GIB),
+    ])
+    result = pack(spec)
+    by_model = {u.model: u for u in result.unplaced}
+    assert "largest cuda device has 1 and 40.00 GiB" in by_model["huge"].reason
+    assert by_model["many"].replicas == 1 and "full" in by_model["many"].reason
+
+
+def test_packing_is_deterministic_and_kinds_do_not_mix():
+    spec = PackInput(devices=gpus(2) + [DeviceCapacity(name="cpu0", kind="cpu", memory_bytes=24 * GIB)], models=[
+        ModelDemand(model="g", replicas=3, share=0.5, memory_per_replica_bytes=GIB),
+        ModelDemand(model="c", kind="cpu", replicas=2, share=0.5, memory_per_replica_bytes=5 * GIB)])
+    assert pack(spec) == pack(spec)
+    assert [p.model for p in pack(spec).placement["cpu0"]] == ["c"]
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(ValueError, match="device names must be unique"):
+        PackInput(devices=gpus(1) + gpus(1), models=[])
+
+
+demand = st.builds(
+    lambda i, r, n, mem: ModelDemand(model=f"m{i}", replicas=r, share=1 / n, memory_per_replica_bytes=mem * GIB),
+    st.integers(0, 10_000), st.integers(0, 12), st.sampled_from([1, 2, 3, 4, 8]), st.integers(1, 90),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(demand, max_size=12, unique_by=lambda m: m.model), st.integers(1, 30),
+       st.sampled_from([40, 80, 141]))
+def test_never_overcommits_and_accounts_for_every_replica(models, n_devices, mem_gib):
+    spec = PackInput(devices=gpus(n_devices, mem=mem_gib * GIB), models=models)
+    result = pack(spec)
+    check_capacity(spec, result)
+    placed = {}
+    for items in result.placement.values():
+        for p in items:
+            placed[p.model] = placed.get(p.model, 0) + p.replicas
+    for m in models:
+        missing = sum(u.replicas for u in result.unplaced if u.model == m.model)
+        assert placed.get(m.model, 0) + missing == m.replicas
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 16), st.sampled_from([1, 2, 4, 8])), min_size=1, max_size=10))
+def test_all_placed_and_within_one_device_of_the_bound_on_simple_cases(rows):
+    # Power-of-two shares and memory proportional to share: a one-dimensional, divisible case.
+    models = [ModelDemand(model=f"m{i}", replicas=r, share=1 / n, memory_per_replica_bytes=int(80 * GIB / n))
+              for i, (r, n) in enumerate(rows)]
+    need = math.ceil(sum(r / n for r, n in rows) - 1e-9)
+    spec = PackInput(devices=gpus(need + 2), models=models)
+    result = pack(spec)
+    assert result.unplaced == []
+    assert result.devices_used <= result.lower_bound + 1
