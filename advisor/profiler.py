@@ -11,6 +11,7 @@ step-time fit.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -226,12 +227,9 @@ def build_profile(
     runner: BatchRunner, shape: WorkloadShape, rules: PlateauRules, *, model: str, device_name: str,
     engine_version: str, dtype: str, weight_bytes: int, kv_bytes_per_token: int, overhead_bytes: int,
     cfg: SweepConfig = SweepConfig(), sampler: Optional[DeviceSampler] = None,
-    progress: Callable[[ProfilePoint, int], None] = lambda p, i: None, clock: Callable[[], float] = None,
+    progress: Callable[[ProfilePoint, int], None] = lambda p, i: None, clock: Callable[[], float] = time.monotonic,
 ) -> Profile:
     """Sweep, knee, fit points and step-time fit: everything `plateau profile` reports."""
-    import time
-
-    clock = clock or time.monotonic
     t0 = clock()
     points = sweep(runner, shape, rules, cfg, sampler, progress)
     knee = find_knee(points, rules)
