@@ -196,6 +196,11 @@ class AdvisorRequest(BaseModel):
         return "cpu" if self.device == "cpu" else "cuda"
 
     @property
+    def engine_kwargs(self) -> dict[str, EngineKwargValue]:
+        """Random weights and token-id prompts when `dummy`: no checkpoint or tokenizer needed."""
+        return {"load_format": "dummy", "skip_tokenizer_init": True} if self.dummy else {}
+
+    @property
     def cuda_index(self) -> int:
         return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
 
@@ -238,9 +243,8 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
     """Run the adaptive sweep on a real engine, store the profile, return it and the store path."""
     folder, memory = _memory(req)
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
-    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if req.dummy else {}
     spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, req.max_kv_bytes,
-                          dtype=memory.dtype, engine_kwargs=extra)
+                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs)
     sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
     log(f"[profile] starting one engine on {req.device} (max batch {req.max_batch}, "
         f"KV {spec.kv_cache_bytes / 2**20:.0f} MiB)")
@@ -285,7 +289,7 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, shape: WorkloadShape,
 def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
     """The plan for req.model on this device: reuse a stored profile (any workload bucket of the
     same model/device/engine/dtype; the fit covers other shapes) or profile first."""
-    _, memory = _memory(req)
+    folder, memory = _memory(req)
     name = device_name(req)
     profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype, req.shape.bucket)
     if profile is None:
@@ -302,18 +306,17 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
     except PlanError as exc:
         raise AdvisorError(str(exc)) from None
     if req.validate_plan:
-        plan = plan.model_copy(update={"validation": validate(req, profile, plan, log)})
+        plan = plan.model_copy(update={"validation": validate(req, folder, memory, profile, plan, log)})
     return plan
 
 
-def validate(req: AdvisorRequest, profile: Profile, plan: ReplicaPlan, log: Callable[[str], None]) -> Validation:
+def validate(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Profile, plan: ReplicaPlan,
+             log: Callable[[str], None]) -> Validation:
     """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding B* each
     at the same time, against one engine on the whole device at its own knee, same workload."""
-    folder, memory = _memory(req)
-    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if req.dummy else {}
     cfg = SweepConfig(min_tokens_per_point=4 * plan.max_num_seqs * req.shape.output_tokens)
     single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, req.max_kv_bytes,
-                                 dtype=memory.dtype, engine_kwargs=extra)
+                                 dtype=memory.dtype, engine_kwargs=req.engine_kwargs)
     log(f"[validate] single engine at batch {profile.b_star}")
     with VllmBatchRunner(single_spec) as runner:
         single = measure(runner, profile.b_star, req.shape, None, cfg).tokens_per_s
