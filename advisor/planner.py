@@ -80,8 +80,35 @@ class ReplicaPlan(BaseModel):
     validation: Optional[Validation] = Field(None, description="Set by `plateau plan --validate`.")
 
 
-def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
-                  cfg: PlannerConfig = PlannerConfig()) -> ReplicaPlan:
+class ReplicaOption(BaseModel):
+    """What N replicas per device would give for one workload shape."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    replicas_per_device: int
+    fits: bool = Field(description="N replicas, each with KV for B* full-length sequences, fit the device.")
+    predicted_aggregate_tokens_per_s: float
+
+
+class ShapeEvaluation(BaseModel):
+    """B*, memory per replica and every N's predicted throughput for one shape (pure, cheap)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    shape: WorkloadShape
+    b_star: int
+    kv_cache_bytes: int
+    memory_per_replica_bytes: int
+    usable_memory_bytes: int
+    context_tokens: int
+    options: list[ReplicaOption] = Field(description="N = 1 .. the replica cap, fitting or not.")
+    reasons: list[str]
+
+    def option(self, n: int) -> Optional[ReplicaOption]:
+        return next((o for o in self.options if o.replicas_per_device == n), None)
+
+
+def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
+                   cfg: PlannerConfig = PlannerConfig()) -> ShapeEvaluation:
+    """Predicted aggregate throughput of each N for `shape`; the planner and the re-pack policy share it."""
     shape = shape or profile.shape
     reasons: list[str] = []
     b_star, t_star = _b_star(profile, shape, reasons)
@@ -97,35 +124,46 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
         f"{_gib(profile.overhead_bytes)} + KV {_gib(kv)} ({b_star} sequences x {context} tokens, "
         f"+{cfg.kv_headroom:.0%} headroom, so the planned batch never preempts)"
     )
-    n_mem = usable // per_replica
-    if n_mem < 1:
+    limits = {"memory": int(usable // per_replica), "max_replicas": cfg.max_replicas}
+    if device.kind == "cpu":
+        limits["cores"] = max(1, device.cores)
+    n_cap = min(limits.values())
+    reasons.append("replica limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+    predict = _aggregate_model(profile, device, t_star, reasons)
+    options = [ReplicaOption(replicas_per_device=n, fits=n <= n_cap, predicted_aggregate_tokens_per_s=predict(n))
+               for n in range(1, cfg.max_replicas + 1)]
+    return ShapeEvaluation(shape=shape, b_star=b_star, kv_cache_bytes=kv, memory_per_replica_bytes=per_replica,
+                           usable_memory_bytes=usable, context_tokens=context, options=options, reasons=reasons)
+
+
+def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
+                  cfg: PlannerConfig = PlannerConfig()) -> ReplicaPlan:
+    ev = evaluate_shape(profile, device, shape, cfg)
+    reasons = list(ev.reasons)
+    per_replica, usable, context = ev.memory_per_replica_bytes, ev.usable_memory_bytes, ev.context_tokens
+    fitting = [o for o in ev.options if o.fits]
+    if not fitting:
         raise PlanError(
             f"{profile.model} does not fit on {device.name}: one replica needs {_gib(per_replica)} but "
             f"{cfg.device_memory_fraction:.0%} of the device is {_gib(usable)}; shorten the context "
             f"(prompt+output {context} tokens), lower the batch, or use a larger device"
         )
-    limits = {"memory": int(n_mem), "max_replicas": cfg.max_replicas}
-    if device.kind == "cpu":
-        limits["cores"] = max(1, device.cores)
-    n_cap = min(limits.values())
-    reasons.append("replica limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
-
-    predict = _aggregate_model(profile, device, t_star, reasons)
-    best_n, best_t = 1, predict(1)
-    for n in range(2, n_cap + 1):
-        t = predict(n)
-        if t > best_t * (1 + cfg.min_gain):
-            best_n, best_t = n, t
+    best = fitting[0]
+    for o in fitting[1:]:
+        if o.predicted_aggregate_tokens_per_s > best.predicted_aggregate_tokens_per_s * (1 + cfg.min_gain):
+            best = o
+    best_n, best_t = best.replicas_per_device, best.predicted_aggregate_tokens_per_s
     reasons.append(f"N={best_n}: predicted aggregate {best_t:.0f} tok/s "
-                   f"(N=1: {predict(1):.0f}; a larger N must gain >= {cfg.min_gain:.0%})")
+                   f"(N=1: {fitting[0].predicted_aggregate_tokens_per_s:.0f}; a larger N must gain >= {cfg.min_gain:.0%})")
     default_engine = int(device.memory_bytes * cfg.vllm_default_fraction)
     used = best_n * per_replica
     return ReplicaPlan(
         model=profile.model, device_name=device.name, device_kind=device.kind, replicas_per_device=best_n,
         num_gpus_per_replica=round(1.0 / best_n, 6) if device.kind == "cuda" else 0.0,
         num_cpus_per_replica=round(device.cores / best_n, 4) if device.kind == "cpu" else 1.0,
-        max_num_seqs=b_star, kv_cache_bytes=kv, memory_per_replica_bytes=per_replica, context_tokens=context,
-        predicted_tokens_per_s_per_replica=best_t / best_n, predicted_aggregate_tokens_per_s=best_t,
+        max_num_seqs=ev.b_star, kv_cache_bytes=ev.kv_cache_bytes, memory_per_replica_bytes=per_replica,
+        context_tokens=context, predicted_tokens_per_s_per_replica=best_t / best_n,
+        predicted_aggregate_tokens_per_s=best_t,
         single_engine_tokens_per_s=max(p.tokens_per_s for p in profile.points),
         memory_freed_bytes=max(0, default_engine - used), reasons=reasons,
     )

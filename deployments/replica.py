@@ -44,6 +44,9 @@ _GAUGES = {
     "mean_context_tokens": "Mean prompt+generated tokens of ongoing requests.",
     "kv_usage": "Share of the replica's KV pool in use (0..1).",
     "preemptions_total": "Sequences preempted by the engine since start.",
+    "recent_requests": "Requests finished in the last 20 s.",
+    "recent_prompt_tokens": "Mean prompt tokens of requests finished in the last 20 s.",
+    "recent_output_tokens": "Mean generated tokens of requests finished in the last 20 s.",
 }
 
 
@@ -160,7 +163,7 @@ class LLMReplica:
         except VLLMClientError as exc:
             yield GenerateError(status=400, type="invalid_request_error", message=str(exc))
         finally:
-            self.stats.on_finish(rid)
+            self.stats.on_finish(rid, time.monotonic(), generated // max(1, request.n))
 
     def _prepare(self, request: GenerateRequest) -> Union[_Prepared, GenerateError]:
         tok = self.engine.tokenizer

@@ -25,6 +25,9 @@ class ReplicaStatsSnapshot(BaseModel):
     mean_context_tokens: float = Field(description="Mean prompt+generated tokens of ongoing requests.")
     kv_usage: float = Field(description="Share of the KV pool in use, 0..1.")
     preemptions_total: float = Field(description="Sequences the engine preempted since start.")
+    recent_requests: float = Field(0.0, description="Requests finished within the shape window.")
+    recent_prompt_tokens: float = Field(0.0, description="Mean prompt tokens of those requests (0 if none).")
+    recent_output_tokens: float = Field(0.0, description="Mean generated tokens of those requests (0 if none).")
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.model_dump().items()}
@@ -33,8 +36,11 @@ class ReplicaStatsSnapshot(BaseModel):
 class ReplicaStats:
     """Thread-safe accumulator (vLLM calls the stat logger from its output-handler task)."""
 
-    def __init__(self, rate_window_s: float = 10.0):
+    def __init__(self, rate_window_s: float = 10.0, shape_window_s: float = 20.0):
         self._window = rate_window_s
+        self._shape_window = shape_window_s
+        self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, output tokens)
+        self._prompt: dict[str, int] = {}
         self._lock = threading.Lock()
         self._token_events: deque[tuple[float, int]] = deque()
         self._context: dict[str, int] = {}
@@ -58,16 +64,23 @@ class ReplicaStats:
     def on_start(self, request_id: str, prompt_tokens: int) -> None:
         with self._lock:
             self._context[request_id] = prompt_tokens
+            self._prompt[request_id] = prompt_tokens
 
-    def on_finish(self, request_id: str) -> None:
+    def on_finish(self, request_id: str, now: Optional[float] = None, output_tokens: int = 0) -> None:
+        """A request left the replica; with `now`, it also counts toward the live workload shape."""
         with self._lock:
             self._context.pop(request_id, None)
+            prompt = self._prompt.pop(request_id, None)
+            if now is not None and prompt is not None and output_tokens > 0:
+                self._finished.append((now, prompt, output_tokens))
+                self._trim(now)
 
     def snapshot(self, now: float) -> ReplicaStatsSnapshot:
         with self._lock:
             self._trim(now)
             tokens = sum(n for _, n in self._token_events)
             ctx = list(self._context.values())
+            done = len(self._finished)
             return ReplicaStatsSnapshot(
                 running_requests=self._running,
                 waiting_requests=self._waiting,
@@ -76,12 +89,18 @@ class ReplicaStats:
                 mean_context_tokens=(sum(ctx) / len(ctx)) if ctx else 0.0,
                 kv_usage=self._kv_usage,
                 preemptions_total=self._preemptions,
+                recent_requests=done,
+                recent_prompt_tokens=sum(p for _, p, _ in self._finished) / done if done else 0.0,
+                recent_output_tokens=sum(o for _, _, o in self._finished) / done if done else 0.0,
             )
 
     def _trim(self, now: float) -> None:
         cutoff = now - self._window
         while self._token_events and self._token_events[0][0] < cutoff:
             self._token_events.popleft()
+        shape_cutoff = now - self._shape_window
+        while self._finished and self._finished[0][0] < shape_cutoff:
+            self._finished.popleft()
 
 
 def stat_logger_factory(stats: ReplicaStats):

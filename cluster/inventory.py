@@ -1,0 +1,161 @@
+"""The devices of a Ray cluster that replicas are packed onto.
+
+GPUs come from Ray's resources (how many each alive node has) plus NVML on that node (name,
+memory, memory bandwidth); on a node whose GPUs NVML cannot see (logical GPUs on a CPU machine,
+`ray start --num-gpus=2`) the memory is the one the config declares, else the node's memory split
+evenly. On a CPU-only cluster each node is one device. `devices_from_nodes` is pure; the
+functions below it read Ray and NVML.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.packing import DeviceCapacity
+
+logger = logging.getLogger(__name__)
+
+MemorySource = Literal["nvml", "declared", "node-share", "node"]
+
+
+class GpuReading(BaseModel):
+    """What NVML says about one GPU."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    index: int
+    name: str
+    memory_bytes: int = Field(gt=0)
+    bandwidth_bytes_per_s: Optional[float] = Field(None, description="Peak DRAM bandwidth (bus width x clock).")
+
+
+class NodeResources(BaseModel):
+    """One alive Ray node as the inventory needs it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
+    memory_bytes: int = Field(description="Memory Ray may use on the node.")
+    gpu_readings: list[GpuReading] = Field(default_factory=list, description="NVML readings, empty without NVML.")
+
+
+class Device(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="<node address>/gpu<i> or <node address>/cpu.")
+    node_id: str
+    kind: Literal["cuda", "cpu"]
+    model_name: str = Field(description="NVML name, 'logical GPU', or 'CPU node'.")
+    memory_bytes: int
+    memory_source: MemorySource
+    bandwidth_bytes_per_s: Optional[float] = None
+    cores: float = Field(description="CPUs of the node (a CPU device) or the node's CPUs per GPU.")
+
+    def capacity(self) -> DeviceCapacity:
+        return DeviceCapacity(name=self.name, kind=self.kind, memory_bytes=self.memory_bytes)
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    devices: list[Device]
+
+    @property
+    def kind(self) -> Literal["cuda", "cpu"]:
+        return "cuda" if any(d.kind == "cuda" for d in self.devices) else "cpu"
+
+    def capacities(self) -> list[DeviceCapacity]:
+        return [d.capacity() for d in self.devices]
+
+
+def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional[int] = None,
+                       use_gpus: bool = True) -> Inventory:
+    """GPU devices when the cluster has GPUs (and `use_gpus`), else one CPU device per node."""
+    devices: list[Device] = []
+    has_gpus = use_gpus and any(n.gpus >= 1 for n in nodes)
+    for node in sorted(nodes, key=lambda n: (n.address, n.node_id)):
+        if not has_gpus:
+            devices.append(Device(name=f"{node.address}/cpu", node_id=node.node_id, kind="cpu", model_name="CPU node",
+                                  memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus))
+            continue
+        count = int(node.gpus)  # a fractional remainder cannot host a whole device's worth
+        readings = {r.index: r for r in node.gpu_readings}
+        for i in range(count):
+            r = readings.get(i)
+            if r is not None:
+                memory, source, name, bw = r.memory_bytes, "nvml", r.name, r.bandwidth_bytes_per_s
+            elif declared_gpu_memory:
+                memory, source, name, bw = declared_gpu_memory, "declared", "logical GPU", None
+            else:
+                memory, source, name, bw = node.memory_bytes // count, "node-share", "logical GPU", None
+            devices.append(Device(name=f"{node.address}/gpu{i}", node_id=node.node_id, kind="cuda", model_name=name,
+                                  memory_bytes=memory, memory_source=source, bandwidth_bytes_per_s=bw,
+                                  cores=node.cpus / count))
+    return Inventory(devices=devices)
+
+
+# ---- reading the live cluster ---------------------------------------------------------------
+
+def read_gpus() -> list[GpuReading]:
+    """NVML's view of this node's GPUs; empty where NVML is missing (CPU machines)."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without GPUs
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
+            out.append(GpuReading(index=i, name=name.decode() if isinstance(name, bytes) else name,
+                                  memory_bytes=int(mem), bandwidth_bytes_per_s=_peak_bandwidth(pynvml, h)))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _peak_bandwidth(pynvml, handle) -> Optional[float]:
+    try:
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+    except Exception:
+        return None
+    return 2.0 * clock_mhz * 1e6 * bus_bits / 8  # double data rate
+
+
+def read_nodes(timeout_s: float = 30.0) -> list[NodeResources]:
+    """Alive Ray nodes; each GPU node is asked for its NVML readings by a task pinned to it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    read = ray.remote(num_cpus=0)(read_gpus)
+    pending = {}
+    for n in nodes:
+        if n["Resources"].get("GPU", 0) >= 1:
+            strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
+            pending[n["NodeID"]] = read.options(scheduling_strategy=strategy).remote()
+    readings: dict[str, list[GpuReading]] = {}
+    for node_id, ref in pending.items():
+        try:
+            readings[node_id] = ray.get(ref, timeout=timeout_s)
+        except Exception as exc:  # a node that cannot answer still has its logical GPUs
+            logger.warning("no NVML reading from node %s: %s", node_id, exc)
+            readings[node_id] = []
+    return [
+        NodeResources(node_id=n["NodeID"], address=n.get("NodeManagerAddress", n["NodeID"][:8]),
+                      cpus=float(n["Resources"].get("CPU", 0.0)), gpus=float(n["Resources"].get("GPU", 0.0)),
+                      memory_bytes=int(n["Resources"].get("memory", 0.0)), gpu_readings=readings.get(n["NodeID"], []))
+        for n in nodes
+    ]
+
+
+def cluster_inventory(declared_gpu_memory: Optional[int] = None, use_gpus: bool = True) -> Inventory:
+    return devices_from_nodes(read_nodes(), declared_gpu_memory, use_gpus)

@@ -1,0 +1,431 @@
+"""The autoscaling and re-pack policy: pure functions of a context that carries `now`.
+
+Each model is served by one deployment per packing variant (`<model>@n<N>`: replicas that each
+take 1/N of a device). The policy keeps one variant active and moves replica counts:
+- load: the active variant gets enough replicas for each to hold about `target_batch_fill` of its
+  planned batch, within the model's min/max, after the wish held for `upscale_after_s` /
+  `downscale_after_s`, and only as far as the packer finds room on the devices;
+- shape: the live prompt/output lengths go through the advisor's fitted step model
+  (`evaluate_shape`); when another variant is predicted to beat the active one by
+  `repack_min_gain` for `repack_sustain_s`, a re-pack starts, make-before-break: the new variant
+  is brought up next to the old one (warming), then the old one stops taking requests, drains and
+  is scaled to zero (draining), then the new variant is active (done).
+Every change is a `Decision` with a reason. The Serve-facing shell is `deployments/autoscale.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.planner import DeviceSpec, PlannerConfig, ShapeEvaluation, evaluate_shape
+from advisor.profiler import Profile, WorkloadShape
+from cluster.packing import DeviceCapacity, ModelDemand, PackInput, pack
+
+
+class PolicyConfig(BaseModel):
+    """Thresholds of the policy (the hysteresis lives here, not in code)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    target_batch_fill: float = Field(0.8, gt=0, le=1, description="Replicas for load: each near this share of its B*.")
+    upscale_after_s: float = Field(5.0, ge=0, description="A wish for more replicas must hold this long.")
+    downscale_after_s: float = Field(60.0, ge=0, description="A wish for fewer replicas must hold this long.")
+    repack_min_gain: float = Field(0.10, ge=0, description="Predicted gain a re-pack must reach (0.1 = +10%).")
+    repack_sustain_s: float = Field(20.0, ge=0, description="The better variant must stay better this long.")
+    repack_cooldown_s: float = Field(120.0, ge=0, description="No new re-pack this soon after the last one ended.")
+    shape_min_requests: int = Field(8, ge=1, description="Finished requests needed to trust the live shape.")
+    drain_grace_s: float = Field(3.0, ge=0, description="Wait after the old variant stops taking requests.")
+    drain_timeout_s: float = Field(120.0, gt=0, description="Scale the old variant down even if requests linger.")
+    warm_timeout_s: float = Field(900.0, gt=0, description="Abort a re-pack whose new replicas never come up.")
+    decisions_kept: int = Field(50, ge=1, description="Decisions kept for `plateau status`.")
+
+
+class VariantSpec(BaseModel):
+    """One packing variant of a model: its deployment and what one replica takes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    n: int = Field(ge=1, description="Replicas per device (N).")
+    deployment: str
+    share: float = Field(gt=0, le=1, description="Device share per replica (1/N).")
+    memory_bytes: int = Field(gt=0, description="Device memory per replica.")
+    max_num_seqs: int = Field(ge=1, description="The replica's batch cap (its planned B).")
+
+
+class ModelPolicyInput(BaseModel):
+    """What the app builder knows of one model; fixed for the app's life."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    variants: list[VariantSpec] = Field(min_length=1)
+    min_replicas: int = Field(ge=1)
+    max_replicas: int = Field(ge=1)
+    profile: Optional[Profile] = Field(None, description="The advisor's profile; without it no re-pack.")
+    device: Optional[DeviceSpec] = Field(None, description="The device the profile's plans are for.")
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+
+    def variant(self, n: int) -> VariantSpec:
+        return next(v for v in self.variants if v.n == n)
+
+
+class VariantObservation(BaseModel):
+    """What Serve and the replicas report for one variant deployment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    running: int = Field(0, ge=0, description="Running replicas.")
+    target: int = Field(0, ge=0, description="Serve's current target.")
+    requests: float = Field(0.0, ge=0, description="Ongoing + queued requests (Serve's total_num_requests).")
+    tokens_per_s: float = Field(0.0, ge=0, description="Summed over replicas.")
+    kv_usage: float = Field(0.0, ge=0, description="Mean over replicas.")
+    recent_requests: float = Field(0.0, ge=0, description="Requests finished in the shape window, summed.")
+    recent_prompt_tokens: float = Field(0.0, ge=0, description="Their mean prompt length.")
+    recent_output_tokens: float = Field(0.0, ge=0, description="Their mean output length.")
+
+
+class ModelView(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    input: ModelPolicyInput
+    variants: dict[int, VariantObservation] = Field(description="N -> observation; missing = nothing reported.")
+
+
+class PolicyContext(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    now: float
+    models: list[ModelView]
+    devices: list[DeviceCapacity]
+
+
+class Repack(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    from_n: int
+    to_n: int
+    started_at: float
+    phase: Literal["warming", "draining"] = "warming"
+    drain_started_at: Optional[float] = None
+    reason: str
+    predicted_gain: float
+
+
+class ModelState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    active_n: int
+    repack: Optional[Repack] = None
+    want_n: Optional[int] = Field(None, description="Variant predicted better, not yet for long enough.")
+    want_since: Optional[float] = None
+    scale_want: Optional[int] = Field(None, description="Replica count wished for, not yet for long enough.")
+    scale_since: Optional[float] = None
+    last_repack_end: Optional[float] = None
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    at: float
+    model: str
+    action: Literal["scale", "repack_start", "repack_drain", "repack_done", "repack_abort"]
+    from_n: int
+    to_n: int
+    replicas_from: int
+    replicas_to: int
+    reason: str
+    predicted_gain: Optional[float] = None
+    seconds: Optional[float] = Field(None, description="repack_done: from the decision to the old variant gone.")
+
+
+class PolicyState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    models: dict[str, ModelState] = Field(default_factory=dict)
+    decisions: list[Decision] = Field(default_factory=list)
+
+
+class Route(BaseModel):
+    """How the ingress may use one variant."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    n: int
+    deployment: str
+    accepting: bool = Field(description="False while the variant drains or is off.")
+    running: int
+    max_num_seqs: int
+
+
+class LiveModel(BaseModel):
+    """Per-model readings for status and metrics."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    active_n: int
+    best_n: Optional[int] = None
+    b_star: int
+    shape: Optional[WorkloadShape] = None
+    planned_tokens_per_s: Optional[float] = Field(None, description="Predicted for the running replicas.")
+    measured_tokens_per_s: float
+    kv_usage: float
+    replicas: dict[int, int] = Field(description="N -> target replicas.")
+    repack: Optional[Repack] = None
+
+
+class PolicyOutput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    targets: dict[str, int] = Field(description="Deployment -> target replicas (every variant).")
+    routes: dict[str, list[Route]]
+    live: list[LiveModel]
+    state: PolicyState
+    new_decisions: list[Decision]
+
+
+# ---- the policy -------------------------------------------------------------------------------
+
+def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyConfig()) -> PolicyOutput:
+    targets: dict[str, int] = {}
+    routes: dict[str, list[Route]] = {}
+    live: list[LiveModel] = []
+    decisions: list[Decision] = []
+    states = dict(state.models)
+    grow: list[tuple[ModelView, int, int]] = []  # (model, N, wished target) held back for the capacity check
+
+    for view in ctx.models:
+        inp = view.input
+        ms = states.get(inp.model) or _initial_state(view)
+        obs = {v.n: view.variants.get(v.n, VariantObservation()) for v in inp.variants}
+        shape = _live_shape(obs.values(), cfg)
+        ev = _evaluate(inp, shape)
+        load = sum(o.requests for o in obs.values())
+        accepting = {v.n: False for v in inp.variants}
+        wanted = {v.n: 0 for v in inp.variants}
+
+        if ms.repack is None:
+            ms = _consider_repack(ctx.now, inp, ms, obs, ev, cfg, decisions)
+        if ms.repack is None:
+            active = inp.variant(ms.active_n)
+            current = obs[active.n].target or obs[active.n].running
+            desired = _replicas_for(load, active, inp, cfg)
+            ms, target = _hysteresis(ctx.now, ms, current, desired, cfg)
+            if target > current:
+                grow.append((view, active.n, target))
+                target = current
+            elif target < current:
+                decisions.append(_decision(ctx.now, inp.model, "scale", active.n, active.n, current, target,
+                                           f"load {load:.0f} requests needs {desired} replicas of B={active.max_num_seqs} "
+                                           f"at {cfg.target_batch_fill:.0%} fill (held {cfg.downscale_after_s:.0f} s)"))
+            wanted[active.n] = target
+            accepting[active.n] = True
+        else:
+            ms = _advance_repack(ctx.now, inp, ms, obs, load, cfg, decisions, wanted, accepting)
+
+        states[inp.model] = ms
+        routes[inp.model] = [Route(n=v.n, deployment=v.deployment, accepting=accepting[v.n], running=obs[v.n].running,
+                                   max_num_seqs=v.max_num_seqs) for v in inp.variants]
+        for v in inp.variants:
+            targets[v.deployment] = wanted[v.n]
+        planned_ev = ev or _evaluate(inp, inp.profile.shape if inp.profile else None)
+        live.append(_live(inp, ms, obs, planned_ev, shape, wanted))
+
+    _grant_growth(ctx, grow, targets, states, decisions, cfg)
+    _check_repack_room(ctx, targets, states, decisions)
+    kept = (list(state.decisions) + decisions)[-cfg.decisions_kept:]
+    return PolicyOutput(targets=targets, routes=routes, live=live,
+                        state=PolicyState(models=states, decisions=kept), new_decisions=decisions)
+
+
+def _initial_state(view: ModelView) -> ModelState:
+    """After a (controller) restart: the variant with the most replicas is the active one."""
+    def weight(v: VariantSpec):
+        o = view.variants.get(v.n, VariantObservation())
+        return (o.running, o.target)
+    best = max(view.input.variants, key=weight)
+    return ModelState(active_n=best.n)
+
+
+def _live_shape(observations, cfg: PolicyConfig) -> Optional[WorkloadShape]:
+    total = sum(o.recent_requests for o in observations)
+    if total < cfg.shape_min_requests:
+        return None
+    prompt = sum(o.recent_prompt_tokens * o.recent_requests for o in observations) / total
+    output = sum(o.recent_output_tokens * o.recent_requests for o in observations) / total
+    return WorkloadShape(prompt_tokens=max(1, round(prompt)), output_tokens=max(2, round(output)))
+
+
+def _evaluate(inp: ModelPolicyInput, shape: Optional[WorkloadShape]) -> Optional[ShapeEvaluation]:
+    if inp.profile is None or inp.device is None or shape is None:
+        return None
+    return evaluate_shape(inp.profile, inp.device, shape, inp.planner)
+
+
+def _replicas_for(load: float, v: VariantSpec, inp: ModelPolicyInput, cfg: PolicyConfig) -> int:
+    need = math.ceil(load / (v.max_num_seqs * cfg.target_batch_fill)) if load > 0 else 0
+    return max(inp.min_replicas, min(inp.max_replicas, need))
+
+
+def _hysteresis(now: float, ms: ModelState, current: int, desired: int, cfg: PolicyConfig) -> tuple[ModelState, int]:
+    if desired == current:
+        return ms.model_copy(update={"scale_want": None, "scale_since": None}), current
+    if ms.scale_want is None or (ms.scale_want > current) != (desired > current):
+        return ms.model_copy(update={"scale_want": desired, "scale_since": now}), current
+    hold = cfg.upscale_after_s if desired > current else cfg.downscale_after_s
+    if now - ms.scale_since >= hold:
+        return ms.model_copy(update={"scale_want": None, "scale_since": None}), desired
+    return ms.model_copy(update={"scale_want": desired}), current
+
+
+def _consider_repack(now: float, inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation],
+                     ev: Optional[ShapeEvaluation], cfg: PolicyConfig, decisions: list[Decision]) -> ModelState:
+    clear = {"want_n": None, "want_since": None}
+    if ev is None or len(inp.variants) < 2:
+        return ms.model_copy(update=clear)
+    if ms.last_repack_end is not None and now - ms.last_repack_end < cfg.repack_cooldown_s:
+        return ms.model_copy(update=clear)
+    best_n, gain, why = _best_variant(inp, ms.active_n, ev)
+    if best_n == ms.active_n or gain < cfg.repack_min_gain:
+        return ms.model_copy(update=clear)
+    if ms.want_n != best_n:
+        return ms.model_copy(update={"want_n": best_n, "want_since": now})
+    if now - ms.want_since < cfg.repack_sustain_s:
+        return ms
+    reason = f"{why}; held {now - ms.want_since:.0f} s"
+    replicas = obs[ms.active_n].target or obs[ms.active_n].running
+    decisions.append(_decision(now, inp.model, "repack_start", ms.active_n, best_n, replicas, replicas, reason, gain))
+    return ms.model_copy(update={**clear, "repack": Repack(from_n=ms.active_n, to_n=best_n, started_at=now,
+                                                           reason=reason, predicted_gain=gain)})
+
+
+def _best_variant(inp: ModelPolicyInput, active_n: int, ev: ShapeEvaluation) -> tuple[int, float, str]:
+    """The variant with the best predicted throughput per device, its gain over the active one, and why."""
+    def per_device(n: int) -> float:
+        o = ev.option(n)
+        return o.predicted_aggregate_tokens_per_s if o is not None and o.fits else 0.0
+    ranked = sorted(inp.variants, key=lambda v: (-per_device(v.n), v.n != active_n, v.n))
+    best = ranked[0].n
+    cur = per_device(active_n)
+    shape = f"live shape prompt {ev.shape.prompt_tokens} / output {ev.shape.output_tokens} tokens: B*={ev.b_star}"
+    if per_device(best) <= 0:
+        return active_n, 0.0, shape + ", no variant fits"
+    if cur <= 0:
+        return best, math.inf, (f"{shape}; N={active_n} no longer fits ({active_n} x "
+                                f"{ev.memory_per_replica_bytes / 2**30:.2f} GiB > {ev.usable_memory_bytes / 2**30:.2f}"
+                                f" GiB usable), N={best} predicted {per_device(best):.0f} tok/s per device")
+    gain = per_device(best) / cur - 1.0
+    return best, gain, (f"{shape}; N={best} predicted {per_device(best):.0f} tok/s per device vs "
+                        f"{cur:.0f} for N={active_n} (+{gain:.0%})")
+
+
+def _advance_repack(now: float, inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation],
+                    load: float, cfg: PolicyConfig, decisions: list[Decision], wanted: dict[int, int],
+                    accepting: dict[int, bool]) -> ModelState:
+    rp = ms.repack
+    old, new = inp.variant(rp.from_n), inp.variant(rp.to_n)
+    old_obs, new_obs = obs[old.n], obs[new.n]
+    new_target = _replicas_for(load, new, inp, cfg)
+    wanted[new.n] = new_target
+    accepting[new.n] = True
+    if rp.phase == "warming":
+        wanted[old.n] = old_obs.target or old_obs.running
+        accepting[old.n] = True
+        if new_obs.running >= new_target:
+            accepting[old.n] = False
+            decisions.append(_decision(now, inp.model, "repack_drain", old.n, new.n, wanted[old.n], new_target,
+                                       f"{new_obs.running} replicas of N={new.n} running: N={old.n} stops taking "
+                                       f"requests and drains"))
+            return ms.model_copy(update={"repack": rp.model_copy(update={"phase": "draining",
+                                                                        "drain_started_at": now})})
+        if now - rp.started_at > cfg.warm_timeout_s:
+            wanted[new.n], accepting[new.n] = 0, False
+            decisions.append(_decision(now, inp.model, "repack_abort", old.n, new.n, wanted[old.n], wanted[old.n],
+                                       f"N={new.n} replicas not running after {cfg.warm_timeout_s:.0f} s; "
+                                       f"N={old.n} stays"))
+            return ms.model_copy(update={"repack": None, "last_repack_end": now})
+        return ms
+    # draining: the old variant takes no new requests; scale it down once idle (or after the timeout)
+    waited = now - (rp.drain_started_at or now)
+    idle = old_obs.requests <= 0 and waited >= cfg.drain_grace_s
+    wanted[old.n] = 0 if idle or waited >= cfg.drain_timeout_s else (old_obs.target or old_obs.running)
+    if wanted[old.n] == 0 and old_obs.running == 0:
+        decisions.append(_decision(now, inp.model, "repack_done", old.n, new.n, 0, new_target,
+                                   f"N={old.n} drained and stopped; N={new.n} serves ({rp.reason})",
+                                   rp.predicted_gain, seconds=now - rp.started_at))
+        return ModelState(active_n=new.n, last_repack_end=now)
+    return ms
+
+
+def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
+    if not ctx.devices:
+        return True, ""
+    kind = ctx.devices[0].kind
+    demand = [ModelDemand(model=v.deployment, kind=kind, replicas=targets.get(v.deployment, 0), share=v.share,
+                          memory_per_replica_bytes=v.memory_bytes)
+              for view in ctx.models for v in view.input.variants]
+    result = pack(PackInput(devices=ctx.devices, models=demand))
+    return (not result.unplaced), "; ".join(f"{u.model}: {u.replicas} replica(s) {u.reason}" for u in result.unplaced)
+
+
+def _grant_growth(ctx: PolicyContext, grow, targets: dict[str, int], states: dict[str, ModelState],
+                  decisions: list[Decision], cfg: PolicyConfig) -> None:
+    """Scale-ups, one replica at a time round-robin, as far as the devices have room."""
+    granted = {id(g[0]): targets[g[0].input.variant(g[1]).deployment] for g in grow}
+    progress = True
+    while progress:
+        progress = False
+        for view, n, wish in grow:
+            dep = view.input.variant(n).deployment
+            if targets[dep] < wish:
+                trial = {**targets, dep: targets[dep] + 1}
+                if _fits(ctx, trial)[0]:
+                    targets[dep] += 1
+                    progress = True
+    for view, n, wish in grow:
+        dep = view.input.variant(n).deployment
+        before, after = granted[id(view)], targets[dep]
+        capped = "" if after == wish else f"; capped at {after}: no room on the devices for more"
+        if after > before:
+            decisions.append(_decision(ctx.now, view.input.model, "scale", n, n, before, after,
+                                       f"load needs {wish} replicas of B={view.input.variant(n).max_num_seqs} at "
+                                       f"{cfg.target_batch_fill:.0%} fill (held {cfg.upscale_after_s:.0f} s){capped}"))
+        else:  # nothing granted: keep wishing without re-logging every tick
+            states[view.input.model] = states[view.input.model].model_copy(
+                update={"scale_want": wish, "scale_since": ctx.now - cfg.upscale_after_s})
+
+
+def _check_repack_room(ctx: PolicyContext, targets: dict[str, int], states: dict[str, ModelState],
+                       decisions: list[Decision]) -> None:
+    """Make-before-break needs room for the new variant next to the old: bring up fewer, or abort."""
+    for view in ctx.models:
+        ms = states[view.input.model]
+        rp = ms.repack
+        if rp is None or rp.phase != "warming":
+            continue
+        new = view.input.variant(rp.to_n)
+        while targets[new.deployment] > 1 and not _fits(ctx, targets)[0]:
+            targets[new.deployment] -= 1
+        ok, why = _fits(ctx, targets)
+        if not ok:
+            old = view.input.variant(rp.from_n)
+            targets[new.deployment] = 0
+            decisions.append(_decision(ctx.now, view.input.model, "repack_abort", old.n, new.n, targets[old.deployment],
+                                       targets[old.deployment], f"no room for N={new.n} next to N={old.n}: {why}"))
+            states[view.input.model] = ms.model_copy(update={"repack": None, "last_repack_end": ctx.now})
+
+
+def _live(inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation], ev: Optional[ShapeEvaluation],
+          shape: Optional[WorkloadShape], wanted: dict[int, int]) -> LiveModel:
+    active = inp.variant(ms.active_n)
+    running = obs[active.n].running
+    planned = None
+    best_n = None
+    if ev is not None:
+        o = ev.option(active.n)
+        if o is not None:
+            planned = o.predicted_aggregate_tokens_per_s / active.n * running
+        best_n = _best_variant(inp, ms.active_n, ev)[0]
+    return LiveModel(
+        model=inp.model, active_n=active.n, best_n=best_n, b_star=ev.b_star if ev else active.max_num_seqs,
+        shape=shape, planned_tokens_per_s=planned,
+        measured_tokens_per_s=sum(o.tokens_per_s for o in obs.values()),
+        kv_usage=max((o.kv_usage for o in obs.values() if o.running), default=0.0),
+        replicas=dict(wanted), repack=ms.repack,
+    )
+
+
+def _decision(at, model, action, from_n, to_n, replicas_from, replicas_to, reason, gain=None, seconds=None) -> Decision:
+    return Decision(at=at, model=model, action=action, from_n=from_n, to_n=to_n, replicas_from=replicas_from,
+                    replicas_to=replicas_to, reason=reason, predicted_gain=None if gain is None or math.isinf(gain)
+                    else gain, seconds=seconds)

@@ -1,0 +1,38 @@
+from cluster.inventory import GpuReading, NodeResources, devices_from_nodes
+
+GiB = 1 << 30
+
+
+def node(node_id="n1", address="10.0.0.1", cpus=16.0, gpus=0.0, memory=64 * GiB, readings=()):
+    return NodeResources(node_id=node_id, address=address, cpus=cpus, gpus=gpus, memory_bytes=memory,
+                         gpu_readings=list(readings))
+
+
+def test_gpus_take_nvml_memory_and_bandwidth():
+    h100 = [GpuReading(index=i, name="NVIDIA H100 80GB HBM3", memory_bytes=80 * GiB, bandwidth_bytes_per_s=3.35e12)
+            for i in range(2)]
+    inv = devices_from_nodes([node(gpus=2, readings=h100)])
+    assert [d.name for d in inv.devices] == ["10.0.0.1/gpu0", "10.0.0.1/gpu1"]
+    assert all(d.memory_source == "nvml" and d.memory_bytes == 80 * GiB and d.cores == 8 for d in inv.devices)
+    assert inv.kind == "cuda" and inv.devices[0].bandwidth_bytes_per_s == 3.35e12
+
+
+def test_logical_gpus_use_the_declared_memory_else_a_share_of_the_node():
+    declared = devices_from_nodes([node(gpus=2)], declared_gpu_memory=8 * GiB)
+    assert [(d.memory_bytes, d.memory_source, d.model_name) for d in declared.devices] == [
+        (8 * GiB, "declared", "logical GPU")] * 2
+    shared = devices_from_nodes([node(gpus=2, memory=20 * GiB)])
+    assert [(d.memory_bytes, d.memory_source) for d in shared.devices] == [(10 * GiB, "node-share")] * 2
+
+
+def test_cpu_only_cluster_has_one_device_per_node_and_gpu_nodes_can_be_ignored():
+    nodes = [node("b", "10.0.0.2", cpus=8), node("a", "10.0.0.1", cpus=4)]
+    inv = devices_from_nodes(nodes)
+    assert [(d.name, d.kind, d.cores) for d in inv.devices] == [("10.0.0.1/cpu", "cpu", 4), ("10.0.0.2/cpu", "cpu", 8)]
+    assert devices_from_nodes([node(gpus=1)], use_gpus=False).kind == "cpu"
+
+
+def test_fractional_gpu_remainders_are_not_devices_and_capacities_feed_the_packer():
+    inv = devices_from_nodes([node(gpus=1.5)], declared_gpu_memory=4 * GiB)
+    caps = inv.capacities()
+    assert len(caps) == 1 and caps[0].share == 1.0 and caps[0].memory_bytes == 4 * GiB and caps[0].kind == "cuda"

@@ -1,0 +1,230 @@
+"""The autoscaling / re-pack policy on synthetic replica stats."""
+
+import pytest
+
+from advisor.planner import DeviceSpec
+from cluster.packing import DeviceCapacity
+from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, VariantObservation,
+                            VariantSpec, decide)
+from tests.factories import make_profile
+
+GiB = 1 << 30
+CFG = PolicyConfig(upscale_after_s=5, downscale_after_s=30, repack_sustain_s=10, repack_cooldown_s=100,
+                   drain_grace_s=2, shape_min_requests=8)
+
+
+def profile_with_bandwidth(util=40.0):
+    p = make_profile()
+    return p.model_copy(update={"points": [q.model_copy(update={"dram_bw_util": util}) for q in p.points]})
+
+
+PROFILE = profile_with_bandwidth()
+DEVICE = DeviceSpec(kind="cuda", name="g", memory_bytes=4 * GiB)  # short prompts: N=2 fits; 1500-token: only N=1
+
+
+def model_input(name="alpha", variants=(1, 2), min_replicas=1, max_replicas=4, profile=PROFILE):
+    return ModelPolicyInput(
+        model=name, min_replicas=min_replicas, max_replicas=max_replicas, profile=profile,
+        device=DEVICE if profile else None,
+        variants=[VariantSpec(n=n, deployment=f"LLM:{name}@n{n}", share=1 / n, memory_bytes=int(3.6 * GiB / n),
+                              max_num_seqs=32) for n in variants])
+
+
+def obs(running=0, target=None, requests=0.0, prompt=100, done=20):
+    return VariantObservation(running=running, target=running if target is None else target, requests=requests,
+                              tokens_per_s=100.0 * running, kv_usage=0.3 if running else 0.0,
+                              recent_requests=done if running else 0, recent_prompt_tokens=prompt if running else 0,
+                              recent_output_tokens=64 if running else 0)
+
+
+def ctx(now, views, devices=2):
+    return PolicyContext(now=now, models=views,
+                         devices=[DeviceCapacity(name=f"gpu{i}", memory_bytes=4 * GiB) for i in range(devices)])
+
+
+def view(inp, **per_n):
+    return ModelView(input=inp, variants={int(k[1:]): v for k, v in per_n.items()})
+
+
+def run(now, state, *views, devices=2, cfg=CFG):
+    out = decide(ctx(now, list(views), devices), state, cfg)
+    return out, out.state
+
+
+# ---- load ----------------------------------------------------------------------------------
+
+def test_scale_up_waits_for_the_upscale_window_then_follows_load():
+    inp = model_input(variants=(2,))
+    out, st = run(0.0, PolicyState(), view(inp, n2=obs(running=1, requests=70)))
+    assert out.targets == {"LLM:alpha@n2": 1} and not out.new_decisions  # wish noted, not acted on
+    out, st = run(3.0, st, view(inp, n2=obs(running=1, requests=70)))
+    assert out.targets == {"LLM:alpha@n2": 1}
+    out, st = run(5.0, st, view(inp, n2=obs(running=1, requests=70)))
+    assert out.targets == {"LLM:alpha@n2": 3}  # ceil(70 / (32 x 0.8)) = 3
+    [d] = out.new_decisions
+    assert (d.action, d.replicas_from, d.replicas_to) == ("scale", 1, 3) and "load needs 3 replicas" in d.reason
+
+
+def test_scale_down_needs_the_longer_window_and_noise_does_not_flap():
+    inp = model_input(variants=(2,))
+    st = PolicyState()
+    changes = []
+    for t in range(0, 60):
+        load = 50.0 if t % 2 else 10.0  # noisy: the wish flips direction every tick
+        out, st = run(float(t), st, view(inp, n2=obs(running=2, target=2, requests=load)))
+        changes += out.new_decisions
+    assert changes == [] and out.targets["LLM:alpha@n2"] == 2
+    for t in range(100, 131):
+        out, st = run(float(t), st, view(inp, n2=obs(running=2, requests=5.0)))
+        if t < 130:
+            assert out.targets["LLM:alpha@n2"] == 2
+    assert out.targets["LLM:alpha@n2"] == 1 and out.new_decisions[0].action == "scale"
+
+
+def test_min_and_max_replicas_bound_the_load_target():
+    inp = model_input(variants=(2,), min_replicas=2, max_replicas=3)
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n2=obs(running=2, requests=1000)))
+    assert out.targets["LLM:alpha@n2"] == 3
+    st = PolicyState()
+    for t in (0.0, 40.0):
+        out, st = run(t, st, view(inp, n2=obs(running=3, requests=0)))
+    assert out.targets["LLM:alpha@n2"] == 2
+
+
+def test_scale_up_is_capped_by_the_room_the_packer_finds():
+    inp = model_input(variants=(2,), max_replicas=10)
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n2=obs(running=1, requests=1000)), devices=2)
+    assert out.targets["LLM:alpha@n2"] == 4  # 2 devices x 2 replicas of share 1/2
+    assert "capped at 4" in out.new_decisions[0].reason
+
+
+def test_two_models_share_the_devices_round_robin_when_both_grow():
+    a, b = model_input("a", variants=(2,), max_replicas=10), model_input("b", variants=(2,), max_replicas=10)
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(a, n2=obs(running=1, requests=1000)), view(b, n2=obs(running=1, requests=1000)))
+    assert out.targets == {"LLM:a@n2": 2, "LLM:b@n2": 2}
+
+
+# ---- re-pack --------------------------------------------------------------------------------
+
+def test_shape_shift_repacks_make_before_break_and_reports_each_step():
+    inp = model_input()
+    st = PolicyState()
+    short = dict(n1=obs(), n2=obs(running=1, requests=10, prompt=100))
+    out, st = run(0.0, st, view(inp, **short))
+    assert out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 1} and out.live[0].best_n == 2
+
+    long_ = dict(n1=obs(), n2=obs(running=1, requests=10, prompt=1500))
+    out, st = run(1.0, st, view(inp, **long_))
+    assert st.models["alpha"].want_n == 1 and not out.new_decisions
+    out, st = run(11.0, st, view(inp, **long_))
+    [start] = out.new_decisions
+    assert start.action == "repack_start" and (start.from_n, start.to_n) == (2, 1)
+    assert "no longer fits" in start.reason and "prompt 1500" in start.reason
+    assert out.targets == {"LLM:alpha@n1": 1, "LLM:alpha@n2": 1}  # new next to old
+    assert all(r.accepting for r in out.routes["alpha"])
+
+    out, st = run(12.0, st, view(inp, n1=obs(target=1), n2=obs(running=1, requests=10, prompt=1500)))
+    assert not out.new_decisions  # warming: the new replica is not running yet
+
+    out, st = run(40.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=3, prompt=1500)))
+    assert out.new_decisions[0].action == "repack_drain"
+    routes = {r.n: r.accepting for r in out.routes["alpha"]}
+    assert routes == {1: True, 2: False} and out.targets["LLM:alpha@n2"] == 1  # drains before it stops
+
+    out, st = run(45.0, st, view(inp, n1=obs(running=1, prompt=1500), n2=obs(running=1, requests=0, prompt=1500)))
+    assert out.targets == {"LLM:alpha@n1": 1, "LLM:alpha@n2": 0}
+    out, st = run(47.0, st, view(inp, n1=obs(running=1, prompt=1500), n2=obs(running=0)))
+    [done] = out.new_decisions
+    assert done.action == "repack_done" and done.seconds == pytest.approx(36.0)
+    assert st.models["alpha"].active_n == 1 and st.models["alpha"].repack is None
+    assert [d.action for d in st.decisions] == ["repack_start", "repack_drain", "repack_done"]
+
+
+def test_draining_waits_for_in_flight_requests_until_the_timeout():
+    inp = model_input()
+    cfg = CFG.model_copy(update={"drain_timeout_s": 30.0})
+    st = PolicyState()
+    long_ = dict(n1=obs(), n2=obs(running=1, requests=10, prompt=1500))
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, **long_), cfg=cfg)
+    out, st = run(11.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=4, prompt=1500)), cfg=cfg)
+    out, st = run(20.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=4, prompt=1500)), cfg=cfg)
+    assert out.targets["LLM:alpha@n2"] == 1  # still busy
+    out, st = run(41.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=4, prompt=1500)), cfg=cfg)
+    assert out.targets["LLM:alpha@n2"] == 0  # timeout
+
+
+def test_a_shape_that_flips_back_before_the_sustain_window_changes_nothing():
+    inp = model_input()
+    st = PolicyState()
+    for t in range(0, 40):
+        prompt = 1500 if (t // 5) % 2 == 0 else 100  # 5 s long, 5 s short: never 10 s in a row
+        out, st = run(float(t), st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=prompt)))
+        assert not out.new_decisions
+    assert st.models["alpha"].repack is None
+
+
+def test_too_few_finished_requests_is_no_shape_and_no_repack():
+    inp = model_input()
+    st = PolicyState()
+    for t in (0.0, 20.0, 40.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, prompt=1500, done=3)))
+    assert not st.decisions and out.live[0].shape is None
+
+
+def test_cooldown_blocks_an_immediate_move_back():
+    inp = model_input()
+    st = PolicyState()
+    for t, v in [(0.0, dict(n1=obs(), n2=obs(running=1, prompt=1500))), (10.0, dict(n1=obs(), n2=obs(running=1, prompt=1500))),
+                 (11.0, dict(n1=obs(running=1), n2=obs(running=1))), (14.0, dict(n1=obs(running=1), n2=obs(running=1))),
+                 (15.0, dict(n1=obs(running=1), n2=obs()))]:
+        out, st = run(t, st, view(inp, **v))
+    assert st.models["alpha"].active_n == 1
+    back = dict(n1=obs(running=1, prompt=100), n2=obs())
+    for t in (20.0, 40.0, 100.0):
+        out, st = run(t, st, view(inp, **back))
+        assert st.models["alpha"].repack is None
+    for t in (115.0, 125.0):  # cooldown (100 s after 15) over, then the sustain window
+        out, st = run(t, st, view(inp, **back))
+    assert st.models["alpha"].repack is not None and st.models["alpha"].repack.to_n == 2
+
+
+def test_no_room_for_make_before_break_aborts_and_keeps_serving():
+    inp = model_input()
+    st = PolicyState()
+    full = dict(n1=obs(), n2=obs(running=2, requests=40, prompt=1500))
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, **full), devices=1)
+    assert [d.action for d in out.new_decisions] == ["repack_start", "repack_abort"]
+    assert "no room for N=1 next to N=2" in out.new_decisions[1].reason
+    assert out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 2}
+
+
+def test_new_replicas_that_never_start_abort_the_repack():
+    inp = model_input()
+    cfg = CFG.model_copy(update={"warm_timeout_s": 60.0})
+    st = PolicyState()
+    for t in (0.0, 10.0, 50.0, 71.0):
+        out, st = run(t, st, view(inp, n1=obs(target=1), n2=obs(running=1, requests=5, prompt=1500)), cfg=cfg)
+    assert out.new_decisions[0].action == "repack_abort" and out.targets["LLM:alpha@n1"] == 0
+    assert st.models["alpha"].active_n == 2
+
+
+def test_without_a_profile_the_policy_only_follows_load():
+    inp = model_input(profile=None)
+    st = PolicyState()
+    for t in (0.0, 30.0, 60.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=1500)))
+    assert not st.decisions and out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 1}
+
+
+def test_a_fresh_state_takes_the_variant_with_running_replicas_as_active():
+    inp = model_input()
+    out, st = run(0.0, PolicyState(), view(inp, n1=obs(running=1), n2=obs()))
+    assert st.models["alpha"].active_n == 1 and out.targets == {"LLM:alpha@n1": 1, "LLM:alpha@n2": 0}
