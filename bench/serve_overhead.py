@@ -90,7 +90,7 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
                                        max_num_seqs=spec.max_num_seqs, kv_cache_bytes=spec.kv_cache_bytes,
                                        max_model_len=spec.max_model_len, dtype=spec.dtype, enforce_eager=True)])
     serve.run(build(args, ClusterView.from_ray()), name="bench", route_prefix="/")
-    handle = serve.get_deployment_handle(replica_deployment_name("smollm2-135m"), app_name="bench")
+    handle = serve.get_deployment_handle(replica_deployment_name("smollm2-135m", 1), app_name="bench")
     try:
         async def via_handle() -> int:
             req = GenerateRequest(request_id=uuid.uuid4().hex, prompt=PROMPT, max_tokens=out_tokens,

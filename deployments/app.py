@@ -18,7 +18,14 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from deployments.engine import EngineConfigError, check_engine_kwargs, deployment_options
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, plan_replicas
+from advisor.profiler import Profile, WorkloadShape
+from cluster.board import AppPlacement
+from cluster.inventory import Inventory, cluster_inventory
+from cluster.packing import ModelDemand, PackInput, PackResult, pack
+from cluster.policy import ModelPolicyInput, PolicyConfig, Route, VariantSpec
+from deployments.autoscale import policy_kwargs
+from deployments.engine import EngineConfigError, check_engine_kwargs, deployment_options, replica_deployment_name
 from deployments.ingress import OpenAIIngress, RetryPolicy, ServedModel
 from deployments.replica import LLMReplica
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
@@ -43,7 +50,14 @@ class ModelConfig(BaseModel):
     replicas_per_device: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
         "auto", description="replicas packed on one device (N), 1..64, or auto: the Advisor's plan"
     )
-    devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy, >= 1")
+    devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy at start, >= 1")
+    min_replicas: Optional[int] = Field(None, ge=1, description="fewest replicas under load scaling, >= 1 (default: the start count)")
+    max_replicas: Optional[int] = Field(None, ge=1, description="most replicas under load scaling (default: the start count)")
+    variants: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=list,
+        description="other replicas-per-device values (N) the policy may re-pack to, e.g. [1, 2]; needs the app's "
+                    "autoscaling_policy and a profile (replicas_per_device: auto)",
+    )
     max_num_seqs: int = Field(32, ge=1, le=4096, description="per-replica batch cap (B), 1..4096 (auto: planned)")
     kv_cache_bytes: Optional[ByteSize] = Field(
         None, description="KV pool per replica, e.g. 512MiB or 2GiB; omit to let vLLM size it (auto: planned)"
@@ -64,6 +78,17 @@ class ModelConfig(BaseModel):
     @property
     def served_name(self) -> str:
         return self.name or self.model
+
+    @property
+    def elastic(self) -> bool:
+        """True when the policy may change this model's replica counts (needs the app-level policy)."""
+        return bool(self.variants) or self.min_replicas is not None or self.max_replicas is not None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ModelConfig":
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -87,6 +112,10 @@ class AppArgs(BaseModel):
     api_key: Optional[str] = Field(None, description="bearer token clients must send; omit for none")
     api_key_env: Optional[str] = Field(None, description="name of an environment variable holding the API key")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="retries of requests that hit a dead replica")
+    device_memory: Optional[ByteSize] = Field(
+        None, description="memory of each GPU when NVML cannot read it (logical GPUs on a CPU machine), e.g. 8GiB"
+    )
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="autoscaling and re-pack thresholds")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":
@@ -227,18 +256,23 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
     )
 
 
-def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> ModelConfig:
-    """Ask the Advisor actor for the plan of an `auto` model and apply it to the config."""
-    from advisor.actor import DeviceResources, get_or_create_advisor
-    from advisor.profiler import WorkloadShape
-    from deployments.profiling import AdvisorRequest, plan_model, profile_model
+def _advisor_request(m: ModelConfig, cluster: ClusterView):
+    from deployments.profiling import AdvisorRequest
 
-    use_gpus = _uses_gpus(device, cluster)
-    request = AdvisorRequest(
+    return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
         tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype,
     )
+
+
+def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> tuple[ModelConfig, Optional[Profile]]:
+    """Ask the Advisor actor for the plan of an `auto` model; apply it; return the profile behind it."""
+    from advisor.actor import DeviceResources, get_or_create_advisor
+    from deployments.profiling import AdvisorError, plan_model, profile_model, stored_profile
+
+    use_gpus = _uses_gpus(device, cluster)
+    request = _advisor_request(m, cluster)
     # The profiling task holds the whole device: a GPU, or every CPU of the node.
     resources = DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node)
     advisor = get_or_create_advisor(plan_model, profile_model)
@@ -251,27 +285,170 @@ def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> ModelConf
         raise
     for reason in plan.reasons:
         logger.info("plan for %s: %s", m.served_name, reason)
-    return m.model_copy(update={
+    try:
+        profile = stored_profile(request)
+    except AdvisorError:
+        profile = None
+    if profile is None:
+        logger.warning("plan for %s: the profile is not in this node's store; no re-packing for this model",
+                       m.served_name)
+    resolved = m.model_copy(update={
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
         "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),
     })
+    return resolved, profile
 
 
-def build(args: AppArgs, cluster: ClusterView) -> Application:
-    handles = {}
-    served = []
+class ModelLayout(BaseModel):
+    """What the builder decided for one model: its variants, their specs and the start count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    config: ModelConfig
+    policy_input: ModelPolicyInput
+    specs: dict[int, ReplicaSpec]
+    active_n: int
+    initial_replicas: int
+
+
+def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterView) -> DeviceSpec:
+    """The device the policy re-plans on: the smallest device of the cluster, the profile's engine."""
+    memory = min(d.memory_bytes for d in inventory.devices)
+    cores = profile.cores or int(cluster.cpus_per_node)
+    return DeviceSpec(kind=cluster.engine_device, name=profile.device_name, memory_bytes=memory, cores=cores)
+
+
+def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, device: str,
+                 profile: Optional[Profile]) -> ModelLayout:
+    """Variants, engine specs and replica bounds of one model whose N is resolved."""
+    name = m.served_name
+    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction)
+    dev = None
+    if profile is not None:
+        dev = _device_for_plans(profile, inventory, cluster)
+        shape = WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens)
+        try:
+            plan = plan_replicas(profile, dev, shape, planner)
+        except PlanError as exc:
+            raise AppConfigError(f"model {name!r} fits no device of this cluster: {exc}") from None
+        m = m.model_copy(update={"replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
+                                 "kv_cache_bytes": ByteSize(plan.kv_cache_bytes)})
+    elif m.variants:
+        raise AppConfigError(
+            f"model {name!r}: variants {m.variants} need the Advisor's profile to choose between them; "
+            "set replicas_per_device: auto (or remove variants)"
+        )
+    n = int(m.replicas_per_device)
+    usable = int(min(d.memory_bytes for d in inventory.devices) * m.device_memory_fraction)
+    specs: dict[int, ReplicaSpec] = {}
+    variants: list[VariantSpec] = []
+    for k in sorted(set(m.variants) | {n}):
+        if profile is None:
+            kv, memory = (int(m.kv_cache_bytes) if m.kv_cache_bytes is not None else None), usable // k
+        elif k == n:
+            kv = int(m.kv_cache_bytes)
+            memory = profile.weight_bytes + profile.overhead_bytes + kv
+        else:
+            fixed = profile.weight_bytes + profile.overhead_bytes
+            longest = profile.kv_bytes_per_token * m.max_num_seqs * (m.max_model_len or 2 * (m.prompt_tokens + m.output_tokens))
+            kv = min(usable // k - fixed, int(longest * (1 + planner.kv_headroom)))
+            needed = profile.kv_bytes_per_token * (m.prompt_tokens + m.output_tokens)
+            if kv < needed:
+                raise AppConfigError(
+                    f"model {name!r}: variant N={k} does not fit: a replica gets {usable / k / 2**30:.2f} GiB "
+                    f"(1/{k} of {usable / 2**30:.2f} GiB usable) but weights + engine overhead take "
+                    f"{fixed / 2**30:.2f} GiB and one {m.prompt_tokens + m.output_tokens}-token sequence needs "
+                    f"{needed / 2**20:.0f} MiB more; drop {k} from variants or use larger devices"
+                )
+            memory = fixed + kv
+        spec = replica_spec(m.model_copy(update={"replicas_per_device": k,
+                                                 "kv_cache_bytes": ByteSize(kv) if kv is not None else None}),
+                            cluster, device)
+        specs[k] = spec
+        variants.append(VariantSpec(n=k, deployment=replica_deployment_name(name, k), share=round(1.0 / k, 6),
+                                    memory_bytes=max(1, memory), max_num_seqs=spec.max_num_seqs))
+    start = n * m.devices
+    low = m.min_replicas or start
+    high = max(m.max_replicas or start, low)
+    initial = min(max(start, low), high)
+    inp = ModelPolicyInput(model=name, variants=variants, min_replicas=low, max_replicas=high, profile=profile,
+                           device=dev, planner=planner)
+    return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=n, initial_replicas=initial)
+
+
+def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
+    """Pack every model's start replicas (and, first, its minimum) or fail naming what does not fit."""
+    def demand(replicas_of) -> PackInput:
+        return PackInput(devices=inventory.capacities(), models=[
+            ModelDemand(model=lay.policy_input.variant(lay.active_n).deployment, kind=inventory.kind,
+                        replicas=replicas_of(lay), share=lay.policy_input.variant(lay.active_n).share,
+                        memory_per_replica_bytes=lay.policy_input.variant(lay.active_n).memory_bytes)
+            for lay in layouts])
+    devices = ", ".join(f"{d.name} ({d.model_name}, {d.memory_bytes / 2**30:.1f} GiB {d.memory_source})"
+                        for d in inventory.devices)
+    for what, replicas_of in (("min_replicas", lambda lay: lay.policy_input.min_replicas),
+                              ("start replicas", lambda lay: lay.initial_replicas)):
+        result = pack(demand(replicas_of))
+        if result.unplaced:
+            by_dep = {lay.policy_input.variant(lay.active_n).deployment: lay for lay in layouts}
+            lines = []
+            for u in result.unplaced:
+                lay = by_dep[u.model]
+                v = lay.policy_input.variant(lay.active_n)
+                lines.append(f"  model {lay.policy_input.model!r}: {u.replicas} of its {replicas_of(lay)} {what} "
+                             f"(N={v.n}: share {v.share:g} and {v.memory_bytes / 2**30:.2f} GiB each) do not fit: "
+                             f"{u.reason}")
+            raise AppConfigError("the models do not fit this cluster's devices:\n" + "\n".join(lines)
+                                 + f"\n  devices: {devices}")
+    return result
+
+
+def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = None) -> Application:
+    inventory = inventory or cluster_inventory(
+        int(args.device_memory) if args.device_memory else None, use_gpus=_uses_gpus(args.device, cluster))
+    if not inventory.devices:
+        raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
+    layouts = []
     for m in args.models:
+        profile = None
         if m.replicas_per_device == "auto":
-            m = resolve_auto(m, cluster, args.device)
-        spec = replica_spec(m, cluster, args.device)
-        count = m.replicas_per_device * m.devices
-        opts = deployment_options(spec, count)
-        handles[spec.served_name] = serve.deployment(LLMReplica).options(**opts).bind(spec)
-        served.append(ServedModel(name=spec.served_name, max_model_len=m.max_model_len, replicas=count))
+            m, profile = resolve_auto(m, cluster, args.device)
+        layouts.append(layout_model(m, cluster, inventory, args.device, profile))
+    packing = place(layouts, inventory)
+    devices_json = [c.model_dump(mode="json") for c in inventory.capacities()]
+    handles: dict[str, dict[int, object]] = {}
+    served, routes = [], {}
+    for lay in layouts:
+        name = lay.policy_input.model
+        if lay.config.elastic:
+            logger.info("model %s: replica counts follow the plateau policy (needs the application's "
+                        "autoscaling_policy: deployments.autoscale:PlateauAutoscaler in config.yaml)", name)
+        handles[name] = {}
+        routes[name] = []
+        for k, spec in lay.specs.items():
+            count = lay.initial_replicas if k == lay.active_n else 0
+            autoscaling = {
+                # re-packing scales whole variants to zero, so only a single-variant model keeps its minimum
+                "min_replicas": 0 if len(lay.specs) > 1 else lay.policy_input.min_replicas,
+                "max_replicas": max(1, lay.policy_input.max_replicas),
+                "initial_replicas": count,
+                # the plateau policy holds its own hysteresis; Serve's delays would stack on top
+                "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+                "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
+                "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
+                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, devices_json)},
+            }
+            opts = deployment_options(spec, count, autoscaling)
+            handles[name][k] = serve.deployment(LLMReplica).options(**opts).bind(spec)
+            routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
+                                      max_num_seqs=spec.max_num_seqs))
+        served.append(ServedModel(name=name, max_model_len=lay.config.max_model_len, replicas=lay.initial_replicas))
+    placement = AppPlacement(app="", devices=inventory.devices, packing=packing, routes=routes)
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+        name="OpenAIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+        # an application-level policy needs every deployment to autoscale; the ingress stays at one
+        autoscaling_config={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
     )
-    return ingress.bind(handles, served, args.resolved_api_key(), args.retry)
+    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement)
 
 
 def build_app(raw_args: Optional[dict] = None) -> Application:

@@ -8,6 +8,7 @@
   plateau plan MODEL                N per device, memory and batch per replica, with reasons
   plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
   plateau pack INPUT.json           place replicas of many models on devices (capacity planning)
+  plateau status                    a running app's placement, variants, live readings, last decisions
 """
 
 from __future__ import annotations
@@ -64,6 +65,36 @@ def _config_check(ns: argparse.Namespace) -> int:
             print(f"{path}: application {app.get('name')!r}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"application": app.get("name"), "args": args.model_dump(mode="json")}, indent=2))
+        policy = (app.get("autoscaling_policy") or {}).get("policy_function", "")
+        elastic = [m.served_name for m in args.models if m.elastic]
+        if elastic and policy != "deployments.autoscale:PlateauAutoscaler":
+            print(f"{path}: application {app.get('name')!r}: models {', '.join(elastic)} set variants or "
+                  "min/max_replicas, which needs `autoscaling_policy: {policy_function: "
+                  "deployments.autoscale:PlateauAutoscaler}` on the application", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _status(ns: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.board import find_board, render_status
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        ray.init(address=ns.address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        return _err(f"no Ray cluster at {ns.address!r} ({exc}); start one with `serve run config.yaml`")
+    board = find_board()
+    if board is None:
+        return _err("no plateau-serve application has started on this cluster (no status board)")
+    apps = ray.get(board.status.remote(ns.app), timeout=30)
+    if not apps:
+        return _err(f"no application {ns.app!r} on the status board" if ns.app else "the status board is empty")
+    if ns.json:
+        print(json.dumps({name: st.model_dump(mode="json") for name, st in apps.items()}, indent=2))
+    else:
+        print("\n\n".join(render_status(name, st) for name, st in apps.items()))
     return 0
 
 
@@ -240,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     packer.add_argument("input", help='JSON: {"devices": [{name, kind, memory_bytes}], "models": '
                         '[{model, kind, replicas, share, memory_per_replica_bytes}]}')
     packer.set_defaults(func=_pack)
+
+    status = sub.add_parser("status", help="placement, variants, live readings and last decisions of running apps")
+    status.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    status.add_argument("--app", default=None, help="only this application")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
     return parser
 
 

@@ -133,14 +133,15 @@ def _core_list(cores: Sequence[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
-def deployment_options(spec: ReplicaSpec, num_replicas: int) -> dict[str, object]:
-    """Ray Serve `.options(...)` for the replica deployment of `spec`."""
+def deployment_options(spec: ReplicaSpec, num_replicas: int,
+                       autoscaling: Optional[dict[str, object]] = None) -> dict[str, object]:
+    """Ray Serve `.options(...)` for the replica deployment of `spec` (a fixed count, or autoscaling)."""
     actor_options: dict[str, object] = {"num_cpus": spec.resources.num_cpus}
     if spec.resources.num_gpus > 0:
         actor_options["num_gpus"] = spec.resources.num_gpus
     return {
-        "name": replica_deployment_name(spec.served_name),
-        "num_replicas": num_replicas,
+        "name": replica_deployment_name(spec.served_name, spec.replicas_per_device),
+        **({"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": num_replicas}),
         "ray_actor_options": actor_options,
         # Admit about one batch per replica: keeps each engine near its planned B and lets the
         # router spread a burst instead of queueing it all on one replica.
@@ -151,8 +152,9 @@ def deployment_options(spec: ReplicaSpec, num_replicas: int) -> dict[str, object
     }
 
 
-def replica_deployment_name(served_name: str) -> str:
-    return "LLM:" + "".join(c if c.isalnum() or c in "-_." else "_" for c in served_name)
+def replica_deployment_name(served_name: str, replicas_per_device: int) -> str:
+    """`LLM:<model>@n<N>`: one deployment per packing variant, so re-packing never restarts replicas."""
+    return "LLM:" + "".join(c if c.isalnum() or c in "-_." else "_" for c in served_name) + f"@n{replicas_per_device}"
 
 
 def device_key(spec: ReplicaSpec) -> str:

@@ -3,6 +3,12 @@
 Client mistakes are answered with OpenAI-style error bodies (400/401/404), never a 500. A replica
 whose engine died answers 503; the ingress retries such a request on another replica while no
 output has reached the client yet, so only requests already streaming from the dead engine fail.
+
+A model has one deployment per packing variant (`LLM:<model>@n<N>`). The routes (which variants
+take requests, how many replicas each runs, their batch) come from the status board, refreshed
+every `ROUTE_REFRESH_S`; each request goes to the accepting variant with the most free capacity
+(running replicas x batch, minus what this ingress already has in flight there). A draining
+variant gets no new requests, which is what lets the policy stop it without failing any.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ from deployments.openai_api import (
     usage_chunk_body,
     validation_error_body,
 )
+from cluster.board import AppPlacement, get_or_create_board
+from cluster.policy import Route
 from deployments.protocol import GenerateChunk, GenerateError, GenerateRequest, GenerateResult, StreamItem
 
 logger = logging.getLogger("ray.serve")
+ROUTE_REFRESH_S = 0.5
 app = FastAPI(title="plateau-serve", docs_url=None, redoc_url=None)
 
 
@@ -61,21 +70,75 @@ def _error(status: int, message: str, type_: str, param: Optional[str] = None, c
     return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)
 
 
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # constructed outside Serve
+        return ""
+
+
 # Serve pickles the ingress class with the FastAPI app when this decorator runs: helpers the
 # routes call must already exist above this line.
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(
         self,
-        handles: dict[str, DeploymentHandle],
+        handles: dict[str, dict[int, DeploymentHandle]],
         models: list[ServedModel],
         api_key: Optional[str] = None,
         retry: Optional[RetryPolicy] = None,
+        placement: Optional[AppPlacement] = None,
     ):
         self.handles = handles
         self.models = {m.name: m for m in models}
         self.api_key = api_key
         self.retry = retry or RetryPolicy()
+        self.routes: dict[str, list[Route]] = dict(placement.routes) if placement else {
+            name: [Route(n=n, deployment=str(n), accepting=True, running=1, max_num_seqs=1) for n in by_n]
+            for name, by_n in handles.items()
+        }
+        self.inflight: dict[tuple[str, int], int] = {}
+        self._board = None
+        self._refresher: Optional[asyncio.Task] = None
+        self.app_name = _app_name()
+        if placement is not None:
+            try:
+                self._board = get_or_create_board()
+                self._board.set_placement.remote(placement.model_copy(update={"app": self.app_name}))
+            except Exception as exc:  # routing still works from the build-time routes
+                logger.warning("no status board (%s): routing by the start placement only", exc)
+
+    # ---- variant choice -------------------------------------------------------------------
+    def _choose(self, model: str) -> tuple[int, DeploymentHandle]:
+        """The accepting variant with the most free capacity; a variant with no running replica
+        only when nothing else can take the request."""
+        self._ensure_refresher()
+        routes = [r for r in self.routes.get(model, []) if r.n in self.handles[model]]
+        live = [r for r in routes if r.accepting and r.running > 0]
+        pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
+        if not pool:
+            n = next(iter(self.handles[model]))
+            return n, self.handles[model][n]
+        best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - self.inflight.get((model, r.n), 0), -r.n))
+        return best.n, self.handles[model][best.n]
+
+    def _ensure_refresher(self) -> None:
+        if self._board is not None and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_routes())
+
+    async def _refresh_routes(self) -> None:
+        while True:
+            try:
+                routes = await self._board.routes.remote(self.app_name)
+                if routes:
+                    self.routes = {m: rs for m, rs in routes.items() if m in self.handles}
+            except Exception as exc:  # board restarting: keep the last routes
+                logger.debug("route refresh failed: %s", exc)
+            await asyncio.sleep(ROUTE_REFRESH_S)
+
+    def _track(self, model: str, n: int, delta: int) -> None:
+        key = (model, n)
+        self.inflight[key] = self.inflight.get(key, 0) + delta
 
     # ---- routes ---------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -83,7 +146,7 @@ class OpenAIIngress:
         if (denied := self._auth(request)) is not None:
             return denied
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "plateau-serve",
-                 "max_model_len": m.max_model_len, "replicas": m.replicas} for m in self.models.values()]
+                 "max_model_len": m.max_model_len, "replicas": self._replicas(m)} for m in self.models.values()]
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/completions")
@@ -117,57 +180,78 @@ class OpenAIIngress:
             gen = body.to_generate(rid)
         except (ValueError, ValidationError) as exc:
             return _error(400, str(exc), "invalid_request_error", param="prompt")
-        handle = self.handles[body.model]
         if body.stream:
-            return await self._stream(handle, gen, body, chat)
-        outcome = await self._call(handle, gen)
+            return await self._stream(body.model, gen, body, chat)
+        outcome = await self._call(body.model, gen)
         if isinstance(outcome, GenerateError):
             return _error(outcome.status, outcome.message, outcome.type, outcome.param)
         return JSONResponse(completion_body(rid, body.model, outcome, chat))
 
-    async def _call(self, handle: DeploymentHandle, gen: GenerateRequest) -> Union[GenerateResult, GenerateError]:
+    def _replicas(self, m: ServedModel) -> int:
+        routes = self.routes.get(m.name)
+        return sum(r.running for r in routes) if routes else m.replicas
+
+    async def _call(self, model: str, gen: GenerateRequest) -> Union[GenerateResult, GenerateError]:
         outcome: Union[GenerateResult, GenerateError] = _unavailable("no replica answered")
         for attempt in range(self.retry.attempts):
             req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
+            n, handle = self._choose(model)
+            self._track(model, n, 1)
             try:
                 outcome = await handle.generate.remote(req)
             except (RayActorError, ActorUnavailableError) as exc:
                 outcome = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
+            finally:
+                self._track(model, n, -1)
             if not (isinstance(outcome, GenerateError) and outcome.retryable):
                 return outcome
             await self._backoff(attempt)
         return outcome
 
-    async def _open_stream(self, handle: DeploymentHandle, gen: GenerateRequest):
-        """Start a stream and read its first item, retrying while nothing was produced yet."""
+    async def _open_stream(self, model: str, gen: GenerateRequest):
+        """Start a stream and read its first item, retrying while nothing was produced yet.
+        Returns (first item, stream, variant); the variant stays counted in flight until `_sse` ends."""
         first: StreamItem = _unavailable("no replica answered")
         for attempt in range(self.retry.attempts):
             req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
+            n, handle = self._choose(model)
+            self._track(model, n, 1)
             stream = handle.options(stream=True).generate_stream.remote(req)
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
-                return None, stream
+                return None, stream, n
             except (RayActorError, ActorUnavailableError) as exc:
                 first = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
             if not (isinstance(first, GenerateError) and first.retryable):
-                return first, stream
+                return first, stream, n
+            self._track(model, n, -1)
             stream.cancel()
             await self._backoff(attempt)
-        return first, None
+        return first, None, None
 
-    async def _stream(self, handle: DeploymentHandle, gen: GenerateRequest, body, chat: bool) -> Response:
-        first, stream = await self._open_stream(handle, gen)
+    async def _stream(self, model: str, gen: GenerateRequest, body, chat: bool) -> Response:
+        first, stream, n = await self._open_stream(model, gen)
         if isinstance(first, GenerateError):
             if stream is not None:
                 stream.cancel()
+            if n is not None:
+                self._track(model, n, -1)
             return _error(first.status, first.message, first.type, first.param)
         return StreamingResponse(
-            self._sse(first, stream, gen.request_id, body.model, chat, body.include_usage),
+            self._sse(first, stream, gen.request_id, body.model, chat, body.include_usage, n),
             media_type="text/event-stream",
         )
 
-    async def _sse(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool,
+                   variant: int) -> AsyncIterator[str]:
+        try:
+            async for line in self._sse_lines(first, stream, rid, model, chat, include_usage):
+                yield line
+        finally:
+            self._track(model, variant, -1)
+
+    async def _sse_lines(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         seen: set[int] = set()
         completion: dict[int, int] = {}
         prompt_tokens = 0

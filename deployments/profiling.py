@@ -286,6 +286,12 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, shape: WorkloadShape,
     return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)]})
 
 
+def stored_profile(req: AdvisorRequest) -> Optional[Profile]:
+    """The profile `plan_model` would use for `req`, if this node's store has one (no profiling)."""
+    _, memory = _memory(req)
+    return req.store().find(req.model, device_name(req), vllm_version(), memory.dtype, req.shape.bucket)
+
+
 def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
     """The plan for req.model on this device: reuse a stored profile (any workload bucket of the
     same model/device/engine/dtype; the fit covers other shapes) or profile first."""

@@ -44,9 +44,9 @@ _GAUGES = {
     "mean_context_tokens": "Mean prompt+generated tokens of ongoing requests.",
     "kv_usage": "Share of the replica's KV pool in use (0..1).",
     "preemptions_total": "Sequences preempted by the engine since start.",
-    "recent_requests": "Requests finished in the last 20 s.",
-    "recent_prompt_tokens": "Mean prompt tokens of requests finished in the last 20 s.",
-    "recent_output_tokens": "Mean generated tokens of requests finished in the last 20 s.",
+    "recent_requests": "Requests finished in the last 60 s.",
+    "recent_prompt_tokens": "Mean prompt tokens of requests finished in the last 60 s.",
+    "recent_output_tokens": "Mean generated tokens of requests finished in the last 60 s.",
 }
 
 
@@ -91,6 +91,15 @@ class LLMReplica:
             g = Gauge(f"plateau_replica_{name}", description=desc, tag_keys=("model",))
             g.set_default_tags({"model": spec.served_name})  # Serve adds its tags into this dict
             self._gauges[name] = g
+        # On a GPU: the device's DRAM bandwidth use (NVML GPM) over each gauge period. Replicas
+        # sharing a GPU report the same device-wide number.
+        self._sampler = _device_sampler() if spec.device_kind == "cuda" else None
+        if self._sampler is not None:
+            g = Gauge("plateau_replica_device_dram_bw_util", description="DRAM bandwidth use of the replica's GPU, % "
+                      "of peak (NVML GPM).", tag_keys=("model",))
+            g.set_default_tags({"model": spec.served_name})
+            self._gauges["device_dram_bw_util"] = g
+            self._sampler.start()
         self._gauge_task = asyncio.get_running_loop().create_task(self._publish_gauges())
         logger.info("replica of %s ready: cores=%s max_model_len=%d", spec.served_name, self.cores, self.max_model_len)
 
@@ -250,6 +259,11 @@ class LLMReplica:
             snap = self.stats.snapshot(time.monotonic())
             for name, value in snap.as_metrics().items():
                 self._gauges[name].set(value)
+            if self._sampler is not None:
+                sample = self._sampler.stop()
+                self._sampler.start()
+                if sample.dram_bw_util is not None:
+                    self._gauges["device_dram_bw_util"].set(sample.dram_bw_util)
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     def __del__(self):
@@ -260,6 +274,17 @@ class LLMReplica:
 
 def _bad(param: str, message: str) -> GenerateError:
     return GenerateError(status=400, type="invalid_request_error", message=message, param=param)
+
+
+def _device_sampler():
+    """An NVML sampler on the GPU Ray gave this replica (None without NVML or GPM)."""
+    import ray
+
+    from advisor.nvml import gpu_sampler
+
+    ids = ray.get_gpu_ids()
+    sampler = gpu_sampler(int(ids[0])) if ids else None
+    return sampler if sampler is not None and sampler.gpm else None
 
 
 def _local_rank() -> int:

@@ -36,7 +36,7 @@ class ReplicaStatsSnapshot(BaseModel):
 class ReplicaStats:
     """Thread-safe accumulator (vLLM calls the stat logger from its output-handler task)."""
 
-    def __init__(self, rate_window_s: float = 10.0, shape_window_s: float = 20.0):
+    def __init__(self, rate_window_s: float = 10.0, shape_window_s: float = 60.0):
         self._window = rate_window_s
         self._shape_window = shape_window_s
         self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, output tokens)

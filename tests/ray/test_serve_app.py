@@ -42,7 +42,7 @@ def app(smollm2_path):
         "api_key": API_KEY,
     })
     serve.run(build(args, ClusterView.from_ray()), name=APP, route_prefix="/")
-    yield serve.get_deployment_handle(replica_deployment_name(MODEL), app_name=APP)
+    yield serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name=APP)
     serve.shutdown()
     ray.shutdown()
 

@@ -8,6 +8,7 @@ from deployments.engine import (
     check_engine_kwargs,
     cpu_cores_for,
     deployment_options,
+    replica_deployment_name,
     device_start_lock,
     engine_args,
     engine_env,
@@ -80,8 +81,15 @@ def test_deployment_options_request_a_gpu_share():
     assert opts["ray_actor_options"]["num_gpus"] == 0.25
     assert opts["num_replicas"] == 4
     assert opts["max_ongoing_requests"] == spec.max_num_seqs
+    assert opts["name"] == "LLM:smollm2-135m@n4"
     cpu_opts = deployment_options(make_spec(), num_replicas=2)
     assert "num_gpus" not in cpu_opts["ray_actor_options"]
+    elastic = deployment_options(spec, 0, autoscaling={"min_replicas": 0, "max_replicas": 3})
+    assert "num_replicas" not in elastic and elastic["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_deployment_names_carry_the_variant_and_only_safe_characters():
+    assert replica_deployment_name("org/model v2", 3) == "LLM:org_model_v2@n3"
 
 
 def test_device_start_lock_serializes_engine_starts(tmp_path):

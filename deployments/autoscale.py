@@ -1,0 +1,157 @@
+"""The Serve side of the autoscaling policy: an application-level policy class for config.yaml.
+
+    applications:
+      - name: plateau
+        autoscaling_policy:
+          policy_function: deployments.autoscale:PlateauAutoscaler
+          policy_kwargs: {evaluate_every_s: 1.0}
+
+Serve's controller calls it every ~0.1 s with one `AutoscalingContext` per deployment. It reads
+each variant deployment's `ModelPolicyInput` (the builder puts it in that deployment's
+`autoscaling_config.policy.policy_kwargs`), turns Serve's counts and the replicas'
+`record_autoscaling_stats()` into observations, calls the pure `cluster.policy.decide`, and
+publishes routes, readings and decisions to the status board without waiting. Any exception is
+logged and the current replica targets are kept: the policy never takes the controller down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from cluster.policy import ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, VariantObservation, decide
+
+logger = logging.getLogger("ray.serve")
+
+POLICY_KWARGS_KEY = "plateau"
+
+
+def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[dict]) -> dict[str, Any]:
+    """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
+    return {POLICY_KWARGS_KEY: {"model": inp.model_dump(mode="json"), "n": n,
+                                "policy": policy.model_dump(mode="json"), "devices": devices}}
+
+
+class PlateauAutoscaler:
+    def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0):
+        self.evaluate_every_s = evaluate_every_s
+        self.publish_every_s = publish_every_s
+        self.state = PolicyState()
+        self._inputs: dict[str, tuple[int, ModelPolicyInput, int]] = {}  # deployment -> (kwargs id, input, N)
+        self._last_eval = 0.0
+        self._last_publish = 0.0
+        self._last_routes: Optional[dict] = None
+        self._board = None
+        self._board_checked = 0.0
+        self._errors = 0
+
+    def __call__(self, contexts: dict) -> tuple[dict, dict]:
+        now = time.time()
+        if now - self._last_eval < self.evaluate_every_s:
+            return {}, {}
+        self._last_eval = now
+        try:
+            return self._decide(contexts, now), {}
+        except Exception as exc:  # keep the last placement; never break the controller loop
+            self._errors += 1
+            if self._errors <= 5 or self._errors % 100 == 0:
+                logger.exception("plateau autoscaling policy failed (%d times); replica targets unchanged", self._errors)
+            self._report_error(contexts, f"{type(exc).__name__}: {exc}")
+            return {}, {}
+
+    def _decide(self, contexts: dict, now: float) -> dict:
+        views: dict[str, dict[int, VariantObservation]] = {}
+        inputs: dict[str, ModelPolicyInput] = {}
+        ids = {}
+        cfg, devices, app = None, None, None
+        for dep_id, ctx in contexts.items():
+            kwargs = ctx.config.policy.policy_kwargs if ctx.config and ctx.config.policy else {}
+            raw = (kwargs or {}).get(POLICY_KWARGS_KEY)
+            if raw is None:
+                continue  # the ingress
+            inp, n = self._input(ctx.deployment_name, raw)
+            if cfg is None:
+                from cluster.packing import DeviceCapacity
+
+                cfg = PolicyConfig.model_validate(raw["policy"])
+                devices = [DeviceCapacity.model_validate(d) for d in raw["devices"]]
+                app = ctx.app_name
+            inputs[inp.model] = inp
+            views.setdefault(inp.model, {})[n] = observe(ctx)
+            ids[ctx.deployment_name] = dep_id
+        if not inputs:
+            return {}
+        pctx = PolicyContext(now=now, devices=devices,
+                             models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
+        out = decide(pctx, self.state, cfg)
+        self.state = out.state
+        for d in out.new_decisions:
+            logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
+                        d.replicas_from, d.replicas_to, d.reason)
+        routes = {m: [r.model_dump() for r in rs] for m, rs in out.routes.items()}
+        if out.new_decisions or routes != self._last_routes or now - self._last_publish >= self.publish_every_s:
+            self._publish(app, out, cfg)
+            self._last_routes, self._last_publish = routes, now
+        return {ids[dep]: n for dep, n in out.targets.items() if dep in ids}
+
+    def _input(self, deployment: str, raw: dict) -> tuple[ModelPolicyInput, int]:
+        cached = self._inputs.get(deployment)
+        if cached is not None and cached[0] == id(raw):
+            return cached[1], cached[2]
+        inp = ModelPolicyInput.model_validate(raw["model"])
+        self._inputs[deployment] = (id(raw), inp, int(raw["n"]))
+        return inp, int(raw["n"])
+
+    def _get_board(self):
+        if self._board is None and time.time() - self._board_checked > 10:
+            from cluster.board import find_board
+
+            self._board_checked = time.time()
+            self._board = find_board()
+        return self._board
+
+    def _publish(self, app: Optional[str], out, cfg: PolicyConfig) -> None:
+        board = self._get_board()
+        if board is None or app is None:
+            return
+        try:
+            board.publish.remote(app, out.routes, out.live, out.new_decisions, cfg.decisions_kept)
+        except Exception:  # board gone: look it up again later
+            self._board = None
+
+    def _report_error(self, contexts: dict, message: str) -> None:
+        board = self._board
+        app = next((c.app_name for c in contexts.values()), None)
+        if board is not None and app is not None:
+            try:
+                board.policy_error.remote(app, message)
+            except Exception:
+                self._board = None
+
+
+def observe(ctx) -> VariantObservation:
+    """One variant's observation from its Serve autoscaling context."""
+    metrics = ctx.aggregated_metrics or {}
+
+    def per_replica(name: str) -> dict:
+        return metrics.get(name) or {}
+
+    done = per_replica("recent_requests")
+    total_done = sum(done.values())
+
+    def weighted(name: str) -> float:
+        values = per_replica(name)
+        if total_done <= 0:
+            return 0.0
+        return sum(values.get(r, 0.0) * w for r, w in done.items()) / total_done
+
+    kv = per_replica("kv_usage")
+    return VariantObservation(
+        running=int(ctx.current_num_replicas), target=int(ctx.target_num_replicas),
+        requests=max(0.0, float(ctx.total_num_requests or 0.0)),
+        tokens_per_s=sum(per_replica("tokens_per_s").values()),
+        kv_usage=(sum(kv.values()) / len(kv)) if kv else 0.0,
+        recent_requests=total_done, recent_prompt_tokens=weighted("recent_prompt_tokens"),
+        recent_output_tokens=weighted("recent_output_tokens"),
+    )

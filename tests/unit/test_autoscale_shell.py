@@ -1,0 +1,66 @@
+"""The Serve-facing policy shell: observations from Serve's contexts, errors kept inside."""
+
+from types import SimpleNamespace
+
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from cluster.packing import DeviceCapacity
+from cluster.policy import ModelPolicyInput, PolicyConfig, VariantSpec
+from deployments.autoscale import PlateauAutoscaler, observe, policy_kwargs
+
+GiB = 1 << 30
+
+
+def context(name, kwargs, running=1, target=1, requests=0.0, metrics=None):
+    cfg = AutoscalingConfig(min_replicas=0, max_replicas=4, policy={"policy_kwargs": kwargs} if kwargs else {})
+    return AutoscalingContext(
+        deployment_id=SimpleNamespace(name=name), deployment_name=name, app_name="app",
+        current_num_replicas=running, target_num_replicas=target, running_replicas=[],
+        total_num_requests=requests, total_queued_requests=0.0, aggregated_metrics=metrics or {},
+        raw_metrics={}, capacity_adjusted_min_replicas=0, capacity_adjusted_max_replicas=4, policy_state={},
+        last_scale_up_time=None, last_scale_down_time=None, current_time=None, config=cfg,
+    )
+
+
+def alpha_input(max_replicas=4):
+    return ModelPolicyInput(model="alpha", min_replicas=1, max_replicas=max_replicas, variants=[
+        VariantSpec(n=2, deployment="LLM:alpha@n2", share=0.5, memory_bytes=GiB, max_num_seqs=32)])
+
+
+DEVICES = [DeviceCapacity(name=f"gpu{i}", memory_bytes=4 * GiB).model_dump(mode="json") for i in range(2)]
+
+
+def test_observe_sums_rates_and_weights_the_shape_by_finished_requests():
+    metrics = {"tokens_per_s": {"r1": 100.0, "r2": 50.0}, "kv_usage": {"r1": 0.5, "r2": 0.1},
+               "recent_requests": {"r1": 3.0, "r2": 1.0}, "recent_prompt_tokens": {"r1": 100.0, "r2": 1500.0},
+               "recent_output_tokens": {"r1": 16.0, "r2": 16.0}}
+    o = observe(context("LLM:alpha@n2", None, running=2, target=3, requests=7.0, metrics=metrics))
+    assert (o.running, o.target, o.requests, o.tokens_per_s) == (2, 3, 7.0, 150.0)
+    assert o.kv_usage == 0.3 and o.recent_requests == 4.0
+    assert o.recent_prompt_tokens == (3 * 100 + 1500) / 4 and o.recent_output_tokens == 16.0
+
+
+def test_the_shell_scales_variants_from_their_policy_kwargs_and_ignores_the_ingress():
+    policy = PolicyConfig(upscale_after_s=0)
+    kw = policy_kwargs(alpha_input(), 2, policy, DEVICES)
+    variant = context("LLM:alpha@n2", kw, running=1, requests=60.0)
+    ingress = context("OpenAIIngress", None)
+    shell = PlateauAutoscaler(evaluate_every_s=0)
+    shell({"v": variant, "i": ingress})  # the first tick notes the wish
+    decisions, _ = shell({"v": variant, "i": ingress})
+    assert decisions == {"v": 3}  # ceil(60 / (32 x 0.8)); the ingress is left alone
+    assert shell.state.decisions[-1].action == "scale"
+
+
+def test_an_exception_in_the_policy_keeps_the_targets_and_is_counted():
+    bad = context("LLM:alpha@n2", {"plateau": {"model": {"model": "alpha"}, "n": 2, "policy": {}, "devices": []}})
+    shell = PlateauAutoscaler(evaluate_every_s=0)
+    assert shell({"v": bad}) == ({}, {})
+    assert shell._errors == 1
+
+
+def test_calls_between_evaluations_change_nothing():
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(upscale_after_s=0), DEVICES)
+    shell = PlateauAutoscaler(evaluate_every_s=3600)
+    shell({"v": context("LLM:alpha@n2", kw, requests=60.0)})
+    assert shell({"v": context("LLM:alpha@n2", kw, requests=60.0)}) == ({}, {})

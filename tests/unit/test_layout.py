@@ -1,0 +1,85 @@
+"""The builder's pure half: variants per model, their memory, and the startup placement check."""
+
+import pytest
+
+from cluster.inventory import Device, Inventory
+from deployments.app import AppConfigError, ClusterView, layout_model, parse_args, place
+from tests.factories import make_profile
+
+GiB = 1 << 30
+CLUSTER = ClusterView(gpus=2, cpus_per_node=4, engine_device="cpu")
+
+
+def inventory(n=2, memory=4 * GiB):
+    return Inventory(devices=[Device(name=f"h/gpu{i}", node_id="h", kind="cuda", model_name="logical GPU",
+                                     memory_bytes=memory, memory_source="declared", cores=2) for i in range(n)])
+
+
+def model(**fields):
+    return parse_args({"models": [fields]}).models[0]
+
+
+PROFILE = make_profile().model_copy(update={"cores": 2})
+
+
+def test_fixed_model_gets_one_variant_sized_by_its_device_share():
+    lay = layout_model(model(replicas_per_device=2, kv_cache_bytes="256MiB"), CLUSTER, inventory(), "auto", None)
+    assert list(lay.specs) == [2] and lay.active_n == 2 and lay.initial_replicas == 2
+    (v,) = lay.policy_input.variants
+    assert v.deployment == "LLM:smollm2-135m@n2" and v.share == 0.5 and v.memory_bytes == int(4 * GiB * 0.9) // 2
+    assert lay.specs[2].resources.num_gpus == 0.5 and lay.specs[2].kv_cache_bytes == 256 << 20
+
+
+def test_profiled_model_gets_a_variant_per_n_with_kv_from_its_share():
+    m = model(replicas_per_device=1, variants=[1, 2], min_replicas=1, max_replicas=3)
+    lay = layout_model(m, CLUSTER, inventory(), "auto", PROFILE)
+    assert sorted(lay.specs) == [1, 2]
+    assert (lay.policy_input.min_replicas, lay.policy_input.max_replicas) == (1, 3)
+    planned = lay.active_n
+    other = 1 if planned == 2 else 2
+    fixed = PROFILE.weight_bytes + PROFILE.overhead_bytes
+    assert lay.specs[other].kv_cache_bytes <= int(4 * GiB * 0.9) // other - fixed
+    assert lay.policy_input.variant(other).memory_bytes == fixed + lay.specs[other].kv_cache_bytes
+    assert lay.specs[planned].max_num_seqs == lay.specs[other].max_num_seqs  # B from the plan for both
+
+
+def test_variants_without_a_profile_are_refused_with_the_fix():
+    with pytest.raises(AppConfigError, match="set replicas_per_device: auto"):
+        layout_model(model(replicas_per_device=2, variants=[1]), CLUSTER, inventory(), "auto", None)
+
+
+def test_a_variant_too_small_for_one_sequence_names_the_shortfall():
+    m = model(replicas_per_device=1, variants=[8], max_model_len=4096, prompt_tokens=2000)
+    with pytest.raises(AppConfigError, match=r"variant N=8 does not fit.*drop 8 from variants"):
+        layout_model(m, CLUSTER, inventory(memory=8 * GiB), "auto", PROFILE)
+
+
+def test_a_model_that_fits_no_device_fails_with_the_planner_numbers():
+    m = model(replicas_per_device=1, prompt_tokens=1500)
+    with pytest.raises(AppConfigError, match=r"fits no device.*one replica needs .* GiB"):
+        layout_model(m, CLUSTER, inventory(memory=1 * GiB), "auto", PROFILE)
+
+
+def test_two_models_share_a_device_at_startup():
+    a = layout_model(model(replicas_per_device=2, min_replicas=1, max_replicas=1, name="a"), CLUSTER, inventory(),
+                     "auto", None)
+    b = layout_model(model(replicas_per_device=2, min_replicas=1, max_replicas=1, name="b"), CLUSTER, inventory(),
+                     "auto", None)
+    result = place([a, b], inventory())
+    assert result.devices_used == 1 and not result.unplaced
+    assert [p.model for p in result.placement["h/gpu0"]] == ["LLM:a@n2", "LLM:b@n2"]
+
+
+def test_min_replicas_beyond_capacity_fail_at_startup_saying_by_how_much():
+    lay = layout_model(model(replicas_per_device=2, min_replicas=5, max_replicas=6), CLUSTER, inventory(), "auto",
+                       None)
+    with pytest.raises(AppConfigError) as err:
+        place([lay], inventory())
+    msg = str(err.value)
+    assert "1 of its 5 min_replicas" in msg and "share 0.5" in msg and "devices are full" in msg
+    assert "h/gpu0 (logical GPU, 4.0 GiB declared)" in msg
+
+
+def test_bounds_are_checked_against_each_other():
+    with pytest.raises(AppConfigError, match="min_replicas 3 is above max_replicas 2"):
+        parse_args({"models": [{"min_replicas": 3, "max_replicas": 2}]})
