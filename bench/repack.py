@@ -298,7 +298,8 @@ def main() -> int:
     from deployments.models import pull
 
     cfg = Shift()
-    model = str(pull("smollm2-135m"))
+    pull("smollm2-135m")
+    model = "smollm2-135m"
     profile = ensure_profile(model, cfg.dtype, cfg.plan_shape)
     memory = device_memory_for_shift(profile, cores=profile.cores or 2)
     work = Path(tempfile.mkdtemp(prefix="plateau-repack-"))

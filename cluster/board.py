@@ -119,9 +119,11 @@ def get_or_create_board():
 
 
 def find_board():
-    """The board if it exists, else None (never creates one)."""
+    """The board if it exists, else None (never creates one, never starts Ray)."""
     import ray
 
+    if not ray.is_initialized():
+        return None
     try:
         return ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
     except ValueError:
@@ -150,7 +152,7 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
             shape = f"prompt {m.shape.prompt_tokens} / output {m.shape.output_tokens}" if m.shape else "not enough traffic"
             planned = f"{m.planned_tokens_per_s:.0f}" if m.planned_tokens_per_s is not None else "-"
             lines.append(f"    active N={m.active_n}, best N={m.best_n if m.best_n is not None else '-'}, B*={m.b_star}, "
-                         f"live shape: {shape}; tokens/s planned {planned} measured {m.measured_tokens_per_s:.0f}; "
+                         f"live shape: {shape}; tokens/s at B* (planned) {planned}, measured {m.measured_tokens_per_s:.0f}; "
                          f"KV {m.kv_usage:.0%}")
             if m.repack is not None:
                 lines.append(f"    re-packing N={m.repack.from_n} -> N={m.repack.to_n} ({m.repack.phase}, "

@@ -27,10 +27,11 @@ CFG = Shift(ray_port=6391, http_port=8127, metrics_port=8128, workers=6, short_p
 def app(smollm2_path, tmp_path_factory):
     import ray
 
-    profile = ensure_profile(str(smollm2_path), CFG.dtype, CFG.plan_shape)
+    # the embedded name, as in config.yaml: the stored profile is shared with the end-to-end test
+    profile = ensure_profile("smollm2-135m", CFG.dtype, CFG.plan_shape)
     memory = device_memory_for_shift(profile, cores=profile.cores or 2)
     work = tmp_path_factory.mktemp("repack")
-    config = write_config(work / "config.yaml", str(smollm2_path), memory, CFG)
+    config = write_config(work / "config.yaml", "smollm2-135m", memory, CFG)
     stop_cluster()
     address = start_cluster(CFG)
     proc = serve_run(config, address, work / "serve.log")
@@ -45,9 +46,17 @@ def app(smollm2_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shifted(app):
-    address, memory, _ = app
-    before = board_status(address)
     import ray
+
+    address, memory, _ = app
+
+    def running(model: str, n: int) -> int:
+        status = board_status(address)
+        return next((r.running for r in status.routes.get(model, []) if r.n == n), 0) if status else 0
+
+    # the policy publishes what Serve's autoscaler has seen running, a few seconds behind the replicas
+    wait_until(lambda: running("alpha", 2) == 1 and running("beta", 2) == 1, 120, "the board to show both replicas")
+    before = board_status(address)
 
     gpus_free_before = ray.available_resources().get("GPU", 0.0)
     result = run_shift(address, CFG, memory)

@@ -82,6 +82,17 @@ def test_the_planned_replicas_run_on_the_cpu_only_cluster(served):
     (model,) = httpx.get("http://127.0.0.1:8000/v1/models", timeout=30).json()["data"]
     planned = model["replicas"]
     assert 1 <= planned <= 2  # the plan keeps at least one core per replica on this 2-core machine
-    deployment = _status()["applications"]["plateau"]["deployments"]["LLM:smollm2-135m"]
-    assert deployment["replica_states"] == {"RUNNING": planned}
-    assert deployment["status"] == "HEALTHY"
+    deployments = _status()["applications"]["plateau"]["deployments"]
+    (name,) = [d for d in deployments if d.startswith("LLM:smollm2-135m@n")]  # one variant: no `variants` set
+    assert deployments[name]["replica_states"] == {"RUNNING": planned}
+    assert deployments[name]["status"] == "HEALTHY"
+
+
+def test_plateau_status_shows_the_placement_and_the_policy_running(served):
+    def policy_ran() -> bool:
+        out = subprocess.run([sys.executable, "-m", "deployments.cli", "status"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+        assert out.returncode == 0, out.stderr
+        return "policy last ran: never" not in out.stdout and "smollm2-135m: n" in out.stdout and "/cpu" in out.stdout
+
+    wait_until(policy_ran, 120, "plateau status to show the app with its policy running", every_s=5)
