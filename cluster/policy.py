@@ -336,6 +336,11 @@ def _advance_repack(now: float, inp: ModelPolicyInput, ms: ModelState, obs: dict
             return ms.model_copy(update={"repack": None, "last_repack_end": now})
         return ms
     # draining: the old variant takes no new requests; scale it down once idle (or after the timeout)
+    if new_obs.running == 0 and old_obs.running > 0:
+        # the new replicas died before the old ones were gone: the old ones serve again meanwhile
+        wanted[old.n] = old_obs.target or old_obs.running
+        accepting[old.n] = True
+        return ms
     waited = now - (rp.drain_started_at or now)
     idle = old_obs.requests <= 0 and waited >= cfg.drain_grace_s
     wanted[old.n] = 0 if idle or waited >= cfg.drain_timeout_s else (old_obs.target or old_obs.running)

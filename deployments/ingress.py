@@ -70,6 +70,18 @@ def _error(status: int, message: str, type_: str, param: Optional[str] = None, c
     return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)
 
 
+def choose_variant(routes: list[Route], inflight: dict[int, int]) -> Optional[int]:
+    """The accepting variant with the most free capacity (running replicas x batch minus this
+    ingress's requests in flight there). A variant with no running replica, or one that drains,
+    only when nothing else can take the request: the request then waits there instead of failing."""
+    live = [r for r in routes if r.accepting and r.running > 0]
+    pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
+    if not pool:
+        return None
+    best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - inflight.get(r.n, 0), -r.n))
+    return best.n
+
+
 def _app_name() -> str:
     try:
         return serve.get_replica_context().app_name
@@ -110,17 +122,13 @@ class OpenAIIngress:
 
     # ---- variant choice -------------------------------------------------------------------
     def _choose(self, model: str) -> tuple[int, DeploymentHandle]:
-        """The accepting variant with the most free capacity; a variant with no running replica
-        only when nothing else can take the request."""
         self._ensure_refresher()
-        routes = [r for r in self.routes.get(model, []) if r.n in self.handles[model]]
-        live = [r for r in routes if r.accepting and r.running > 0]
-        pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
-        if not pool:
-            n = next(iter(self.handles[model]))
-            return n, self.handles[model][n]
-        best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - self.inflight.get((model, r.n), 0), -r.n))
-        return best.n, self.handles[model][best.n]
+        by_n = self.handles[model]
+        routes = [r for r in self.routes.get(model, []) if r.n in by_n]
+        inflight = {r.n: self.inflight.get((model, r.n), 0) for r in routes}
+        n = choose_variant(routes, inflight)
+        n = n if n is not None else next(iter(by_n))
+        return n, by_n[n]
 
     def _ensure_refresher(self) -> None:
         if self._board is not None and (self._refresher is None or self._refresher.done()):

@@ -228,3 +228,19 @@ def test_a_fresh_state_takes_the_variant_with_running_replicas_as_active():
     inp = model_input()
     out, st = run(0.0, PolicyState(), view(inp, n1=obs(running=1), n2=obs()))
     assert st.models["alpha"].active_n == 1 and out.targets == {"LLM:alpha@n1": 1, "LLM:alpha@n2": 0}
+
+
+def test_if_the_new_replica_dies_while_the_old_drains_the_old_serves_again_until_it_is_back():
+    inp = model_input()
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=1500)))
+    out, st = run(11.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=5, prompt=1500)))
+    assert st.models["alpha"].repack.phase == "draining"
+    out, st = run(12.0, st, view(inp, n1=obs(target=1), n2=obs(running=1, requests=5, prompt=1500)))  # n1 died
+    routes = {r.n: r.accepting for r in out.routes["alpha"]}
+    assert routes[2] and out.targets == {"LLM:alpha@n1": 1, "LLM:alpha@n2": 1}  # old serves, new is replaced
+    out, st = run(40.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=0, prompt=1500)))
+    assert not {r.n: r.accepting for r in out.routes["alpha"]}[2]  # back to draining
+    out, st = run(41.0, st, view(inp, n1=obs(running=1), n2=obs(running=0)))
+    assert st.models["alpha"].active_n == 1 and out.new_decisions[0].action == "repack_done"
