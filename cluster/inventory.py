@@ -66,6 +66,11 @@ class Inventory(BaseModel):
     def kind(self) -> Literal["cuda", "cpu"]:
         return "cuda" if any(d.kind == "cuda" for d in self.devices) else "cpu"
 
+    @property
+    def smallest_memory_bytes(self) -> int:
+        """Memory of the smallest device: what a plan for 'any device' of this cluster may use."""
+        return min(d.memory_bytes for d in self.devices)
+
     def capacities(self) -> list[DeviceCapacity]:
         return [d.capacity() for d in self.devices]
 

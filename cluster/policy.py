@@ -366,7 +366,7 @@ def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
 def _grant_growth(ctx: PolicyContext, grow, targets: dict[str, int], states: dict[str, ModelState],
                   decisions: list[Decision], cfg: PolicyConfig) -> None:
     """Scale-ups, one replica at a time round-robin, as far as the devices have room."""
-    granted = {id(g[0]): targets[g[0].input.variant(g[1]).deployment] for g in grow}
+    before_growth = dict(targets)
     progress = True
     while progress:
         progress = False
@@ -379,7 +379,7 @@ def _grant_growth(ctx: PolicyContext, grow, targets: dict[str, int], states: dic
                     progress = True
     for view, n, wish in grow:
         dep = view.input.variant(n).deployment
-        before, after = granted[id(view)], targets[dep]
+        before, after = before_growth[dep], targets[dep]
         capped = "" if after == wish else f"; capped at {after}: no room on the devices for more"
         if after > before:
             decisions.append(_decision(ctx.now, view.input.model, "scale", n, n, before, after,

@@ -309,10 +309,14 @@ class ModelLayout(BaseModel):
     active_n: int
     initial_replicas: int
 
+    @property
+    def active(self) -> VariantSpec:
+        return self.policy_input.variant(self.active_n)
+
 
 def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterView) -> DeviceSpec:
     """The device the policy re-plans on: the smallest device of the cluster, the profile's engine."""
-    memory = min(d.memory_bytes for d in inventory.devices)
+    memory = inventory.smallest_memory_bytes
     cores = profile.cores or int(cluster.cpus_per_node)
     return DeviceSpec(kind=cluster.engine_device, name=profile.device_name, memory_bytes=memory, cores=cores)
 
@@ -338,7 +342,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             "set replicas_per_device: auto (or remove variants)"
         )
     n = int(m.replicas_per_device)
-    usable = int(min(d.memory_bytes for d in inventory.devices) * m.device_memory_fraction)
+    usable = int(inventory.smallest_memory_bytes * m.device_memory_fraction)
     specs: dict[int, ReplicaSpec] = {}
     variants: list[VariantSpec] = []
     for k in sorted(set(m.variants) | {n}):
@@ -379,9 +383,8 @@ def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
     """Pack every model's start replicas (and, first, its minimum) or fail naming what does not fit."""
     def demand(replicas_of) -> PackInput:
         return PackInput(devices=inventory.capacities(), models=[
-            ModelDemand(model=lay.policy_input.variant(lay.active_n).deployment, kind=inventory.kind,
-                        replicas=replicas_of(lay), share=lay.policy_input.variant(lay.active_n).share,
-                        memory_per_replica_bytes=lay.policy_input.variant(lay.active_n).memory_bytes)
+            ModelDemand(model=lay.active.deployment, kind=inventory.kind, replicas=replicas_of(lay),
+                        share=lay.active.share, memory_per_replica_bytes=lay.active.memory_bytes)
             for lay in layouts])
     devices = ", ".join(f"{d.name} ({d.model_name}, {d.memory_bytes / 2**30:.1f} GiB {d.memory_source})"
                         for d in inventory.devices)
@@ -389,11 +392,11 @@ def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
                               ("start replicas", lambda lay: lay.initial_replicas)):
         result = pack(demand(replicas_of))
         if result.unplaced:
-            by_dep = {lay.policy_input.variant(lay.active_n).deployment: lay for lay in layouts}
+            by_dep = {lay.active.deployment: lay for lay in layouts}
             lines = []
             for u in result.unplaced:
                 lay = by_dep[u.model]
-                v = lay.policy_input.variant(lay.active_n)
+                v = lay.active
                 lines.append(f"  model {lay.policy_input.model!r}: {u.replicas} of its {replicas_of(lay)} {what} "
                              f"(N={v.n}: share {v.share:g} and {v.memory_bytes / 2**30:.2f} GiB each) do not fit: "
                              f"{u.reason}")
@@ -414,7 +417,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             m, profile = resolve_auto(m, cluster, args.device)
         layouts.append(layout_model(m, cluster, inventory, args.device, profile))
     packing = place(layouts, inventory)
-    devices_json = [c.model_dump(mode="json") for c in inventory.capacities()]
+    capacities = inventory.capacities()
     handles: dict[str, dict[int, object]] = {}
     served, routes = [], {}
     for lay in layouts:
@@ -435,7 +438,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                 "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
-                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, devices_json)},
+                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities)},
             }
             opts = deployment_options(spec, count, autoscaling)
             handles[name][k] = serve.deployment(LLMReplica).options(**opts).bind(spec)

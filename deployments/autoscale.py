@@ -20,17 +20,31 @@ import logging
 import time
 from typing import Any, Optional
 
-from cluster.policy import ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, VariantObservation, decide
+from pydantic import BaseModel, ConfigDict
+
+from cluster.packing import DeviceCapacity
+from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
+                            VariantObservation, decide)
 
 logger = logging.getLogger("ray.serve")
 
 POLICY_KWARGS_KEY = "plateau"
 
 
-def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[dict]) -> dict[str, Any]:
+class _VariantInput(BaseModel):
+    """One variant deployment's parsed policy kwargs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: ModelPolicyInput
+    n: int
+    policy: PolicyConfig
+    devices: list[DeviceCapacity]
+
+
+def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity]) -> dict[str, Any]:
     """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
-    return {POLICY_KWARGS_KEY: {"model": inp.model_dump(mode="json"), "n": n,
-                                "policy": policy.model_dump(mode="json"), "devices": devices}}
+    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices)
+    return {POLICY_KWARGS_KEY: parsed.model_dump(mode="json")}
 
 
 class PlateauAutoscaler:
@@ -38,10 +52,10 @@ class PlateauAutoscaler:
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
-        self._inputs: dict[str, tuple[int, ModelPolicyInput, int]] = {}  # deployment -> (kwargs id, input, N)
+        self._inputs: dict[str, tuple[dict, _VariantInput]] = {}  # deployment -> (its kwargs, parsed)
         self._last_eval = 0.0
         self._last_publish = 0.0
-        self._last_routes: Optional[dict] = None
+        self._last_routes: Optional[dict[str, list[Route]]] = None
         self._board = None
         self._board_checked = 0.0
         self._errors = 0
@@ -64,44 +78,43 @@ class PlateauAutoscaler:
         views: dict[str, dict[int, VariantObservation]] = {}
         inputs: dict[str, ModelPolicyInput] = {}
         ids = {}
-        cfg, devices, app = None, None, None
+        first: Optional[_VariantInput] = None
+        app = None
         for dep_id, ctx in contexts.items():
             kwargs = ctx.config.policy.policy_kwargs if ctx.config and ctx.config.policy else {}
             raw = (kwargs or {}).get(POLICY_KWARGS_KEY)
             if raw is None:
                 continue  # the ingress
-            inp, n = self._input(ctx.deployment_name, raw)
-            if cfg is None:
-                from cluster.packing import DeviceCapacity
-
-                cfg = PolicyConfig.model_validate(raw["policy"])
-                devices = [DeviceCapacity.model_validate(d) for d in raw["devices"]]
-                app = ctx.app_name
-            inputs[inp.model] = inp
-            views.setdefault(inp.model, {})[n] = observe(ctx)
+            v = self._input(ctx.deployment_name, raw)
+            if first is None:
+                first, app = v, ctx.app_name
+            inputs[v.model.model] = v.model
+            views.setdefault(v.model.model, {})[v.n] = observe(ctx)
             ids[ctx.deployment_name] = dep_id
-        if not inputs:
+        if first is None:
             return {}
-        pctx = PolicyContext(now=now, devices=devices,
+        cfg = first.policy
+        pctx = PolicyContext(now=now, devices=first.devices,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
         for d in out.new_decisions:
             logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
                         d.replicas_from, d.replicas_to, d.reason)
-        routes = {m: [r.model_dump() for r in rs] for m, rs in out.routes.items()}
+        routes = out.routes
         if out.new_decisions or routes != self._last_routes or now - self._last_publish >= self.publish_every_s:
             self._publish(app, out, cfg)
             self._last_routes, self._last_publish = routes, now
         return {ids[dep]: n for dep, n in out.targets.items() if dep in ids}
 
-    def _input(self, deployment: str, raw: dict) -> tuple[ModelPolicyInput, int]:
+    def _input(self, deployment: str, raw: dict) -> _VariantInput:
+        """Parsed once per deployment config (Serve keeps the same kwargs object until a redeploy)."""
         cached = self._inputs.get(deployment)
-        if cached is not None and cached[0] == id(raw):
-            return cached[1], cached[2]
-        inp = ModelPolicyInput.model_validate(raw["model"])
-        self._inputs[deployment] = (id(raw), inp, int(raw["n"]))
-        return inp, int(raw["n"])
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        parsed = _VariantInput.model_validate(raw)
+        self._inputs[deployment] = (raw, parsed)
+        return parsed
 
     def _get_board(self):
         if self._board is None and time.time() - self._board_checked > 10:

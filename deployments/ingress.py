@@ -97,28 +97,24 @@ class OpenAIIngress:
         self,
         handles: dict[str, dict[int, DeploymentHandle]],
         models: list[ServedModel],
-        api_key: Optional[str] = None,
-        retry: Optional[RetryPolicy] = None,
-        placement: Optional[AppPlacement] = None,
+        api_key: Optional[str],
+        retry: RetryPolicy,
+        placement: AppPlacement,
     ):
         self.handles = handles
         self.models = {m.name: m for m in models}
         self.api_key = api_key
-        self.retry = retry or RetryPolicy()
-        self.routes: dict[str, list[Route]] = dict(placement.routes) if placement else {
-            name: [Route(n=n, deployment=str(n), accepting=True, running=1, max_num_seqs=1) for n in by_n]
-            for name, by_n in handles.items()
-        }
+        self.retry = retry
+        self.routes: dict[str, list[Route]] = dict(placement.routes)
         self.inflight: dict[tuple[str, int], int] = {}
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
         self.app_name = _app_name()
-        if placement is not None:
-            try:
-                self._board = get_or_create_board()
-                self._board.set_placement.remote(placement.model_copy(update={"app": self.app_name}))
-            except Exception as exc:  # routing still works from the build-time routes
-                logger.warning("no status board (%s): routing by the start placement only", exc)
+        try:
+            self._board = get_or_create_board()
+            self._board.set_placement.remote(placement.model_copy(update={"app": self.app_name}))
+        except Exception as exc:  # routing still works from the build-time routes
+            logger.warning("no status board (%s): routing by the start placement only", exc)
 
     # ---- variant choice -------------------------------------------------------------------
     def _choose(self, model: str) -> tuple[int, DeploymentHandle]:

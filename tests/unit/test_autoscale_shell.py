@@ -27,7 +27,7 @@ def alpha_input(max_replicas=4):
         VariantSpec(n=2, deployment="LLM:alpha@n2", share=0.5, memory_bytes=GiB, max_num_seqs=32)])
 
 
-DEVICES = [DeviceCapacity(name=f"gpu{i}", memory_bytes=4 * GiB).model_dump(mode="json") for i in range(2)]
+DEVICES = [DeviceCapacity(name=f"gpu{i}", memory_bytes=4 * GiB) for i in range(2)]
 
 
 def test_observe_sums_rates_and_weights_the_shape_by_finished_requests():
