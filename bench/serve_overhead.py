@@ -79,9 +79,9 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
     import ray
     from ray import serve
 
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
     from deployments.app import AppArgs, ClusterView, ModelConfig, build
-    from deployments.engine import replica_deployment_name
-    from deployments.protocol import GenerateRequest
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,13 +90,13 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
                                        max_num_seqs=spec.max_num_seqs, kv_cache_bytes=spec.kv_cache_bytes,
                                        max_model_len=spec.max_model_len, dtype=spec.dtype, enforce_eager=True)])
     serve.run(build(args, ClusterView.from_ray()), name="bench", route_prefix="/")
-    handle = serve.get_deployment_handle(replica_deployment_name("smollm2-135m", 1), app_name="bench")
+    handle = serve.get_app_handle("bench")  # the ingress's Python API: routed like HTTP
     try:
         async def via_handle() -> int:
-            req = GenerateRequest(request_id=uuid.uuid4().hex, prompt=PROMPT, max_tokens=out_tokens,
-                                  ignore_eos=True, temperature=0)
-            res = await handle.generate.remote(req)
-            return res.choices[0].completion_tokens
+            req = CompletionRequest(model="smollm2-135m", prompt=PROMPT, max_tokens=out_tokens,
+                                    ignore_eos=True, temperature=0)
+            res = await handle.completions.remote(req)
+            return res.usage.completion_tokens
 
         h = asyncio.run(sweep("handle", via_handle, batches, rounds))
 

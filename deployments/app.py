@@ -25,10 +25,12 @@ from cluster.inventory import Inventory, cluster_inventory
 from cluster.packing import ModelDemand, PackInput, PackResult, pack
 from cluster.policy import ModelPolicyInput, PolicyConfig, Route, VariantSpec
 from deployments.autoscale import policy_kwargs
-from deployments.engine import EngineConfigError, check_engine_kwargs, deployment_options, replica_deployment_name
+from deployments.engine import (EngineConfigError, check_engine_kwargs, check_server_kwargs, deployment_options,
+                                replica_deployment_name, vllm_version)
 from deployments.ingress import OpenAIIngress, RetryPolicy, ServedModel
 from deployments.replica import LLMReplica
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
+from deployments.vllm_api import openai_schema
 
 
 logger = logging.getLogger("ray.serve")
@@ -73,6 +75,11 @@ class ModelConfig(BaseModel):
     enforce_eager: bool = Field(False, description="true skips torch.compile/CUDA graphs: faster start")
     engine_kwargs: dict[str, EngineKwargValue] = Field(
         default_factory=dict, description="extra vLLM EngineArgs by their vLLM names"
+    )
+    server_kwargs: dict[str, EngineKwargValue] = Field(
+        default_factory=dict,
+        description="vLLM OpenAI server options by their vLLM names (`vllm serve` flags without --, e.g. "
+                    "tool_call_parser: hermes, enable_auto_tool_choice: true, chat_template: PATH)",
     )
 
     @property
@@ -166,6 +173,7 @@ def parse_args(raw: Optional[dict]) -> AppArgs:
     for i, m in enumerate(args.models):
         try:
             check_engine_kwargs(dict(m.engine_kwargs))
+            check_server_kwargs(dict(m.server_kwargs))
         except EngineConfigError as exc:
             raise AppConfigError(f"invalid plateau-serve config: models[{i}].{exc}") from None
     return args
@@ -253,6 +261,7 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
         dtype=m.dtype,
         enforce_eager=m.enforce_eager,
         engine_kwargs=dict(m.engine_kwargs),
+        server_kwargs=dict(m.server_kwargs),
     )
 
 
@@ -451,7 +460,9 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         # an application-level policy needs every deployment to autoscale; the ingress stays at one
         autoscaling_config={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
     )
-    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement)
+    first = layouts[0]
+    schema = openai_schema(first.specs[first.active_n])
+    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
 
 
 def build_app(raw_args: Optional[dict] = None) -> Application:

@@ -9,6 +9,7 @@ engines that start together on one device mis-measure each other's memory (vLLM 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import fcntl
@@ -103,6 +104,53 @@ def engine_args(spec: ReplicaSpec) -> dict[str, object]:
     return args
 
 
+@lru_cache(maxsize=1)
+def vllm_server_arg_names() -> frozenset[str]:
+    """Field names of vLLM's OpenAI server options (`FrontendArgs`) in the installed version."""
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    return frozenset(f.name for f in dataclasses.fields(FrontendArgs))
+
+
+# Server options the ingress owns: a replica's own would be bypassed or would fight it.
+_INGRESS_OWNED = {"host", "port", "uds", "api_key", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "root_path",
+                  "disable_fastapi_docs", "served_model_name"}
+
+
+def check_server_kwargs(kwargs: dict[str, object], known: Optional[frozenset[str]] = None) -> None:
+    """Reject server options vLLM does not know, and those the ingress owns."""
+    known = vllm_server_arg_names() if known is None else known
+    for key in kwargs:
+        if key in _INGRESS_OWNED:
+            raise EngineConfigError(f"server_kwargs.{key}: set by plateau-serve's ingress (api_key, http_options "
+                                    "or the model's `name`), not per replica")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise EngineConfigError(f"server_kwargs.{key}: not an option of vLLM's OpenAI server "
+                                    f"(FrontendArgs, vLLM {vllm_version()}){hint}")
+
+
+def server_args(spec: ReplicaSpec) -> "argparse.Namespace":
+    """The arguments vLLM's own OpenAI server would run with for this replica: `vllm serve`'s
+    defaults, our model folder and served name, and the model's `server_kwargs` (vLLM's names,
+    e.g. tool_call_parser, enable_auto_tool_choice, chat_template). Its serving layer reads them."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    check_server_kwargs(dict(spec.server_kwargs))
+    argv = ["--model", spec.model_path, "--served-model-name", spec.served_name]
+    for key, value in spec.server_kwargs.items():
+        flag = key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):  # vLLM's boolean options take --x / --no-x
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+
+
 def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, str]:
     """Environment the engine processes must start with."""
     env = {
@@ -178,23 +226,37 @@ def device_start_lock(key: str, lock_dir: Optional[Path] = None) -> Iterator[Non
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def undo_worker_niceness() -> Optional[str]:
-    """Ray starts worker processes at nice 15 (`RAY_worker_niceness`); an engine must not be.
+def undo_worker_niceness(pid: Optional[int] = None) -> Optional[str]:
+    """Ray starts worker processes at nice 15 (`RAY_worker_niceness`); an engine, and the
+    processes that relay its tokens, must not be.
 
-    The engine processes inherit the replica's priority. Returns a warning when it cannot be
-    raised (lowering niceness needs CAP_SYS_NICE), else None.
+    Niceness is per thread on Linux: every thread of process `pid` (default: this one) is
+    raised, so the engine processes (which inherit the starting thread's) and the threads that
+    carry results back through Ray run at the same priority. Returns a warning when it cannot
+    be raised (lowering niceness needs CAP_SYS_NICE), else None.
     """
-    current = os.getpriority(os.PRIO_PROCESS, 0)
+    current = os.getpriority(os.PRIO_PROCESS, pid or 0)
     if current <= 0:
         return None
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        for tid in _thread_ids(pid):
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
         return None
     except PermissionError:
         return (
-            f"the vLLM engine runs at nice {current} (Ray's worker niceness), so any background "
-            "process preempts it; start Ray with RAY_worker_niceness=0 in its environment"
+            f"process {pid or os.getpid()} runs at nice {current} (Ray's worker niceness), so the "
+            "engines it serves preempt it; start Ray with RAY_worker_niceness=0 in its environment"
         )
+
+
+def _thread_ids(pid: Optional[int] = None) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid or 'self'}/task")]
+    except OSError:
+        return [pid or 0]
 
 
 def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None) -> "AsyncLLM":

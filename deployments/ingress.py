@@ -1,14 +1,20 @@
-"""OpenAI-compatible HTTP ingress: validates requests, routes by `model` to that model's replicas.
+"""The HTTP ingress: authentication, model -> packing-variant routing, retries, and the endpoints
+that span all models. Everything else is vLLM's own server, running in the replicas.
 
-Client mistakes are answered with OpenAI-style error bodies (400/401/404), never a 500. A replica
-whose engine died answers 503; the ingress retries such a request on another replica while no
-output has reached the client yet, so only requests already streaming from the dead engine fail.
+`POST /v1/completions`, `/v1/chat/completions`, `/tokenize` and `/detokenize` are forwarded,
+body untouched, to a replica of the model the body names, where vLLM's OpenAI app answers them
+(`deployments/replica.py`): validation, error bodies, status codes and SSE are vLLM's. The
+ingress answers `GET /health`, `/version`, `/v1/models` and `/openapi.json` (vLLM's schema for
+these paths), and 401 for a missing or wrong key (every path but `/health`) and 404 for a model
+it does not serve, in vLLM's error format.
 
 A model has one deployment per packing variant (`LLM:<model>@n<N>`). The routes (which variants
 take requests, how many replicas each runs, their batch) come from the status board, refreshed
 every `ROUTE_REFRESH_S`; each request goes to the accepting variant with the most free capacity
 (running replicas x batch, minus what this ingress already has in flight there). A draining
 variant gets no new requests, which is what lets the policy stop it without failing any.
+A request whose replica died, or whose engine was dead, before anything was produced is sent to
+another replica (`retry`); once bytes reached the client the stream ends as vLLM ends it.
 """
 
 from __future__ import annotations
@@ -17,32 +23,28 @@ import asyncio
 import hmac
 import json
 import logging
-import uuid
-from typing import AsyncIterator, Optional, Union
+import time
+from typing import AsyncIterator, Optional
+
+import psutil
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.background import BackgroundTask
 
-from deployments.openai_api import (
-    ChatRequest,
-    CompletionRequest,
-    chunk_body,
-    completion_body,
-    error_body,
-    usage_chunk_body,
-    validation_error_body,
-)
 from cluster.board import AppPlacement, get_or_create_board
 from cluster.policy import Route
-from deployments.protocol import GenerateChunk, GenerateError, GenerateRequest, GenerateResult, StreamItem
+from deployments.asgi import HttpRequest, HttpStart
+from deployments.engine import undo_worker_niceness
 
 logger = logging.getLogger("ray.serve")
 ROUTE_REFRESH_S = 0.5
-app = FastAPI(title="plateau-serve", docs_url=None, redoc_url=None)
+_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+app = FastAPI(title="plateau-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 class ServedModel(BaseModel):
@@ -55,19 +57,21 @@ class ServedModel(BaseModel):
 
 
 class RetryPolicy(BaseModel):
-    """How often a request that found a dead replica is tried again before answering 503."""
+    """How a request that found a dead replica is retried, and how long any request may wait."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     attempts: int = Field(6, ge=1, description="Tries in total, the first one included.")
     backoff_s: float = Field(0.5, ge=0.0, description="Wait before the 2nd try; doubles, capped at 4 s.")
+    first_byte_timeout_s: float = Field(
+        900.0, gt=0, description="Longest wait for a replica's first answer (the whole answer when not "
+                                 "streaming); then 504, so no request waits forever."
+    )
 
 
-def _unavailable(detail: str) -> GenerateError:
-    return GenerateError(status=503, type="service_unavailable", message=detail, retryable=True)
-
-
-def _error(status: int, message: str, type_: str, param: Optional[str] = None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)
+def error_response(status: int, message: str, err_type: str, param: Optional[str] = None) -> JSONResponse:
+    """An error in vLLM's (OpenAI's) format: {"error": {message, type, param, code}}."""
+    return JSONResponse({"error": {"message": message, "type": err_type, "param": param, "code": status}},
+                        status_code=status)
 
 
 def choose_variant(routes: list[Route], inflight: dict[int, int]) -> Optional[int]:
@@ -82,11 +86,53 @@ def choose_variant(routes: list[Route], inflight: dict[int, int]) -> Optional[in
     return best.n
 
 
+def model_of(body: bytes) -> Optional[str]:
+    """The `model` a JSON request body names, or None (not JSON, not an object, no model)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def _app_name() -> str:
     try:
         return serve.get_replica_context().app_name
     except Exception:  # constructed outside Serve
         return ""
+
+
+def _serve_proxies_on_this_node() -> list[int]:
+    """Serve's HTTP proxy actors started by the same raylet as this process."""
+    try:
+        siblings = psutil.Process().parent().children()
+    except (psutil.Error, AttributeError):
+        return []
+    found = []
+    for p in siblings:
+        try:
+            if "ProxyActor" in " ".join(p.cmdline()[:1]) or "ProxyActor" in p.name():
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+class _Flight:
+    """One request counted in flight on a variant until `release()` (idempotent)."""
+
+    def __init__(self, ingress: "OpenAIIngress", model: str, n: int):
+        self._ingress, self._key, self._done = ingress, (model, n), False
+        ingress.inflight[self._key] = ingress.inflight.get(self._key, 0) + 1
+
+    def release(self, stream=None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._ingress.inflight[self._key] -= 1
+        if stream is not None:
+            stream.cancel()  # a no-op once the replica's generator has finished
 
 
 # Serve pickles the ingress class with the FastAPI app when this decorator runs: helpers the
@@ -100,16 +146,27 @@ class OpenAIIngress:
         api_key: Optional[str],
         retry: RetryPolicy,
         placement: AppPlacement,
+        openapi: dict,
+        engine_version: str,
     ):
         self.handles = handles
         self.models = {m.name: m for m in models}
+        self.default_model = models[0].name
         self.api_key = api_key
         self.retry = retry
+        self.openapi = openapi
+        self.engine_version = engine_version
         self.routes: dict[str, list[Route]] = dict(placement.routes)
         self.inflight: dict[tuple[str, int], int] = {}
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
         self.app_name = _app_name()
+        # Every streamed token passes through this process and Serve's HTTP proxy: at Ray's worker
+        # niceness they would wait behind the engines they relay (nice 0), and tokens would arrive
+        # in bursts, late.
+        for pid in [None, *_serve_proxies_on_this_node()]:
+            if (warning := undo_worker_niceness(pid)) is not None:
+                logger.warning(warning)
         try:
             self._board = get_or_create_board()
             self._board.set_placement.remote(placement.model_copy(update={"app": self.app_name}))
@@ -140,148 +197,109 @@ class OpenAIIngress:
                 logger.debug("route refresh failed: %s", exc)
             await asyncio.sleep(ROUTE_REFRESH_S)
 
-    def _track(self, model: str, n: int, delta: int) -> None:
-        key = (model, n)
-        self.inflight[key] = self.inflight.get(key, 0) + delta
+    # ---- endpoints the ingress answers ----------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> Response:
+        """200 when every model has a running replica (what load balancers and benchmark clients probe)."""
+        down = [m for m in self.models if self._replicas(m) == 0]
+        if down:
+            return error_response(503, f"no running replica for: {', '.join(down)}", "ServiceUnavailableError")
+        return Response(status_code=200)
 
-    # ---- routes ---------------------------------------------------------------------------
+    @app.get("/version")
+    async def version(self, request: Request) -> Response:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        return JSONResponse({"version": self.engine_version})
+
+    @app.get("/openapi.json")
+    async def openapi_json(self, request: Request) -> Response:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        return JSONResponse(self.openapi)
+
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         if (denied := self._auth(request)) is not None:
             return denied
-        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "plateau-serve",
-                 "max_model_len": m.max_model_len, "replicas": self._replicas(m)} for m in self.models.values()]
+        data = [{"id": m.name, "object": "model", "created": int(time.time()), "owned_by": "plateau-serve",
+                 "root": m.name, "parent": None, "max_model_len": m.max_model_len, "replicas": self._replicas(m.name)}
+                for m in self.models.values()]
         return JSONResponse({"object": "list", "data": data})
 
+    def _replicas(self, model: str) -> int:
+        routes = self.routes.get(model)
+        return sum(r.running for r in routes) if routes else self.models[model].replicas
+
+    # ---- endpoints vLLM answers -----------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._serve(request, CompletionRequest, chat=False)
+    async def completions_http(self, request: Request) -> Response:
+        return await self._forward(request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, ChatRequest, chat=True)
+    async def chat_http(self, request: Request) -> Response:
+        return await self._forward(request)
 
-    # ---- request path ---------------------------------------------------------------------
-    async def _serve(self, request: Request, schema: type, chat: bool) -> Response:
+    @app.post("/tokenize")
+    async def tokenize_http(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/detokenize")
+    async def detokenize_http(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    async def _forward(self, request: Request) -> Response:
         if (denied := self._auth(request)) is not None:
             return denied
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
-        if not isinstance(payload, dict):
-            return _error(400, "request body must be a JSON object", "invalid_request_error")
-        try:
-            body = schema.model_validate(payload)
-        except ValidationError as exc:
-            return JSONResponse(validation_error_body(exc), status_code=400)
-        if body.model not in self.handles:
-            known = ", ".join(sorted(self.handles))
-            return _error(404, f"model {body.model!r} does not exist; served models: {known}",
-                          "invalid_request_error", param="model", code="model_not_found")
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        try:
-            gen = body.to_generate(rid)
-        except (ValueError, ValidationError) as exc:
-            return _error(400, str(exc), "invalid_request_error", param="prompt")
-        if body.stream:
-            return await self._stream(body.model, gen, body, chat)
-        outcome = await self._call(body.model, gen)
-        if isinstance(outcome, GenerateError):
-            return _error(outcome.status, outcome.message, outcome.type, outcome.param)
-        return JSONResponse(completion_body(rid, body.model, outcome, chat))
+        body = await request.body()
+        model = model_of(body)
+        if model is not None and model not in self.handles:
+            return error_response(404, f"The model `{model}` does not exist. Served models: "
+                                       f"{', '.join(sorted(self.handles))}", "NotFoundError", param="model")
+        req = HttpRequest(method=request.method, path=request.url.path, query_string=request.url.query,
+                          headers=[(k, v) for k, v in request.headers.items() if k != "authorization"], body=body)
+        return await self._send(model or self.default_model, req)
 
-    def _replicas(self, m: ServedModel) -> int:
-        routes = self.routes.get(m.name)
-        return sum(r.running for r in routes) if routes else m.replicas
-
-    async def _call(self, model: str, gen: GenerateRequest) -> Union[GenerateResult, GenerateError]:
-        outcome: Union[GenerateResult, GenerateError] = _unavailable("no replica answered")
+    async def _send(self, model: str, req: HttpRequest) -> Response:
+        """Open the request on a replica, retrying while nothing was produced; then relay it."""
+        reason = "no replica answered"
         for attempt in range(self.retry.attempts):
-            req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
             n, handle = self._choose(model)
-            self._track(model, n, 1)
+            flight = _Flight(self, model, n)
+            stream = handle.options(stream=True).http.remote(req)
             try:
-                outcome = await handle.generate.remote(req)
-            except (RayActorError, ActorUnavailableError) as exc:
-                outcome = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
-            finally:
-                self._track(model, n, -1)
-            if not (isinstance(outcome, GenerateError) and outcome.retryable):
-                return outcome
+                start = await asyncio.wait_for(stream.__anext__(), self.retry.first_byte_timeout_s)
+            except asyncio.TimeoutError:
+                flight.release(stream)
+                return error_response(504, f"no answer from a replica of {model!r} within "
+                                           f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError")
+            except _REPLICA_GONE as exc:
+                flight.release(stream)
+                reason = f"replica unavailable ({type(exc).__name__})"
+            except BaseException:
+                flight.release(stream)
+                raise
+            else:
+                if isinstance(start, HttpStart) and not start.retryable:
+                    return StreamingResponse(self._relay(stream, flight), status_code=start.status,
+                                             headers=dict(start.headers),
+                                             background=BackgroundTask(flight.release, stream))
+                flight.release(stream)
+                reason = "the replica's engine is dead"
             await self._backoff(attempt)
-        return outcome
+        return error_response(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
+                              "ServiceUnavailableError")
 
-    async def _open_stream(self, model: str, gen: GenerateRequest):
-        """Start a stream and read its first item, retrying while nothing was produced yet.
-        Returns (first item, stream, variant); the variant stays counted in flight until `_sse` ends."""
-        first: StreamItem = _unavailable("no replica answered")
-        for attempt in range(self.retry.attempts):
-            req = gen.model_copy(update={"request_id": f"{gen.request_id}-{attempt}"})
-            n, handle = self._choose(model)
-            self._track(model, n, 1)
-            stream = handle.options(stream=True).generate_stream.remote(req)
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                return None, stream, n
-            except (RayActorError, ActorUnavailableError) as exc:
-                first = _unavailable(f"replica unavailable ({type(exc).__name__}); retry the request")
-            if not (isinstance(first, GenerateError) and first.retryable):
-                return first, stream, n
-            self._track(model, n, -1)
-            stream.cancel()
-            await self._backoff(attempt)
-        return first, None, None
-
-    async def _stream(self, model: str, gen: GenerateRequest, body, chat: bool) -> Response:
-        first, stream, n = await self._open_stream(model, gen)
-        if isinstance(first, GenerateError):
-            if stream is not None:
-                stream.cancel()
-            if n is not None:
-                self._track(model, n, -1)
-            return _error(first.status, first.message, first.type, first.param)
-        return StreamingResponse(
-            self._sse(first, stream, gen.request_id, body.model, chat, body.include_usage, n),
-            media_type="text/event-stream",
-        )
-
-    async def _sse(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool,
-                   variant: int) -> AsyncIterator[str]:
+    async def _relay(self, stream, flight: _Flight) -> AsyncIterator[bytes]:
         try:
-            async for line in self._sse_lines(first, stream, rid, model, chat, include_usage):
-                yield line
+            async for chunk in stream:
+                yield chunk
+        except _REPLICA_GONE as exc:  # the replica died mid-stream: end it the way vLLM ends a failed stream
+            err = {"error": {"message": f"replica failed mid-stream ({type(exc).__name__})",
+                             "type": "ServiceUnavailableError", "param": None, "code": 503}}
+            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            self._track(model, variant, -1)
-
-    async def _sse_lines(self, first, stream, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        seen: set[int] = set()
-        completion: dict[int, int] = {}
-        prompt_tokens = 0
-
-        def render(chunk: GenerateChunk) -> str:
-            nonlocal prompt_tokens
-            prompt_tokens = chunk.prompt_tokens
-            completion[chunk.index] = chunk.completion_tokens
-            is_first = chunk.index not in seen
-            seen.add(chunk.index)
-            return "data: " + json.dumps(chunk_body(rid, model, chunk, chat, is_first)) + "\n\n"
-
-        try:
-            if first is not None:
-                yield render(first)
-                async for item in stream:
-                    if isinstance(item, GenerateError):
-                        yield "data: " + json.dumps(error_body(item.message, item.type, item.param, item.status)) + "\n\n"
-                        break
-                    yield render(item)
-        except (RayActorError, ActorUnavailableError) as exc:
-            err = error_body(f"replica failed mid-stream ({type(exc).__name__})", "service_unavailable", code=503)
-            yield "data: " + json.dumps(err) + "\n\n"
-        if include_usage:
-            yield "data: " + json.dumps(usage_chunk_body(rid, model, prompt_tokens, sum(completion.values()), chat)) + "\n\n"
-        yield "data: [DONE]\n\n"
+            flight.release(stream)
 
     async def _backoff(self, attempt: int) -> None:
         if attempt + 1 < self.retry.attempts:
@@ -293,7 +311,56 @@ class OpenAIIngress:
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not token:
-            return _error(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
+            return error_response(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return _error(401, "invalid API key", "authentication_error")
+            return error_response(401, "invalid API key", "authentication_error")
         return None
+
+    # ---- Python API (DeploymentHandle) ----------------------------------------------------
+    async def completions(self, request):
+        """A vLLM `CompletionRequest` -> `CompletionResponse` or `ErrorResponse`, routed like HTTP."""
+        return await self._call(request, "completions")
+
+    async def chat(self, request):
+        """A vLLM `ChatCompletionRequest` -> `ChatCompletionResponse` or `ErrorResponse`."""
+        return await self._call(request, "chat")
+
+    async def completions_stream(self, request) -> AsyncIterator[str]:
+        """`stream=True` completions: vLLM's SSE lines (`data: {...}`), ending with `data: [DONE]`."""
+        async for line in self._call_stream(request, "completions_stream"):
+            yield line
+
+    async def chat_stream(self, request) -> AsyncIterator[str]:
+        async for line in self._call_stream(request, "chat_stream"):
+            yield line
+
+    def _python_model(self, request) -> str:
+        model = getattr(request, "model", None) or self.default_model
+        if model not in self.handles:
+            raise ValueError(f"model {model!r} is not served here; served models: {', '.join(sorted(self.handles))}")
+        return model
+
+    async def _call(self, request, method: str):
+        model = self._python_model(request)
+        for attempt in range(self.retry.attempts):
+            n, handle = self._choose(model)
+            flight = _Flight(self, model, n)
+            try:
+                return await getattr(handle, method).remote(request)
+            except _REPLICA_GONE:
+                if attempt + 1 == self.retry.attempts:
+                    raise
+            finally:
+                flight.release()
+            await self._backoff(attempt)
+
+    async def _call_stream(self, request, method: str) -> AsyncIterator[str]:
+        model = self._python_model(request)
+        n, handle = self._choose(model)
+        flight = _Flight(self, model, n)
+        stream = getattr(handle.options(stream=True), method).remote(request)
+        try:
+            async for line in stream:
+                yield line
+        finally:
+            flight.release(stream)

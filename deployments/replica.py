@@ -1,9 +1,12 @@
 """The LLM replica deployment: one vLLM `AsyncLLM` engine behind a Ray Serve replica.
 
-Owns prompt preparation (chat template, token limits), streaming and non-streaming generation,
-cancellation (a cancelled call aborts the engine request), the health check (fails once the
-engine process is gone), and the replica's load signals (`record_autoscaling_stats()` plus the
-same values as `ray.serve.metrics` gauges).
+Requests are answered by vLLM's own OpenAI serving layer over the replica's engine
+(`deployments/vllm_api.py`): HTTP requests forwarded by the ingress (`http`), and the same
+serving calls from Python (`completions`, `chat`, their `*_stream` forms) on vLLM's request
+types. The replica owns what vLLM's server does not: the engine's cores and memory share, the
+health check (fails once the engine process is gone), a dead engine reported as retryable, and
+the load signals (`record_autoscaling_stats()` plus the same values as `ray.serve.metrics`
+gauges).
 """
 
 from __future__ import annotations
@@ -12,25 +15,20 @@ import asyncio
 import logging
 import os
 import time
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
 import psutil
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.metrics import Gauge
 
-from deployments.engine import cpu_cores_for, start_engine, vllm_version
+from deployments.cores import claim_cores
+from deployments.engine import start_engine, vllm_version
+from deployments.reaper import engine_processes, start_reaper
 from deployments.models import resolve_model
-from deployments.protocol import (
-    Choice,
-    GenerateChunk,
-    GenerateError,
-    GenerateOutcome,
-    GenerateRequest,
-    GenerateResult,
-    StreamItem,
-)
-from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory
+from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
+from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory, track_requests
+from deployments.vllm_api import build_openai_app
 from deployments.spec import ReplicaSpec
 
 logger = logging.getLogger("ray.serve")
@@ -67,12 +65,6 @@ class ReplicaInfo(BaseModel):
     vllm_version: str
 
 
-class _Prepared(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-    prompt_token_ids: list[int]
-    max_tokens: int
-
-
 class LLMReplica:
     """Serve deployment class; `deployments/app.py` applies its options from the spec."""
 
@@ -82,10 +74,16 @@ class LLMReplica:
         self.stats = ReplicaStats()
         self.cores: Optional[list[int]] = None
         if spec.device_kind == "cpu":
-            slot = _local_rank()
-            self.cores = cpu_cores_for(slot, spec.replicas_per_device, sorted(os.sched_getaffinity(0)))
-        self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats)])
+            # a slice of the node's cores no other engine on the node holds (any model, any variant)
+            self.cores = claim_cores(max(1, len(os.sched_getaffinity(0)) // spec.replicas_per_device))
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        # our load signals, and vLLM's own engine metrics (`vllm:*`) in Ray's metrics export
+        self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats), RayPrometheusStatLogger])
         self.max_model_len = int(self.engine.model_config.max_model_len)
+        self._reaper = start_reaper(engine_processes())  # the engine dies with this replica, however it ends
+        track_requests(self.engine, self.stats)
+        self.app = await build_openai_app(self.engine, self.spec)
         self._gauges = {}
         for name, desc in _GAUGES.items():
             g = Gauge(f"plateau_replica_{name}", description=desc, tag_keys=("model",))
@@ -104,127 +102,75 @@ class LLMReplica:
         logger.info("replica of %s ready: cores=%s max_model_len=%d", spec.served_name, self.cores, self.max_model_len)
 
     # ---- requests -------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> GenerateOutcome:
-        """Run one request to completion."""
-        from vllm.sampling_params import RequestOutputKind
+    async def http(self, request: HttpRequest) -> AsyncIterator[HttpItem]:
+        """Serve one OpenAI HTTP request with vLLM's own app: an `HttpStart`, then the body.
 
-        prepared = self._prepare(request)
-        if isinstance(prepared, GenerateError):
-            return prepared
-        final = None
-        async for item in self._run(request, prepared, RequestOutputKind.FINAL_ONLY):
-            if isinstance(item, GenerateError):
-                return item
-            final = item
-        choices = [
-            Choice(index=o.index, text=o.text, finish_reason=o.finish_reason, completion_tokens=len(o.token_ids))
-            for o in sorted(final.outputs, key=lambda o: o.index)
-        ]
-        return GenerateResult(choices=choices, prompt_tokens=len(prepared.prompt_token_ids))
-
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamItem]:
-        """Yield new text per choice as the engine produces it."""
-        from vllm.sampling_params import RequestOutputKind
-
-        prepared = self._prepare(request)
-        if isinstance(prepared, GenerateError):
-            yield prepared
+        A request that meets a dead engine before any output comes back as a retryable 503, so
+        the ingress can send it to another replica; a stream already under way ends the way
+        vLLM ends it (an error event)."""
+        if self.engine.errored:
+            yield _engine_dead()
             return
-        counts: dict[int, int] = {}
-        prompt_tokens = len(prepared.prompt_token_ids)
-        async for item in self._run(request, prepared, RequestOutputKind.DELTA):
-            if isinstance(item, GenerateError):
-                yield item
-                return
-            for out in item.outputs:
-                counts[out.index] = counts.get(out.index, 0) + len(out.token_ids)
-                yield GenerateChunk(
-                    index=out.index,
-                    text=out.text,
-                    finish_reason=out.finish_reason,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=counts[out.index],
-                )
-
-    async def _run(self, request: GenerateRequest, prepared: _Prepared, kind) -> AsyncIterator[Union[object, GenerateError]]:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        params = self._sampling_params(request, prepared.max_tokens, kind)
-        rid = request.request_id
-        prompt_len = len(prepared.prompt_token_ids)
-        generated = 0
-        self.stats.on_start(rid, prompt_len)
+        items = call_asgi(self.app, request)
         try:
-            async for out in self.engine.generate({"prompt_token_ids": prepared.prompt_token_ids}, params, rid):
-                new = sum(len(o.token_ids) for o in out.outputs)
-                if kind.name == "FINAL_ONLY":
-                    new -= generated  # final output carries all tokens so far
-                generated += new
-                self.stats.on_tokens(time.monotonic(), rid, new, prompt_len + generated // max(1, request.n))
-                yield out
-        except EngineDeadError:
-            yield GenerateError(
-                status=503, type="service_unavailable",
-                message=f"the replica serving {self.spec.served_name!r} lost its engine; retry the request",
-                retryable=True,
-            )
-        except VLLMClientError as exc:
-            yield GenerateError(status=400, type="invalid_request_error", message=str(exc))
+            start = await items.__anext__()
+            first = await anext(items, None)
+            if self.engine.errored and (start.status >= 500 or (first is not None and b'"error"' in first)):
+                yield _engine_dead()
+                return
+            yield start
+            if first is not None:
+                yield first
+                async for chunk in items:
+                    yield chunk
         finally:
-            self.stats.on_finish(rid, time.monotonic(), generated // max(1, request.n))
+            await items.aclose()
 
-    def _prepare(self, request: GenerateRequest) -> Union[_Prepared, GenerateError]:
-        tok = self.engine.tokenizer
-        if request.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                return _bad("messages", f"model {self.spec.served_name!r} has no chat template; use /v1/completions")
-            text = tok.apply_chat_template(
-                [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True
-            )
-            ids = list(tok.encode(text, add_special_tokens=False))
-        elif request.prompt is not None:
-            ids = list(tok.encode(request.prompt))
-        else:
-            ids = list(request.prompt_token_ids or [])
-            vocab = len(tok) if tok is not None else None
-            if vocab is not None and any(t < 0 or t >= vocab for t in ids):
-                return _bad("prompt", f"token ids must be in [0, {vocab}) for this model")
-        param = "messages" if request.messages is not None else "prompt"
-        if not ids:
-            return _bad(param, "the prompt is empty; send at least one token")
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            return _bad(
-                param,
-                f"the prompt has {len(ids)} tokens but this model's context length (max_model_len) is "
-                f"{limit} tokens, which must also hold at least one output token; shorten the prompt",
-            )
-        max_tokens = request.max_tokens if request.max_tokens is not None else limit - len(ids)
-        if len(ids) + max_tokens > limit:
-            return _bad(
-                "max_tokens",
-                f"this model's context length (max_model_len) is {limit} tokens; you asked for "
-                f"{len(ids)} prompt + {max_tokens} output tokens; lower max_tokens to at most {limit - len(ids)}",
-            )
-        return _Prepared(prompt_token_ids=ids, max_tokens=max_tokens)
+    async def completions(self, request) -> object:
+        """Python API: a vLLM `CompletionRequest` -> `CompletionResponse` or `ErrorResponse`."""
+        return await self._serving_call("openai_serving_completion", "create_completion", request)
 
-    @staticmethod
-    def _sampling_params(request: GenerateRequest, max_tokens: int, kind):
-        from vllm import SamplingParams
+    async def chat(self, request) -> object:
+        """Python API: a vLLM `ChatCompletionRequest` -> `ChatCompletionResponse` or `ErrorResponse`."""
+        return await self._serving_call("openai_serving_chat", "create_chat_completion", request)
 
-        return SamplingParams(
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            max_tokens=max_tokens,
-            stop=request.stop or None,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            ignore_eos=request.ignore_eos,
-            output_kind=kind,
-        )
+    async def completions_stream(self, request) -> AsyncIterator[str]:
+        """Python API, `stream=True` requests: the SSE lines vLLM writes (`data: {...}`)."""
+        async for line in self._serving_stream("openai_serving_completion", "create_completion", request):
+            yield line
+
+    async def chat_stream(self, request) -> AsyncIterator[str]:
+        async for line in self._serving_stream("openai_serving_chat", "create_chat_completion", request):
+            yield line
+
+    async def _serving_call(self, serving: str, method: str, request) -> object:
+        out = await self._serve_python(serving, method, request)
+        if not hasattr(out, "__aiter__"):
+            return out
+        await out.aclose()
+        return self._python_error("set stream=False for this method, or call the *_stream method")
+
+    async def _serving_stream(self, serving: str, method: str, request) -> AsyncIterator[str]:
+        out = await self._serve_python(serving, method, request)
+        if not hasattr(out, "__aiter__"):  # an error, or a non-streaming request
+            yield f"data: {out.model_dump_json()}\n\n"
+            return
+        async for line in out:
+            yield line
+
+    async def _serve_python(self, serving: str, method: str, request):
+        from vllm.exceptions import VLLMClientError
+
+        handler = getattr(self.app.state, serving)
+        try:
+            return await getattr(handler, method)(request, raw_request=None)
+        except (ValueError, VLLMClientError) as exc:  # as vLLM's exception handlers answer them
+            return handler.create_error_response(exc)
+
+    def _python_error(self, message: str):
+        from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+        return ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", code=400))
 
     # ---- health, stats, info ----------------------------------------------------------------
     async def check_health(self) -> None:
@@ -272,8 +218,9 @@ class LLMReplica:
             engine.shutdown()
 
 
-def _bad(param: str, message: str) -> GenerateError:
-    return GenerateError(status=400, type="invalid_request_error", message=message, param=param)
+def _engine_dead() -> HttpStart:
+    """Nothing was produced: the ingress retries elsewhere, or answers 503 itself."""
+    return HttpStart(status=503, retryable=True)
 
 
 def _device_sampler():
@@ -285,14 +232,6 @@ def _device_sampler():
     ids = ray.get_gpu_ids()
     sampler = gpu_sampler(int(ids[0])) if ids else None
     return sampler if sampler is not None and sampler.gpm else None
-
-
-def _local_rank() -> int:
-    try:
-        rank = serve.get_replica_context().rank
-        return int(rank.local_rank) if rank is not None else 0
-    except Exception:  # outside a Serve replica (direct construction in tools)
-        return 0
 
 
 def _replica_id() -> str:

@@ -126,3 +126,35 @@ def stat_logger_factory(stats: ReplicaStats):
             pass
 
     return _Collector
+
+
+def track_requests(engine, stats: ReplicaStats, clock=None) -> None:
+    """Feed `stats` from every request `engine` runs: wraps the engine's `generate`, which vLLM's
+    serving layer calls for completions and chat alike (prompt length, new tokens, context, end)."""
+    import time
+
+    from vllm.sampling_params import RequestOutputKind
+
+    clock = clock or time.monotonic
+    inner = engine.generate
+
+    async def generate(prompt, sampling_params, request_id, *args, **kwargs):
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        per_choice: dict[int, int] = {}
+        prompt_len = None
+        try:
+            async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
+                if prompt_len is None:
+                    prompt_len = len(out.prompt_token_ids or ())
+                    stats.on_start(request_id, prompt_len)
+                before = sum(per_choice.values())
+                for o in out.outputs:
+                    per_choice[o.index] = per_choice.get(o.index, 0) + len(o.token_ids) if delta else len(o.token_ids)
+                total = sum(per_choice.values())
+                stats.on_tokens(clock(), request_id, total - before, prompt_len + max(per_choice.values(), default=0))
+                yield out
+        finally:
+            generated = max(per_choice.values(), default=0)
+            stats.on_finish(request_id, clock() if prompt_len is not None else None, generated)
+
+    engine.generate = generate

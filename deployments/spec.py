@@ -46,3 +46,6 @@ class ReplicaSpec(BaseModel):
     engine_kwargs: dict[str, EngineKwargValue] = Field(
         default_factory=dict, description="Extra vLLM EngineArgs, checked against vLLM's own fields."
     )
+    server_kwargs: dict[str, EngineKwargValue] = Field(
+        default_factory=dict, description="vLLM OpenAI server options (FrontendArgs), checked against vLLM's own fields."
+    )

