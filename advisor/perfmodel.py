@@ -188,10 +188,12 @@ def aggregate_tokens_per_s(mem: MemoryModel, dev: DeviceFigures, eng: EngineCons
 
 
 def fits(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, batch: int, shape: WorkloadShape,
-         replicas: int = 1, memory_fraction: float = 0.9) -> bool:
-    """`replicas` engines with KV for `batch` full-length sequences each fit the device."""
-    per = mem.weight_bytes + eng.overhead_bytes + mem.kv_bytes_for(batch, shape.prompt_tokens + shape.output_tokens)
-    return replicas * per <= dev.memory_bytes * memory_fraction
+         replicas: int = 1, cfg: Optional[PlannerConfig] = None) -> bool:
+    """`replicas` engines, each with KV for `batch` full-length sequences plus the planner's headroom,
+    fit the planner's share of the device (a batch outside this set could never be planned)."""
+    cfg = cfg or PlannerConfig()
+    kv = mem.kv_bytes_for(batch, shape.prompt_tokens + shape.output_tokens) * (1 + cfg.kv_headroom)
+    return replicas * (mem.weight_bytes + eng.overhead_bytes + kv) <= dev.memory_bytes * cfg.device_memory_fraction
 
 
 # ---- fitting constants to measured points ---------------------------------------------------
@@ -440,6 +442,7 @@ def this_cpu(figures: DeviceFigures, bandwidth: float, core_bandwidth: float) ->
     import psutil
 
     cores = len(os.sched_getaffinity(0))
+    bandwidth = max(bandwidth, core_bandwidth)  # all cores never draw less than one: a lower reading is noise
     return figures.model_copy(update={
         "memory_bytes": int(psutil.virtual_memory().total), "cores": cores,
         "peak_flops": figures.peak_flops / max(1, figures.cores) * cores,
@@ -448,8 +451,10 @@ def this_cpu(figures: DeviceFigures, bandwidth: float, core_bandwidth: float) ->
     })
 
 
-def measure_memory_bandwidth(array_bytes: int = 256 << 20, repeats: int = 5, threads: Optional[int] = None) -> float:
-    """Bytes/s of numpy copies on every core at once (read + write counted), best of `repeats`."""
+def measure_memory_bandwidth(array_bytes: int = 128 << 20, repeats: int = 20, threads: Optional[int] = None) -> float:
+    """Bytes/s of numpy copies on every core at once (read + write counted), best of `repeats`.
+
+    Best, not mean: on a shared machine other work only ever lowers the reading (~4 s here)."""
     import numpy as np
 
     n = threads or len(os.sched_getaffinity(0))
@@ -532,4 +537,10 @@ def plan_on_named_device(model: str, mem: MemoryModel, device_name: str, constan
     why = (f"predicted, not measured: no profile of {model} on a {device_name} here; curve from the performance "
            f"model with {dev.source.split(':')[0]} figures ({dev.dram_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
            f"{dev.peak_flops / 1e12:.0f} TFLOP/s) and engine constants from {source} ({bounds})")
-    return plan.model_copy(update={"reasons": [why] + plan.reasons})
+    return plan.model_copy(update={"reasons": [why] + [_predicted_wording(r) for r in plan.reasons]})
+
+
+def _predicted_wording(reason: str) -> str:
+    """The planner words its reasons for measured profiles; say what is predicted instead."""
+    return (reason.replace("measured knee:", "knee of the predicted curve:")
+            .replace("of DRAM bandwidth (GPM)", "of the device's time (predicted: device time / step time)"))

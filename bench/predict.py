@@ -37,6 +37,7 @@ from advisor.perfmodel import (  # noqa: E402
     EngineConstants, MeasuredPoint, aggregate_tokens_per_s, fit_engine, fits, load_constants,
     measure_memory_bandwidth, step, this_cpu,
 )
+from advisor.planner import PlannerConfig  # noqa: E402
 from advisor.profiler import WorkloadShape  # noqa: E402
 from bench.machine import RESULTS, write_result  # noqa: E402
 
@@ -71,6 +72,8 @@ BCA_REPLICATION = [  # model, replicas, batch each, measured gain over the best 
     ("opt-1.3b", 2, 256, 0.337), ("opt-1.3b", 4, 96, 0.20), ("opt-1.3b", 2, 96, 0.12), ("opt-2.7b", 2, 128, 0.128),
 ]
 CALIBRATION_REPLICATION = ("opt-1.3b", 2, 256)
+# The paper's engines: gpu_memory_utilization 0.9 and no KV headroom.
+BCA_MEMORY = PlannerConfig(device_memory_fraction=0.9, kv_headroom=0.0)
 GPU_PRIORS = EngineConstants(
     t_fixed_s=0.0, t_seq_s=0.0, weight_bw_efficiency=0.8, kv_bw_efficiency=0.8, flops_efficiency=0.5,
     overhead_bytes=int(1.5 * 2**30), overlap_memory_and_compute=True,
@@ -91,8 +94,8 @@ def err(pred: float, meas: float) -> float:
 
 
 def cpu_part(constants) -> dict:
-    bw_all = measure_memory_bandwidth(repeats=10)
-    bw_one = measure_memory_bandwidth(repeats=10, threads=1)
+    bw_all = measure_memory_bandwidth()
+    bw_one = measure_memory_bandwidth(threads=1)
     dev = this_cpu(constants.devices["cpu"], bw_all, bw_one)
     from deployments.models import model_dir
 
@@ -125,7 +128,8 @@ def cpu_part(constants) -> dict:
     at_4 = [r for r in rows if r["batch"] >= 4]
     return {
         "device": dev.model_dump(), "engine": eng.model_dump(), "model": "smollm2-135m", "dtype": mem.dtype,
-        "bandwidth_gb_s": {"all_cores": round(bw_all / 1e9, 2), "one_core": round(bw_one / 1e9, 2)},
+        "bandwidth_gb_s": {"all_cores": round(bw_all / 1e9, 2), "one_core": round(bw_one / 1e9, 2),
+                           "used": round(dev.dram_bandwidth_bytes_per_s / 1e9, 2)},
         "measured_on": sweep["machine"]["cpu"], "points": rows, "replicas": replicas,
         "cpu_env_tables": cpu_env_part(dev, mem, CPU_PRIORS),
         "max_error_batch_ge_4": max(abs(r["error"]) for r in at_4),
@@ -190,7 +194,8 @@ def bca_part(constants) -> dict:
         for model, r, bb, g in BCA_REPLICATION:
             m = mems[model]
             # The best single engine over the paper's sweep, among batches whose KV fits the device.
-            single = max(step(m, dev, eng, x, SHAREGPT).tokens_per_s for x in BCA_SWEEP if fits(m, dev, eng, x, SHAREGPT))
+            single = max(step(m, dev, eng, x, SHAREGPT).tokens_per_s for x in BCA_SWEEP
+                         if fits(m, dev, eng, x, SHAREGPT, cfg=BCA_MEMORY))
             agg = aggregate_tokens_per_s(m, dev, eng, bb, SHAREGPT, r)
             pg = agg / single - 1
             gains.append({"model": model, "replicas": r, "batch_each": bb, "measured_gain": g, "predicted_gain": round(pg, 4),
