@@ -203,7 +203,7 @@ def test_predict_uses_the_knee_rule_and_the_planners_memory_sizing(opt13):
 
 
 def test_predict_leaves_out_batches_that_do_not_fit(llama7):
-    dev = gpu(memory_bytes=24 * GIB)
+    dev = gpu(memory_bytes=40 * GIB)
     out = predict("llama-2-7b", llama7, "small", dev, engine(), WorkloadShape(prompt_tokens=1024, output_tokens=1024),
                   batches=[1, 8, 64, 512])
     assert [p.batch for p in out.points] == [1, 8]
@@ -266,3 +266,64 @@ def test_planner_config_is_respected(opt13, tmp_path):
     plan = plan_on_named_device("opt-1.3b", opt13, name, c, SHAPE, None, mem_for=None,
                                 cfg=PlannerConfig(max_replicas=1))
     assert plan.replicas_per_device == 1
+
+
+# ---- the command line -------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    from deployments.cli import main
+
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_predict_prints_the_issue_fields(capsys, tmp_path):
+    rc, out, _ = run_cli(capsys, "predict", str(CONFIGS / "opt-2.7b"), "--device", "a100-80gb", "--batches", "1,16,64,256",
+                         "--replicas", "2", "--prompt-tokens", "200", "--output-tokens", "300", "--store", str(tmp_path))
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["dram_bandwidth_bytes_per_s"] == load_constants().device("a100-80gb").dram_bandwidth_bytes_per_s
+    assert [p["batch"] for p in doc["points"]] == [1, 16, 64, 256]
+    assert {"batch", "tokens_per_s", "tpot_ms", "bound"} <= set(doc["points"][0])
+    assert doc["replicas"] == 2 and doc["replication_gain"] is not None and doc["b_star"] in (1, 16, 64, 256)
+
+
+def test_cli_predict_uses_a_stored_recalibration(capsys, tmp_path):
+    c = load_constants()
+    slow = c.engine_for(c.device("l40s")).model_copy(update={"t_fixed_s": 0.05, "source": "recalibrated (test)"})
+    CalibrationFile(tmp_path).put("l40s", slow)
+    rc, out, _ = run_cli(capsys, "predict", str(CONFIGS / "opt-1.3b"), "--device", "l40s", "--batches", "1",
+                         "--store", str(tmp_path))
+    assert rc == 0 and json.loads(out)["engine"]["source"] == "recalibrated (test)"
+
+
+def test_cli_predict_errors_name_the_fix(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "predict", str(CONFIGS / "opt-1.3b"), "--device", "tpu-v9")
+    assert rc == 2 and "h100-sxm" in err
+    rc, _, err = run_cli(capsys, "predict", str(CONFIGS / "opt-1.3b"), "--device", "l4", "--batches", "0,4")
+    assert rc == 2 and "--batches" in err
+    rc, _, err = run_cli(capsys, "predict", str(tmp_path), "--device", "l4")
+    assert rc == 2 and "config.json" in err
+
+
+def test_cli_plan_on_a_named_device_is_predicted_and_pack_takes_the_plan(capsys, tmp_path):
+    rc, out, _ = run_cli(capsys, "plan", str(CONFIGS / "opt-1.3b"), "--device", "h100-sxm", "--store", str(tmp_path))
+    assert rc == 0
+    plan = json.loads(out)
+    assert plan["reasons"][0].startswith("predicted, not measured")
+    assert not any("measured knee" in r or "(GPM)" in r for r in plan["reasons"])
+    per_replica = plan["predicted_tokens_per_s_per_replica"]
+    pack_in = tmp_path / "pack.json"
+    pack_in.write_text(json.dumps({
+        "devices": [{"name": f"gpu{i}", "kind": "cuda", "memory_bytes": 80 * GIB} for i in range(3)],
+        "models": [{"plan": plan, "name": "opt", "target_tokens_per_s": 2.5 * per_replica},
+                   {"model": "other", "kind": "cuda", "replicas": 1, "share": 0.5, "memory_per_replica_bytes": GIB}],
+    }))
+    rc, out, _ = run_cli(capsys, "pack", str(pack_in))
+    assert rc == 0
+    placed = [r for rows in json.loads(out)["placement"].values() for r in rows if r["model"] == "opt"]
+    assert sum(r["replicas"] for r in placed) == 3  # ceil(2.5)
+    assert all(r["memory_bytes"] == r["replicas"] * plan["memory_per_replica_bytes"] for r in placed)
+    pack_in.write_text(json.dumps({"devices": [], "models": [{"plan": plan, "oops": 1}]}))
+    rc, _, err = run_cli(capsys, "pack", str(pack_in))
+    assert rc == 2 and "oops" in err
