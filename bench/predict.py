@@ -21,14 +21,17 @@ The shipped `vllm-gpu` constants (advisor/perf_constants.json) are the second.
 
     flock /tmp/plateau-heavy.lock python bench/predict.py    prints, writes bench/results/predict-*.json + PNGs
 
-(under the lock so that no engine competes for the memory bus while its bandwidth is measured)
+(under the lock so that no engine competes for the memory bus while its bandwidth is measured;
+`--bandwidth-gbs ALL ONE` reuses an earlier reading and measures nothing)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,10 +96,13 @@ def err(pred: float, meas: float) -> float:
     return round(pred / meas - 1.0, 4)
 
 
-def cpu_part(constants) -> dict:
-    bw_all = measure_memory_bandwidth()
-    bw_one = measure_memory_bandwidth(threads=1)
+def cpu_part(constants, bandwidth: Optional[tuple[float, float]] = None) -> dict:
+    """`bandwidth` (all cores, one core; bytes/s): reuse an earlier reading instead of measuring."""
+    bw_all, bw_one = bandwidth or (measure_memory_bandwidth(), measure_memory_bandwidth(threads=1))
     dev = this_cpu(constants.devices["cpu"], bw_all, bw_one)
+    if bandwidth is not None:
+        dev = dev.model_copy(update={"source": f"earlier reading reused: {bw_all / 1e9:.2f} GB/s on all cores, "
+                                               f"{bw_one / 1e9:.2f} GB/s on one (the larger is used)"})
     from deployments.models import model_dir
 
     mem = memory_model(model_dir("smollm2-135m"), device_kind="cpu")
@@ -129,7 +135,8 @@ def cpu_part(constants) -> dict:
     return {
         "device": dev.model_dump(), "engine": eng.model_dump(), "model": "smollm2-135m", "dtype": mem.dtype,
         "bandwidth_gb_s": {"all_cores": round(bw_all / 1e9, 2), "one_core": round(bw_one / 1e9, 2),
-                           "used": round(dev.dram_bandwidth_bytes_per_s / 1e9, 2)},
+                           "used": round(dev.dram_bandwidth_bytes_per_s / 1e9, 2),
+                           "measured_now": bandwidth is None},
         "measured_on": sweep["machine"]["cpu"], "points": rows, "replicas": replicas,
         "cpu_env_tables": cpu_env_part(dev, mem, CPU_PRIORS),
         "max_error_batch_ge_4": max(abs(r["error"]) for r in at_4),
@@ -263,8 +270,13 @@ def plot(result: dict, stamp_path: Path) -> list[str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bandwidth-gbs", nargs=2, type=float, metavar=("ALL_CORES", "ONE_CORE"), default=None,
+                        help="reuse a bandwidth reading (GB/s) instead of measuring (then no lock is needed)")
+    args = parser.parse_args()
+    bandwidth = tuple(x * 1e9 for x in args.bandwidth_gbs) if args.bandwidth_gbs else None
     constants = load_constants()
-    result = {"cpu": cpu_part(constants), "gpu": bca_part(constants)}
+    result = {"cpu": cpu_part(constants, bandwidth), "gpu": bca_part(constants)}
     cpu = result["cpu"]
     print(f"CPU ({cpu['measured_on']} data; bandwidth measured here {cpu['bandwidth_gb_s']}):")
     for r in cpu["points"]:
