@@ -247,8 +247,21 @@ def _plan_predicted(ns: argparse.Namespace) -> int:
             mem_for=lambda ref, dtype: memory_model(resolve_model(ref), dtype=dtype, device_kind=dev.kind))
     except (PerfModelError, PlanError) as exc:
         raise CliError(str(exc)) from None
+    if plan.reasons[0].startswith("predicted"):
+        plan = plan.model_copy(update={"reasons": plan.reasons + _local_gpu_hint(ns.model, dev)})
     print(json.dumps(plan.model_dump(mode="json"), indent=2), flush=True)
     return 0
+
+
+def _local_gpu_hint(model: str, dev) -> list[str]:
+    """If this machine has the named GPU, say how to measure it (a real profile then wins)."""
+    from advisor.nvml import gpu_sampler
+
+    sampler = gpu_sampler(0)
+    if sampler is None or sampler.name not in dev.nvml_names:
+        return []
+    return [f"this machine has a {sampler.name}: `plateau profile {model} --device cuda:0` measures it, "
+            "and the stored profile then wins over the prediction"]
 
 
 def _report(ns: argparse.Namespace) -> int:
