@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -208,6 +208,8 @@ class MeasuredPoint(BaseModel):
     prefill: bool = Field(True, description="The measurement includes prefill (False: decode window only).")
 
 
+EFFICIENCY_FLOOR = 1e-3  # the smallest efficiency a fit considers
+GOLDEN_SECTION_STEPS = 80  # shrinks the log-efficiency interval by 0.618^80: far below any measurement's noise
 FITTABLE = ("t_fixed_s", "t_seq_s", "flops_efficiency", "kv_bw_efficiency", "weight_bw_efficiency")
 
 
@@ -236,8 +238,8 @@ def fit_engine(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures
     if not effs:
         _, best = solve(None)
     else:
-        lo, hi = math.log(1e-3), 0.0
-        for _ in range(80):  # golden section on log(efficiency)
+        lo, hi = math.log(EFFICIENCY_FLOOR), 0.0
+        for _ in range(GOLDEN_SECTION_STEPS):  # golden section on log(efficiency)
             m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
             if solve(math.exp(m1))[0] <= solve(math.exp(m2))[0]:
                 hi = m2
@@ -318,6 +320,8 @@ def measured_points(profile: Profile) -> list[MeasuredPoint]:
 
 # ---- the prediction `plateau predict` prints ------------------------------------------------
 class PredictedPoint(BaseModel):
+    """One batch size of a predicted curve."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     batch: int
     tokens_per_s: float = Field(description="Output tokens/s of one engine, prefill included.")
@@ -405,12 +409,13 @@ def predicted_profile(model: str, mem: MemoryModel, device_name: str, dev: Devic
 
 
 def predict(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, eng: EngineConstants,
-            shape: WorkloadShape, batches: list[int] = list(DEFAULT_BATCHES), replicas: Optional[int] = None,
+            shape: WorkloadShape, batches: Sequence[int] = DEFAULT_BATCHES, replicas: Optional[int] = None,
             rules: PlateauRules = PlateauRules()) -> Prediction:
     """The curve, its knee, the planner's memory per replica, and optionally N replicas' aggregate."""
     from advisor.planner import evaluate_shape
 
     notes = []
+    batches = list(batches)
     too_big = [b for b in batches if not fits(mem, dev, eng, b, shape)]
     if too_big:
         notes.append(f"batches {too_big} left out: one engine's KV for them does not fit 90% of the device")
@@ -505,38 +510,52 @@ def recalibrate(profile: Profile, mem: MemoryModel, dev: DeviceFigures, base: En
         f"(vLLM {profile.engine_version}, {len(pts)} points, fitted {', '.join(free)})"))
 
 
+def engine_for_named_device(constants: PerfConstants, device_name: str, store: Optional[ProfileStore],
+                            mem_for: Callable[[str, str], MemoryModel]) -> tuple[EngineConstants, str]:
+    """The engine constants to predict `device_name` with, and where they come from: recalibrated on
+    the newest real profile measured on that device (any model; stored in the store's
+    calibrations.json), else an earlier recalibration, else the data file's."""
+    dev = constants.device(device_name)
+    default = constants.engine_for(dev), f"{CONSTANTS_FILE.name} ({constants.engine_for_kind[dev.kind]})"
+    if store is None:
+        return default
+    for ref in stored_profiles_on(store, dev):
+        try:
+            mem = mem_for(ref.model, ref.dtype)
+        except ValueError:  # the profiled model's config is no longer reachable: try an older one
+            continue
+        eng = recalibrate(ref, mem, dev, default[0])
+        CalibrationFile(store.root).put(device_name, eng)
+        return eng, f"recalibrated on the measured profile of {ref.model} on {ref.device_name}"
+    earlier = CalibrationFile(store.root).read().get(device_name)
+    return (earlier, f"{CalibrationFile(store.root).path}") if earlier is not None else default
+
+
 def plan_on_named_device(model: str, mem: MemoryModel, device_name: str, constants: PerfConstants,
                          shape: WorkloadShape, store: Optional[ProfileStore],
-                         mem_for: Callable[[str, str], MemoryModel], batches: list[int] = list(DEFAULT_BATCHES),
+                         mem_for: Callable[[str, str], MemoryModel], batches: Sequence[int] = DEFAULT_BATCHES,
                          cfg: Optional[PlannerConfig] = None) -> ReplicaPlan:
     """`plateau plan MODEL --device NAME` for a device named in the data file.
 
     A stored real profile of this model on that device wins. Otherwise the plan comes from the
-    predicted curve, with the engine constants recalibrated on the newest real profile measured
-    on that device (any model; kept in the store's calibrations.json), else the data file's.
+    predicted curve, with the constants of `engine_for_named_device`.
     """
     dev = constants.device(device_name)
     spec = DeviceSpec(kind=dev.kind, name=device_name, memory_bytes=dev.memory_bytes, cores=dev.cores)
     cfg = cfg or PlannerConfig()
-    measured = stored_profiles_on(store, dev) if store is not None else []
-    own = next((p for p in measured if p.model == model and p.dtype == mem.dtype), None)
+    own = next((p for p in (stored_profiles_on(store, dev) if store is not None else [])
+                if p.model == model and p.dtype == mem.dtype), None)
     if own is not None:
         plan = plan_replicas(own, spec, shape, cfg)
         why = f"measured profile of {model} on {own.device_name} found in the store: planned from it, not from the prediction"
         return plan.model_copy(update={"reasons": [why] + plan.reasons})
-    eng, source = constants.engine_for(dev), f"{CONSTANTS_FILE.name} ({constants.engine_for_kind[dev.kind]})"
-    if measured:
-        ref = measured[0]
-        eng = recalibrate(ref, mem_for(ref.model, ref.dtype), dev, eng)
-        CalibrationFile(store.root).put(device_name, eng)
-        source = f"recalibrated on the measured profile of {ref.model} on {ref.device_name}"
-    profile = predicted_profile(model, mem, device_name, dev, eng, shape, batches)
+    eng, source = engine_for_named_device(constants, device_name, store, mem_for)
+    profile = predicted_profile(model, mem, device_name, dev, eng, shape, list(batches))
     plan = plan_replicas(profile, spec, shape, cfg)
-    bounds = ", ".join(f"B={p.batch}: {s.bound}" for p, s in
-                       ((p, step(mem, dev, eng, p.batch, shape)) for p in profile.points if p.batch == profile.b_star))
+    bound = step(mem, dev, eng, profile.b_star, shape).bound
     why = (f"predicted, not measured: no profile of {model} on a {device_name} here; curve from the performance "
            f"model with {dev.source.split(':')[0]} figures ({dev.dram_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
-           f"{dev.peak_flops / 1e12:.0f} TFLOP/s) and engine constants from {source} ({bounds})")
+           f"{dev.peak_flops / 1e12:.0f} TFLOP/s) and engine constants from {source} (at B*={profile.b_star}: {bound} bound)")
     return plan.model_copy(update={"reasons": [why] + [_predicted_wording(r) for r in plan.reasons]})
 
 

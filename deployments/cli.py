@@ -199,7 +199,7 @@ def _predict_store(ns: argparse.Namespace):
 
 def _predict(ns: argparse.Namespace) -> int:
     from advisor.perfmodel import (
-        CalibrationFile, PerfModelError, load_constants, measure_memory_bandwidth, predict, this_cpu,
+        PerfModelError, engine_for_named_device, load_constants, measure_memory_bandwidth, predict, this_cpu,
     )
     from advisor.profiler import WorkloadShape
 
@@ -210,7 +210,7 @@ def _predict(ns: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if ns.device == "cpu":
         dev = this_cpu(dev, measure_memory_bandwidth(), measure_memory_bandwidth(threads=1))
-    eng = CalibrationFile(_predict_store(ns).root).read().get(ns.device) or constants.engine_for(dev)
+    eng, _ = engine_for_named_device(constants, ns.device, _predict_store(ns), _mem_for(dev.kind))
     try:
         batches = sorted({int(b) for b in ns.batches.split(",")}) if ns.batches else None
         if batches is not None and min(batches) < 1:
@@ -230,21 +230,25 @@ def _predict(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_predicted(ns: argparse.Namespace) -> int:
+def _mem_for(device_kind: str):
+    """How the performance model reads a stored profile's model (to recalibrate on it)."""
     from advisor.memory import memory_model
+    from deployments.models import resolve_model
+
+    return lambda ref, dtype: memory_model(resolve_model(ref), dtype=dtype, device_kind=device_kind)
+
+
+def _plan_predicted(ns: argparse.Namespace) -> int:
     from advisor.perfmodel import PerfModelError, load_constants, plan_on_named_device
     from advisor.planner import PlanError
     from advisor.profiler import WorkloadShape
-    from deployments.models import resolve_model
 
     constants = load_constants()
     dev = constants.device(ns.device)
     mem = _predicted_model(ns, dev.kind)
     shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
     try:
-        plan = plan_on_named_device(
-            ns.model, mem, ns.device, constants, shape, _predict_store(ns),
-            mem_for=lambda ref, dtype: memory_model(resolve_model(ref), dtype=dtype, device_kind=dev.kind))
+        plan = plan_on_named_device(ns.model, mem, ns.device, constants, shape, _predict_store(ns), _mem_for(dev.kind))
     except (PerfModelError, PlanError) as exc:
         raise CliError(str(exc)) from None
     if plan.reasons[0].startswith("predicted"):

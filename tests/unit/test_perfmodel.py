@@ -327,3 +327,24 @@ def test_cli_plan_on_a_named_device_is_predicted_and_pack_takes_the_plan(capsys,
     pack_in.write_text(json.dumps({"devices": [], "models": [{"plan": plan, "oops": 1}]}))
     rc, _, err = run_cli(capsys, "pack", str(pack_in))
     assert rc == 2 and "oops" in err
+
+
+def test_engine_for_a_named_device_prefers_measurements(opt13, tmp_path):
+    from advisor.perfmodel import engine_for_named_device
+
+    c = load_constants()
+    default = c.engine_for(c.device("h100-sxm"))
+    assert engine_for_named_device(c, "h100-sxm", None, mem_for=None)[0] == default
+    store = ProfileStore(tmp_path)
+    stored_real_profile(store, "gone-model", "cuda:NVIDIA H100 80GB HBM3")
+
+    def unreachable(ref, dtype):
+        raise ValueError(f"{ref}: no config.json")
+
+    eng, source = engine_for_named_device(c, "h100-sxm", store, unreachable)
+    assert eng == default and "perf_constants.json" in source
+    eng, source = engine_for_named_device(c, "h100-sxm", store, lambda ref, dtype: opt13)
+    assert source.startswith("recalibrated on the measured profile of gone-model") and eng != default
+    assert CalibrationFile(tmp_path).read()["h100-sxm"] == eng
+    # A profile on another GPU does not recalibrate this one.
+    assert engine_for_named_device(c, "a100-80gb", store, lambda ref, dtype: opt13)[0] == c.engine_for(c.device("a100-80gb"))
