@@ -345,7 +345,8 @@ class Prediction(BaseModel):
     shape: WorkloadShape
     engine: EngineConstants = Field(description="Constants the prediction used.")
     points: list[PredictedPoint]
-    b_star: int = Field(description="Knee of the predicted curve (advisor/plateau.py find_knee).")
+    b_star: int = Field(description="Knee of the predicted decode curve (decode_tokens_per_s, as a measured "
+                                    "profile's knee) by advisor/plateau.py find_knee with the default PlateauRules.")
     knee_reason: str
     memory_per_replica_bytes: int = Field(description="The planner's sizing at B* (weights + overhead + KV + headroom).")
     replicas: Optional[int] = None
