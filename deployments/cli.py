@@ -6,6 +6,7 @@
   plateau memory MODEL              weight and KV bytes from config.json (pure, no engine)
   plateau profile MODEL             real engine sweep: throughput/latency vs batch, B*, step-time fit
   plateau plan MODEL                N per device, memory and batch per replica, with reasons
+  plateau predict MODEL --device D  predicted curve, B*, memory and N-replica gain on a named device (no engine)
   plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
   plateau pack INPUT.json           place replicas of many models on devices (capacity planning)
   plateau status                    a running app's placement, variants, live readings, last decisions
@@ -161,12 +162,110 @@ def _profile(ns: argparse.Namespace) -> int:
 def _plan(ns: argparse.Namespace) -> int:
     from deployments.profiling import AdvisorError, plan_model
 
+    if _named_device(ns.device):
+        return _plan_predicted(ns)
     try:
         plan = plan_model(_request(ns), _progress)
     except AdvisorError as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(plan.model_dump(mode="json"), indent=2), flush=True)
     return 0
+
+
+# ---- devices named in advisor/perf_constants.json: predicted, unless a real profile exists ----
+def _named_device(device: str) -> bool:
+    """A device name from the performance model's data file (h100-sxm, l4, ...), not cpu / cuda[:INDEX]."""
+    from advisor.perfmodel import load_constants
+
+    return device != "cpu" and not device.startswith("cuda") and device in load_constants().devices
+
+
+def _predicted_model(ns: argparse.Namespace, device_kind: str):
+    from advisor.memory import ModelConfigError, memory_model
+    from deployments.models import ModelNotFound, resolve_model
+
+    try:
+        return memory_model(resolve_model(ns.model), dtype=ns.dtype, device_kind=device_kind)
+    except (ModelConfigError, ModelNotFound) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _predict_store(ns: argparse.Namespace):
+    from advisor.store import ProfileStore
+    from deployments.models import plateau_home
+
+    return ProfileStore(Path(ns.store) if ns.store else plateau_home() / "profiles")
+
+
+def _predict(ns: argparse.Namespace) -> int:
+    from advisor.perfmodel import (
+        PerfModelError, engine_for_named_device, load_constants, measure_memory_bandwidth, predict, this_cpu,
+    )
+    from advisor.profiler import WorkloadShape
+
+    constants = load_constants()
+    try:
+        dev = constants.device(ns.device)
+    except PerfModelError as exc:
+        raise CliError(str(exc)) from None
+    if ns.device == "cpu":
+        dev = this_cpu(dev, measure_memory_bandwidth(), measure_memory_bandwidth(threads=1))
+    eng, _ = engine_for_named_device(constants, ns.device, _predict_store(ns), _mem_for(dev.kind))
+    try:
+        batches = sorted({int(b) for b in ns.batches.split(",")}) if ns.batches else None
+        if batches is not None and min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        raise CliError(f"--batches {ns.batches!r}: give positive integers separated by commas, e.g. 1,2,4,8") from None
+    if ns.replicas is not None and ns.replicas < 1:
+        raise CliError(f"--replicas {ns.replicas}: give 1 or more")
+    mem = _predicted_model(ns, dev.kind)
+    shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
+    try:
+        out = predict(ns.model, mem, ns.device, dev, eng, shape, **({"batches": batches} if batches else {}),
+                      replicas=ns.replicas)
+    except PerfModelError as exc:
+        raise CliError(str(exc)) from None
+    print(out.model_dump_json(indent=2), flush=True)
+    return 0
+
+
+def _mem_for(device_kind: str):
+    """How the performance model reads a stored profile's model (to recalibrate on it)."""
+    from advisor.memory import memory_model
+    from deployments.models import resolve_model
+
+    return lambda ref, dtype: memory_model(resolve_model(ref), dtype=dtype, device_kind=device_kind)
+
+
+def _plan_predicted(ns: argparse.Namespace) -> int:
+    from advisor.perfmodel import PerfModelError, load_constants, plan_on_named_device
+    from advisor.planner import PlanError
+    from advisor.profiler import WorkloadShape
+
+    constants = load_constants()
+    dev = constants.device(ns.device)
+    mem = _predicted_model(ns, dev.kind)
+    shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
+    try:
+        plan = plan_on_named_device(ns.model, mem, ns.device, constants, shape, _predict_store(ns), _mem_for(dev.kind))
+    except (PerfModelError, PlanError) as exc:
+        raise CliError(str(exc)) from None
+    if plan.reasons[0].startswith("predicted"):
+        plan = plan.model_copy(update={"reasons": plan.reasons + _local_gpu_hint(ns.model, dev)})
+    print(json.dumps(plan.model_dump(mode="json"), indent=2), flush=True)
+    return 0
+
+
+def _local_gpu_hint(model: str, dev) -> list[str]:
+    """If this machine has the named GPU, say how to measure it (a real profile then wins)."""
+    from advisor.nvml import gpu_sampler
+
+    sampler = gpu_sampler(0)
+    if sampler is None or sampler.name not in dev.nvml_names:
+        return []
+    return [f"this machine has a {sampler.name}: `plateau profile {model} --device cuda:0` measures it, "
+            "and the stored profile then wins over the prediction"]
 
 
 def _report(ns: argparse.Namespace) -> int:
@@ -204,7 +303,9 @@ def _pack(ns: argparse.Namespace) -> int:
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:
-        spec = PackInput.model_validate_json(path.read_text())
+        spec = PackInput.model_validate(_with_plans_as_demands(json.loads(path.read_text())))
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}: not valid JSON ({exc})") from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise CliError(f"{path}: {problems}") from None
@@ -212,9 +313,43 @@ def _pack(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _with_plans_as_demands(doc):
+    """`plateau pack` also takes plans (`plateau plan` output, measured or predicted): a models[]
+    entry {"plan": PLAN, "target_tokens_per_s": T} or {"plan": PLAN, "replicas": R} becomes the
+    demand the packer places: R (or enough replicas for T at the plan's predicted tokens/s per
+    replica) replicas of the plan's share and memory."""
+    import math
+
+    from advisor.planner import ReplicaPlan
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        return doc
+    models = []
+    for i, entry in enumerate(doc["models"]):
+        if not (isinstance(entry, dict) and "plan" in entry):
+            models.append(entry)
+            continue
+        unknown = set(entry) - {"plan", "name", "replicas", "target_tokens_per_s"}
+        if unknown:
+            raise CliError(f"models[{i}]: unknown keys {sorted(unknown)}; a plan entry takes plan, name, replicas "
+                           "or target_tokens_per_s")
+        plan = ReplicaPlan.model_validate(entry["plan"])
+        if entry.get("replicas") is not None:
+            replicas = int(entry["replicas"])
+        elif entry.get("target_tokens_per_s") is not None:
+            replicas = math.ceil(float(entry["target_tokens_per_s"]) / plan.predicted_tokens_per_s_per_replica)
+        else:
+            replicas = plan.replicas_per_device
+        share = plan.num_gpus_per_replica if plan.device_kind == "cuda" else 1.0 / plan.replicas_per_device
+        models.append({"model": entry.get("name") or plan.model, "kind": plan.device_kind, "replicas": replicas,
+                       "share": share, "memory_per_replica_bytes": plan.memory_per_replica_bytes})
+    return {**doc, "models": models}
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="embedded name, model folder or hub id")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:INDEX]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:INDEX]; `plan` also takes a device of "
+                   "advisor/perf_constants.json (h100-sxm, l4, ...): a stored profile if any, else the prediction")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=128, help="largest batch the sweep may try")
@@ -262,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start the planned N replicas on the device and measure them against one engine")
     plan.set_defaults(func=_plan)
 
+    pred = sub.add_parser("predict", help="predicted curve, B*, memory per replica and N-replica gain on a named "
+                          "device, from the model's config.json alone (no engine, no weights)")
+    pred.add_argument("model", help="embedded name, Hugging Face config folder or hub id")
+    pred.add_argument("--device", required=True, help="a device of advisor/perf_constants.json: h100-sxm, h100-pcie, "
+                      "h200, a100-40gb, a100-80gb, l4, l40s, cpu (this machine, bandwidth measured now)")
+    pred.add_argument("--prompt-tokens", type=int, default=128)
+    pred.add_argument("--output-tokens", type=int, default=64)
+    pred.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,2,4,...,512)")
+    pred.add_argument("--replicas", type=int, default=None, help="also predict N engines at once on the device")
+    pred.add_argument("--dtype", default="auto")
+    pred.add_argument("--store", default=None, help="profile store whose calibrations.json recalibrates the device")
+    pred.set_defaults(func=_predict)
+
     report = sub.add_parser("report", help="PNG + HTML of a profile (`plateau profile` JSON output)")
     report.add_argument("profile", help="JSON file written by `plateau profile`")
     report.add_argument("--out", required=True, help="folder for profile.png and index.html")
@@ -269,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     packer = sub.add_parser("pack", help="capacity planning: place replicas of many models on devices")
     packer.add_argument("input", help='JSON: {"devices": [{name, kind, memory_bytes}], "models": '
-                        '[{model, kind, replicas, share, memory_per_replica_bytes}]}')
+                        '[{model, kind, replicas, share, memory_per_replica_bytes} or '
+                        '{plan: `plateau plan` output, target_tokens_per_s or replicas}]}')
     packer.set_defaults(func=_pack)
 
     status = sub.add_parser("status", help="placement, variants, live readings and last decisions of running apps")
