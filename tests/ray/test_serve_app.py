@@ -142,9 +142,10 @@ def test_structured_output_tools_logprobs_and_n_follow_vllm(app):
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
     out = api.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=40,
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=200,
         temperature=0, tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
+    assert out.choices[0].message.tool_calls, out.choices[0]
     call = out.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["location"], str)
 
