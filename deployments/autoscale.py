@@ -12,6 +12,10 @@ each variant deployment's `ModelPolicyInput` (the builder puts it in that deploy
 `record_autoscaling_stats()` into observations, calls the pure `cluster.policy.decide`, and
 publishes routes, readings and decisions to the status board without waiting. Any exception is
 logged and the current replica targets are kept: the policy never takes the controller down.
+
+The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
+whenever it changes and read back on the first tick after a controller restart, so a restart
+neither starts a re-pack over nor loses a drain.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 from cluster.packing import DeviceCapacity
+from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
                             VariantObservation, decide)
 
 logger = logging.getLogger("ray.serve")
 
 POLICY_KWARGS_KEY = "plateau"
+POLICY_FUNCTION = "deployments.autoscale:PlateauAutoscaler"  # what config.yaml names as the app's policy
+BOARD_LOOKUP_EVERY_S = 10.0
 
 
 class _VariantInput(BaseModel):
@@ -48,15 +55,23 @@ def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: 
 
 
 class PlateauAutoscaler:
-    def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0):
+    def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
+                 store: Optional[StateStore] = None, board=None):
+        """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
+        policy state's home, default Ray's internal KV) and `board` (default: the named status board)
+        are injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
+        self._store: StateStore = store if store is not None else RayInternalKV()
+        self._restored_for: Optional[str] = None  # the app whose saved state was read back
+        self._saved: Optional[PolicyState] = None
+        self._board_injected = board is not None
         self._inputs: dict[str, tuple[dict, _VariantInput]] = {}  # deployment -> (its kwargs, parsed)
         self._last_eval = 0.0
         self._last_publish = 0.0
         self._last_routes: Optional[dict[str, list[Route]]] = None
-        self._board = None
+        self._board = board
         self._board_checked = 0.0
         self._errors = 0
 
@@ -94,10 +109,12 @@ class PlateauAutoscaler:
         if first is None:
             return {}
         cfg = first.policy
+        self._restore(app)
         pctx = PolicyContext(now=now, devices=first.devices,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
+        self._save(app)
         for d in out.new_decisions:
             logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
                         d.replicas_from, d.replicas_to, d.reason)
@@ -116,8 +133,33 @@ class PlateauAutoscaler:
         self._inputs[deployment] = (raw, parsed)
         return parsed
 
+    def _restore(self, app: str) -> None:
+        """First tick for `app` (after a start or a controller restart): read back the saved state."""
+        if self._restored_for == app:
+            return
+        self._restored_for = app
+        try:
+            raw = self._store.get(policy_key(app))
+            if raw:
+                self.state = PolicyState.model_validate_json(raw)
+                self._saved = self.state
+                logger.info("plateau policy: state of app %s read back (%s)", app, ", ".join(
+                    f"{m}: N={s.active_n}{f', re-pack {s.repack.phase}' if s.repack else ''}"
+                    for m, s in self.state.models.items()) or "no models")
+        except Exception:  # a state we cannot read must not stop scaling: start fresh
+            logger.exception("plateau policy: saved state of app %s unreadable; starting fresh", app)
+
+    def _save(self, app: str) -> None:
+        if self.state == self._saved:
+            return
+        try:
+            self._store.put(policy_key(app), self.state.model_dump_json().encode())
+            self._saved = self.state
+        except Exception:  # retried on the next change
+            logger.exception("plateau policy: could not save its state")
+
     def _get_board(self):
-        if self._board is None and time.time() - self._board_checked > 10:
+        if self._board is None and not self._board_injected and time.time() - self._board_checked > BOARD_LOOKUP_EVERY_S:
             from cluster.board import find_board
 
             self._board_checked = time.time()
@@ -134,7 +176,8 @@ class PlateauAutoscaler:
             self._board = None
 
     def _report_error(self, contexts: dict, message: str) -> None:
-        board = self._board
+        """Errors reach the board even before the first successful publish (`plateau status` shows them)."""
+        board = self._get_board()
         app = next((c.app_name for c in contexts.values()), None)
         if board is not None and app is not None:
             try:
