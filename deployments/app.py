@@ -18,7 +18,8 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from advisor.planner import DeviceSpec, PlanError, PlannerConfig, plan_replicas
+from advisor.memory import KV_BLOCK_TOKENS
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, WorkloadShape
 from cluster.board import AppPlacement
 from cluster.inventory import Inventory, cluster_inventory
@@ -262,7 +263,7 @@ def _advisor_request(m: ModelConfig, cluster: ClusterView):
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
-        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype,
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len,
     )
 
 
@@ -325,7 +326,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
                  profile: Optional[Profile]) -> ModelLayout:
     """Variants, engine specs and replica bounds of one model whose N is resolved."""
     name = m.served_name
-    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction)
+    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
     dev = None
     if profile is not None:
         dev = _device_for_plans(profile, inventory, cluster)
@@ -353,15 +354,20 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             memory = profile.weight_bytes + profile.overhead_bytes + kv
         else:
             fixed = profile.weight_bytes + profile.overhead_bytes
-            longest = profile.kv_bytes_per_token * m.max_num_seqs * (m.max_model_len or 2 * (m.prompt_tokens + m.output_tokens))
-            kv = min(usable // k - fixed, int(longest * (1 + planner.kv_headroom)))
-            needed = profile.kv_bytes_per_token * (m.prompt_tokens + m.output_tokens)
+            block = KV_BLOCK_TOKENS[cluster.engine_device]
+            shape_len = m.prompt_tokens + m.output_tokens
+            longest = m.max_model_len or 2 * shape_len
+            kv = min(usable // k - fixed, kv_pool_bytes(profile.kv_bytes_per_token, block, m.max_num_seqs, longest,
+                                                     planner.kv_headroom))
+            needed = kv_pool_bytes(profile.kv_bytes_per_token, block, 1, shape_len, 0.0, m.max_model_len)
             if kv < needed:
+                one = (f"one max_model_len {m.max_model_len}-token sequence plus a block" if m.max_model_len
+                       else f"one {shape_len}-token sequence")
                 raise AppConfigError(
                     f"model {name!r}: variant N={k} does not fit: a replica gets {usable / k / 2**30:.2f} GiB "
                     f"(1/{k} of {usable / 2**30:.2f} GiB usable) but weights + engine overhead take "
-                    f"{fixed / 2**30:.2f} GiB and one {m.prompt_tokens + m.output_tokens}-token sequence needs "
-                    f"{needed / 2**20:.0f} MiB more; drop {k} from variants or use larger devices"
+                    f"{fixed / 2**30:.2f} GiB and {one} needs {needed / 2**20:.0f} MiB more; drop {k} from "
+                    f"variants, lower max_model_len or use larger devices"
                 )
             memory = fixed + kv
         spec = replica_spec(m.model_copy(update={"replicas_per_device": k,
