@@ -13,7 +13,8 @@ import logging
 import os
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 import ray
 from ray import serve
 from ray.serve import Application
@@ -25,7 +26,7 @@ from cluster.board import AppPlacement
 from cluster.inventory import Inventory, cluster_inventory
 from cluster.packing import ModelDemand, PackInput, PackResult, pack
 from cluster.policy import ModelPolicyInput, PolicyConfig, Route, VariantSpec
-from deployments.autoscale import policy_kwargs
+from deployments.autoscale import POLICY_FUNCTION, policy_kwargs
 from deployments.engine import EngineConfigError, check_engine_kwargs, deployment_options, replica_deployment_name
 from deployments.ingress import OpenAIIngress, RetryPolicy, ServedModel
 from deployments.replica import LLMReplica
@@ -37,6 +38,9 @@ logger = logging.getLogger("ray.serve")
 
 class AppConfigError(ValueError):
     """Invalid application args; the message names each field, its value and the fix."""
+
+
+REDACTED = "**********"  # how an API key appears wherever args are printed or logged
 
 
 class ModelConfig(BaseModel):
@@ -110,7 +114,8 @@ class AppArgs(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto (GPUs when Ray has them, else CPUs), cuda or cpu"
     )
-    api_key: Optional[str] = Field(None, description="bearer token clients must send; omit for none")
+    api_key: Optional[SecretStr] = Field(
+        None, description="bearer token clients must send; omit for none (never printed: shown as **********)")
     api_key_env: Optional[str] = Field(None, description="name of an environment variable holding the API key")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="retries of requests that hit a dead replica")
     device_memory: Optional[ByteSize] = Field(
@@ -127,9 +132,19 @@ class AppArgs(BaseModel):
         return self
 
     def resolved_api_key(self) -> Optional[str]:
+        """The key clients must send. An `api_key_env` naming an unset variable is an error (unless
+        `api_key` is the fallback): the server would otherwise start without authentication."""
         if self.api_key_env:
-            return os.environ.get(self.api_key_env) or self.api_key
-        return self.api_key
+            value = os.environ.get(self.api_key_env)
+            if value:
+                return value
+            if self.api_key is None:
+                raise AppConfigError(
+                    f"api_key_env = {self.api_key_env!r}: the environment variable {self.api_key_env} is not set (or "
+                    f"empty) where the application starts, so the server would accept requests without an API "
+                    f"key; export {self.api_key_env} in the shell that starts Ray / `serve run`, or remove api_key_env"
+                )
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 class ClusterView(BaseModel):
@@ -184,6 +199,8 @@ def _explain(exc: ValidationError) -> str:
         msgs.append(err["msg"])
     out = [lines[0]]
     for loc, value in lines[1:]:
+        if any(part == "api_key" for part in loc):
+            value = REDACTED
         fix = _field_hint(loc)
         out.append(f"  {_dotted(loc)} = {value!r}: {' or '.join(dict.fromkeys(seen[loc]))}"
                    + (f" (expected: {fix})" if fix else ""))
@@ -463,4 +480,41 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
 def build_app(raw_args: Optional[dict] = None) -> Application:
     """Entry point for `serve run`: validate the args, read the cluster, bind the app."""
     args = parse_args(raw_args)
+    args.resolved_api_key()  # an unset api_key_env fails here, before anything starts
+    check_policy_configured(args, raw_args, _serve_app_configs())
     return build(args, ClusterView.from_ray())
+
+
+def check_policy_configured(args: AppArgs, raw_args: Optional[dict], app_configs: list[dict]) -> None:
+    """Elastic models (variants, min/max_replicas) need the app-level plateau policy: without it
+    Serve's default policy would scale their variant deployments (min_replicas 0, no delays).
+
+    The builder is not told the app's `autoscaling_policy`, but Serve's controller writes the
+    config (with it) to its checkpoint before it starts the build task, so the builder reads the
+    app configs back and looks for the one built by this builder with these args.
+    """
+    elastic = [m.served_name for m in args.models if m.elastic]
+    if not elastic:
+        return
+    ours = [c for c in app_configs if str(c.get("import_path", "")).startswith("deployments.app:")
+            and (c.get("args") or {}) == (raw_args or {})]
+    if any((c.get("autoscaling_policy") or {}).get("policy_function") == POLICY_FUNCTION for c in ours):
+        return
+    found = "no Serve application config with these args was found" if not ours else \
+        f"its autoscaling_policy is {ours[0].get('autoscaling_policy')!r}"
+    raise AppConfigError(
+        f"models {', '.join(elastic)} set variants or min/max_replicas, which needs the application-level "
+        f"policy ({found}); add `autoscaling_policy: {{policy_function: {POLICY_FUNCTION}}}` to the application "
+        f"in config.yaml and deploy it with `serve run config.yaml`, or remove variants/min_replicas/max_replicas"
+    )
+
+
+def _serve_app_configs() -> list[dict]:
+    """The app configs Serve's controller holds (empty when there is no controller, e.g. a Python deploy)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return []
+    configs = ray.get(client._controller.get_app_configs.remote(), timeout=60)
+    return [c.model_dump(exclude_unset=False) for c in configs.values()]

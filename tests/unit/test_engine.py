@@ -109,3 +109,25 @@ def test_device_start_lock_serializes_engine_starts(tmp_path):
     spans.sort()
     assert len(spans) == 3
     assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("key,why", [
+    ("tensor_parallel_size", "spans devices"), ("pipeline_parallel_size", "spans devices"),
+    ("data_parallel_size", "data parallelism"), ("distributed_executor_backend", "distributed executor"),
+    ("kv_cache_dtype", "KV bytes per token"), ("hf_overrides", "config.json"),
+])
+def test_engine_kwargs_that_contradict_packing_are_refused_with_the_reason(key, why):
+    with pytest.raises(EngineConfigError, match=f"engine_kwargs.{key}: not supported with replica packing.*{why}"):
+        check_engine_kwargs({key: 2}, known=frozenset({key}))
+
+
+def test_the_one_file_lock_waits_at_most_its_timeout(tmp_path):
+    from advisor.locks import file_lock
+
+    lock = tmp_path / "sub" / "x.lock"
+    with file_lock(lock):
+        with pytest.raises(TimeoutError, match="x.lock: still locked"):
+            with file_lock(lock, timeout_s=0.2):  # a second open file description: flock conflicts
+                pass
+    with file_lock(lock, timeout_s=0.2):
+        pass
