@@ -201,7 +201,7 @@ def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyCon
     live_inputs = []
     for view in ctx.models:
         inp = view.input
-        ms = state.models.get(inp.model) or _initial_state(view)
+        ms = _known_state(state.models.get(inp.model), inp) or _initial_state(view)
         obs = {v.n: view.variants.get(v.n, VariantObservation()) for v in inp.variants}
         shape = _live_shape(obs.values(), cfg)
         ev = _evaluate(inp, shape)
@@ -235,6 +235,15 @@ def _step_model(now: float, view: ModelView, ms: ModelState, obs: dict[int, Vari
     step = _scale_active(now, view, ms, obs, load, cfg) if ms.repack is None else \
         _advance_repack(now, view, ms, obs, load, cfg)
     return step.model_copy(update={"decisions": started + step.decisions})
+
+
+def _known_state(ms: Optional[ModelState], inp: ModelPolicyInput) -> Optional[ModelState]:
+    """A saved state whose variants this deploy still has; else None (start from what runs)."""
+    if ms is None:
+        return None
+    ns = {v.n for v in inp.variants}
+    used = {ms.active_n} | ({ms.repack.from_n, ms.repack.to_n} if ms.repack else set())
+    return ms if used <= ns else None
 
 
 def _initial_state(view: ModelView) -> ModelState:

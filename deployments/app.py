@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import uuid
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
@@ -441,6 +442,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         layouts.append(layout_model(m, cluster, inventory, args.device, profile))
     packing = place(layouts, inventory)
     capacities = inventory.capacities()
+    deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     handles: dict[str, dict[int, object]] = {}
     served, routes = [], {}
     for lay in layouts:
@@ -461,7 +463,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                 "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
-                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities)},
+                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id)},
             }
             opts = deployment_options(spec, count, autoscaling)
             handles[name][k] = serve.deployment(LLMReplica).options(**opts).bind(spec)

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
@@ -46,11 +46,22 @@ class _VariantInput(BaseModel):
     n: int
     policy: PolicyConfig
     devices: list[DeviceCapacity]
+    deploy_id: str = Field("", description="One build of the app: saved policy state is read back only into the "
+                                           "same build (a controller restart), never into a new deploy.")
 
 
-def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity]) -> dict[str, Any]:
+class SavedPolicyState(BaseModel):
+    """The policy state as written to the state store."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    deploy_id: str = Field(description="The build the state belongs to.")
+    state: PolicyState
+
+
+def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity],
+                  deploy_id: str = "") -> dict[str, Any]:
     """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
-    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices)
+    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices, deploy_id=deploy_id)
     return {POLICY_KWARGS_KEY: parsed.model_dump(mode="json")}
 
 
@@ -109,12 +120,12 @@ class PlateauAutoscaler:
         if first is None:
             return {}
         cfg = first.policy
-        self._restore(app)
+        self._restore(app, first.deploy_id)
         pctx = PolicyContext(now=now, devices=first.devices,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
-        self._save(app)
+        self._save(app, first.deploy_id)
         for d in out.new_decisions:
             logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
                         d.replicas_from, d.replicas_to, d.reason)
@@ -133,15 +144,17 @@ class PlateauAutoscaler:
         self._inputs[deployment] = (raw, parsed)
         return parsed
 
-    def _restore(self, app: str) -> None:
-        """First tick for `app` (after a start or a controller restart): read back the saved state."""
+    def _restore(self, app: str, deploy_id: str) -> None:
+        """First tick for `app` (after a start or a controller restart): read back the state saved by
+        this same build of the app; a new deploy starts fresh."""
         if self._restored_for == app:
             return
         self._restored_for = app
         try:
             raw = self._store.get(policy_key(app))
-            if raw:
-                self.state = PolicyState.model_validate_json(raw)
+            saved = SavedPolicyState.model_validate_json(raw) if raw else None
+            if saved is not None and saved.deploy_id == deploy_id:
+                self.state = saved.state
                 self._saved = self.state
                 logger.info("plateau policy: state of app %s read back (%s)", app, ", ".join(
                     f"{m}: N={s.active_n}{f', re-pack {s.repack.phase}' if s.repack else ''}"
@@ -149,11 +162,12 @@ class PlateauAutoscaler:
         except Exception:  # a state we cannot read must not stop scaling: start fresh
             logger.exception("plateau policy: saved state of app %s unreadable; starting fresh", app)
 
-    def _save(self, app: str) -> None:
+    def _save(self, app: str, deploy_id: str) -> None:
         if self.state == self._saved:
             return
         try:
-            self._store.put(policy_key(app), self.state.model_dump_json().encode())
+            saved = SavedPolicyState(deploy_id=deploy_id, state=self.state)
+            self._store.put(policy_key(app), saved.model_dump_json().encode())
             self._saved = self.state
         except Exception:  # retried on the next change
             logger.exception("plateau policy: could not save its state")

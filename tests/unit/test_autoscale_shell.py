@@ -90,15 +90,16 @@ class FakeBoard:
         self.publish = SimpleNamespace(remote=lambda *a: self.published.append(a))
 
 
-def repack_contexts(n1_running=0, n1_target=0):
+def repack_contexts(n1_running=0, n1_target=0, deploy_id="build-1"):
     from tests.unit.test_policy import CFG, model_input
 
     inp = model_input()
     metrics = {"recent_requests": {"r": 20.0}, "recent_prompt_tokens": {"r": 1500.0},
                "recent_output_tokens": {"r": 64.0}}
     return {
-        "v1": context("LLM:alpha@n1", policy_kwargs(inp, 1, CFG, DEVICES), running=n1_running, target=n1_target),
-        "v2": context("LLM:alpha@n2", policy_kwargs(inp, 2, CFG, DEVICES), running=1, target=1, requests=5.0,
+        "v1": context("LLM:alpha@n1", policy_kwargs(inp, 1, CFG, DEVICES, deploy_id), running=n1_running,
+                      target=n1_target),
+        "v2": context("LLM:alpha@n2", policy_kwargs(inp, 2, CFG, DEVICES, deploy_id), running=1, target=1, requests=5.0,
                       metrics=metrics),
     }
 
@@ -118,6 +119,20 @@ def test_a_restarted_controller_reads_the_repack_back_instead_of_dropping_the_ne
     assert restarted.state.models["alpha"].repack == first.state.models["alpha"].repack
     assert decisions["v1"] == 1  # the warming variant is kept, not scaled to zero by a fresh state
     assert [d.action for d in restarted.state.decisions] == ["repack_start"]  # not started again
+
+
+def test_a_new_deploy_does_not_read_back_the_state_of_the_previous_one(monkeypatch):
+    store, clock = DictStore(), [1000.0]
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    first = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    first(repack_contexts())
+    clock[0] += 11.0
+    first(repack_contexts())
+    assert first.state.models["alpha"].repack is not None
+    redeployed = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    clock[0] += 1.0
+    redeployed(repack_contexts(deploy_id="build-2"))
+    assert redeployed.state.models["alpha"].repack is None and redeployed.state.decisions == []
 
 
 def test_policy_errors_reach_the_board_before_any_successful_publish():

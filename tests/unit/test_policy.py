@@ -313,3 +313,13 @@ def test_the_policy_state_round_trips_through_json_with_an_infinite_gain():
         out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=1500)))
     assert st.models["alpha"].repack.predicted_gain == float("inf")  # N=2 no longer fits
     assert PolicyState.model_validate_json(st.model_dump_json()) == st
+
+
+def test_a_saved_state_naming_a_variant_this_deploy_lacks_is_not_used():
+    from cluster.policy import ModelState, Repack
+
+    saved = PolicyState(models={"alpha": ModelState(active_n=4, repack=Repack(
+        from_n=4, to_n=2, started_at=0.0, reason="old deploy", predicted_gain=0.5))})
+    out, st = run(10.0, saved, view(model_input(), n1=obs(), n2=obs(running=1)))
+    assert st.models["alpha"].active_n == 2 and st.models["alpha"].repack is None
+    assert out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 1}
