@@ -323,3 +323,13 @@ def test_a_saved_state_naming_a_variant_this_deploy_lacks_is_not_used():
     out, st = run(10.0, saved, view(model_input(), n1=obs(), n2=obs(running=1)))
     assert st.models["alpha"].active_n == 2 and st.models["alpha"].repack is None
     assert out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 1}
+
+
+def test_a_launch_bound_profile_does_not_stop_the_policy():
+    launch_bound = PROFILE.model_copy(update={"step_model": PROFILE.step_model.model_copy(
+        update={"b_ms": -0.01, "c_ms": 0.0})})
+    inp = model_input(variants=(2,), profile=launch_bound)
+    st = PolicyState()
+    for t in (0.0, 10.0):  # a live shape outside the profiled bucket: B* comes from the fit
+        out, st = run(t, st, view(inp, n2=obs(running=1, requests=70, prompt=1500)))
+    assert out.targets == {"LLM:alpha@n2": 3} and out.live[0].b_star > 0
