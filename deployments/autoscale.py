@@ -75,7 +75,7 @@ class PlateauAutoscaler:
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
         self._store: StateStore = store if store is not None else RayInternalKV()
-        self._restored_for: Optional[str] = None  # the app whose saved state was read back
+        self._restored_for: Optional[tuple[str, str]] = None  # (app, deploy id) whose saved state was read back
         self._saved: Optional[PolicyState] = None
         self._board_injected = board is not None
         self._inputs: dict[str, tuple[dict, _VariantInput]] = {}  # deployment -> (its kwargs, parsed)
@@ -147,9 +147,10 @@ class PlateauAutoscaler:
     def _restore(self, app: str, deploy_id: str) -> None:
         """First tick for `app` (after a start or a controller restart): read back the state saved by
         this same build of the app; a new deploy starts fresh."""
-        if self._restored_for == app:
+        if self._restored_for == (app, deploy_id):
             return
-        self._restored_for = app
+        self._restored_for = (app, deploy_id)
+        self.state, self._saved = PolicyState(), None
         try:
             raw = self._store.get(policy_key(app))
             saved = SavedPolicyState.model_validate_json(raw) if raw else None
