@@ -513,10 +513,11 @@ def check_policy_configured(args: AppArgs, raw_args: Optional[dict], app_configs
 
 def _serve_app_configs() -> list[dict]:
     """The app configs Serve's controller holds (empty when there is no controller, e.g. a Python deploy)."""
-    from ray.serve.context import _get_global_client
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
         return []
-    configs = ray.get(client._controller.get_app_configs.remote(), timeout=60)
-    return [c.model_dump(exclude_unset=False) for c in configs.values()]
+    configs = ray.get(controller.get_app_configs.remote(), timeout=60)
+    return [c.model_dump() for c in configs.values()]
