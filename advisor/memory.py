@@ -8,7 +8,6 @@ KV budget in whole vLLM blocks. Pure: no engine, no torch.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -62,11 +61,6 @@ class MemoryModel(BaseModel):
     def kv_capacity_tokens(self, kv_bytes: int) -> int:
         """Tokens a KV pool of `kv_bytes` holds: whole blocks only, as vLLM allocates them."""
         return (kv_bytes // self.kv_block_bytes) * self.kv_block_tokens
-
-    def kv_bytes_for(self, sequences: int, context_tokens: int) -> int:
-        """KV pool that holds `sequences` sequences of `context_tokens` each, in whole blocks."""
-        blocks_per_seq = math.ceil(min(context_tokens, self.max_model_len) / self.kv_block_tokens)
-        return sequences * blocks_per_seq * self.kv_block_bytes
 
 
 def read_config(model_dir: str | Path) -> dict:

@@ -33,9 +33,9 @@ from typing import Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from advisor.memory import MemoryModel
+from advisor.memory import KV_BLOCK_TOKENS, MemoryModel
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee, fit_step_model
-from advisor.planner import DeviceSpec, PlannerConfig, ReplicaPlan, plan_replicas
+from advisor.planner import DeviceSpec, PlannerConfig, ReplicaPlan, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, SharePoint, WorkloadShape
 from advisor.store import ProfileStore, StoreKey
 
@@ -192,7 +192,8 @@ def fits(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, batch: int,
     """`replicas` engines, each with KV for `batch` full-length sequences plus the planner's headroom,
     fit the planner's share of the device (a batch outside this set could never be planned)."""
     cfg = cfg or PlannerConfig()
-    kv = mem.kv_bytes_for(batch, shape.prompt_tokens + shape.output_tokens) * (1 + cfg.kv_headroom)
+    kv = kv_pool_bytes(mem.kv_bytes_per_token, KV_BLOCK_TOKENS[dev.kind], batch, shape.prompt_tokens + shape.output_tokens,
+                       cfg.kv_headroom, cfg.max_model_len)
     return replicas * (mem.weight_bytes + eng.overhead_bytes + kv) <= dev.memory_bytes * cfg.device_memory_fraction
 
 

@@ -44,6 +44,9 @@ class PlannerConfig(BaseModel):
     max_replicas: int = Field(8, ge=1, description="Most replicas per device.")
     min_gain: float = Field(0.05, ge=0, description="A larger N must beat a smaller one by this share.")
     vllm_default_fraction: float = Field(0.9, gt=0, le=1, description="vLLM's default single-engine share.")
+    max_model_len: Optional[int] = Field(
+        None, ge=1, description="Context length the engine starts with; vLLM refuses a KV pool smaller than one "
+                                "such sequence, so the pool never goes below it plus a block.")
 
 
 class Validation(BaseModel):
@@ -106,6 +109,23 @@ class ShapeEvaluation(BaseModel):
         return next((o for o in self.options if o.replicas_per_device == n), None)
 
 
+def kv_pool_bytes(kv_bytes_per_token: int, block_tokens: int, sequences: int, context_tokens: int,
+                  headroom: float = 0.0, max_model_len: Optional[int] = None) -> int:
+    """The one KV pool sizing rule: `sequences` sequences of `context_tokens` in whole blocks, plus
+    `headroom`, and never less than one `max_model_len` sequence plus a block (vLLM refuses to
+    start an engine whose pool cannot hold one full-length sequence)."""
+    blocks = math.ceil(context_tokens / block_tokens) * sequences
+    pool = int(math.ceil(blocks * (1 + headroom)) * block_tokens * kv_bytes_per_token)
+    return max(pool, kv_pool_floor_bytes(kv_bytes_per_token, block_tokens, max_model_len))
+
+
+def kv_pool_floor_bytes(kv_bytes_per_token: int, block_tokens: int, max_model_len: Optional[int]) -> int:
+    """One `max_model_len` sequence plus a block, in whole blocks (0 without a max_model_len)."""
+    if max_model_len is None:
+        return 0
+    return (math.ceil(max_model_len / block_tokens) + 1) * block_tokens * kv_bytes_per_token
+
+
 def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
                    cfg: PlannerConfig = PlannerConfig()) -> ShapeEvaluation:
     """Predicted aggregate throughput of each N for `shape`; the planner and the re-pack policy share it."""
@@ -115,8 +135,7 @@ def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[Workloa
 
     block = KV_BLOCK_TOKENS[device.kind]
     context = shape.prompt_tokens + shape.output_tokens
-    blocks = math.ceil(context / block) * b_star
-    kv = int(math.ceil(blocks * (1 + cfg.kv_headroom)) * block * profile.kv_bytes_per_token)
+    kv = kv_pool_bytes(profile.kv_bytes_per_token, block, b_star, context, cfg.kv_headroom, cfg.max_model_len)
     per_replica = profile.weight_bytes + profile.overhead_bytes + kv
     usable = int(device.memory_bytes * cfg.device_memory_fraction)
     reasons.append(
@@ -124,6 +143,12 @@ def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[Workloa
         f"{_gib(profile.overhead_bytes)} + KV {_gib(kv)} ({b_star} sequences x {context} tokens, "
         f"+{cfg.kv_headroom:.0%} headroom, so the planned batch never preempts)"
     )
+    if kv == kv_pool_floor_bytes(profile.kv_bytes_per_token, block, cfg.max_model_len) and \
+            kv > kv_pool_bytes(profile.kv_bytes_per_token, block, b_star, context, cfg.kv_headroom):
+        reasons.append(
+            f"KV pool raised to {_gib(kv)}: one max_model_len {cfg.max_model_len}-token sequence plus a "
+            f"{block}-token block (vLLM refuses to start with less); lower max_model_len to size the pool by B*"
+        )
     limits = {"memory": int(usable // per_replica), "max_replicas": cfg.max_replicas}
     if device.kind == "cpu":
         limits["cores"] = max(1, device.cores)
@@ -174,14 +199,30 @@ def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple
         reasons.append(f"measured knee: {profile.knee.reason}")
         return profile.knee.b_star, profile.knee.tokens_per_s_at_b_star
     m = profile.step_model
-    predicted = m.b_star(shape.context_tokens, profile.rules.plateau_fraction)
     largest = max(p.batch for p in profile.points)
+    per_seq = m.per_sequence_ms(shape.context_tokens)
+    fit = (f"step model t(B,ctx)={m.a_ms:.2f}+{m.b_ms:.4f}B+{m.c_ms:.6f}B*ctx ms at ctx {shape.context_tokens:.0f}, "
+           f"fit error {m.mape:.1f}%")
+    if per_seq <= 0:
+        # A launch-bound engine: the fit sees no cost per sequence, so throughput never flattens in
+        # the model (B* infinite). Take the largest batch the data supports and its measured rate.
+        b = 2 * largest
+        t = max(p.tokens_per_s for p in profile.points)
+        reasons.append(
+            f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}, and the fitted cost per "
+            f"sequence b + c*ctx = {per_seq:.4f} ms is <= 0 ({fit}): throughput does not flatten within the "
+            f"measured batches, so B*={b} (2x the largest measured batch) at the best measured {t:.0f} tok/s; "
+            f"profile this workload (plateau profile --prompt-tokens/--output-tokens) for a measured knee"
+        )
+        return b, t
+    predicted = m.b_star(shape.context_tokens, profile.rules.plateau_fraction)
     b = max(1, min(int(predicted), 2 * largest))
-    t = m.tokens_per_s(b, shape.context_tokens)
+    # a fit with a negative fixed cost can predict a step <= 0 ms at small B: use the measured rate
+    t = m.tokens_per_s(b, shape.context_tokens) if m.step_ms(b, shape.context_tokens) > 0 else \
+        max(p.tokens_per_s for p in profile.points)
     reasons.append(
-        f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}: B*={b} predicted by the step "
-        f"model t(B,ctx)={m.a_ms:.2f}+{m.b_ms:.4f}B+{m.c_ms:.6f}B*ctx ms at ctx {shape.context_tokens:.0f} "
-        f"({t:.0f} tok/s, fit error {m.mape:.1f}%)"
+        f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}: B*={b} predicted by the "
+        f"{fit} ({t:.0f} tok/s)"
     )
     return b, t
 

@@ -58,12 +58,17 @@ class StepModel(BaseModel):
     def tokens_per_s(self, batch: float, context_tokens: float) -> float:
         return 1000.0 * batch / self.step_ms(batch, context_tokens)
 
+    def per_sequence_ms(self, context_tokens: float) -> float:
+        """Cost one more sequence adds to a step; <= 0 for a launch-bound fit (no plateau in the model)."""
+        return self.b_ms + self.c_ms * context_tokens
+
     def asymptote_tokens_per_s(self, context_tokens: float) -> float:
-        per_seq = self.b_ms + self.c_ms * context_tokens
+        per_seq = self.per_sequence_ms(context_tokens)
         return math.inf if per_seq <= 0 else 1000.0 / per_seq
 
     def b_star(self, context_tokens: float, fraction: float) -> float:
-        per_seq = self.b_ms + self.c_ms * context_tokens
+        """The plateau batch; math.inf when `per_sequence_ms` <= 0 (callers must check it first)."""
+        per_seq = self.per_sequence_ms(context_tokens)
         if per_seq <= 0:
             return math.inf
         return fraction / (1.0 - fraction) * max(self.a_ms, 0.0) / per_seq

@@ -8,15 +8,14 @@ bucket; the full object is kept as JSON in the `body` column, the key columns ma
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, TypeVar
+from typing import Optional, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from advisor.locks import file_lock
 from advisor.profiler import Profile
 
 KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket"]
@@ -53,17 +52,8 @@ class ProfileStore:
             return pd.DataFrame(columns=KEY_COLUMNS + ["stored_at", "body"])
         return pd.read_parquet(path)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _put(self, kind: str, key: StoreKey, body: BaseModel) -> Path:
-        with self._locked():
+        with file_lock(self.root / ".lock"):
             df = self._read(kind)
             mask = pd.Series(True, index=df.index)
             for col, val in key.model_dump().items():

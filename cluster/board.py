@@ -4,6 +4,12 @@ Written by the app builder (startup placement) and by the autoscaling policy in 
 controller (routes, live readings, decisions: fire-and-forget calls, so the controller never
 waits); read by the ingress (which variant may take requests) and by `plateau status`. It also
 exports the per-model Ray metrics (`ray_plateau_model_*`) that the Grafana dashboard shows.
+
+Each app's status is written to Ray's internal KV store when its placement or routes change and
+read back when the board restarts, so a restarted board still knows the placement and the
+routes, and keeps taking the policy's publishes. API for the ingress: `routes(app)` (None only
+when the board never heard of the app: then send `set_placement` again, see
+`ensure_routes`), `set_placement(placement)` (idempotent: it keeps live routes and decisions).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.inventory import Device
 from cluster.packing import PackResult
 from cluster.policy import Decision, LiveModel, Route
+from cluster.state_store import RayInternalKV, StateStore, board_key
 
 BOARD_NAME = "plateau-status"
 BOARD_NAMESPACE = "plateau"
@@ -34,8 +41,9 @@ class AppPlacement(BaseModel):
 
 class AppStatus(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    placement: AppPlacement
-    routes: dict[str, list[Route]]
+    placement: Optional[AppPlacement] = Field(
+        None, description="None until the ingress sends it (the policy may publish, or fail, first).")
+    routes: dict[str, list[Route]] = Field(default_factory=dict)
     live: list[LiveModel] = Field(default_factory=list)
     decisions: list[Decision] = Field(default_factory=list)
     policy_seen_at: Optional[float] = Field(None, description="Last time the policy published (unix s).")
@@ -43,13 +51,14 @@ class AppStatus(BaseModel):
     last_policy_error: Optional[str] = None
 
 
-class StatusBoard:
+class BoardMetrics:
+    """The Ray metrics the board exports (`ray_plateau_model_*`, `ray_plateau_decisions_total`)."""
+
     def __init__(self):
         from ray.util.metrics import Counter, Gauge
 
-        self._apps: dict[str, AppStatus] = {}
         tags = ("app", "model")
-        self._g = {
+        self.gauges = {
             "active_n": Gauge("plateau_model_replicas_per_device", "N of the active packing variant.", tags),
             "best_n": Gauge("plateau_model_best_replicas_per_device", "N predicted best for the live shape.", tags),
             "b_star": Gauge("plateau_model_b_star", "Plateau batch B* for the live shape.", tags),
@@ -60,53 +69,123 @@ class StatusBoard:
             "prompt": Gauge("plateau_model_live_prompt_tokens", "Mean prompt tokens of recent requests.", tags),
             "repacking": Gauge("plateau_model_repacking", "1 while a re-pack is under way.", tags),
         }
-        self._variant = Gauge("plateau_variant_replicas", "Target replicas of one packing variant.",
-                              ("app", "model", "variant"))
-        self._decisions = Counter("plateau_decisions_total", "Autoscaling and re-pack decisions.",
-                                  ("app", "model", "action"))
+        self.variant = Gauge("plateau_variant_replicas", "Target replicas of one packing variant.",
+                             ("app", "model", "variant"))
+        self.decisions = Counter("plateau_decisions_total", "Autoscaling and re-pack decisions.",
+                                 ("app", "model", "action"))
 
+    def record(self, app: str, live: list[LiveModel], new_decisions: list[Decision]) -> None:
+        for m in live:
+            tags = {"app": app, "model": m.model}
+            self.gauges["active_n"].set(m.active_n, tags)
+            self.gauges["b_star"].set(m.b_star, tags)
+            self.gauges["measured"].set(m.measured_tokens_per_s, tags)
+            self.gauges["kv"].set(m.kv_usage, tags)
+            self.gauges["repacking"].set(1 if m.repack else 0, tags)
+            if m.best_n is not None:
+                self.gauges["best_n"].set(m.best_n, tags)
+            if m.planned_tokens_per_s is not None:
+                self.gauges["planned"].set(m.planned_tokens_per_s, tags)
+            if m.shape is not None:
+                self.gauges["prompt"].set(m.shape.prompt_tokens, tags)
+            for n, replicas in m.replicas.items():
+                self.variant.set(replicas, {**tags, "variant": f"n{n}"})
+        for d in new_decisions:
+            self.decisions.inc(1, {"app": app, "model": d.model, "action": d.action})
+
+
+class StatusBoard:
+    def __init__(self, store: Optional[StateStore] = None, metrics: Optional[BoardMetrics] = None,
+                 apps: tuple[str, ...] = ()):
+        """Reads back the saved status of every app it knew (`apps` limits that, for tests); `store`
+        and `metrics` default to Ray's internal KV and the Ray metrics, tests inject fakes."""
+        self._store: StateStore = store if store is not None else RayInternalKV()
+        self._metrics = metrics if metrics is not None else BoardMetrics()
+        self._apps: dict[str, AppStatus] = {}
+        for app in apps or self._known_apps():
+            saved = self._load(app)
+            if saved is not None:
+                self._apps[app] = saved
+
+    # ---- persistence ------------------------------------------------------------------------
+    def _known_apps(self) -> list[str]:
+        raw = self._store.get(board_key(""))
+        return [a for a in (raw or b"").decode().split("\n") if a]
+
+    def _load(self, app: str) -> Optional[AppStatus]:
+        raw = self._store.get(board_key(app))
+        if not raw:
+            return None
+        try:
+            return AppStatus.model_validate_json(raw)
+        except ValueError:  # an older layout: the ingress sends the placement again
+            return None
+
+    def _save(self, app: str) -> None:
+        try:
+            self._store.put(board_key(app), self._apps[app].model_dump_json().encode())
+            known = self._known_apps()
+            if app not in known:
+                self._store.put(board_key(""), "\n".join(known + [app]).encode())
+        except Exception:  # the GCS is unreachable: the in-memory status still serves
+            pass
+
+    def _status(self, app: str) -> AppStatus:
+        return self._apps.get(app) or AppStatus()
+
+    # ---- writers ------------------------------------------------------------------------------
     def set_placement(self, placement: AppPlacement) -> None:
-        self._apps[placement.app] = AppStatus(placement=placement, routes=placement.routes)
+        """The ingress's start placement. Live routes for the same variants are kept (an ingress
+        restart must not reopen a draining variant)."""
+        status = self._apps.get(placement.app)
+        same = status is not None and _variants(status.routes) == _variants(placement.routes)
+        routes = status.routes if same else placement.routes
+        self._apps[placement.app] = self._status(placement.app).model_copy(
+            update={"placement": placement, "routes": routes})
+        self._save(placement.app)
 
     def publish(self, app: str, routes: dict[str, list[Route]], live: list[LiveModel],
                 new_decisions: list[Decision], kept: int = 50) -> None:
-        status = self._apps.get(app)
-        if status is None:
-            return
+        """The policy's routes, readings and decisions; taken even before (or without) a placement."""
+        status = self._status(app)
+        changed = routes != status.routes or bool(new_decisions)
         self._apps[app] = status.model_copy(update={
             "routes": routes, "live": live, "decisions": (status.decisions + new_decisions)[-kept:],
             "policy_seen_at": time.time(),
         })
-        for m in live:
-            tags = {"app": app, "model": m.model}
-            self._g["active_n"].set(m.active_n, tags)
-            self._g["b_star"].set(m.b_star, tags)
-            self._g["measured"].set(m.measured_tokens_per_s, tags)
-            self._g["kv"].set(m.kv_usage, tags)
-            self._g["repacking"].set(1 if m.repack else 0, tags)
-            if m.best_n is not None:
-                self._g["best_n"].set(m.best_n, tags)
-            if m.planned_tokens_per_s is not None:
-                self._g["planned"].set(m.planned_tokens_per_s, tags)
-            if m.shape is not None:
-                self._g["prompt"].set(m.shape.prompt_tokens, tags)
-            for n, replicas in m.replicas.items():
-                self._variant.set(replicas, {**tags, "variant": f"n{n}"})
-        for d in new_decisions:
-            self._decisions.inc(1, {"app": app, "model": d.model, "action": d.action})
+        if changed:
+            self._save(app)
+        self._metrics.record(app, live, new_decisions)
 
     def policy_error(self, app: str, message: str) -> None:
-        status = self._apps.get(app)
-        if status is not None:
-            self._apps[app] = status.model_copy(update={"policy_errors": status.policy_errors + 1,
-                                                        "last_policy_error": message})
+        """Counted even before the placement or the first successful publish arrives."""
+        status = self._status(app)
+        self._apps[app] = status.model_copy(update={"policy_errors": status.policy_errors + 1,
+                                                    "last_policy_error": message})
 
+    # ---- readers ------------------------------------------------------------------------------
     def routes(self, app: str) -> Optional[dict[str, list[Route]]]:
+        """The app's routes (after a board restart: the saved ones); None if the board never heard of it."""
         status = self._apps.get(app)
-        return status.routes if status else None
+        return status.routes if status is not None and status.routes else None
 
     def status(self, app: Optional[str] = None) -> dict[str, AppStatus]:
         return {k: v for k, v in self._apps.items() if app is None or k == app}
+
+
+def _variants(routes: dict[str, list[Route]]) -> set[tuple[str, str]]:
+    return {(model, r.deployment) for model, rs in routes.items() for r in rs}
+
+
+async def ensure_routes(board, placement: AppPlacement) -> dict[str, list[Route]]:
+    """For the ingress's refresh loop: the board's routes for `placement.app`; when the board has
+    none (it restarted and could not read its saved state back), send the placement again and use
+    its routes until the policy publishes."""
+    routes = await board.routes.remote(placement.app)
+    if routes:
+        return routes
+    await board.set_placement.remote(placement)
+    return placement.routes
 
 
 def get_or_create_board():
@@ -135,13 +214,17 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
     now = time.time() if now is None else now
     p = status.placement
     lines = [f"application {app}"]
-    lines.append("devices:")
-    for d in p.devices:
-        lines.append(f"  {d.name:<24} {d.model_name:<22} {d.memory_bytes / 2**30:6.1f} GiB ({d.memory_source})")
-    lines.append(f"start placement ({p.packing.devices_used} device(s) used, lower bound {p.packing.lower_bound}):")
-    for device, items in p.packing.placement.items():
-        body = ", ".join(f"{i.model} x{i.replicas} (share {i.share:g}, {i.memory_bytes / 2**30:.2f} GiB)" for i in items)
-        lines.append(f"  {device:<24} {body}")
+    if p is None:
+        lines.append("devices and start placement: not known yet (the ingress has not started)")
+    else:
+        lines.append("devices:")
+        for d in p.devices:
+            lines.append(f"  {d.name:<24} {d.model_name:<22} {d.memory_bytes / 2**30:6.1f} GiB ({d.memory_source})")
+        lines.append(f"start placement ({p.packing.devices_used} device(s) used, lower bound {p.packing.lower_bound}):")
+        for device, items in p.packing.placement.items():
+            body = ", ".join(f"{i.model} x{i.replicas} (share {i.share:g}, {i.memory_bytes / 2**30:.2f} GiB)"
+                             for i in items)
+            lines.append(f"  {device:<24} {body}")
     lines.append("models:")
     live = {m.model: m for m in status.live}
     for model, routes in sorted(status.routes.items()):

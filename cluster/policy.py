@@ -97,12 +97,16 @@ class PolicyContext(BaseModel):
 
 
 class Repack(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")  # gain may be inf
     from_n: int
     to_n: int
     started_at: float
     phase: Literal["warming", "draining"] = "warming"
-    drain_started_at: Optional[float] = None
+    drain_started_at: Optional[float] = Field(
+        None, description="When the old variant stopped taking requests; None while warming, and again while it "
+                          "serves because the new replicas died (the drain and its grace start over once they are back).")
+    new_target: int = Field(0, ge=0, description="Replicas applied to the new variant (after hysteresis and the room "
+                                                 "check); warming ends when this many run.")
     reason: str
     predicted_gain: float
 
@@ -176,56 +180,70 @@ class PolicyOutput(BaseModel):
 
 # ---- the policy -------------------------------------------------------------------------------
 
-def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyConfig()) -> PolicyOutput:
-    targets: dict[str, int] = {}
-    routes: dict[str, list[Route]] = {}
-    live: list[LiveModel] = []
-    decisions: list[Decision] = []
-    states = dict(state.models)
-    grow: list[tuple[ModelView, int, int]] = []  # (model, N, wished target) held back for the capacity check
+class ModelStep(BaseModel):
+    """One model's tick: its new state, the target and route of each variant, and the decisions taken."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    view: ModelView
+    state: ModelState
+    targets: dict[int, int] = Field(description="N -> target replicas of that variant.")
+    accepting: dict[int, bool] = Field(description="N -> whether the variant takes new requests.")
+    decisions: list[Decision] = Field(default_factory=list)
+    grow_n: Optional[int] = Field(None, description="The variant that wishes to grow (held back for the room check).")
+    grow_to: Optional[int] = Field(None, description="The target it wishes for.")
+
+    def deployment_targets(self) -> dict[str, int]:
+        return {v.deployment: self.targets[v.n] for v in self.view.input.variants}
+
+
+def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyConfig()) -> PolicyOutput:
+    steps: list[ModelStep] = []
+    live_inputs = []
     for view in ctx.models:
         inp = view.input
-        ms = states.get(inp.model) or _initial_state(view)
+        ms = _known_state(state.models.get(inp.model), inp) or _initial_state(view)
         obs = {v.n: view.variants.get(v.n, VariantObservation()) for v in inp.variants}
         shape = _live_shape(obs.values(), cfg)
         ev = _evaluate(inp, shape)
-        load = sum(o.requests for o in obs.values())
-        accepting = {v.n: False for v in inp.variants}
-        wanted = {v.n: 0 for v in inp.variants}
+        steps.append(_step_model(ctx.now, view, ms, obs, ev, cfg))
+        live_inputs.append((obs, ev or _evaluate(inp, inp.profile.shape if inp.profile else None), shape))
 
-        if ms.repack is None:
-            ms = _consider_repack(ctx.now, inp, ms, obs, ev, cfg, decisions)
-        if ms.repack is None:
-            active = inp.variant(ms.active_n)
-            current = obs[active.n].target or obs[active.n].running
-            desired = _replicas_for(load, active, inp, cfg)
-            ms, target = _hysteresis(ctx.now, ms, current, desired, cfg)
-            if target > current:
-                grow.append((view, active.n, target))
-                target = current
-            elif target < current:
-                decisions.append(_decision(ctx.now, inp.model, "scale", active.n, active.n, current, target,
-                                           f"load {load:.0f} requests needs {desired} replicas of B={active.max_num_seqs} "
-                                           f"at {cfg.target_batch_fill:.0%} fill (held {cfg.downscale_after_s:.0f} s)"))
-            wanted[active.n] = target
-            accepting[active.n] = True
-        else:
-            ms = _advance_repack(ctx.now, inp, ms, obs, load, cfg, decisions, wanted, accepting)
+    steps = _grant_growth(ctx, steps, cfg)
+    steps = _check_repack_room(ctx, steps)
+    steps = [_record_new_target(s) for s in steps]
 
-        states[inp.model] = ms
-        routes[inp.model] = [Route(n=v.n, deployment=v.deployment, accepting=accepting[v.n], running=obs[v.n].running,
-                                   max_num_seqs=v.max_num_seqs) for v in inp.variants]
-        for v in inp.variants:
-            targets[v.deployment] = wanted[v.n]
-        planned_ev = ev or _evaluate(inp, inp.profile.shape if inp.profile else None)
-        live.append(_live(inp, ms, obs, planned_ev, shape, wanted))
-
-    _grant_growth(ctx, grow, targets, states, decisions, cfg)
-    _check_repack_room(ctx, targets, states, decisions)
+    targets = {dep: n for s in steps for dep, n in s.deployment_targets().items()}
+    routes = {s.view.input.model: [Route(n=v.n, deployment=v.deployment, accepting=s.accepting[v.n],
+                                         running=obs[v.n].running, max_num_seqs=v.max_num_seqs)
+                                   for v in s.view.input.variants]
+              for s, (obs, _, _) in zip(steps, live_inputs)}
+    live = [_live(s.view.input, s.state, obs, ev, shape, s.targets) for s, (obs, ev, shape) in zip(steps, live_inputs)]
+    decisions = [d for s in steps for d in s.decisions]
+    states = {**state.models, **{s.view.input.model: s.state for s in steps}}
     kept = (list(state.decisions) + decisions)[-cfg.decisions_kept:]
     return PolicyOutput(targets=targets, routes=routes, live=live,
                         state=PolicyState(models=states, decisions=kept), new_decisions=decisions)
+
+
+def _step_model(now: float, view: ModelView, ms: ModelState, obs: dict[int, VariantObservation],
+                ev: Optional[ShapeEvaluation], cfg: PolicyConfig) -> ModelStep:
+    inp = view.input
+    load = sum(o.requests for o in obs.values())
+    started: list[Decision] = []
+    if ms.repack is None:
+        ms, started = _consider_repack(now, inp, ms, obs, load, ev, cfg)
+    step = _scale_active(now, view, ms, obs, load, cfg) if ms.repack is None else \
+        _advance_repack(now, view, ms, obs, load, cfg)
+    return step.model_copy(update={"decisions": started + step.decisions})
+
+
+def _known_state(ms: Optional[ModelState], inp: ModelPolicyInput) -> Optional[ModelState]:
+    """A saved state whose variants this deploy still has; else None (start from what runs)."""
+    if ms is None:
+        return None
+    ns = {v.n for v in inp.variants}
+    used = {ms.active_n} | ({ms.repack.from_n, ms.repack.to_n} if ms.repack else set())
+    return ms if used <= ns else None
 
 
 def _initial_state(view: ModelView) -> ModelState:
@@ -268,25 +286,52 @@ def _hysteresis(now: float, ms: ModelState, current: int, desired: int, cfg: Pol
     return ms.model_copy(update={"scale_want": desired}), current
 
 
+def _closed(inp: ModelPolicyInput) -> tuple[dict[int, int], dict[int, bool]]:
+    return {v.n: 0 for v in inp.variants}, {v.n: False for v in inp.variants}
+
+
+def _scale_active(now: float, view: ModelView, ms: ModelState, obs: dict[int, VariantObservation], load: float,
+                  cfg: PolicyConfig) -> ModelStep:
+    """No re-pack: the active variant follows load (growth waits for the room check)."""
+    inp = view.input
+    active = inp.variant(ms.active_n)
+    current = obs[active.n].target or obs[active.n].running
+    desired = _replicas_for(load, active, inp, cfg)
+    ms, target = _hysteresis(now, ms, current, desired, cfg)
+    decisions, grow_to = [], None
+    if target > current:
+        grow_to, target = target, current
+    elif target < current:
+        decisions.append(_decision(now, inp.model, "scale", active.n, active.n, current, target,
+                                   f"load {load:.0f} requests needs {desired} replicas of B={active.max_num_seqs} "
+                                   f"at {cfg.target_batch_fill:.0%} fill (held {cfg.downscale_after_s:.0f} s)"))
+    targets, accepting = _closed(inp)
+    targets[active.n], accepting[active.n] = target, True
+    return ModelStep(view=view, state=ms, targets=targets, accepting=accepting, decisions=decisions,
+                     grow_n=active.n if grow_to is not None else None, grow_to=grow_to)
+
+
 def _consider_repack(now: float, inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation],
-                     ev: Optional[ShapeEvaluation], cfg: PolicyConfig, decisions: list[Decision]) -> ModelState:
+                     load: float, ev: Optional[ShapeEvaluation], cfg: PolicyConfig) -> tuple[ModelState, list[Decision]]:
     clear = {"want_n": None, "want_since": None}
     if ev is None or len(inp.variants) < 2:
-        return ms.model_copy(update=clear)
+        return ms.model_copy(update=clear), []
     if ms.last_repack_end is not None and now - ms.last_repack_end < cfg.repack_cooldown_s:
-        return ms.model_copy(update=clear)
+        return ms.model_copy(update=clear), []
     best_n, gain, why = _best_variant(inp, ms.active_n, ev)
     if best_n == ms.active_n or gain < cfg.repack_min_gain:
-        return ms.model_copy(update=clear)
+        return ms.model_copy(update=clear), []
     if ms.want_n != best_n:
-        return ms.model_copy(update={"want_n": best_n, "want_since": now})
+        return ms.model_copy(update={"want_n": best_n, "want_since": now}), []
     if now - ms.want_since < cfg.repack_sustain_s:
-        return ms
+        return ms, []
     reason = f"{why}; held {now - ms.want_since:.0f} s"
     replicas = obs[ms.active_n].target or obs[ms.active_n].running
-    decisions.append(_decision(now, inp.model, "repack_start", ms.active_n, best_n, replicas, replicas, reason, gain))
-    return ms.model_copy(update={**clear, "repack": Repack(from_n=ms.active_n, to_n=best_n, started_at=now,
-                                                           reason=reason, predicted_gain=gain)})
+    new_target = _replicas_for(load, inp.variant(best_n), inp, cfg)
+    start = _decision(now, inp.model, "repack_start", ms.active_n, best_n, replicas, replicas, reason, gain)
+    repack = Repack(from_n=ms.active_n, to_n=best_n, started_at=now, new_target=new_target, reason=reason,
+                    predicted_gain=gain)
+    return ms.model_copy(update={**clear, "scale_want": None, "scale_since": None, "repack": repack}), [start]
 
 
 def _best_variant(inp: ModelPolicyInput, active_n: int, ev: ShapeEvaluation) -> tuple[int, float, str]:
@@ -309,47 +354,66 @@ def _best_variant(inp: ModelPolicyInput, active_n: int, ev: ShapeEvaluation) -> 
                         f"{cur:.0f} for N={active_n} (+{gain:.0%})")
 
 
-def _advance_repack(now: float, inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation],
-                    load: float, cfg: PolicyConfig, decisions: list[Decision], wanted: dict[int, int],
-                    accepting: dict[int, bool]) -> ModelState:
+def _advance_repack(now: float, view: ModelView, ms: ModelState, obs: dict[int, VariantObservation], load: float,
+                    cfg: PolicyConfig) -> ModelStep:
+    """Make-before-break: warm the new variant next to the old, then drain the old and stop it.
+
+    The new variant's target moves with the same hysteresis as a normal scale and grows only
+    through the room check (`_grant_growth`); warming ends when the replicas actually applied
+    (`Repack.new_target`, after the room check) run, not when an uncapped wish would.
+    """
+    inp = view.input
     rp = ms.repack
     old, new = inp.variant(rp.from_n), inp.variant(rp.to_n)
     old_obs, new_obs = obs[old.n], obs[new.n]
-    new_target = _replicas_for(load, new, inp, cfg)
-    wanted[new.n] = new_target
-    accepting[new.n] = True
+    old_current = old_obs.target or old_obs.running
+    ms, new_target = _hysteresis(now, ms, rp.new_target, _replicas_for(load, new, inp, cfg), cfg)
+    grow_to = None
+    if new_target > rp.new_target:
+        grow_to, new_target = new_target, rp.new_target
+    targets, accepting = _closed(inp)
+    targets[new.n], accepting[new.n] = new_target, True
+
+    def step(state: ModelState, decisions: list[Decision] = (), grow: bool = True) -> ModelStep:
+        return ModelStep(view=view, state=state, targets=targets, accepting=accepting, decisions=list(decisions),
+                         grow_n=new.n if grow and grow_to is not None else None,
+                         grow_to=grow_to if grow else None)
+
     if rp.phase == "warming":
-        wanted[old.n] = old_obs.target or old_obs.running
-        accepting[old.n] = True
-        if new_obs.running >= new_target:
+        targets[old.n], accepting[old.n] = old_current, True
+        if rp.new_target > 0 and new_obs.running >= rp.new_target:
             accepting[old.n] = False
-            decisions.append(_decision(now, inp.model, "repack_drain", old.n, new.n, wanted[old.n], new_target,
-                                       f"{new_obs.running} replicas of N={new.n} running: N={old.n} stops taking "
-                                       f"requests and drains"))
-            return ms.model_copy(update={"repack": rp.model_copy(update={"phase": "draining",
-                                                                        "drain_started_at": now})})
+            drain = _decision(now, inp.model, "repack_drain", old.n, new.n, old_current, rp.new_target,
+                              f"{new_obs.running} replicas of N={new.n} running: N={old.n} stops taking "
+                              f"requests and drains")
+            return step(ms.model_copy(update={"repack": rp.model_copy(update={"phase": "draining",
+                                                                               "drain_started_at": now})}), [drain])
         if now - rp.started_at > cfg.warm_timeout_s:
-            wanted[new.n], accepting[new.n] = 0, False
-            decisions.append(_decision(now, inp.model, "repack_abort", old.n, new.n, wanted[old.n], wanted[old.n],
-                                       f"N={new.n} replicas not running after {cfg.warm_timeout_s:.0f} s; "
-                                       f"N={old.n} stays"))
-            return ms.model_copy(update={"repack": None, "last_repack_end": now})
-        return ms
+            targets[new.n], accepting[new.n] = 0, False
+            abort = _decision(now, inp.model, "repack_abort", old.n, new.n, old_current, old_current,
+                              f"N={new.n} replicas not running after {cfg.warm_timeout_s:.0f} s; N={old.n} stays")
+            return step(ms.model_copy(update={"repack": None, "last_repack_end": now, "scale_want": None,
+                                              "scale_since": None}), [abort], grow=False)
+        return step(ms)
     # draining: the old variant takes no new requests; scale it down once idle (or after the timeout)
     if new_obs.running == 0 and old_obs.running > 0:
-        # the new replicas died before the old ones were gone: the old ones serve again meanwhile
-        wanted[old.n] = old_obs.target or old_obs.running
-        accepting[old.n] = True
-        return ms
-    waited = now - (rp.drain_started_at or now)
+        # the new replicas died before the old ones were gone: the old ones serve again meanwhile,
+        # and their drain starts over (with its grace) once the new ones are back
+        targets[old.n], accepting[old.n] = old_current, True
+        return step(ms.model_copy(update={"repack": rp.model_copy(update={"drain_started_at": None})}))
+    if rp.drain_started_at is None:
+        rp = rp.model_copy(update={"drain_started_at": now})
+        ms = ms.model_copy(update={"repack": rp})
+    waited = now - rp.drain_started_at
     idle = old_obs.requests <= 0 and waited >= cfg.drain_grace_s
-    wanted[old.n] = 0 if idle or waited >= cfg.drain_timeout_s else (old_obs.target or old_obs.running)
-    if wanted[old.n] == 0 and old_obs.running == 0:
-        decisions.append(_decision(now, inp.model, "repack_done", old.n, new.n, 0, new_target,
-                                   f"N={old.n} drained and stopped; N={new.n} serves ({rp.reason})",
-                                   rp.predicted_gain, seconds=now - rp.started_at))
-        return ModelState(active_n=new.n, last_repack_end=now)
-    return ms
+    targets[old.n] = 0 if idle or waited >= cfg.drain_timeout_s else old_current
+    if targets[old.n] == 0 and old_obs.running == 0:
+        done = _decision(now, inp.model, "repack_done", old.n, new.n, 0, new_target,
+                         f"N={old.n} drained and stopped; N={new.n} serves ({rp.reason})",
+                         rp.predicted_gain, seconds=now - rp.started_at)
+        return step(ModelState(active_n=new.n, last_repack_end=now, scale_want=ms.scale_want,
+                               scale_since=ms.scale_since), [done])
+    return step(ms)
 
 
 def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
@@ -363,51 +427,77 @@ def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
     return (not result.unplaced), "; ".join(f"{u.model}: {u.replicas} replica(s) {u.reason}" for u in result.unplaced)
 
 
-def _grant_growth(ctx: PolicyContext, grow, targets: dict[str, int], states: dict[str, ModelState],
-                  decisions: list[Decision], cfg: PolicyConfig) -> None:
-    """Scale-ups, one replica at a time round-robin, as far as the devices have room."""
-    before_growth = dict(targets)
+def _all_targets(steps: list[ModelStep]) -> dict[str, int]:
+    return {dep: n for s in steps for dep, n in s.deployment_targets().items()}
+
+
+def _grant_growth(ctx: PolicyContext, steps: list[ModelStep], cfg: PolicyConfig) -> list[ModelStep]:
+    """Scale-ups (the active variant, or the new one during a re-pack), one replica at a time
+    round-robin, as far as the devices have room."""
+    targets = _all_targets(steps)
+    growing = [(s, s.view.input.variant(s.grow_n).deployment) for s in steps if s.grow_to is not None]
     progress = True
     while progress:
         progress = False
-        for view, n, wish in grow:
-            dep = view.input.variant(n).deployment
-            if targets[dep] < wish:
+        for s, dep in growing:
+            if targets[dep] < s.grow_to:
                 trial = {**targets, dep: targets[dep] + 1}
                 if _fits(ctx, trial)[0]:
-                    targets[dep] += 1
+                    targets[dep] = trial[dep]
                     progress = True
-    for view, n, wish in grow:
-        dep = view.input.variant(n).deployment
-        before, after = before_growth[dep], targets[dep]
-        capped = "" if after == wish else f"; capped at {after}: no room on the devices for more"
+    out = []
+    for s in steps:
+        if s.grow_to is None:
+            out.append(s)
+            continue
+        inp, n = s.view.input, s.grow_n
+        before, after = s.targets[n], targets[inp.variant(n).deployment]
         if after > before:
-            decisions.append(_decision(ctx.now, view.input.model, "scale", n, n, before, after,
-                                       f"load needs {wish} replicas of B={view.input.variant(n).max_num_seqs} at "
-                                       f"{cfg.target_batch_fill:.0%} fill (held {cfg.upscale_after_s:.0f} s){capped}"))
+            capped = "" if after == s.grow_to else f"; capped at {after}: no room on the devices for more"
+            d = _decision(ctx.now, inp.model, "scale", n, n, before, after,
+                          f"load needs {s.grow_to} replicas of B={inp.variant(n).max_num_seqs} at "
+                          f"{cfg.target_batch_fill:.0%} fill (held {cfg.upscale_after_s:.0f} s){capped}")
+            out.append(s.model_copy(update={"targets": {**s.targets, n: after}, "decisions": s.decisions + [d]}))
         else:  # nothing granted: keep wishing without re-logging every tick
-            states[view.input.model] = states[view.input.model].model_copy(
-                update={"scale_want": wish, "scale_since": ctx.now - cfg.upscale_after_s})
+            out.append(s.model_copy(update={"state": s.state.model_copy(
+                update={"scale_want": s.grow_to, "scale_since": ctx.now - cfg.upscale_after_s})}))
+    return out
 
 
-def _check_repack_room(ctx: PolicyContext, targets: dict[str, int], states: dict[str, ModelState],
-                       decisions: list[Decision]) -> None:
+def _check_repack_room(ctx: PolicyContext, steps: list[ModelStep]) -> list[ModelStep]:
     """Make-before-break needs room for the new variant next to the old: bring up fewer, or abort."""
-    for view in ctx.models:
-        ms = states[view.input.model]
-        rp = ms.repack
+    out = list(steps)
+    for i, s in enumerate(out):
+        rp = s.state.repack
         if rp is None or rp.phase != "warming":
             continue
-        new = view.input.variant(rp.to_n)
-        while targets[new.deployment] > 1 and not _fits(ctx, targets)[0]:
-            targets[new.deployment] -= 1
-        ok, why = _fits(ctx, targets)
-        if not ok:
-            old = view.input.variant(rp.from_n)
-            targets[new.deployment] = 0
-            decisions.append(_decision(ctx.now, view.input.model, "repack_abort", old.n, new.n, targets[old.deployment],
-                                       targets[old.deployment], f"no room for N={new.n} next to N={old.n}: {why}"))
-            states[view.input.model] = ms.model_copy(update={"repack": None, "last_repack_end": ctx.now})
+        inp = s.view.input
+        new, old = inp.variant(rp.to_n), inp.variant(rp.from_n)
+        others = {dep: n for j, o in enumerate(out) if j != i for dep, n in o.deployment_targets().items()}
+        new_target = s.targets[new.n]
+        while new_target > 1 and not _fits(ctx, {**others, **s.deployment_targets(), new.deployment: new_target})[0]:
+            new_target -= 1
+        ok, why = _fits(ctx, {**others, **s.deployment_targets(), new.deployment: new_target})
+        if ok:
+            out[i] = s.model_copy(update={"targets": {**s.targets, new.n: new_target}})
+            continue
+        abort = _decision(ctx.now, inp.model, "repack_abort", old.n, new.n, s.targets[old.n], s.targets[old.n],
+                          f"no room for N={new.n} next to N={old.n}: {why}")
+        out[i] = s.model_copy(update={
+            "targets": {**s.targets, new.n: 0}, "accepting": {**s.accepting, new.n: False, old.n: True},
+            "decisions": s.decisions + [abort],
+            "state": s.state.model_copy(update={"repack": None, "last_repack_end": ctx.now, "scale_want": None,
+                                                "scale_since": None})})
+    return out
+
+
+def _record_new_target(s: ModelStep) -> ModelStep:
+    """The state remembers the new variant's applied target: warming compares running replicas with it."""
+    rp = s.state.repack
+    if rp is None or rp.new_target == s.targets[rp.to_n]:
+        return s
+    return s.model_copy(update={"state": s.state.model_copy(
+        update={"repack": rp.model_copy(update={"new_target": s.targets[rp.to_n]})})})
 
 
 def _live(inp: ModelPolicyInput, ms: ModelState, obs: dict[int, VariantObservation], ev: Optional[ShapeEvaluation],

@@ -11,20 +11,23 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import uuid
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 import ray
 from ray import serve
 from ray.serve import Application
 
-from advisor.planner import DeviceSpec, PlanError, PlannerConfig, plan_replicas
+from advisor.memory import KV_BLOCK_TOKENS
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, WorkloadShape
 from cluster.board import AppPlacement
 from cluster.inventory import Inventory, cluster_inventory
 from cluster.packing import ModelDemand, PackInput, PackResult, pack
 from cluster.policy import ModelPolicyInput, PolicyConfig, Route, VariantSpec
-from deployments.autoscale import policy_kwargs
+from deployments.autoscale import POLICY_FUNCTION, policy_kwargs
 from deployments.engine import (EngineConfigError, check_engine_kwargs, check_server_kwargs, deployment_options,
                                 replica_deployment_name, vllm_version)
 from deployments.ingress import OpenAIIngress, RetryPolicy, ServedModel
@@ -38,6 +41,9 @@ logger = logging.getLogger("ray.serve")
 
 class AppConfigError(ValueError):
     """Invalid application args; the message names each field, its value and the fix."""
+
+
+REDACTED = "**********"  # how an API key appears wherever args are printed or logged
 
 
 class ModelConfig(BaseModel):
@@ -116,7 +122,8 @@ class AppArgs(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto (GPUs when Ray has them, else CPUs), cuda or cpu"
     )
-    api_key: Optional[str] = Field(None, description="bearer token clients must send; omit for none")
+    api_key: Optional[SecretStr] = Field(
+        None, description="bearer token clients must send; omit for none (never printed: shown as **********)")
     api_key_env: Optional[str] = Field(None, description="name of an environment variable holding the API key")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="retries of requests that hit a dead replica")
     device_memory: Optional[ByteSize] = Field(
@@ -133,9 +140,19 @@ class AppArgs(BaseModel):
         return self
 
     def resolved_api_key(self) -> Optional[str]:
+        """The key clients must send. An `api_key_env` naming an unset variable is an error (unless
+        `api_key` is the fallback): the server would otherwise start without authentication."""
         if self.api_key_env:
-            return os.environ.get(self.api_key_env) or self.api_key
-        return self.api_key
+            value = os.environ.get(self.api_key_env)
+            if value:
+                return value
+            if self.api_key is None:
+                raise AppConfigError(
+                    f"api_key_env = {self.api_key_env!r}: the environment variable {self.api_key_env} is not set (or "
+                    f"empty) where the application starts, so the server would accept requests without an API "
+                    f"key; export {self.api_key_env} in the shell that starts Ray / `serve run`, or remove api_key_env"
+                )
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 class ClusterView(BaseModel):
@@ -191,6 +208,8 @@ def _explain(exc: ValidationError) -> str:
         msgs.append(err["msg"])
     out = [lines[0]]
     for loc, value in lines[1:]:
+        if any(part == "api_key" for part in loc):
+            value = REDACTED
         fix = _field_hint(loc)
         out.append(f"  {_dotted(loc)} = {value!r}: {' or '.join(dict.fromkeys(seen[loc]))}"
                    + (f" (expected: {fix})" if fix else ""))
@@ -271,7 +290,7 @@ def _advisor_request(m: ModelConfig, cluster: ClusterView):
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
-        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype,
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len,
     )
 
 
@@ -334,7 +353,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
                  profile: Optional[Profile]) -> ModelLayout:
     """Variants, engine specs and replica bounds of one model whose N is resolved."""
     name = m.served_name
-    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction)
+    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
     dev = None
     if profile is not None:
         dev = _device_for_plans(profile, inventory, cluster)
@@ -362,15 +381,20 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             memory = profile.weight_bytes + profile.overhead_bytes + kv
         else:
             fixed = profile.weight_bytes + profile.overhead_bytes
-            longest = profile.kv_bytes_per_token * m.max_num_seqs * (m.max_model_len or 2 * (m.prompt_tokens + m.output_tokens))
-            kv = min(usable // k - fixed, int(longest * (1 + planner.kv_headroom)))
-            needed = profile.kv_bytes_per_token * (m.prompt_tokens + m.output_tokens)
+            block = KV_BLOCK_TOKENS[cluster.engine_device]
+            shape_len = m.prompt_tokens + m.output_tokens
+            longest = m.max_model_len or 2 * shape_len
+            kv = min(usable // k - fixed, kv_pool_bytes(profile.kv_bytes_per_token, block, m.max_num_seqs, longest,
+                                                     planner.kv_headroom))
+            needed = kv_pool_bytes(profile.kv_bytes_per_token, block, 1, shape_len, 0.0, m.max_model_len)
             if kv < needed:
+                one = (f"one max_model_len {m.max_model_len}-token sequence plus a block" if m.max_model_len
+                       else f"one {shape_len}-token sequence")
                 raise AppConfigError(
                     f"model {name!r}: variant N={k} does not fit: a replica gets {usable / k / 2**30:.2f} GiB "
                     f"(1/{k} of {usable / 2**30:.2f} GiB usable) but weights + engine overhead take "
-                    f"{fixed / 2**30:.2f} GiB and one {m.prompt_tokens + m.output_tokens}-token sequence needs "
-                    f"{needed / 2**20:.0f} MiB more; drop {k} from variants or use larger devices"
+                    f"{fixed / 2**30:.2f} GiB and {one} needs {needed / 2**20:.0f} MiB more; drop {k} from "
+                    f"variants, lower max_model_len or use larger devices"
                 )
             memory = fixed + kv
         spec = replica_spec(m.model_copy(update={"replicas_per_device": k,
@@ -427,6 +451,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         layouts.append(layout_model(m, cluster, inventory, args.device, profile))
     packing = place(layouts, inventory)
     capacities = inventory.capacities()
+    deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     handles: dict[str, dict[int, object]] = {}
     served, routes = [], {}
     for lay in layouts:
@@ -447,7 +472,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                 "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
-                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities)},
+                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id)},
             }
             opts = deployment_options(spec, count, autoscaling)
             handles[name][k] = serve.deployment(LLMReplica).options(**opts).bind(spec)
@@ -468,4 +493,42 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
 def build_app(raw_args: Optional[dict] = None) -> Application:
     """Entry point for `serve run`: validate the args, read the cluster, bind the app."""
     args = parse_args(raw_args)
+    args.resolved_api_key()  # an unset api_key_env fails here, before anything starts
+    check_policy_configured(args, raw_args, _serve_app_configs())
     return build(args, ClusterView.from_ray())
+
+
+def check_policy_configured(args: AppArgs, raw_args: Optional[dict], app_configs: list[dict]) -> None:
+    """Elastic models (variants, min/max_replicas) need the app-level plateau policy: without it
+    Serve's default policy would scale their variant deployments (min_replicas 0, no delays).
+
+    The builder is not told the app's `autoscaling_policy`, but Serve's controller writes the
+    config (with it) to its checkpoint before it starts the build task, so the builder reads the
+    app configs back and looks for the one built by this builder with these args.
+    """
+    elastic = [m.served_name for m in args.models if m.elastic]
+    if not elastic:
+        return
+    ours = [c for c in app_configs if str(c.get("import_path", "")).startswith("deployments.app:")
+            and (c.get("args") or {}) == (raw_args or {})]
+    if any((c.get("autoscaling_policy") or {}).get("policy_function") == POLICY_FUNCTION for c in ours):
+        return
+    found = "no Serve application config with these args was found" if not ours else \
+        f"its autoscaling_policy is {ours[0].get('autoscaling_policy')!r}"
+    raise AppConfigError(
+        f"models {', '.join(elastic)} set variants or min/max_replicas, which needs the application-level "
+        f"policy ({found}); add `autoscaling_policy: {{policy_function: {POLICY_FUNCTION}}}` to the application "
+        f"in config.yaml and deploy it with `serve run config.yaml`, or remove variants/min_replicas/max_replicas"
+    )
+
+
+def _serve_app_configs() -> list[dict]:
+    """The app configs Serve's controller holds (empty when there is no controller, e.g. a Python deploy)."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return []
+    configs = ray.get(controller.get_app_configs.remote(), timeout=60)
+    return [c.model_dump() for c in configs.values()]

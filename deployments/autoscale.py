@@ -12,6 +12,10 @@ each variant deployment's `ModelPolicyInput` (the builder puts it in that deploy
 `record_autoscaling_stats()` into observations, calls the pure `cluster.policy.decide`, and
 publishes routes, readings and decisions to the status board without waiting. Any exception is
 logged and the current replica targets are kept: the policy never takes the controller down.
+
+The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
+whenever it changes and read back on the first tick after a controller restart, so a restart
+neither starts a re-pack over nor loses a drain.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ import logging
 import time
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.packing import DeviceCapacity
+from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
                             VariantObservation, decide)
 
 logger = logging.getLogger("ray.serve")
 
 POLICY_KWARGS_KEY = "plateau"
+POLICY_FUNCTION = "deployments.autoscale:PlateauAutoscaler"  # what config.yaml names as the app's policy
+BOARD_LOOKUP_EVERY_S = 10.0
 
 
 class _VariantInput(BaseModel):
@@ -39,24 +46,43 @@ class _VariantInput(BaseModel):
     n: int
     policy: PolicyConfig
     devices: list[DeviceCapacity]
+    deploy_id: str = Field("", description="One build of the app: saved policy state is read back only into the "
+                                           "same build (a controller restart), never into a new deploy.")
 
 
-def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity]) -> dict[str, Any]:
+class SavedPolicyState(BaseModel):
+    """The policy state as written to the state store."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    deploy_id: str = Field(description="The build the state belongs to.")
+    state: PolicyState
+
+
+def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity],
+                  deploy_id: str = "") -> dict[str, Any]:
     """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
-    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices)
+    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices, deploy_id=deploy_id)
     return {POLICY_KWARGS_KEY: parsed.model_dump(mode="json")}
 
 
 class PlateauAutoscaler:
-    def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0):
+    def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
+                 store: Optional[StateStore] = None, board=None):
+        """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
+        policy state's home, default Ray's internal KV) and `board` (default: the named status board)
+        are injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
+        self._store: StateStore = store if store is not None else RayInternalKV()
+        self._restored_for: Optional[tuple[str, str]] = None  # (app, deploy id) whose saved state was read back
+        self._saved: Optional[PolicyState] = None
+        self._board_injected = board is not None
         self._inputs: dict[str, tuple[dict, _VariantInput]] = {}  # deployment -> (its kwargs, parsed)
         self._last_eval = 0.0
         self._last_publish = 0.0
         self._last_routes: Optional[dict[str, list[Route]]] = None
-        self._board = None
+        self._board = board
         self._board_checked = 0.0
         self._errors = 0
 
@@ -94,10 +120,12 @@ class PlateauAutoscaler:
         if first is None:
             return {}
         cfg = first.policy
+        self._restore(app, first.deploy_id)
         pctx = PolicyContext(now=now, devices=first.devices,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
+        self._save(app, first.deploy_id)
         for d in out.new_decisions:
             logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
                         d.replicas_from, d.replicas_to, d.reason)
@@ -116,8 +144,37 @@ class PlateauAutoscaler:
         self._inputs[deployment] = (raw, parsed)
         return parsed
 
+    def _restore(self, app: str, deploy_id: str) -> None:
+        """First tick for `app` (after a start or a controller restart): read back the state saved by
+        this same build of the app; a new deploy starts fresh."""
+        if self._restored_for == (app, deploy_id):
+            return
+        self._restored_for = (app, deploy_id)
+        self.state, self._saved = PolicyState(), None
+        try:
+            raw = self._store.get(policy_key(app))
+            saved = SavedPolicyState.model_validate_json(raw) if raw else None
+            if saved is not None and saved.deploy_id == deploy_id:
+                self.state = saved.state
+                self._saved = self.state
+                logger.info("plateau policy: state of app %s read back (%s)", app, ", ".join(
+                    f"{m}: N={s.active_n}{f', re-pack {s.repack.phase}' if s.repack else ''}"
+                    for m, s in self.state.models.items()) or "no models")
+        except Exception:  # a state we cannot read must not stop scaling: start fresh
+            logger.exception("plateau policy: saved state of app %s unreadable; starting fresh", app)
+
+    def _save(self, app: str, deploy_id: str) -> None:
+        if self.state == self._saved:
+            return
+        try:
+            saved = SavedPolicyState(deploy_id=deploy_id, state=self.state)
+            self._store.put(policy_key(app), saved.model_dump_json().encode())
+            self._saved = self.state
+        except Exception:  # retried on the next change
+            logger.exception("plateau policy: could not save its state")
+
     def _get_board(self):
-        if self._board is None and time.time() - self._board_checked > 10:
+        if self._board is None and not self._board_injected and time.time() - self._board_checked > BOARD_LOOKUP_EVERY_S:
             from cluster.board import find_board
 
             self._board_checked = time.time()
@@ -134,7 +191,8 @@ class PlateauAutoscaler:
             self._board = None
 
     def _report_error(self, contexts: dict, message: str) -> None:
-        board = self._board
+        """Errors reach the board even before the first successful publish (`plateau status` shows them)."""
+        board = self._get_board()
         app = next((c.app_name for c in contexts.values()), None)
         if board is not None and app is not None:
             try:

@@ -49,6 +49,7 @@ def _config_check(ns: argparse.Namespace) -> int:
     import yaml
 
     from deployments.app import AppConfigError, parse_args
+    from deployments.autoscale import POLICY_FUNCTION
 
     path = Path(ns.file)
     if not path.is_file():
@@ -65,10 +66,16 @@ def _config_check(ns: argparse.Namespace) -> int:
         except AppConfigError as exc:
             print(f"{path}: application {app.get('name')!r}: {exc}", file=sys.stderr)
             return 1
+        # args.model_dump shows api_key as ********** (a SecretStr): the key is never printed
         print(json.dumps({"application": app.get("name"), "args": args.model_dump(mode="json")}, indent=2))
+        try:
+            args.resolved_api_key()
+        except AppConfigError as exc:
+            print(f"{path}: application {app.get('name')!r}: warning: {exc} (the server refuses to start without it)",
+                  file=sys.stderr)
         policy = (app.get("autoscaling_policy") or {}).get("policy_function", "")
         elastic = [m.served_name for m in args.models if m.elastic]
-        if elastic and policy != "deployments.autoscale:PlateauAutoscaler":
+        if elastic and policy != POLICY_FUNCTION:
             print(f"{path}: application {app.get('name')!r}: models {', '.join(elastic)} set variants or "
                   "min/max_replicas, which needs `autoscaling_policy: {policy_function: "
                   "deployments.autoscale:PlateauAutoscaler}` on the application", file=sys.stderr)

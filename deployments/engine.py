@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import fcntl
 import logging
 import os
 import tempfile
@@ -21,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
+from advisor.locks import file_lock
 from deployments.spec import ReplicaSpec
 
 if TYPE_CHECKING:  # vLLM is heavy; only the replica process imports it for real
@@ -36,6 +36,19 @@ _SPEC_OWNED = {
     "max_model_len": "max_model_len",
     "dtype": "dtype",
     "enforce_eager": "enforce_eager",
+}
+
+# Keys that contradict packing: each replica is one engine on 1/N of one device, sized by a KV
+# model that knows the checkpoint's dtype and vLLM's default block size.
+_CONTRADICT_PACKING = {
+    "tensor_parallel_size": "a replica is one engine on 1/N of one device; tensor parallelism spans devices",
+    "pipeline_parallel_size": "a replica is one engine on 1/N of one device; pipeline parallelism spans devices",
+    "data_parallel_size": "replicas are plateau-serve's data parallelism (replicas_per_device, devices)",
+    "distributed_executor_backend": "a replica runs one engine in its own process, not a distributed executor",
+    "kv_cache_dtype": "it changes the KV bytes per token the memory model sizes each replica's pool with",
+    "block_size": "the KV pool is sized in vLLM's default blocks for the device",
+    "hf_overrides": "it can change layers, heads or dtype the memory model read from config.json",
+    "speculative_config": "a draft model adds weights and KV the replica plan does not count",
 }
 
 logger = logging.getLogger("ray.serve")
@@ -63,6 +76,10 @@ def check_engine_kwargs(kwargs: dict[str, object], known: Optional[frozenset[str
             raise EngineConfigError(
                 f"engine_kwargs.{key}: set by plateau-serve from the model config; use the model's "
                 f"`{_SPEC_OWNED[key]}` field instead"
+            )
+        if key in _CONTRADICT_PACKING:
+            raise EngineConfigError(
+                f"engine_kwargs.{key}: not supported with replica packing: {_CONTRADICT_PACKING[key]}; remove it"
             )
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
@@ -217,13 +234,8 @@ def device_key(spec: ReplicaSpec) -> str:
 def device_start_lock(key: str, lock_dir: Optional[Path] = None) -> Iterator[None]:
     """Hold the node-local start lock of one device (blocks while another engine starts)."""
     folder = lock_dir or Path(tempfile.gettempdir()) / "plateau-locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(folder / f"{key}.lock"):
+        yield
 
 
 def undo_worker_niceness(pid: Optional[int] = None) -> Optional[str]:

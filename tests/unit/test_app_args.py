@@ -80,3 +80,49 @@ def test_device_cuda_without_gpus_is_a_clear_error():
     m = parse_args({"models": [{"replicas_per_device": 1}]}).models[0]
     with pytest.raises(AppConfigError, match="no GPUs"):
         replica_spec(m, ClusterView(gpus=0, cpus_per_node=2, engine_device="cpu"), device="cuda")
+
+
+# ---- issue 11: API key, the app-level policy -------------------------------------------------
+
+def test_api_key_env_naming_an_unset_variable_is_a_startup_error_naming_it(monkeypatch):
+    monkeypatch.delenv("PLATEAU_TEST_KEY", raising=False)
+    args = parse_args({"api_key_env": "PLATEAU_TEST_KEY"})
+    with pytest.raises(AppConfigError, match="PLATEAU_TEST_KEY is not set"):
+        args.resolved_api_key()
+    monkeypatch.setenv("PLATEAU_TEST_KEY", "s3cret")
+    assert args.resolved_api_key() == "s3cret"
+
+
+def test_the_api_key_is_never_printed(capsys, tmp_path):
+    from deployments.cli import main
+
+    secret = "sk-very-secret-123"
+    args = parse_args({"api_key": secret})
+    assert secret not in repr(args) and secret not in str(args.model_dump(mode="json"))
+    assert args.resolved_api_key() == secret
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"applications": [
+        {"name": "p", "import_path": "deployments.app:build_app", "args": {"api_key": secret}}]}))
+    assert main(["config", "check", str(config)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [
+        {"name": "p", "import_path": "deployments.app:build_app", "args": {"api_key": [secret]}}]}))
+    assert main(["config", "check", str(bad)]) == 1
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err and "**********" in out.out + out.err
+
+
+def test_elastic_models_need_the_app_level_policy_in_the_serve_config():
+    from deployments.app import check_policy_configured
+
+    raw = {"models": [{"model": "m", "replicas_per_device": 2, "min_replicas": 1, "max_replicas": 2}]}
+    args = parse_args(raw)
+    app = {"name": "p", "import_path": "deployments.app:build_app", "args": raw}
+    with pytest.raises(AppConfigError, match="needs the application-level policy.*autoscaling_policy"):
+        check_policy_configured(args, raw, [app])
+    with pytest.raises(AppConfigError, match="no Serve application config"):
+        check_policy_configured(args, raw, [])
+    policy = {"policy_function": "deployments.autoscale:PlateauAutoscaler"}
+    check_policy_configured(args, raw, [{**app, "autoscaling_policy": policy}])  # configured: fine
+    fixed = {"models": [{"model": "m", "replicas_per_device": 2}]}
+    check_policy_configured(parse_args(fixed), fixed, [])  # nothing elastic: no policy needed

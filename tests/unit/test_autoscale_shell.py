@@ -64,3 +64,82 @@ def test_calls_between_evaluations_change_nothing():
     shell = PlateauAutoscaler(evaluate_every_s=3600)
     shell({"v": context("LLM:alpha@n2", kw, requests=60.0)})
     assert shell({"v": context("LLM:alpha@n2", kw, requests=60.0)}) == ({}, {})
+
+
+# ---- issue 11: state that survives a controller restart; errors before the first publish ----
+
+class DictStore:
+    """A fake of Ray's internal KV."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+
+class FakeBoard:
+    """Records the calls the shell makes (`.remote` is called directly, as on an actor handle)."""
+
+    def __init__(self):
+        self.errors, self.published = [], []
+        self.policy_error = SimpleNamespace(remote=lambda app, msg: self.errors.append((app, msg)))
+        self.publish = SimpleNamespace(remote=lambda *a: self.published.append(a))
+
+
+def repack_contexts(n1_running=0, n1_target=0, deploy_id="build-1"):
+    from tests.unit.test_policy import CFG, model_input
+
+    inp = model_input()
+    metrics = {"recent_requests": {"r": 20.0}, "recent_prompt_tokens": {"r": 1500.0},
+               "recent_output_tokens": {"r": 64.0}}
+    return {
+        "v1": context("LLM:alpha@n1", policy_kwargs(inp, 1, CFG, DEVICES, deploy_id), running=n1_running,
+                      target=n1_target),
+        "v2": context("LLM:alpha@n2", policy_kwargs(inp, 2, CFG, DEVICES, deploy_id), running=1, target=1, requests=5.0,
+                      metrics=metrics),
+    }
+
+
+def test_a_restarted_controller_reads_the_repack_back_instead_of_dropping_the_new_variant(monkeypatch):
+    store, clock = DictStore(), [1000.0]
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    first = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    first(repack_contexts())  # the better variant is noted
+    clock[0] += 11.0
+    decisions, _ = first(repack_contexts())  # held long enough: the re-pack starts
+    assert first.state.models["alpha"].repack is not None and decisions["v1"] == 1
+
+    restarted = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())  # a new controller
+    clock[0] += 1.0
+    decisions, _ = restarted(repack_contexts(n1_target=1))
+    assert restarted.state.models["alpha"].repack == first.state.models["alpha"].repack
+    assert decisions["v1"] == 1  # the warming variant is kept, not scaled to zero by a fresh state
+    assert [d.action for d in restarted.state.decisions] == ["repack_start"]  # not started again
+
+
+def test_a_new_deploy_does_not_read_back_the_state_of_the_previous_one(monkeypatch):
+    store, clock = DictStore(), [1000.0]
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    first = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    first(repack_contexts())
+    clock[0] += 11.0
+    first(repack_contexts())
+    assert first.state.models["alpha"].repack is not None
+    redeployed = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    clock[0] += 1.0
+    redeployed(repack_contexts(deploy_id="build-2"))
+    assert redeployed.state.models["alpha"].repack is None and redeployed.state.decisions == []
+
+
+def test_policy_errors_reach_the_board_before_any_successful_publish():
+    board = FakeBoard()
+    bad = context("LLM:alpha@n2", {"plateau": {"model": {"model": "alpha"}, "n": 2, "policy": {}, "devices": []}})
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=board)
+    shell({"v": bad})
+    assert board.published == [] and len(board.errors) == 1
+    app, message = board.errors[0]
+    assert app == "app" and "ValidationError" in message

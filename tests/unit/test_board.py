@@ -32,3 +32,88 @@ def test_status_text_shows_devices_placement_variants_and_decisions():
     assert "active N=1, best N=1, B*=47" in text and "not enough traffic" in text
     assert "policy last ran: 2 s ago" in text
     assert "repack_done N=2->N=1 replicas 0->1, took 81 s: N=2 drained" in text
+
+
+# ---- issue 11: a restarted board gets its placement back; errors before the placement -------
+
+class DictStore:
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+
+class NoMetrics:
+    def record(self, app, live, new_decisions):
+        pass
+
+
+def _placement(app="plateau"):
+    return AppPlacement(
+        app=app, devices=[], packing=PackResult(placement={}, devices_used=0, lower_bound=0, unplaced=[]),
+        routes={"a": [Route(n=1, deployment="LLM:a@n1", accepting=False, running=0, max_num_seqs=32),
+                      Route(n=2, deployment="LLM:a@n2", accepting=True, running=1, max_num_seqs=32)]})
+
+
+def test_a_restarted_board_reads_back_its_placement_and_the_last_published_routes():
+    from cluster.board import StatusBoard
+
+    store = DictStore()
+    board = StatusBoard(store=store, metrics=NoMetrics())
+    board.set_placement(_placement())
+    live_routes = {"a": [Route(n=1, deployment="LLM:a@n1", accepting=True, running=1, max_num_seqs=32),
+                         Route(n=2, deployment="LLM:a@n2", accepting=False, running=1, max_num_seqs=32)]}
+    board.publish("plateau", live_routes, [], [])
+
+    restarted = StatusBoard(store=store, metrics=NoMetrics())
+    assert restarted.routes("plateau") == live_routes  # the drain of n2 is not forgotten
+    assert restarted.status()["plateau"].placement == _placement()
+    later = {"a": [r.model_copy(update={"running": 2}) for r in live_routes["a"]]}
+    restarted.publish("plateau", later, [], [])  # and it keeps taking the policy's publishes
+    assert restarted.routes("plateau") == later
+
+
+def test_an_ingress_that_sends_its_placement_again_does_not_reopen_a_draining_variant():
+    from cluster.board import StatusBoard
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    board.set_placement(_placement())
+    draining = {"a": [Route(n=1, deployment="LLM:a@n1", accepting=True, running=1, max_num_seqs=32),
+                      Route(n=2, deployment="LLM:a@n2", accepting=False, running=1, max_num_seqs=32)]}
+    board.publish("plateau", draining, [], [])
+    board.set_placement(_placement())
+    assert board.routes("plateau") == draining
+
+
+def test_policy_errors_before_the_placement_and_the_first_publish_show_in_the_status():
+    from cluster.board import StatusBoard
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    board.policy_error("plateau", "OverflowError: cannot convert float infinity to integer")
+    board.set_placement(_placement())
+    status = board.status()["plateau"]
+    assert status.policy_errors == 1
+    text = render_status("plateau", status, now=0.0)
+    assert "policy last ran: never" in text and "errors: 1 (last: OverflowError" in text
+
+
+def test_ensure_routes_sends_the_placement_again_to_a_board_that_lost_it():
+    import asyncio
+
+    from cluster.board import StatusBoard, ensure_routes
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+
+    class Handle:  # the actor handle's surface: method.remote(...) returns an awaitable
+        def __getattr__(self, name):
+            async def call(*args):
+                return getattr(board, name)(*args)
+            return SimpleNamespace(remote=call)
+
+    from types import SimpleNamespace
+    routes = asyncio.run(ensure_routes(Handle(), _placement()))
+    assert routes == _placement().routes and board.routes("plateau") == _placement().routes

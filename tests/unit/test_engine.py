@@ -125,3 +125,25 @@ def test_server_kwargs_are_checked_and_reach_vllms_server_args():
     args = server_args(spec)
     assert (args.model, args.served_model_name) == ("/models/m", ["m"])
     assert args.tool_call_parser == "hermes" and args.enable_auto_tool_choice is True
+
+
+@pytest.mark.parametrize("key,why", [
+    ("tensor_parallel_size", "spans devices"), ("pipeline_parallel_size", "spans devices"),
+    ("data_parallel_size", "data parallelism"), ("distributed_executor_backend", "distributed executor"),
+    ("kv_cache_dtype", "KV bytes per token"), ("hf_overrides", "config.json"),
+])
+def test_engine_kwargs_that_contradict_packing_are_refused_with_the_reason(key, why):
+    with pytest.raises(EngineConfigError, match=f"engine_kwargs.{key}: not supported with replica packing.*{why}"):
+        check_engine_kwargs({key: 2}, known=frozenset({key}))
+
+
+def test_the_one_file_lock_waits_at_most_its_timeout(tmp_path):
+    from advisor.locks import file_lock
+
+    lock = tmp_path / "sub" / "x.lock"
+    with file_lock(lock):
+        with pytest.raises(TimeoutError, match="x.lock: still locked"):
+            with file_lock(lock, timeout_s=0.2):  # a second open file description: flock conflicts
+                pass
+    with file_lock(lock, timeout_s=0.2):
+        pass

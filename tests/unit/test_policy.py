@@ -244,3 +244,92 @@ def test_if_the_new_replica_dies_while_the_old_drains_the_old_serves_again_until
     assert not {r.n: r.accepting for r in out.routes["alpha"]}[2]  # back to draining
     out, st = run(41.0, st, view(inp, n1=obs(running=1), n2=obs(running=0)))
     assert st.models["alpha"].active_n == 1 and out.new_decisions[0].action == "repack_done"
+
+
+# ---- issue 11: re-pack stall, hysteresis and capacity, drain clock --------------------------
+
+def test_warming_ends_when_the_replicas_the_room_allowed_run_instead_of_stalling_until_the_timeout():
+    inp = model_input()
+    cfg = CFG.model_copy(update={"upscale_after_s": 1000.0, "warm_timeout_s": 60.0})
+    st = PolicyState()
+    busy = dict(n1=obs(), n2=obs(running=1, requests=60, prompt=1500))  # load wants 3 replicas of N=1
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, **busy), cfg=cfg)
+    assert out.new_decisions[0].action == "repack_start"
+    assert out.targets["LLM:alpha@n1"] == 1  # only one N=1 fits next to the old N=2 replica
+    out, st = run(11.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=60, prompt=1500)), cfg=cfg)
+    assert [d.action for d in out.new_decisions] == ["repack_drain"]
+    for t in (30.0, 75.0):
+        out, st = run(t, st, view(inp, n1=obs(running=1, requests=60, prompt=1500), n2=obs(running=1)), cfg=cfg)
+        assert "repack_abort" not in [d.action for d in out.new_decisions]
+
+
+def _draining(cfg):
+    inp = model_input()
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=1500)), cfg=cfg)
+    out, st = run(11.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=5, prompt=1500)), cfg=cfg)
+    assert st.models["alpha"].repack.phase == "draining"
+    return inp, st
+
+
+def test_during_a_repack_the_new_variant_does_not_follow_every_load_swing():
+    cfg = CFG.model_copy(update={"drain_timeout_s": 1000.0})
+    inp, st = _draining(cfg)
+    seen = set()
+    for t in range(12, 40):
+        load = 100.0 if t % 2 else 5.0  # noisy load: wants 4 replicas, then 1, every other tick
+        out, st = run(float(t), st, view(inp, n1=obs(running=1, requests=load, prompt=1500),
+                                         n2=obs(running=1, requests=1)), cfg=cfg)
+        seen.add(out.targets["LLM:alpha@n1"])
+    assert seen == {1}
+
+
+def test_during_draining_the_new_variant_grows_only_as_far_as_the_devices_have_room():
+    cfg = CFG.model_copy(update={"drain_timeout_s": 1000.0})
+    inp, st = _draining(cfg)
+    for t in (12.0, 20.0):  # the old N=2 replica still drains on one device: one N=1 replica fits
+        out, st = run(t, st, view(inp, n1=obs(running=1, requests=200, prompt=1500),
+                                  n2=obs(running=1, requests=1)), cfg=cfg)
+        assert out.targets["LLM:alpha@n1"] == 1
+    out, st = run(30.0, st, view(inp, n1=obs(running=1, requests=200, prompt=1500), n2=obs()), cfg=cfg)
+    assert st.models["alpha"].repack is None and out.targets["LLM:alpha@n1"] == 2  # both devices now
+
+
+def test_when_the_new_variant_comes_back_the_old_one_gets_its_drain_grace_again():
+    inp, st = _draining(CFG)
+    out, st = run(12.0, st, view(inp, n1=obs(target=1), n2=obs(running=1, requests=5, prompt=1500)))  # n1 died
+    out, st = run(40.0, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=0, prompt=1500)))
+    assert out.targets["LLM:alpha@n2"] == 1  # back to draining, but the grace starts now, not at 11 s
+    out, st = run(40.0 + CFG.drain_grace_s, st, view(inp, n1=obs(running=1), n2=obs(running=1, requests=0)))
+    assert out.targets["LLM:alpha@n2"] == 0
+
+
+def test_the_policy_state_round_trips_through_json_with_an_infinite_gain():
+    inp = model_input()
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=1500)))
+    assert st.models["alpha"].repack.predicted_gain == float("inf")  # N=2 no longer fits
+    assert PolicyState.model_validate_json(st.model_dump_json()) == st
+
+
+def test_a_saved_state_naming_a_variant_this_deploy_lacks_is_not_used():
+    from cluster.policy import ModelState, Repack
+
+    saved = PolicyState(models={"alpha": ModelState(active_n=4, repack=Repack(
+        from_n=4, to_n=2, started_at=0.0, reason="old deploy", predicted_gain=0.5))})
+    out, st = run(10.0, saved, view(model_input(), n1=obs(), n2=obs(running=1)))
+    assert st.models["alpha"].active_n == 2 and st.models["alpha"].repack is None
+    assert out.targets == {"LLM:alpha@n1": 0, "LLM:alpha@n2": 1}
+
+
+def test_a_launch_bound_profile_does_not_stop_the_policy():
+    launch_bound = PROFILE.model_copy(update={"step_model": PROFILE.step_model.model_copy(
+        update={"b_ms": -0.01, "c_ms": 0.0})})
+    inp = model_input(variants=(2,), profile=launch_bound)
+    st = PolicyState()
+    for t in (0.0, 10.0):  # a live shape outside the profiled bucket: B* comes from the fit
+        out, st = run(t, st, view(inp, n2=obs(running=1, requests=70, prompt=1500)))
+    assert out.targets == {"LLM:alpha@n2": 3} and out.live[0].b_star > 0
