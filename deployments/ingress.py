@@ -36,7 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.background import BackgroundTask
 
-from cluster.board import AppPlacement, get_or_create_board
+from cluster.board import AppPlacement, ensure_routes, get_or_create_board
 from cluster.policy import Route
 from deployments.asgi import HttpRequest, HttpStart
 from deployments.engine import undo_worker_niceness
@@ -157,6 +157,7 @@ class OpenAIIngress:
         self.openapi = openapi
         self.engine_version = engine_version
         self.routes: dict[str, list[Route]] = dict(placement.routes)
+        self.placement = placement
         self.inflight: dict[tuple[str, int], int] = {}
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
@@ -169,7 +170,8 @@ class OpenAIIngress:
                 logger.warning(warning)
         try:
             self._board = get_or_create_board()
-            self._board.set_placement.remote(placement.model_copy(update={"app": self.app_name}))
+            self.placement = placement.model_copy(update={"app": self.app_name})
+            self._board.set_placement.remote(self.placement)
         except Exception as exc:  # routing still works from the build-time routes
             logger.warning("no status board (%s): routing by the start placement only", exc)
 
@@ -190,7 +192,8 @@ class OpenAIIngress:
     async def _refresh_routes(self) -> None:
         while True:
             try:
-                routes = await self._board.routes.remote(self.app_name)
+                # a restarted board that lost its state gets the placement again
+                routes = await ensure_routes(self._board, self.placement)
                 if routes:
                     self.routes = {m: rs for m, rs in routes.items() if m in self.handles}
             except Exception as exc:  # board restarting: keep the last routes
