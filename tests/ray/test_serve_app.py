@@ -139,8 +139,10 @@ def test_structured_output_tools_logprobs_and_n_follow_vllm(app):
     value = json.loads(out.choices[0].message.content)
     assert set(value) == {"city", "population"} and isinstance(value["population"], int)
 
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+    # strict: the OpenAI way to ask that the arguments follow the schema (vLLM then constrains them)
+    tool = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"],
+        "additionalProperties": False}}}
     out = api.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=200,
         temperature=0, tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}},
@@ -171,13 +173,13 @@ def test_health_version_tokenize_and_schema(app):
         doc = http.get("/openapi.json", headers=AUTH).json()
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
             assert "requestBody" in doc["paths"][path]["post"], path
-        for path in ("/openapi.json", "/tokenize", "/version"):
-            method = http.post if path == "/tokenize" else http.get
-            assert method(path, json={"model": MODEL, "prompt": "x"}).status_code == 401, path
+        for method, path in (("GET", "/openapi.json"), ("POST", "/tokenize"), ("GET", "/version")):
+            assert http.request(method, path, json={"model": MODEL, "prompt": "x"}).status_code == 401, path
 
 
 LONG_PROMPT = "hello " * 1500
 
+# What vLLM's own server refuses with 400 (n above 16 and unknown chat roles it accepts: so do we).
 BAD_INPUTS = [
     ("/v1/completions", "{not json", 400, None),
     ("/v1/completions", '["a"]', 400, None),
@@ -187,13 +189,11 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, None),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 99}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "stream": True}, 400, None),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404, "NotFoundError"),
     ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "NotFoundError"),
 ]
