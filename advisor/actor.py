@@ -53,9 +53,12 @@ class Advisor:
     async def get_plan(self, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
         """The plan for `request` (cached); profiles first when no stored profile exists."""
         key = request.model_dump_json()
-        if key not in self._plans:
-            self._plans[key] = await self._on_device(self._plan_fn, request, resources)
-        return self._plans[key]
+        if key in self._plans:
+            return self._plans[key]
+        plan = await self._on_device(self._plan_fn, request, resources)
+        if not plan.provisional:  # a plan from a noisy profile serves one start; the next one profiles again
+            self._plans[key] = plan
+        return plan
 
     async def profile(self, request: BaseModel, resources: DeviceResources):
         if self._profile_fn is None:
