@@ -2,7 +2,8 @@
 
 Thin shell: the work happens in functions injected at creation (`plan_fn`, `profile_fn`; the app
 builder passes deployments/profiling.py's), each run as a Ray task that holds the whole device,
-because a profile must not share its device with serving replicas. Plans are cached in memory;
+because a profile must not share its device with serving replicas. Plans are cached in memory
+(a provisional plan, made from a profile flagged as noisy, is not: the next start profiles again);
 profiles persist in the parquet store, so a restarted Advisor re-plans from them without
 starting an engine. `observe()` keeps live replica samples for refining the fit later.
 """
