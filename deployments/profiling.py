@@ -296,7 +296,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     def progress(p: ProfilePoint, i: int) -> None:
         bar = "#" * i + "." * max(0, 11 - i)
         log(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> "
-            f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}")
+            f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}{_noise_note(p)}")
 
     cfg = SweepConfig(max_points=req.max_points, noise=req.noise)
     with VllmBatchRunner(spec) as runner:
@@ -316,6 +316,14 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
         if req.share_point:
             profile = _with_share_point(profile, spec, req, cfg, progress, log)
     return profile
+
+
+def _noise_note(p: ProfilePoint) -> str:
+    n = p.noise
+    if n is None:
+        return ""
+    load = f", {n.background_cores:.2f} cores busy elsewhere" if n.background_cores is not None else ""
+    return f", CV {n.cv:.1%} ({n.tries} tries{load})" + (f" NOISY: {n.reason}" if n.noisy else "")
 
 
 def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, cfg: SweepConfig, progress,
