@@ -160,3 +160,28 @@ def test_plan_model_reprofiles_instead_of_reusing_a_flagged_profile(tmp_path):
     assert not plan.provisional
     plan_model(req, lines.append, profiler)  # now the clean one is stored: reused
     assert len(calls) == 1
+
+
+def test_the_advisor_does_not_cache_a_provisional_plan():
+    import asyncio
+
+    from advisor.actor import Advisor, DeviceResources
+    from advisor.planner import DeviceSpec, plan_replicas
+    from advisor.profiler import WorkloadShape
+
+    plan = plan_replicas(make_profile(), DeviceSpec(kind="cuda", name="g", memory_bytes=8 << 30))
+    made = []
+
+    def plan_fn(request, log):
+        made.append(request)
+        return plan.model_copy(update={"provisional": len(made) == 1})  # the first from a noisy profile
+
+    class LocalAdvisor(Advisor):  # the device task runs inline instead of as a Ray task
+        @staticmethod
+        async def _on_device(fn, request, resources):
+            return fn(request, print)
+
+    advisor, request = LocalAdvisor(plan_fn), WorkloadShape()
+    for _ in range(3):
+        asyncio.run(advisor.get_plan(request, DeviceResources()))
+    assert len(made) == 2  # the provisional plan was made again, the clean one then served from the cache
