@@ -182,6 +182,7 @@ class AdvisorRequest(BaseModel):
     shape: WorkloadShape = Field(default_factory=WorkloadShape)
     max_batch: int = Field(128, ge=2, description="Largest batch the sweep may try.")
     max_points: int = Field(8, ge=3, description="Batch sizes in the main sweep, at most.")
+    min_tokens_per_point: int = Field(256, ge=1, description="Small batches repeat until this many tokens per try.")
     max_kv_bytes: int = Field(4 << 30, gt=0, description="Cap on the profiling engine's KV pool.")
     tpot_slo_ms: Optional[float] = Field(None, gt=0, description="TPOT p99 limit that caps B*.")
     dtype: str = "auto"
@@ -298,7 +299,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
         log(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> "
             f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}{_noise_note(p)}")
 
-    cfg = SweepConfig(max_points=req.max_points, noise=req.noise)
+    cfg = SweepConfig(max_points=req.max_points, min_tokens_per_point=req.min_tokens_per_point, noise=req.noise)
     with VllmBatchRunner(spec) as runner:
         kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
         overhead = max(0, runner.engine_memory_bytes() - memory.weight_bytes - kv_allocated)
