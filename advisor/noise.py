@@ -221,13 +221,3 @@ def _busy_seconds(t) -> float:
     """Busy CPU seconds of one core (psutil's cpu_times: everything but idle and iowait)."""
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
 
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every process below it."""
-    import psutil
-
-    try:
-        proc = psutil.Process(root)
-        return [root] + [c.pid for c in proc.children(recursive=True)]
-    except psutil.Error:
-        return [root]

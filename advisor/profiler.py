@@ -17,8 +17,8 @@ from typing import Callable, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from advisor.noise import LoadProbe, NoiseConfig, PointNoise, ProfileNoise, QuietWait, judge_try, summarize
-from advisor.noise import coefficient_of_variation
+from advisor.noise import (LoadProbe, NoiseConfig, PointNoise, ProfileNoise, QuietWait, coefficient_of_variation,
+                           judge_try, summarize)
 from advisor.plateau import Knee, PlateauRules, ProfilePoint, StepModel, find_knee, fit_step_model
 
 

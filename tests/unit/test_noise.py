@@ -7,7 +7,6 @@ import time
 import pytest
 
 from advisor.noise import BackgroundLoad, CpuLoadProbe, NoiseConfig, coefficient_of_variation, wait_for_quiet
-from advisor.plateau import PlateauRules
 from advisor.profiler import SweepConfig, WorkloadShape, measure
 from tests.factories import FakeRunner, make_profile, step_ms
 
