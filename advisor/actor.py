@@ -2,7 +2,8 @@
 
 Thin shell: the work happens in functions injected at creation (`plan_fn`, `profile_fn`; the app
 builder passes deployments/profiling.py's), each run as a Ray task that holds the whole device,
-because a profile must not share its device with serving replicas. Plans are cached in memory;
+because a profile must not share its device with serving replicas. Plans are cached in memory
+(a provisional plan, made from a profile flagged as noisy, is not: the next start profiles again);
 profiles persist in the parquet store, so a restarted Advisor re-plans from them without
 starting an engine. `observe()` keeps live replica samples for refining the fit later.
 """
@@ -53,9 +54,12 @@ class Advisor:
     async def get_plan(self, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
         """The plan for `request` (cached); profiles first when no stored profile exists."""
         key = request.model_dump_json()
-        if key not in self._plans:
-            self._plans[key] = await self._on_device(self._plan_fn, request, resources)
-        return self._plans[key]
+        if key in self._plans:
+            return self._plans[key]
+        plan = await self._on_device(self._plan_fn, request, resources)
+        if not plan.provisional:  # a plan from a noisy profile serves one start; the next one profiles again
+            self._plans[key] = plan
+        return plan
 
     async def profile(self, request: BaseModel, resources: DeviceResources):
         if self._profile_fn is None:

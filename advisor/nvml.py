@@ -81,6 +81,17 @@ class NvmlSampler:
         if prev is not None:
             nv.nvmlGpmSampleFree(prev)
 
+    def other_processes(self, ours: set[int]) -> int:
+        """Processes other than `ours` holding this GPU (compute or graphics), for the noise checks."""
+        nv = self._nvml
+        pids = set()
+        for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
+            try:
+                pids |= {p.pid for p in query(self._handle)}
+            except Exception:  # not supported on this device/driver
+                continue
+        return len(pids - ours)
+
     def _gpm_metrics(self, s1, s2) -> tuple[float, float]:
         nv = self._nvml
         req = nv.c_nvmlGpmMetricsGet_t()

@@ -81,6 +81,7 @@ class ReplicaPlan(BaseModel):
     memory_freed_bytes: int = Field(description="vs vLLM's default single engine at gpu_memory_utilization 0.9.")
     reasons: list[str]
     validation: Optional[Validation] = Field(None, description="Set by `plateau plan --validate`.")
+    provisional: bool = Field(False, description="Made from a profile flagged as noisy: used once, never cached.")
 
 
 class ReplicaOption(BaseModel):

@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.noise import PointNoise
+
 
 class ProfilePoint(BaseModel):
     """One measured batch size."""
@@ -30,6 +32,7 @@ class ProfilePoint(BaseModel):
     dram_bw_util: Optional[float] = Field(None, description="Mean DRAM bandwidth use, % of peak (NVML GPM).")
     sm_util: Optional[float] = Field(None, description="Mean SM utilisation, % (NVML).")
     gpu_memory_used_bytes: Optional[int] = Field(None, description="Device memory used (NVML).")
+    noise: Optional[PointNoise] = Field(None, description="Spread of its repeated rounds and the background load.")
 
 
 class PlateauRules(BaseModel):

@@ -5,7 +5,8 @@ CPU and CUDA alike), device counters as an optional `DeviceSampler` (advisor/nvm
 sweep logic is tested without vLLM. Doubling stops when a doubling gains less than eps; then
 the knee is bisected between the last two batch sizes; at most `max_points` points in all.
 Two extra points at a longer context separate the per-sequence and per-KV-token costs of the
-step-time fit.
+step-time fit. Every point is measured in repeated rounds until they agree and nothing else
+competed for the device (advisor/noise.py); the profile carries that noise record.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Callable, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.noise import (LoadProbe, NoiseConfig, PointNoise, ProfileNoise, QuietWait, coefficient_of_variation,
+                           judge_try, summarize)
 from advisor.plateau import Knee, PlateauRules, ProfilePoint, StepModel, find_knee, fit_step_model
 
 
@@ -88,6 +91,7 @@ class SweepConfig(BaseModel):
     max_points: int = Field(8, ge=3, description="Batch sizes measured in the main sweep, at most.")
     min_tokens_per_point: int = Field(256, ge=1, description="Small batches repeat until this many tokens.")
     fit_context_factor: float = Field(4.0, gt=1.0, description="Prompt length multiplier of the fit points.")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Repeat and interference limits per point.")
 
 
 class SharePoint(BaseModel):
@@ -118,6 +122,19 @@ class Profile(BaseModel):
     seconds: float = Field(description="Wall time of the sweep.")
     cores: int = Field(0, ge=0, description="CPU cores the main sweep ran on (0 on GPUs).")
     share_points: list[SharePoint] = Field(default_factory=list, description="B* on fewer cores (CPU).")
+    noise: Optional[ProfileNoise] = Field(None, description="The profile's own noise; None: measured before noise "
+                                                            "was recorded (not trusted for reuse).")
+
+    @property
+    def trusted(self) -> bool:
+        """Safe to reuse: its noise was recorded and it was not taken under interference."""
+        return self.noise is not None and not self.noise.flagged
+
+    @property
+    def distrust_reason(self) -> str:
+        if self.noise is None:
+            return "the stored profile carries no noise record (made before noise was measured)"
+        return f"the stored profile was {self.noise.reason}" if self.noise.flagged else ""
 
     @property
     def b_star(self) -> int:
@@ -160,12 +177,33 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(runner: BatchRunner, batch: int, shape: WorkloadShape, sampler: Optional[DeviceSampler],
-            cfg: SweepConfig) -> ProfilePoint:
-    rounds = max(1, math.ceil(cfg.min_tokens_per_point / (batch * shape.output_tokens)))
-    if sampler:
-        sampler.start()
-    runs = [runner.run(batch, shape) for _ in range(rounds)]
-    sample = sampler.stop() if sampler else None
+            cfg: SweepConfig, probe: Optional[LoadProbe] = None) -> ProfilePoint:
+    """One point: tries of `rounds` closed batches until their decode rates agree (CV) and the
+    background load stays under the limit, at most `max_tries`; keeps the first clean try, else the
+    least spread one, marked noisy."""
+    noise = cfg.noise
+    rounds = max(noise.rounds_per_try, math.ceil(cfg.min_tokens_per_point / (batch * shape.output_tokens)))
+    tries = []
+    for _ in range(noise.max_tries):
+        if sampler:
+            sampler.start()
+        if probe:
+            probe.start()
+        runs = [runner.run(batch, shape) for _ in range(rounds)]
+        load = probe.stop() if probe else None
+        sample = sampler.stop() if sampler else None
+        cv = coefficient_of_variation(r.decode_tokens_per_s for r in runs)
+        why = judge_try(cv, load, noise)
+        tries.append((why != "", cv, runs, sample, load, why))
+        if not why:
+            break
+    _, cv, runs, sample, load, why = min(tries, key=lambda t: (t[0], t[1]))
+    record = PointNoise(cv=cv, rounds=rounds, tries=len(tries), background_cores=load.cpu_cores if load else None,
+                        gpu_processes=load.gpu_processes if load else 0, noisy=bool(why), reason=why)
+    return _merge(runs, batch, shape, sample).model_copy(update={"noise": record})
+
+
+def _merge(runs: list[BatchMeasurement], batch: int, shape: WorkloadShape, sample: Optional[DeviceSample]) -> ProfilePoint:
     merged = BatchMeasurement(
         batch=batch,
         wall_s=sum(r.wall_s for r in runs),
@@ -182,12 +220,13 @@ def measure(runner: BatchRunner, batch: int, shape: WorkloadShape, sampler: Opti
 
 def sweep(runner: BatchRunner, shape: WorkloadShape, rules: PlateauRules, cfg: SweepConfig = SweepConfig(),
           sampler: Optional[DeviceSampler] = None,
-          progress: Callable[[ProfilePoint, int], None] = lambda p, i: None) -> list[ProfilePoint]:
+          progress: Callable[[ProfilePoint, int], None] = lambda p, i: None,
+          probe: Optional[LoadProbe] = None) -> list[ProfilePoint]:
     """Doubling then bisection; returns the points sorted by batch."""
     points: dict[int, ProfilePoint] = {}
 
     def take(b: int) -> ProfilePoint:
-        p = measure(runner, b, shape, sampler, cfg)
+        p = measure(runner, b, shape, sampler, cfg, probe)
         points[b] = p
         progress(p, len(points))
         return p
@@ -216,11 +255,11 @@ def sweep(runner: BatchRunner, shape: WorkloadShape, rules: PlateauRules, cfg: S
 
 
 def fit_points(runner: BatchRunner, shape: WorkloadShape, b_star: int, sampler: Optional[DeviceSampler],
-               cfg: SweepConfig) -> tuple[WorkloadShape, list[ProfilePoint]]:
+               cfg: SweepConfig, probe: Optional[LoadProbe] = None) -> tuple[WorkloadShape, list[ProfilePoint]]:
     """Two points at a longer prompt (B*/2 and B*) so the fit can tell KV reads from other work."""
     long = shape.model_copy(update={"prompt_tokens": int(shape.prompt_tokens * cfg.fit_context_factor)})
     batches = sorted({max(1, b_star // 2), max(2, b_star)})
-    return long, [measure(runner, min(b, runner.max_batch), long, sampler, cfg) for b in batches]
+    return long, [measure(runner, min(b, runner.max_batch), long, sampler, cfg, probe) for b in batches]
 
 
 def build_profile(
@@ -228,17 +267,18 @@ def build_profile(
     engine_version: str, dtype: str, weight_bytes: int, kv_bytes_per_token: int, overhead_bytes: int,
     cfg: SweepConfig = SweepConfig(), sampler: Optional[DeviceSampler] = None,
     progress: Callable[[ProfilePoint, int], None] = lambda p, i: None, clock: Callable[[], float] = time.monotonic,
+    probe: Optional[LoadProbe] = None, quiet: Optional[QuietWait] = None,
 ) -> Profile:
     """Sweep, knee, fit points and step-time fit: everything `plateau profile` reports."""
     t0 = clock()
-    points = sweep(runner, shape, rules, cfg, sampler, progress)
+    points = sweep(runner, shape, rules, cfg, sampler, progress, probe)
     knee = find_knee(points, rules)
-    _, extra = fit_points(runner, shape, knee.b_star, sampler, cfg)
+    _, extra = fit_points(runner, shape, knee.b_star, sampler, cfg, probe)
     for i, p in enumerate(extra, start=len(points) + 1):
         progress(p, i)
     return Profile(
         model=model, device_name=device_name, engine_version=engine_version, dtype=dtype, shape=shape,
         rules=rules, points=points, fit_points=extra, knee=knee, step_model=fit_step_model(points + extra),
         weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, overhead_bytes=overhead_bytes,
-        seconds=clock() - t0,
+        seconds=clock() - t0, noise=summarize([(p.batch, p.noise) for p in points + extra], cfg.noise, quiet),
     )

@@ -78,8 +78,9 @@ def ensure_profile(model: str, dtype: str, shape: tuple[int, int], log=print):
     req = AdvisorRequest(model=model, device="cpu", dtype=dtype,
                          shape=WorkloadShape(prompt_tokens=shape[0], output_tokens=shape[1]))
     profile = stored_profile(req)
-    if profile is None:
-        log("[repack] no stored profile: running `plateau plan` (about 3 minutes)")
+    if profile is None or not profile.trusted:  # a noisy stored profile would be measured again by serve run
+        why = "no stored profile" if profile is None else profile.distrust_reason
+        log(f"[repack] {why}: running `plateau plan` (about 5 minutes)")
         subprocess.run([sys.executable, "-m", "deployments.cli", "plan", model, "--dtype", dtype,
                         "--prompt-tokens", str(shape[0]), "--output-tokens", str(shape[1])],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

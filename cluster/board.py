@@ -68,6 +68,10 @@ class BoardMetrics:
             "kv": Gauge("plateau_model_kv_usage", "Highest KV pool usage among the model's replicas (0..1).", tags),
             "prompt": Gauge("plateau_model_live_prompt_tokens", "Mean prompt tokens of recent requests.", tags),
             "repacking": Gauge("plateau_model_repacking", "1 while a re-pack is under way.", tags),
+            "fit_fraction": Gauge("plateau_model_live_fraction_of_plan",
+                                  "Median live / predicted tokens/s per replica (refit below 0.75).", tags),
+            "fit_error": Gauge("plateau_model_step_fit_error", "Step-time fit error on live samples (0..1).", tags),
+            "refits": Gauge("plateau_model_refits", "Times the profile was refitted from live samples.", tags),
         }
         self.variant = Gauge("plateau_variant_replicas", "Target replicas of one packing variant.",
                              ("app", "model", "variant"))
@@ -88,6 +92,10 @@ class BoardMetrics:
                 self.gauges["planned"].set(m.planned_tokens_per_s, tags)
             if m.shape is not None:
                 self.gauges["prompt"].set(m.shape.prompt_tokens, tags)
+            if m.fit is not None and m.fit.samples:
+                self.gauges["fit_fraction"].set(m.fit.sustained_fraction, tags)
+                self.gauges["fit_error"].set(m.fit.step_error, tags)
+            self.gauges["refits"].set(m.refits, tags)
             for n, replicas in m.replicas.items():
                 self.variant.set(replicas, {**tags, "variant": f"n{n}"})
         for d in new_decisions:
@@ -237,6 +245,8 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
             lines.append(f"    active N={m.active_n}, best N={m.best_n if m.best_n is not None else '-'}, B*={m.b_star}, "
                          f"live shape: {shape}; tokens/s at B* (planned) {planned}, measured {m.measured_tokens_per_s:.0f}; "
                          f"KV {m.kv_usage:.0%}")
+            if m.fit is not None:
+                lines.append(f"    live vs plan ({m.refits} refit(s)): {m.fit.verdict}: {m.fit.reason}")
             if m.repack is not None:
                 lines.append(f"    re-packing N={m.repack.from_n} -> N={m.repack.to_n} ({m.repack.phase}, "
                              f"{now - m.repack.started_at:.0f} s): {m.repack.reason}")

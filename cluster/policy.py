@@ -10,6 +10,9 @@ take 1/N of a device). The policy keeps one variant active and moves replica cou
   `repack_min_gain` for `repack_sustain_s`, a re-pack starts, make-before-break: the new variant
   is brought up next to the old one (warming), then the old one stops taking requests, drains and
   is scaled to zero (draining), then the new variant is active (done).
+- reality: the replicas' live batch, context and tokens/s are compared with the profile's
+  prediction (cluster/refit.py); when they disagree the profile is refitted from them and the
+  policy plans with the refit (a `refit` decision).
 Every change is a `Decision` with a reason. The Serve-facing shell is `deployments/autoscale.py`.
 """
 
@@ -22,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.planner import DeviceSpec, PlannerConfig, ShapeEvaluation, evaluate_shape
 from advisor.profiler import Profile, WorkloadShape
+from advisor.refit import FitCheck, LiveSample, RefitConfig
 from cluster.packing import DeviceCapacity, ModelDemand, PackInput, pack
+from cluster.refit import RefitState, follow_reality
 
 
 class PolicyConfig(BaseModel):
@@ -40,6 +45,7 @@ class PolicyConfig(BaseModel):
     drain_timeout_s: float = Field(120.0, gt=0, description="Scale the old variant down even if requests linger.")
     warm_timeout_s: float = Field(900.0, gt=0, description="Abort a re-pack whose new replicas never come up.")
     decisions_kept: int = Field(50, ge=1, description="Decisions kept for `plateau status`.")
+    refit: RefitConfig = Field(default_factory=RefitConfig, description="When live readings overrule the profile.")
 
 
 class VariantSpec(BaseModel):
@@ -81,6 +87,7 @@ class VariantObservation(BaseModel):
     recent_requests: float = Field(0.0, ge=0, description="Requests finished in the shape window, summed.")
     recent_prompt_tokens: float = Field(0.0, ge=0, description="Their mean prompt length.")
     recent_output_tokens: float = Field(0.0, ge=0, description="Their mean output length.")
+    samples: list[LiveSample] = Field(default_factory=list, description="Per-replica live batch, context, tokens/s.")
 
 
 class ModelView(BaseModel):
@@ -126,7 +133,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     at: float
     model: str
-    action: Literal["scale", "repack_start", "repack_drain", "repack_done", "repack_abort"]
+    action: Literal["scale", "repack_start", "repack_drain", "repack_done", "repack_abort", "refit"]
     from_n: int
     to_n: int
     replicas_from: int
@@ -140,6 +147,7 @@ class PolicyState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     models: dict[str, ModelState] = Field(default_factory=dict)
     decisions: list[Decision] = Field(default_factory=list)
+    refits: dict[str, RefitState] = Field(default_factory=dict, description="Model -> live samples and refit.")
 
 
 class Route(BaseModel):
@@ -167,6 +175,8 @@ class LiveModel(BaseModel):
     kv_usage: float
     replicas: dict[int, int] = Field(description="N -> target replicas.")
     repack: Optional[Repack] = None
+    fit: Optional[FitCheck] = Field(None, description="Live readings against the plan's prediction.")
+    refits: int = Field(0, ge=0, description="Times the profile was refitted from live samples.")
 
 
 class PolicyOutput(BaseModel):
@@ -197,6 +207,7 @@ class ModelStep(BaseModel):
 
 
 def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyConfig()) -> PolicyOutput:
+    ctx, refits, refit_decisions = _follow_reality(ctx, state, cfg)
     steps: list[ModelStep] = []
     live_inputs = []
     for view in ctx.models:
@@ -218,11 +229,33 @@ def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyCon
                                    for v in s.view.input.variants]
               for s, (obs, _, _) in zip(steps, live_inputs)}
     live = [_live(s.view.input, s.state, obs, ev, shape, s.targets) for s, (obs, ev, shape) in zip(steps, live_inputs)]
-    decisions = [d for s in steps for d in s.decisions]
+    decisions = refit_decisions + [d for s in steps for d in s.decisions]
     states = {**state.models, **{s.view.input.model: s.state for s in steps}}
     kept = (list(state.decisions) + decisions)[-cfg.decisions_kept:]
+    live = [m.model_copy(update={"fit": refits[m.model].check, "refits": refits[m.model].refits})
+            if m.model in refits else m for m in live]
     return PolicyOutput(targets=targets, routes=routes, live=live,
-                        state=PolicyState(models=states, decisions=kept), new_decisions=decisions)
+                        state=PolicyState(models=states, decisions=kept, refits=refits), new_decisions=decisions)
+
+
+def _follow_reality(ctx: PolicyContext, state: PolicyState,
+                    cfg: PolicyConfig) -> tuple[PolicyContext, dict[str, RefitState], list[Decision]]:
+    """Live samples against each model's profile; where a refit happened, plan with the refitted one."""
+    views, refits, decisions = [], dict(state.refits), []
+    for view in ctx.models:
+        inp = view.input
+        out = follow_reality(ctx.now, inp.profile, inp.device, inp.planner, [v.n for v in inp.variants],
+                             {n: o.samples for n, o in view.variants.items()},
+                             refits.get(inp.model, RefitState()), cfg.refit)
+        refits[inp.model] = out.state
+        if out.refit_reason is not None:
+            running = sum(o.running for o in view.variants.values())
+            decisions.append(_decision(ctx.now, inp.model, "refit", out.plan_from[0], out.plan_to[0], running, running,
+                                       out.refit_reason))
+        if out.profile is not inp.profile:
+            view = view.model_copy(update={"input": inp.model_copy(update={"profile": out.profile})})
+        views.append(view)
+    return ctx.model_copy(update={"models": views}), refits, decisions
 
 
 def _step_model(now: float, view: ModelView, ms: ModelState, obs: dict[int, VariantObservation],

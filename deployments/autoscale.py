@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.refit import LiveSample
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
@@ -218,11 +219,14 @@ def observe(ctx) -> VariantObservation:
         return sum(values.get(r, 0.0) * w for r, w in done.items()) / total_done
 
     kv = per_replica("kv_usage")
+    running, context, rate = per_replica("running_requests"), per_replica("mean_context_tokens"), per_replica("tokens_per_s")
+    samples = [LiveSample(batch=max(0.0, running[r]), context_tokens=max(0.0, context.get(r, 0.0)),
+                          tokens_per_s=max(0.0, rate.get(r, 0.0))) for r in sorted(running)]
     return VariantObservation(
         running=int(ctx.current_num_replicas), target=int(ctx.target_num_replicas),
         requests=max(0.0, float(ctx.total_num_requests or 0.0)),
         tokens_per_s=sum(per_replica("tokens_per_s").values()),
         kv_usage=(sum(kv.values()) / len(kv)) if kv else 0.0,
         recent_requests=total_done, recent_prompt_tokens=weighted("recent_prompt_tokens"),
-        recent_output_tokens=weighted("recent_output_tokens"),
+        recent_output_tokens=weighted("recent_output_tokens"), samples=samples,
     )

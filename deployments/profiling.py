@@ -3,7 +3,9 @@
 `advisor/` owns the sweep, the knee, the fit and the planner; this module supplies the engine (a
 `BatchRunner` over a real `AsyncLLM` built through the engine seam: closed batches of exactly B
 random token-id prompts, ignore_eos, timing TTFT and every token) and wires them together for
-`plateau profile` / `plateau plan` and the Advisor actor's device task.
+`plateau profile` / `plateau plan` and the Advisor actor's device task. A profile starts only once
+the device is quiet (or the wait times out), records its noise, is measured again when it was taken
+under interference, and a flagged profile is never reused for a later plan.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import MemoryModel
+from advisor.noise import CpuLoadProbe, NoiseConfig, QuietWait, summarize, wait_for_quiet
 from advisor.nvml import gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
 from advisor.planner import (DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, Validation, kv_pool_bytes,
@@ -188,6 +191,7 @@ class AdvisorRequest(BaseModel):
     shape: WorkloadShape = Field(default_factory=WorkloadShape)
     max_batch: int = Field(128, ge=2, description="Largest batch the sweep may try.")
     max_points: int = Field(8, ge=3, description="Batch sizes in the main sweep, at most.")
+    min_tokens_per_point: int = Field(256, ge=1, description="Small batches repeat until this many tokens per try.")
     max_kv_bytes: int = Field(4 << 30, gt=0, description="Cap on the profiling engine's KV pool.")
     tpot_slo_ms: Optional[float] = Field(None, gt=0, description="TPOT p99 limit that caps B*.")
     dtype: str = "auto"
@@ -199,6 +203,7 @@ class AdvisorRequest(BaseModel):
     validate_plan: bool = Field(False, description="Start the planned N replicas and measure them.")
     max_model_len: Optional[int] = Field(None, ge=1, description="Context length the served replicas start with "
                                                                  "(the plan's KV pool holds at least one such sequence).")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Quiet wait, repeat and interference limits.")
 
     @property
     def kind(self) -> DeviceKind:
@@ -250,11 +255,51 @@ def _memory(req: AdvisorRequest) -> tuple[Path, MemoryModel]:
         raise AdvisorError(str(exc)) from None
 
 
+def engine_pids() -> list[int]:
+    """This process and its vLLM engine processes: the CPU time that belongs to the measurement."""
+    me = psutil.Process()
+    pids = [me.pid]
+    for child in me.children(recursive=True):
+        try:
+            if child.name().startswith("VLLM"):
+                pids += [child.pid] + [c.pid for c in child.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return pids
+
+
+def load_probe(req: AdvisorRequest, cores: Optional[list[int]] = None) -> CpuLoadProbe:
+    """Background load on this device: other processes' CPU time, and on a GPU other processes on it."""
+    sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
+    return CpuLoadProbe(engine_pids, cores, sampler.other_processes if sampler else None)
+
+
 def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, Path]:
-    """Run the adaptive sweep on a real engine, store the profile, return it and the store path."""
+    """Wait for a quiet device, run the adaptive sweep on a real engine, measure it again while it
+    is flagged as noisy (`noise.profile_retries`), store it with its noise; return it and the path."""
+    cfg = req.noise
+    for attempt in range(1, cfg.profile_retries + 2):
+        quiet = wait_for_quiet(load_probe(req), cfg, log)
+        profile = _measure_profile(req, log, quiet)
+        profile = profile.model_copy(update={"noise": profile.noise.model_copy(update={"attempts": attempt})})
+        if not profile.noise.flagged or attempt > cfg.profile_retries:
+            break
+        log(f"[profile] {profile.noise.reason}: measuring the profile again ({attempt + 1} of {cfg.profile_retries + 1})")
+    if profile.noise.flagged:
+        if cfg.refuse_noisy:
+            raise AdvisorError(f"profile of {req.model} on {req.device} refused: {profile.noise.reason}; stop the "
+                               f"other load on the device and profile again")
+        log(f"[profile] WARNING: {profile.noise.reason}; stored flagged: it serves this start only, the next "
+            f"start profiles again")
+    else:
+        log(f"[profile] noise: {profile.noise.reason}")
+    return profile, req.store().put_profile(profile)
+
+
+def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: QuietWait) -> Profile:
     folder, memory = _memory(req)
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
-    sweep = SweepConfig(max_points=req.max_points)
+    sweep = SweepConfig(max_points=req.max_points, min_tokens_per_point=req.min_tokens_per_point, noise=req.noise)
     spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, req.max_kv_bytes,
                           dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep)
     sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
@@ -264,7 +309,7 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
     def progress(p: ProfilePoint, i: int) -> None:
         bar = "#" * i + "." * max(0, 11 - i)
         log(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> "
-            f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}")
+            f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}{_noise_note(p)}")
 
     with VllmBatchRunner(spec) as runner:
         kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
@@ -274,18 +319,27 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
                 runner, req.shape, rules, model=req.model, device_name=device_name(req),
                 engine_version=vllm_version(), dtype=memory.dtype, weight_bytes=memory.weight_bytes,
                 kv_bytes_per_token=memory.kv_bytes_per_token, overhead_bytes=overhead,
-                cfg=sweep, sampler=sampler, progress=progress,
+                cfg=sweep, sampler=sampler, progress=progress, probe=load_probe(req, runner.cores), quiet=quiet,
             )
         except ValueError as exc:  # no batch size meets the SLO
             raise AdvisorError(str(exc)) from None
     if req.kind == "cpu":
         profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
         if req.share_point:
-            profile = _with_share_point(profile, spec, req.shape, progress, log)
-    return profile, req.store().put_profile(profile)
+            profile = _with_share_point(profile, spec, req, cfg, progress, log)
+    return profile
 
 
-def _with_share_point(profile: Profile, spec: ReplicaSpec, shape: WorkloadShape, progress, log) -> Profile:
+def _noise_note(p: ProfilePoint) -> str:
+    n = p.noise
+    if n is None:
+        return ""
+    load = f", {n.background_cores:.2f} cores busy elsewhere" if n.background_cores is not None else ""
+    return f", CV {n.cv:.1%} ({n.tries} tries{load})" + (f" NOISY: {n.reason}" if n.noisy else "")
+
+
+def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, cfg: SweepConfig, progress,
+                      log) -> Profile:
     """On CPU: B* again on half the cores, so the planner knows how throughput scales with cores."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -293,9 +347,11 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, shape: WorkloadShape,
     half = cores[: len(cores) // 2]
     log(f"[profile] share point: B*={profile.b_star} on {len(half)} of {len(cores)} cores")
     with VllmBatchRunner(spec, cores=half) as runner:
-        point = measure(runner, profile.b_star, shape, None, SweepConfig())
+        point = measure(runner, profile.b_star, req.shape, None, cfg, load_probe(req))
     progress(point, len(profile.points) + len(profile.fit_points) + 1)
-    return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)]})
+    measured = profile.points + profile.fit_points + [point]
+    noise = summarize([(p.batch, p.noise) for p in measured], cfg.noise, profile.noise.quiet_wait if profile.noise else None)
+    return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)], "noise": noise})
 
 
 def stored_profile(req: AdvisorRequest) -> Optional[Profile]:
@@ -304,15 +360,22 @@ def stored_profile(req: AdvisorRequest) -> Optional[Profile]:
     return req.store().find(req.model, device_name(req), vllm_version(), memory.dtype, req.shape.bucket)
 
 
-def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
-    """The plan for req.model on this device: reuse a stored profile (any workload bucket of the
-    same model/device/engine/dtype; the fit covers other shapes) or profile first."""
+def plan_model(req: AdvisorRequest, log: Callable[[str], None],
+               profiler: Optional[Callable[[AdvisorRequest, Callable[[str], None]], tuple[Profile, Path]]] = None,
+               ) -> ReplicaPlan:
+    """The plan for req.model on this device: reuse a trusted stored profile (any workload bucket of
+    the same model/device/engine/dtype; the fit covers other shapes) or profile first (`profiler`,
+    default `profile_model`)."""
+    profiler = profiler or profile_model
     folder, memory = _memory(req)
     name = device_name(req)
     profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype, req.shape.bucket)
+    if profile is not None and not profile.trusted:
+        log(f"[plan] not reusing the stored profile: {profile.distrust_reason}; profiling again")
+        profile = None
     if profile is None:
         log("[plan] no stored profile for this model/device/engine/dtype: profiling first")
-        profile, _ = profile_model(req, log)
+        profile, _ = profiler(req, log)
     if req.tpot_slo_ms is not None and req.tpot_slo_ms != profile.rules.tpot_p99_slo_ms:
         rules = profile.rules.model_copy(update={"tpot_p99_slo_ms": req.tpot_slo_ms})
         try:
@@ -323,6 +386,10 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None]) -> ReplicaPlan:
         plan = plan_replicas(profile, _device_spec(req, name), req.shape, PlannerConfig(max_model_len=req.max_model_len))
     except PlanError as exc:
         raise AdvisorError(str(exc)) from None
+    if profile.noise is not None:
+        note = (f"profile noise: {profile.noise.reason}; this plan is provisional: used once, the next start "
+                f"profiles again" if profile.noise.flagged else f"profile noise: {profile.noise.reason}")
+        plan = plan.model_copy(update={"reasons": plan.reasons + [note], "provisional": profile.noise.flagged})
     if req.validate_plan:
         plan = plan.model_copy(update={"validation": validate(req, folder, memory, profile, plan, log)})
     return plan

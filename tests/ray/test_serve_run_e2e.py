@@ -44,8 +44,9 @@ def served(smollm2_path, tmp_path_factory):
             return False
 
     try:
-        # First start: the Advisor profiles SmolLM2 here (~3 min), then the replicas start.
-        wait_until(ready, 600, "serve run config.yaml to answer", every_s=3)
+        # First start: the Advisor waits for a quiet device and profiles SmolLM2 here (~5 min, each point
+        # measured in >= 2 rounds), then the replicas start.
+        wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
         yield proc
     finally:
         proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
