@@ -16,6 +16,7 @@ exactly by process tree, also on Ctrl-C. The last stdout line is the JSON summar
 result goes to bench/results/vs_vllm-*.json.
 
     python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
+                             [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT]
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def shipped_model() -> dict:
 class Side:
     """One server under test: a process tree we started and stop, whole, by its pids."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log: Path):
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log: Path, cwd: Path = ROOT):
         self.name, self.port, self.log = name, port, log
         self.fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.fh, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.started = time.monotonic()
 
@@ -130,7 +131,7 @@ def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_to
 
 
 def prompts_for(concurrency: int) -> int:
-    return max(8, 3 * concurrency) if concurrency < 64 else 2 * concurrency
+    return max(6, 2 * concurrency)
 
 
 def measure(side: Side, model: str, tokenizer: str, points: list[int], long_c: int, out_dir: Path) -> list[dict]:
@@ -152,9 +153,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--long-concurrency", type=int, default=8)
     ap.add_argument("--sides", default="vllm,plateau,plateau-reuse")
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau sides (default: a new, empty one)")
+    ap.add_argument("--before-root", help="a checkout of an earlier plateau-serve: adds the side 'plateau-before' "
+                                          "(its own `serve run config.yaml`, its own empty PLATEAU_HOME), run first")
     ns = ap.parse_args(argv)
     points = [int(x) for x in ns.points.split(",")]
     sides = ns.sides.split(",")
+    if ns.before_root:
+        sides.insert(1 if sides[:1] == ["vllm"] else 0, "plateau-before")
 
     from deployments.models import pull
 
@@ -187,9 +192,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 side = Side(side_name, cmd, env, PORT_VLLM, work / "vllm.log")
             else:
                 env = {**base_env, "PLATEAU_HOME": str(home), "RAY_TMPDIR": str(work / "ray")}
+                root = ROOT
+                if side_name == "plateau-before":
+                    root = Path(ns.before_root).resolve()
+                    env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
                 env.pop("RAY_ADDRESS", None)
                 serve_run = [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", "config.yaml"]
-                side = Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log")
+                side = Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log", cwd=root)
             current.append(side)
             try:
                 ready_s = side.wait_ready(name, 1200)
