@@ -262,7 +262,7 @@ def _advisor_request(m: ModelConfig, cluster: ClusterView):
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
-        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype,
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, enforce_eager=m.enforce_eager,
     )
 
 
@@ -456,5 +456,8 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
 
 def build_app(raw_args: Optional[dict] = None) -> Application:
     """Entry point for `serve run`: validate the args, read the cluster, bind the app."""
+    from deployments.install_check import check_install
+
+    check_install()  # a broken torchvision says what to run, not "Could not import module 'LlamaConfig'"
     args = parse_args(raw_args)
     return build(args, ClusterView.from_ray())
