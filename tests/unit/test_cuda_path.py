@@ -146,3 +146,16 @@ def test_matching_torch_builds_are_fine():
     assert torch_extras_problem("13.0", {"torchvision": "0.28.0+cu130"}) is None
     assert torch_extras_problem(None, {"torchvision": "0.28.0+cpu"}) is None
     assert torch_extras_problem(None, {}) is None
+
+
+def test_shipped_gpu_config_serves_bf16_with_cuda_graphs_on_gpus():
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.app import parse_args
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "config.gpu.yaml").read_text())
+    args = parse_args(doc["applications"][0]["args"])
+    assert args.device == "cuda"
+    assert [(m.dtype, m.enforce_eager) for m in args.models] == [("bfloat16", False)]
