@@ -158,9 +158,14 @@ def cuda_device_count(env: Optional[Mapping[str, str]] = None, nvml: Any = None)
     try:
         nvml = nvml if nvml is not None else _load_nvml()
         nvml.nvmlInit()
-        count = int(nvml.nvmlDeviceGetCount())
     except Exception:  # no NVML library or driver
         return 0
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return 0
+    finally:
+        nvml.nvmlShutdown()  # leaves this process as it found it (vLLM's own check does the same)
     entries = visible_entries(env.get(CUDA_VISIBLE_DEVICES))
     return count if entries is None else min(count, len(entries))
 
@@ -206,6 +211,8 @@ class NvmlSampler:
             self._free(sample)
 
     def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the last loop is still inside an NVML call: it owns the GPM sample
         self._bw, self._sm, self._mem = [], [], []
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)

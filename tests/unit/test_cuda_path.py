@@ -159,3 +159,11 @@ def test_shipped_gpu_config_serves_bf16_with_cuda_graphs_on_gpus():
     args = parse_args(doc["applications"][0]["args"])
     assert args.device == "cuda"
     assert [(m.dtype, m.enforce_eager) for m in args.models] == [("bfloat16", False)]
+
+
+def test_version_files_are_read_as_torch_writes_them():
+    from deployments.install_check import _assigned
+
+    assert _assigned("__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\n", "cuda") is None
+    assert _assigned("__version__ = '2.11.0'\ncuda: Optional[str] = '13.0'\n", "cuda") == "13.0"
+    assert _assigned("__version__ = '0.28.0+cu130'\ngit_version = 'abc'\n", "__version__") == "0.28.0+cu130"

@@ -52,6 +52,9 @@ class FakeNvml:
         if self.init_fails:
             raise FakeNvmlError("NVML Shared Library Not Found")
 
+    def nvmlShutdown(self):
+        pass
+
     def nvmlDeviceGetCount(self):
         return len(self.uuids)
 
