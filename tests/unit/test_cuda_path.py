@@ -23,7 +23,7 @@ from deployments.profiling import (
     sweep_kv_cap,
 )
 from tests.factories import make_spec
-from tests.unit.test_nvml import FakeNvml
+from tests.fake_nvml import FakeNvml
 
 GIB = 1 << 30
 
