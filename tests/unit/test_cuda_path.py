@@ -62,6 +62,7 @@ def test_cli_refuses_a_gpu_that_is_not_visible(capsys):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CUDA_VISIBLE_DEVICES", "0")
+        mp.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # main() sets it; restored after the test
         assert main(["profile", "smollm2-135m", "--device", "cuda:3"]) == 2
     assert "cuda:3" in capsys.readouterr().err
 
