@@ -33,8 +33,8 @@ def _hopper_or_newer() -> bool:
 
 
 def test_profile_in_cuda_graph_mode_reports_bandwidth_and_overhead(tmp_path, smollm2_path):
-    env = {**os.environ, "PLATEAU_HOME": str(tmp_path)}
-    common = ["smollm2-135m", "--device", "cuda:0", "--max-batch", "64", "--max-points", "5",
+    env = dict(os.environ)
+    common = [str(smollm2_path), "--device", "cuda:0", "--max-batch", "64", "--max-points", "5",
               "--prompt-tokens", "128", "--output-tokens", "64", "--store", str(tmp_path / "profiles")]
     profile = _plateau("profile", *common, env=env)
     assert profile["mode"] == "graphs" and profile["store_key"]["mode"] == "graphs"
@@ -49,8 +49,8 @@ def test_profile_in_cuda_graph_mode_reports_bandwidth_and_overhead(tmp_path, smo
 
 
 def test_plan_validates_packed_replicas_in_the_same_mode(tmp_path, smollm2_path):
-    env = {**os.environ, "PLATEAU_HOME": str(tmp_path)}
-    plan = _plateau("plan", "smollm2-135m", "--device", "cuda", "--max-batch", "64", "--max-points", "5",
+    env = dict(os.environ)
+    plan = _plateau("plan", str(smollm2_path), "--device", "cuda", "--max-batch", "64", "--max-points", "5",
                     "--store", str(tmp_path / "profiles"), "--validate", env=env)
     assert plan["replicas_per_device"] >= 1
     assert plan["validation"]["aggregate_tokens_per_s"] > 0
