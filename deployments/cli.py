@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 def _models_list(_: argparse.Namespace) -> int:
@@ -140,7 +140,7 @@ def _request(ns: argparse.Namespace):
     return AdvisorRequest(
         model=ns.model, device=ns.device, shape=WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens),
         max_batch=ns.max_batch, max_points=ns.max_points, max_kv_bytes=ns.max_kv_bytes, tpot_slo_ms=ns.tpot_slo_ms,
-        dtype=ns.dtype, dummy=ns.dummy, share_point=ns.share_point, store_dir=ns.store,
+        dtype=ns.dtype, dummy=ns.dummy, share_point=ns.share_point, store_dir=ns.store, enforce_eager=ns.enforce_eager,
         device_memory=getattr(ns, "device_memory", None), reprofile=getattr(ns, "reprofile", False),
         validate_plan=getattr(ns, "validate", False),
     )
@@ -268,7 +268,7 @@ def _local_gpu_hint(model: str, dev) -> list[str]:
     """If this machine has the named GPU, say how to measure it (a real profile then wins)."""
     from advisor.nvml import gpu_sampler
 
-    sampler = gpu_sampler(0)
+    sampler = gpu_sampler("cuda:0")
     if sampler is None or sampler.name not in dev.nvml_names:
         return []
     return [f"this machine has a {sampler.name}: `plateau profile {model} --device cuda:0` measures it, "
@@ -355,13 +355,18 @@ def _with_plans_as_demands(doc):
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="embedded name, model folder or hub id")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:INDEX]; `plan` also takes a device of "
-                   "advisor/perf_constants.json (h100-sxm, l4, ...): a stored profile if any, else the prediction")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:INDEX] (INDEX counts the GPUs CUDA_VISIBLE_DEVICES "
+                   "makes visible); `plan` also takes a device of advisor/perf_constants.json (h100-sxm, l4, ...): a "
+                   "stored profile if any, else the prediction")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=128, help="largest batch the sweep may try")
     p.add_argument("--max-points", type=int, default=8, help="batch sizes in the main sweep, at most")
-    p.add_argument("--max-kv-bytes", type=int, default=4 << 30, help="cap on the profiling engine's KV pool")
+    p.add_argument("--max-kv-bytes", type=int, default=None,
+                   help="cap on the profiling engine's KV pool (default: 4 GiB on CPU, what the free GPU memory holds on CUDA)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile without CUDA graphs / torch.compile (default: eager on CPU, CUDA graphs on CUDA, "
+                   "as replicas serve by default); use the same setting as the model config you serve")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="TPOT p99 limit that caps B*")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--dummy", action="store_true", help="random weights (load_format=dummy), token-id prompts")
@@ -436,11 +441,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def restrict_to_device(device: str, env: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """`--device cuda:N` as (device name for this process, environment to set first).
+
+    Nothing else tells vLLM which GPU to use: it runs on the first visible one. So the process is
+    restricted to GPU N (`CUDA_VISIBLE_DEVICES` = its entry, taken from the current visible list
+    when one is set), and inside it that GPU is `cuda`: the engine runs on it and NVML reads it.
+    """
+    from advisor.nvml import CUDA_VISIBLE_DEVICES, cuda_index, physical_entry
+
+    if device == "cpu":
+        return device, {}
+    entry = physical_entry(cuda_index(device), env.get(CUDA_VISIBLE_DEVICES))
+    return "cuda", {CUDA_VISIBLE_DEVICES: entry}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command in ("profile", "plan"):
+        from advisor.nvml import GpuSelectionError
+        from deployments.install_check import BrokenInstall, check_install
+
         # vLLM logs every engine start in detail; the CLI reports its own progress.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        try:
+            check_install()
+            # a device of the performance model's data file is planned from the prediction: no GPU to pick
+            ns.device, env = (ns.device, {}) if _named_device(ns.device) else restrict_to_device(ns.device, os.environ)
+        except (BrokenInstall, GpuSelectionError) as exc:
+            return _err(str(exc))
+        os.environ.update(env)
     try:
         return int(ns.func(ns))
     except CliError as exc:

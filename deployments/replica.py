@@ -224,13 +224,19 @@ def _engine_dead() -> HttpStart:
 
 
 def _device_sampler():
-    """An NVML sampler on the GPU Ray gave this replica (None without NVML or GPM)."""
-    import ray
+    """An NVML sampler on the GPU this replica's engine runs on (None without NVML or GPM).
 
-    from advisor.nvml import gpu_sampler
+    The engine runs on `cuda:0` as this process sees it: the first entry of the
+    `CUDA_VISIBLE_DEVICES` Ray set for the replica. That entry can be an index, a GPU UUID or a
+    MIG UUID, and NVML numbers devices physically, so it is mapped to its NVML handle, never int()-ed.
+    """
+    from advisor.nvml import GpuSelectionError, gpu_sampler
 
-    ids = ray.get_gpu_ids()
-    sampler = gpu_sampler(int(ids[0])) if ids else None
+    try:
+        sampler = gpu_sampler("cuda:0")
+    except GpuSelectionError as exc:
+        logger.warning("no device counters for this replica: %s", exc)
+        return None
     return sampler if sampler is not None and sampler.gpm else None
 
 

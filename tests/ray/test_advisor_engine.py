@@ -14,7 +14,7 @@ from advisor.memory import memory_model
 from deployments.engine import start_engine
 from deployments.spec import ReplicaResources, ReplicaSpec
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 # Small shapes of four families (dummy weights): GQA with explicit head_dim, qkv bias, OPT, GPT-2.
 CONFIGS = {

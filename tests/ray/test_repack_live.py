@@ -18,7 +18,7 @@ from bench.repack import (Shift, board_status, device_memory_for_shift, ensure_p
                           start_cluster, stop_cluster, stop_serve, wait_ready, write_config)
 from tests.ray.conftest import ROOT, wait_until
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 CFG = Shift(ray_port=6391, http_port=8127, metrics_port=8128, workers=6, short_phase_s=45, after_phase_s=20)
 

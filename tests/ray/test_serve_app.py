@@ -20,7 +20,7 @@ from deployments.app import ClusterView, build, parse_args
 from deployments.engine import replica_deployment_name
 from tests.ray.conftest import shipped_model_args, wait_until
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 HTTP_PORT = 8123
 METRICS_PORT = 8181

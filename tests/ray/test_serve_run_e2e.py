@@ -16,7 +16,7 @@ import yaml
 
 from tests.ray.conftest import ROOT, wait_until
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 
 def _serve_bin() -> str:

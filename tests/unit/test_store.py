@@ -29,3 +29,41 @@ def test_find_falls_back_to_another_bucket_of_the_same_model_and_device(tmp_path
     store.put_profile(p)
     assert store.find("m", "dev", "0.0", "bfloat16", "p1024-o64") == p
     assert store.find("m", "elsewhere", "0.0", "bfloat16", "p1024-o64") is None
+
+
+def test_eager_and_cuda_graph_profiles_are_stored_and_found_apart(tmp_path):
+    store = ProfileStore(tmp_path)
+    eager = make_profile()
+    graphs = make_profile().model_copy(update={"mode": "graphs", "seconds": 7.0})
+    store.put_profile(eager)
+    store.put_profile(graphs)
+    assert len(store.profiles()) == 2
+    assert store.get_profile(StoreKey.of(graphs)).mode == "graphs"
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", mode="graphs").seconds == 7.0
+    assert store.find("m", "dev", "0.0", "bfloat16", "p1024-o64", mode="eager").mode == "eager"
+
+
+def test_a_graphs_lookup_never_falls_back_to_an_eager_profile(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.put_profile(make_profile())
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", mode="graphs") is None
+
+
+def test_profiles_stored_before_the_mode_column_load_as_eager(tmp_path):
+    import json
+
+    import pandas as pd
+
+    profile = make_profile()
+    body = json.loads(profile.model_dump_json())
+    del body["mode"]  # what an older version wrote
+    key = StoreKey.of(profile).model_dump()
+    del key["mode"]
+    pd.DataFrame([{**key, "stored_at": "2026-11-01T00:00:00+00:00", "body": json.dumps(body)}]).to_parquet(
+        tmp_path / "profiles.parquet", index=False)
+    store = ProfileStore(tmp_path)
+    old = store.find("m", "dev", "0.0", "bfloat16", "p128-o64")
+    assert old is not None and old.mode == "eager" and old.points == profile.points
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", mode="graphs") is None
+    store.put_profile(profile.model_copy(update={"mode": "graphs"}))  # writing keeps the old row, now keyed
+    assert sorted(store.profiles()["mode"]) == ["eager", "graphs"]

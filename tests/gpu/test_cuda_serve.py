@@ -1,0 +1,75 @@
+"""The packed app on a real GPU with real Ray Serve: two `num_gpus: 0.5` replicas of one model
+with CUDA graphs on, started one after another on the same device, both answering, each with the
+planned KV pool held on the device. Runs only where
+CUDA vLLM and a GPU are present (the skip never initialises CUDA in this process)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.engine_build import cuda_engine_missing
+
+MISSING = cuda_engine_missing()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+
+HTTP_PORT = 8124
+MODEL = "smollm2-135m"
+KV_BYTES = 512 << 20
+SMOLLM2_BF16_KV_PER_TOKEN = 30 * 2 * 3 * 64 * 2
+
+
+@pytest.fixture(scope="module")
+def app(smollm2_path):
+    import ray
+    from ray import serve
+
+    from deployments.app import ClusterView, build, parse_args
+    from deployments.engine import replica_deployment_name
+
+    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    args = parse_args({
+        "device": "cuda",
+        "models": [{"model": str(smollm2_path), "name": MODEL, "replicas_per_device": 2, "max_num_seqs": 32,
+                    "kv_cache_bytes": f"{KV_BYTES >> 20}MiB", "max_model_len": 2048, "dtype": "bfloat16",
+                    "enforce_eager": False}],
+    })
+    assert args.models[0].enforce_eager is False  # CUDA graphs, as served by default
+    serve.run(build(args, ClusterView.from_ray()), name="plateau-gpu", route_prefix="/")
+    yield serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name="plateau-gpu")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _infos(handle, want: int = 2, tries: int = 60) -> dict:
+    seen = {}
+    for _ in range(tries):
+        info = handle.info.remote().result()
+        seen[info.replica_id] = info
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def test_two_half_gpu_replicas_with_cuda_graphs_share_the_gpu(app):
+    import ray
+
+    from advisor.nvml import cuda_device
+
+    infos = _infos(app)
+    assert len(infos) == 2
+    assert ray.available_resources().get("GPU", 0.0) == 0.0  # 2 x num_gpus 0.5 on the one GPU
+    for info in infos.values():
+        assert info.device_kind == "cuda"
+        assert info.num_kv_blocks * info.kv_block_tokens == pytest.approx(KV_BYTES / SMOLLM2_BF16_KV_PER_TOKEN,
+                                                                          rel=0.05)
+    # Ray gave this driver's cuda:0 (GPU 0) to both replicas: both KV pools are held there.
+    assert cuda_device("cuda").memory_used() >= 2 * KV_BYTES
+
+
+def test_both_replicas_answer(app):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="none", max_retries=0, timeout=120)
+    for _ in range(4):  # the router spreads them over both replicas
+        out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert out.choices[0].text.strip()
