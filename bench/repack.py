@@ -309,6 +309,7 @@ def run_shift(address: str, cfg: Shift, device_memory: int, http_port: int,
     base = f"http://127.0.0.1:{http_port}"
     client = ClosedLoop(base, "alpha", cfg.workers)
     client.start()
+    log(f"[repack] closed loop: {cfg.workers} workers, {SHORT}-token prompts for {cfg.short_phase_s:.0f} s")
     t0 = time.monotonic()
     time.sleep(cfg.short_phase_s)
     before = client.tokens_per_s(t0 + cfg.short_phase_s / 3, time.monotonic())
