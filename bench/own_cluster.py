@@ -38,6 +38,8 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 TAG_VAR = "PLATEAU_OWN_CLUSTER"
+TEMP_PREFIX = "plateau-ray-"
+OWNER_FILE = "plateau-owner.json"
 # Ray puts Unix sockets under <temp dir>/session_<date>_<pid>/sockets/: keep the temp dir short (107-byte limit)
 MAX_TEMP_BASE_CHARS = 20
 
@@ -82,6 +84,22 @@ class ClusterPorts(BaseModel):
         finally:
             for s in held:
                 s.close()
+
+
+class Owner(BaseModel):
+    """Who started a cluster (written into its temp dir): `cleanup` stops clusters whose owner is gone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pid: int = Field(description="The process that started the cluster.")
+    create_time: float = Field(description="Its start time (psutil), so a reused pid is not taken for it.")
+    tag: str = Field(description="The cluster's tag (PLATEAU_OWN_CLUSTER) in its processes' environment.")
+
+    def alive(self) -> bool:
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.create_time) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
 
 class OwnClusterConfig(BaseModel):
@@ -172,7 +190,7 @@ class OwnCluster:
         self.tag = uuid.uuid4().hex[:12]
         base = tempfile.gettempdir()
         base = base if len(base) <= MAX_TEMP_BASE_CHARS else "/tmp"
-        self.temp_dir = tempfile.mkdtemp(prefix="plateau-ray-", dir=base)
+        self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base)
         self.log_dir = Path(log_dir) if log_dir is not None else Path(self.temp_dir)
         self.ports = ClusterPorts.pick()
         self.address = f"127.0.0.1:{self.ports.gcs}"
@@ -237,6 +255,9 @@ class OwnCluster:
             self._exit.close()
 
     def _start(self) -> None:
+        me = psutil.Process()
+        Path(self.temp_dir, OWNER_FILE).write_text(
+            Owner(pid=me.pid, create_time=me.create_time(), tag=self.tag).model_dump_json())
         log = self.log_dir / "ray-start.log"
         with open(log, "w") as out:
             done = subprocess.run(self.start_command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
@@ -310,5 +331,35 @@ class OwnCluster:
         raise Interrupted(128 + signum)
 
 
+def cleanup_orphans(base: Optional[str] = None, grace_s: float = 10.0,
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> int:
+    """Stop the clusters of benchmarks and tests that were killed outright (SIGKILL, OOM): those whose
+    temp dir under `base` names an owner process that is gone. Clusters still owned are left alone.
+    Returns how many processes were stopped."""
+    stopped = 0
+    for folder in sorted(Path(base or tempfile.gettempdir()).glob(TEMP_PREFIX + "*")):
+        try:
+            owner = Owner.model_validate_json((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not started by this helper, or still starting
+        if owner.alive():
+            continue
+        procs = processes_of(tag=owner.tag, temp_dir=str(folder))
+        left = stop_processes(procs, grace_s)
+        stopped += len(procs) - len(left)
+        log(f"[cluster] {folder}: owner {owner.pid} is gone; stopped {len(procs) - len(left)} processes"
+            + (f", {len(left)} survived: {[p.pid for p in left]}" if left else ""))
+        if not left:
+            shutil.rmtree(folder, ignore_errors=True)
+    return stopped
+
+
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
+
+
+if __name__ == "__main__":
+    # python -m bench.own_cluster cleanup: after a benchmark or test was killed with SIGKILL
+    if sys.argv[1:] != ["cleanup"]:
+        sys.exit("usage: python -m bench.own_cluster cleanup")
+    cleanup_orphans()

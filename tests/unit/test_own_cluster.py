@@ -142,3 +142,22 @@ def test_sigterm_inside_the_block_stops_the_cluster_and_exits_non_zero(monkeypat
     assert stopped == [cluster]
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
     os.rmdir(cluster.temp_dir)
+
+
+def test_cleanup_stops_the_clusters_whose_owner_is_gone_and_leaves_owned_ones(spawn, tmp_path):
+    from bench.own_cluster import OWNER_FILE, TEMP_PREFIX, Owner, cleanup_orphans
+
+    dead_owner = subprocess.run([sys.executable, "-c", "import os, psutil; p = psutil.Process(); "
+                                 "print(p.pid, p.create_time())"], capture_output=True, text=True).stdout.split()
+    orphan_dir, owned_dir = tmp_path / f"{TEMP_PREFIX}a", tmp_path / f"{TEMP_PREFIX}b"
+    orphan_dir.mkdir(), owned_dir.mkdir()
+    (orphan_dir / OWNER_FILE).write_text(Owner(pid=int(dead_owner[0]), create_time=float(dead_owner[1]),
+                                               tag="orphan").model_dump_json())
+    me = psutil.Process()
+    (owned_dir / OWNER_FILE).write_text(Owner(pid=me.pid, create_time=me.create_time(), tag="owned").model_dump_json())
+    orphan, owned = spawn({TAG_VAR: "orphan"}), spawn({TAG_VAR: "owned"})
+    _children(orphan), _children(owned)
+
+    assert cleanup_orphans(str(tmp_path), grace_s=5) == 2  # the orphan and its child
+    assert orphan.wait(timeout=5) is not None and owned.poll() is None
+    assert not orphan_dir.exists() and owned_dir.exists()
