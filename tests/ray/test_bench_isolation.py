@@ -149,8 +149,9 @@ def _still_there(procs) -> list[str]:
 def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_still_starts(
         smollm2_path, default_tmp, users_cluster, tmp_path):
     users_address, users_temp = users_cluster
-    users_procs = processes_of(temp_dir=users_temp)
-    assert {"gcs_server", "raylet"} <= {p.name() for p in users_procs}
+    # its GCS and raylet (idle workers come and go on their own)
+    users_procs = [p for p in processes_of(temp_dir=users_temp) if p.name() in ("gcs_server", "raylet")]
+    assert sorted(p.name() for p in users_procs) == ["gcs_server", "raylet"]
     current_file = Path(default_tmp) / "ray" / "ray_current_cluster"
     before = current_file.read_text() if current_file.exists() else None
 
@@ -184,7 +185,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     assert processes_of(temp_dir=bench_temp) == []
     assert not os.path.exists(bench_temp)
 
-    assert _still_there(users_procs) and len(_still_there(users_procs)) == len(users_procs)
+    assert len(_still_there(users_procs)) == 2
     assert "CPU 1.0" in _answers(users_address, default_tmp)
     assert (current_file.read_text() if current_file.exists() else None) == before
 
