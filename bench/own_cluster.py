@@ -7,8 +7,9 @@
 The head gets its own `--temp-dir` and free ports of its own (GCS, node manager, object manager,
 Ray client, dashboard, dashboard agent, runtime-env agent, metrics export, and one for Serve's
 HTTP proxy that a config can use). Leaving the `with` block stops the cluster: on normal exit, on
-an exception, and on SIGINT/SIGTERM (handlers installed for the block clean up, then the process
-exits with 128 + the signal number). `ray stop` is never used: it ends every Ray cluster on the
+an exception, and on SIGINT/SIGTERM (handlers installed for the block raise KeyboardInterrupt on
+SIGINT and `Interrupted` (exit code 143) on SIGTERM, so the stop runs on the way out; a second
+signal during the stop is ignored). `ray stop` is never used: it ends every Ray cluster on the
 machine, other people's included.
 
 What belongs to the cluster: every process whose environment carries its tag (`PLATEAU_OWN_CLUSTER`,
@@ -328,6 +329,8 @@ class OwnCluster:
             self._log(f"[cluster] {name} while stopping the cluster at {self.address}: still stopping")
             return
         self._log(f"[cluster] {name}: stopping the cluster at {self.address}, then exiting")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # as Python's own handler (pytest stops its session on it)
         raise Interrupted(128 + signum)
 
 

