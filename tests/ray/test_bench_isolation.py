@@ -100,6 +100,7 @@ def users_cluster(default_tmp):
     p = ClusterPorts.pick()
     cmd = [_bin("ray"), "start", "--head", f"--temp-dir={temp}", f"--port={p.gcs}", f"--node-manager-port={p.node_manager}",
            f"--object-manager-port={p.object_manager}", f"--ray-client-server-port={p.ray_client_server}",
+           f"--dashboard-port={p.dashboard}",  # its dashboard head runs even without --include-dashboard
            f"--dashboard-agent-listen-port={p.dashboard_agent_listen}", f"--dashboard-agent-grpc-port={p.dashboard_agent_grpc}",
            f"--runtime-env-agent-port={p.runtime_env_agent}", f"--metrics-export-port={p.metrics_export}",
            "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1", "--include-dashboard=false",
@@ -160,7 +161,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
                              start_new_session=True)
     err, out = Lines(bench.stderr), Lines(bench.stdout)
     try:
-        head = err.wait_for("[cluster] Ray head at", 600)
+        head = err.wait_for("[cluster] Ray head at", READY_TIMEOUT_S)
         bench_temp = head.split("(temp dir ")[1].split(",")[0]
         err.wait_for("[repack] closed loop", READY_TIMEOUT_S)  # both engines answer, requests are in flight
         assert bench.poll() is None
@@ -175,9 +176,13 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=STOP_TIMEOUT_S) == 128 + signal.SIGTERM, "\n".join(err.lines[-40:])
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+        if bench.poll() is None:  # the test failed before its SIGTERM: let the bench clean up, then insist
+            bench.terminate()
+            try:
+                bench.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                bench.kill()
+                bench.wait()
     assert "[cluster] SIGTERM: stopping the cluster" in "\n".join(err.lines)
     assert not [ln for ln in out.lines if ln.strip()], out.lines  # no result was printed for an interrupted run
 
