@@ -62,6 +62,9 @@ class Shift(BaseModel):
     dtype: str = Field("float32", description="Engine dtype (fp32: SmolLM2's bf16 output degenerates on CPU).")
     plan_shape: tuple[int, int] = Field((128, 64), description="Prompt/output tokens the profile is planned for.")
     memory_fraction: float = Field(0.9, gt=0, le=1, description="Device memory share the planner may use.")
+    device_memory_gib: float = Field(
+        0.0, ge=0, description="Memory per logical GPU in GiB; 0 derives it from the profile and checks the scenario. "
+                               "Set it only to exercise start and stop: the re-pack may then not happen (the run says so).")
 
 
 class ShiftResult(BaseModel):
@@ -129,7 +132,15 @@ def plan_scenario(profile, cores: int, fraction: float = 0.9) -> Scenario:
 
     def evaluate(prompt: int, memory: int):
         device = DeviceSpec(kind="cpu", name="probe", memory_bytes=memory, cores=cores)
-        return evaluate_shape(profile, device, WorkloadShape(prompt_tokens=prompt, output_tokens=OUTPUT), planner)
+        try:
+            return evaluate_shape(profile, device, WorkloadShape(prompt_tokens=prompt, output_tokens=OUTPUT), planner)
+        except (ArithmeticError, ValueError) as exc:  # e.g. a noisy fit whose B* runs to infinity
+            m = profile.step_model
+            raise ScenarioError(
+                f"the planner fails on the stored profile at {prompt}-token prompts ({type(exc).__name__}: {exc}); "
+                f"its step fit is t(B,ctx)={m.a_ms:.2f}+{m.b_ms:.4f}B+{m.c_ms:.6f}B*ctx ms (fit error {m.mape:.0f}%); "
+                f"re-profile on a quiet machine: `plateau plan {profile.model} --dtype {profile.dtype} --reprofile`"
+            ) from None
 
     probe = 1 << 50
     short, middle, long_ = (evaluate(p, probe).memory_per_replica_bytes for p in (SHORT, 600, LONG))
@@ -363,17 +374,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse(argv)
     model = "smollm2-135m"
     pull(model)
+    scenario = None
     try:
         profile = ensure_profile(model, cfg.dtype, cfg.plan_shape)
-        # the app plans on the profile's cores (else the node's CPUs): the same device as here
-        scenario = plan_scenario(profile, cores=profile.cores or 4, fraction=cfg.memory_fraction)
+        if not cfg.device_memory_gib:
+            # the app plans on the profile's cores (else the node's CPUs): the same device as here
+            scenario = plan_scenario(profile, cores=profile.cores or 4, fraction=cfg.memory_fraction)
     except ScenarioError as exc:
         log_stderr(f"[repack] cannot run the scenario: {exc}")
         return 2
     work = Path(tempfile.mkdtemp(prefix="plateau-repack-"))
-    memory = scenario.device_memory_bytes
-    log_stderr(f"[repack] logical GPU memory {memory / 2**30:.2f} GiB (N=2 fits up to 600-token prompts, N=1 only "
-               f"at {LONG}); logs in {work}")
+    if scenario is not None:
+        memory = scenario.device_memory_bytes
+        log_stderr(f"[repack] logical GPU memory {memory / 2**30:.2f} GiB (N=2 fits up to 600-token prompts, N=1 only "
+                   f"at {LONG}); logs in {work}")
+    else:
+        memory = int(cfg.device_memory_gib * 2**30)
+        log_stderr(f"[repack] logical GPU memory {cfg.device_memory_gib} GiB as given, not checked against the "
+                   f"profile; logs in {work}")
     with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
         config = write_config(work / "config.yaml", model, memory, cfg, cluster.ports.serve_http)
         proc = cluster.serve_run(config, work / "serve.log", cwd=ROOT)
@@ -391,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if result is not None:
         failure = shift_failure(result, cfg)
         payload = json.loads(result.model_dump_json(by_alias=True))
-        path = write_result("repack", {"config": cfg.model_dump(), "scenario": scenario.model_dump(), **payload,
+        path = write_result("repack", {"config": cfg.model_dump(), "scenario": scenario.model_dump() if scenario else None, **payload,
                                        "failure": failure})
         log_stderr(f"[repack] recorded {path}")
         summary = {k: payload[k] for k in ("failed_requests", "repack_seconds", "tokens_per_s_before",

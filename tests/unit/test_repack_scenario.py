@@ -62,3 +62,9 @@ def test_every_other_outcome_is_a_failure_with_its_reason(fields, says):
 
 def test_the_scenario_is_a_pass():
     assert shift_failure(result(), Shift()) is None
+
+
+def test_a_noisy_profile_whose_fit_breaks_the_planner_is_refused_with_the_fix():
+    noisy = PROFILE.model_copy(update={"step_model": PROFILE.step_model.model_copy(update={"c_ms": -0.245})})
+    with pytest.raises(ScenarioError, match=r"planner fails on the stored profile .*--reprofile"):
+        plan_scenario(noisy, cores=2)
