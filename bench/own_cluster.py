@@ -113,6 +113,8 @@ class OwnClusterConfig(BaseModel):
     stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
     stop_rounds: int = Field(3, ge=1, description="Look for processes again this often (teardown may spawn some).")
     keep_temp_dir: bool = Field(False, description="Keep the temp dir (Ray's session logs) after the stop.")
+    start_attempts: int = Field(2, ge=1, description="`ray start` tries: on a loaded machine the raylet may miss "
+                                                     "Ray's fixed 30 s registration wait; a failed try is stopped first.")
 
 
 def default_address_file() -> Path:
@@ -259,11 +261,17 @@ class OwnCluster:
         me = psutil.Process()
         Path(self.temp_dir, OWNER_FILE).write_text(
             Owner(pid=me.pid, create_time=me.create_time(), tag=self.tag).model_dump_json())
-        log = self.log_dir / "ray-start.log"
-        with open(log, "w") as out:
-            done = subprocess.run(self.start_command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
-            raise ClusterStartError(f"`ray start` exited {done.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        for attempt in range(1, self.cfg.start_attempts + 1):
+            log = self.log_dir / f"ray-start-{attempt}.log"
+            with open(log, "w") as out:
+                done = subprocess.run(self.start_command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+            if done.returncode == 0:
+                break
+            failed = f"`ray start` exited {done.returncode} (try {attempt} of {self.cfg.start_attempts}); see {log}"
+            if attempt == self.cfg.start_attempts:
+                raise ClusterStartError(f"{failed}:\n{log.read_text()[-2000:]}")
+            self._log(f"[cluster] {failed}; stopping what it started and trying again")
+            stop_processes(self.processes(), self.cfg.stop_grace_s)
         self._log(f"[cluster] Ray head at {self.address} (temp dir {self.temp_dir}, Serve HTTP port "
                   f"{self.ports.serve_http}, metrics port {self.ports.metrics_export})")
 
