@@ -357,6 +357,22 @@ def run_shift(address: str, cfg: Shift, device_memory: int, http_port: int,
     })
 
 
+def _run_app(cluster, cfg: Shift, model: str, memory: int, work: Path) -> tuple[Optional[ShiftResult], Optional[str]]:
+    """serve run the two-model app on `cluster`, wait for it and its start placement, drive the shift."""
+    config = write_config(work / "config.yaml", model, memory, cfg, cluster.ports.serve_http)
+    proc = cluster.serve_run(config, work / "serve.log", cwd=ROOT)
+    started = time.monotonic()
+    try:
+        wait_ready(f"http://127.0.0.1:{cluster.ports.serve_http}", proc, work / "serve.log", cfg.ready_timeout_s)
+        log_stderr(f"[repack] app ready in {time.monotonic() - started:.0f} s")
+        failure = wait_start_placement(cluster.address)
+    except AppNotReady as exc:
+        return None, str(exc)
+    if failure is not None:
+        return None, failure
+    return run_shift(cluster.address, cfg, memory, cluster.ports.serve_http), None
+
+
 def parse(argv: Optional[list[str]]) -> Shift:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, field in Shift.model_fields.items():
@@ -368,7 +384,7 @@ def parse(argv: Optional[list[str]]) -> Shift:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from bench.machine import write_result
-    from bench.own_cluster import OwnCluster, OwnClusterConfig
+    from bench.own_cluster import ClusterStartError, OwnCluster, OwnClusterConfig
     from deployments.models import pull
 
     cfg = parse(argv)
@@ -392,25 +408,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         memory = int(cfg.device_memory_gib * 2**30)
         log_stderr(f"[repack] logical GPU memory {cfg.device_memory_gib} GiB as given, not checked against the "
                    f"profile; logs in {work}")
-    with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
-        config = write_config(work / "config.yaml", model, memory, cfg, cluster.ports.serve_http)
-        proc = cluster.serve_run(config, work / "serve.log", cwd=ROOT)
-        started = time.monotonic()
-        result = None
-        try:
-            wait_ready(f"http://127.0.0.1:{cluster.ports.serve_http}", proc, work / "serve.log", cfg.ready_timeout_s)
-            log_stderr(f"[repack] app ready in {time.monotonic() - started:.0f} s")
-            failure = wait_start_placement(cluster.address)
-        except AppNotReady as exc:
-            failure = str(exc)
-        if failure is None:
-            result = run_shift(cluster.address, cfg, memory, cluster.ports.serve_http)
+    result, failure = None, None
+    try:
+        with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
+            result, failure = _run_app(cluster, cfg, model, memory, work)
+    except ClusterStartError as exc:
+        failure = str(exc).splitlines()[0]
     # the cluster is gone: nothing of it can print after the result
     if result is not None:
         failure = shift_failure(result, cfg)
         payload = json.loads(result.model_dump_json(by_alias=True))
-        path = write_result("repack", {"config": cfg.model_dump(), "scenario": scenario.model_dump() if scenario else None, **payload,
-                                       "failure": failure})
+        path = write_result("repack", {"config": cfg.model_dump(), "scenario": scenario.model_dump() if scenario else None,
+                                       **payload, "failure": failure})
         log_stderr(f"[repack] recorded {path}")
         summary = {k: payload[k] for k in ("failed_requests", "repack_seconds", "tokens_per_s_before",
                                            "tokens_per_s_after", "from", "to")}
