@@ -66,6 +66,10 @@ class ModelConfig(BaseModel):
         description="other replicas-per-device values (N) the policy may re-pack to, e.g. [1, 2]; needs the app's "
                     "autoscaling_policy and a profile (replicas_per_device: auto)",
     )
+    start_variant: Optional[Annotated[int, Field(ge=1, le=64)]] = Field(
+        None, description="the variant (N) the model starts on, one of `variants`; omit to start on the plan's N "
+                          "(benchmarks and tests that need a fixed start set it)",
+    )
     max_num_seqs: int = Field(32, ge=1, le=4096, description="per-replica batch cap (B), 1..4096 (auto: planned)")
     kv_cache_bytes: Optional[ByteSize] = Field(
         None, description="KV pool per replica, e.g. 512MiB or 2GiB; omit to let vLLM size it (auto: planned)"
@@ -101,6 +105,9 @@ class ModelConfig(BaseModel):
     def _bounds(self) -> "ModelConfig":
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if self.start_variant is not None and self.start_variant not in self.variants:
+            raise ValueError(f"start_variant {self.start_variant} is not one of variants {self.variants}; "
+                             f"add {self.start_variant} to variants or drop start_variant")
         return self
 
     @field_validator("dtype")
@@ -370,6 +377,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             "set replicas_per_device: auto (or remove variants)"
         )
     n = int(m.replicas_per_device)
+    start_n = m.start_variant or n
     usable = int(inventory.smallest_memory_bytes * m.device_memory_fraction)
     specs: dict[int, ReplicaSpec] = {}
     variants: list[VariantSpec] = []
@@ -403,13 +411,13 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
         specs[k] = spec
         variants.append(VariantSpec(n=k, deployment=replica_deployment_name(name, k), share=round(1.0 / k, 6),
                                     memory_bytes=max(1, memory), max_num_seqs=spec.max_num_seqs))
-    start = n * m.devices
+    start = start_n * m.devices
     low = m.min_replicas or start
     high = max(m.max_replicas or start, low)
     initial = min(max(start, low), high)
     inp = ModelPolicyInput(model=name, variants=variants, min_replicas=low, max_replicas=high, profile=profile,
                            device=dev, planner=planner)
-    return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=n, initial_replicas=initial)
+    return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=start_n, initial_replicas=initial)
 
 
 def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:

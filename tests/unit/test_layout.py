@@ -83,3 +83,20 @@ def test_min_replicas_beyond_capacity_fail_at_startup_saying_by_how_much():
 def test_bounds_are_checked_against_each_other():
     with pytest.raises(AppConfigError, match="min_replicas 3 is above max_replicas 2"):
         parse_args({"models": [{"min_replicas": 3, "max_replicas": 2}]})
+
+
+def test_start_variant_starts_the_model_on_that_n_whatever_the_plan_prefers():
+    planned = layout_model(model(replicas_per_device=1, variants=[1, 2], min_replicas=1, max_replicas=1),
+                           CLUSTER, inventory(), "auto", PROFILE).active_n
+    other = 1 if planned == 2 else 2
+    m = model(replicas_per_device=1, variants=[1, 2], start_variant=other, min_replicas=1, max_replicas=1)
+    lay = layout_model(m, CLUSTER, inventory(), "auto", PROFILE)
+    assert lay.active_n == other and lay.initial_replicas == 1 and sorted(lay.specs) == [1, 2]
+    assert lay.active.deployment == f"LLM:smollm2-135m@n{other}"
+    packing = place([lay], inventory())
+    assert [p.model for ps in packing.placement.values() for p in ps] == [f"LLM:smollm2-135m@n{other}"]
+
+
+def test_a_start_variant_outside_the_variants_names_the_fix():
+    with pytest.raises(AppConfigError, match=r"start_variant 4 is not one of variants \[1, 2\]; add 4 to variants"):
+        model(replicas_per_device="auto", variants=[1, 2], start_variant=4)

@@ -1,0 +1,376 @@
+"""A Ray head that belongs to one benchmark or test, and a stop that ends exactly what it started.
+
+    with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
+        cluster.serve_run(work / "config.yaml", work / "serve.log", cwd=ROOT)
+        ...  # cluster.address, cluster.ports.serve_http, cluster.ports.metrics_export
+
+The head gets its own `--temp-dir` and free ports of its own (GCS, node manager, object manager,
+Ray client, dashboard, dashboard agent, runtime-env agent, metrics export, and one for Serve's
+HTTP proxy that a config can use). Leaving the `with` block stops the cluster: on normal exit, on
+an exception, and on SIGINT/SIGTERM (handlers installed for the block raise KeyboardInterrupt on
+SIGINT and `Interrupted` (exit code 143) on SIGTERM, so the stop runs on the way out; a second
+signal during the stop is ignored). `ray stop` is never used: it ends every Ray cluster on the
+machine, other people's included.
+
+What belongs to the cluster: every process whose environment carries its tag (`PLATEAU_OWN_CLUSTER`,
+set on `ray start` and `serve run` and inherited by the GCS, the raylet, the workers and the vLLM
+engine processes they spawn), every process whose command line names its temp dir, and their
+children. Ray's default "current cluster" file (`/tmp/ray/ray_current_cluster`, which a later
+`serve run config.yaml` reads) is left as it was found.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Optional
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+TAG_VAR = "PLATEAU_OWN_CLUSTER"
+TEMP_PREFIX = "plateau-ray-"
+OWNER_FILE = "plateau-owner.json"
+# Ray puts Unix sockets under <temp dir>/session_<date>_<pid>/sockets/: keep the temp dir short (107-byte limit)
+MAX_TEMP_BASE_CHARS = 20
+
+
+class ClusterStartError(RuntimeError):
+    """`ray start` failed; the message names the log to read."""
+
+
+class ClusterStopError(RuntimeError):
+    """Processes of the cluster survived SIGKILL; the message names them."""
+
+
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM arrived while a cluster was up; its code is 128 + the signal number."""
+
+
+class ClusterPorts(BaseModel):
+    """The ports of one cluster, each picked free on this machine when the cluster starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    gcs: int = Field(description="GCS server (`--port`): the cluster's address is 127.0.0.1:<gcs>.")
+    node_manager: int = Field(description="Raylet's node manager (`--node-manager-port`).")
+    object_manager: int = Field(description="Object manager (`--object-manager-port`).")
+    ray_client_server: int = Field(description="Ray client server (`--ray-client-server-port`).")
+    dashboard: int = Field(description="Dashboard (`--dashboard-port`), used when the dashboard is on.")
+    dashboard_agent_listen: int = Field(description="Dashboard agent HTTP (`--dashboard-agent-listen-port`).")
+    dashboard_agent_grpc: int = Field(description="Dashboard agent gRPC (`--dashboard-agent-grpc-port`).")
+    runtime_env_agent: int = Field(description="Runtime-env agent (`--runtime-env-agent-port`).")
+    metrics_export: int = Field(description="Prometheus export of Ray and Serve metrics (`--metrics-export-port`).")
+    serve_http: int = Field(description="Free port for Serve's HTTP proxy: the caller puts it in its Serve config.")
+
+    @classmethod
+    def pick(cls) -> "ClusterPorts":
+        """Distinct ports the OS reports free now (all sockets are held until every port is picked)."""
+        held = []
+        try:
+            for _ in cls.model_fields:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("", 0))
+                held.append(s)
+            return cls(**{name: s.getsockname()[1] for name, s in zip(cls.model_fields, held)})
+        finally:
+            for s in held:
+                s.close()
+
+
+class Owner(BaseModel):
+    """Who started a cluster (written into its temp dir): `cleanup` stops clusters whose owner is gone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pid: int = Field(description="The process that started the cluster.")
+    create_time: float = Field(description="Its start time (psutil), so a reused pid is not taken for it.")
+    tag: str = Field(description="The cluster's tag (PLATEAU_OWN_CLUSTER) in its processes' environment.")
+
+    def alive(self) -> bool:
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.create_time) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+class OwnClusterConfig(BaseModel):
+    """What the head declares and how it is stopped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_cpus: int = Field(2, ge=1, description="CPUs the head declares (`--num-cpus`).")
+    num_gpus: int = Field(0, ge=0, description="GPUs the head declares (`--num-gpus`); logical ones on a CPU machine.")
+    include_dashboard: bool = Field(False, description="Start the dashboard (on its own port).")
+    stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
+    stop_rounds: int = Field(3, ge=1, description="Look for processes again this often (teardown may spawn some).")
+    keep_temp_dir: bool = Field(False, description="Keep the temp dir (Ray's session logs) after the stop.")
+    start_attempts: int = Field(2, ge=1, description="`ray start` tries: on a loaded machine the raylet may miss "
+                                                     "Ray's fixed 30 s registration wait; a failed try is stopped first.")
+
+
+def default_address_file() -> Path:
+    """Ray's "current cluster" file that `ray.init()` / `serve run` without an address read."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _names(arg: str, temp_dir: str) -> bool:
+    return re.search(re.escape(temp_dir) + r"(?=$|[/\s,;:])", arg) is not None
+
+
+def processes_of(tag: Optional[str] = None, temp_dir: Optional[str] = None) -> list[psutil.Process]:
+    """Live processes that carry `tag` in their environment or name `temp_dir` on their command line,
+    with all their children; never this process or its ancestors."""
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline", "environ", "status"], ad_value=None):
+        info = p.info
+        if p.pid in spared or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        tagged = tag is not None and (info["environ"] or {}).get(TAG_VAR) == tag
+        named = temp_dir is not None and any(_names(a, temp_dir) for a in info["cmdline"] or [])
+        if tagged or named:
+            found[p.pid] = p
+    for p in list(found.values()):
+        try:
+            for child in p.children(recursive=True):
+                if child.pid not in spared:
+                    found.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+    return [p for p in found.values() if _alive(p)]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
+    """SIGTERM every process, SIGKILL those still there after `grace_s`; returns the survivors.
+    psutil refuses to signal a pid that was reused by another process since `procs` was taken."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    return [p for p in alive if _alive(p)]
+
+
+class OwnCluster:
+    """One private Ray head; use it as a context manager (see the module docstring)."""
+
+    def __init__(self, cfg: OwnClusterConfig = OwnClusterConfig(), log_dir: Optional[Path] = None,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        self.cfg = cfg
+        self.tag = uuid.uuid4().hex[:12]
+        base = tempfile.gettempdir()
+        base = base if len(base) <= MAX_TEMP_BASE_CHARS else "/tmp"
+        self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base)
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(self.temp_dir)
+        self.ports = ClusterPorts.pick()
+        self.address = f"127.0.0.1:{self.ports.gcs}"
+        self._log = log
+        self._children: list[subprocess.Popen] = []
+        self._address_file = default_address_file()
+        self._address_file_before = _read(self._address_file)
+        self._stopping = False
+        self._stopped = False
+        self._exit = ExitStack()
+
+    # ---- environment and commands ------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """The environment of every command that belongs to this cluster: its tag, no foreign address,
+        token auth off (a test cluster; the `serve` CLI then reaches it without a token)."""
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env[TAG_VAR] = self.tag
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start_command(self) -> list[str]:
+        p = self.ports
+        cmd = [_bin("ray"), "start", "--head", f"--temp-dir={self.temp_dir}", f"--port={p.gcs}",
+               f"--node-manager-port={p.node_manager}", f"--object-manager-port={p.object_manager}",
+               f"--ray-client-server-port={p.ray_client_server}", f"--dashboard-port={p.dashboard}",
+               f"--dashboard-agent-listen-port={p.dashboard_agent_listen}",
+               f"--dashboard-agent-grpc-port={p.dashboard_agent_grpc}", f"--runtime-env-agent-port={p.runtime_env_agent}",
+               f"--metrics-export-port={p.metrics_export}",
+               "--min-worker-port=0", "--max-worker-port=0",  # workers bind random free ports
+               f"--num-cpus={self.cfg.num_cpus}", f"--num-gpus={self.cfg.num_gpus}",
+               f"--include-dashboard={str(self.cfg.include_dashboard).lower()}", "--disable-usage-stats"]
+        return cmd
+
+    def serve_run(self, config: Path, log: Path, cwd: Optional[Path] = None) -> subprocess.Popen:
+        """`serve run <config>` against this cluster, its output to `log`; stopped with the cluster."""
+        with open(log, "w") as out:
+            proc = subprocess.Popen([_bin("serve"), "run", "--address", self.address, str(config)], cwd=cwd,
+                                    env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._children.append(proc)
+        return proc
+
+    def processes(self) -> list[psutil.Process]:
+        return processes_of(tag=self.tag, temp_dir=self.temp_dir)
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "OwnCluster":
+        self._install_signal_handlers()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self._exit.close()
+
+    def _start(self) -> None:
+        me = psutil.Process()
+        Path(self.temp_dir, OWNER_FILE).write_text(
+            Owner(pid=me.pid, create_time=me.create_time(), tag=self.tag).model_dump_json())
+        for attempt in range(1, self.cfg.start_attempts + 1):
+            log = self.log_dir / f"ray-start-{attempt}.log"
+            with open(log, "w") as out:
+                done = subprocess.run(self.start_command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+            if done.returncode == 0:
+                break
+            failed = f"`ray start` exited {done.returncode} (try {attempt} of {self.cfg.start_attempts}); see {log}"
+            if attempt == self.cfg.start_attempts:
+                raise ClusterStartError(f"{failed}:\n{log.read_text()[-2000:]}")
+            self._log(f"[cluster] {failed}; stopping what it started and trying again")
+            stop_processes(self.processes(), self.cfg.stop_grace_s)
+        self._log(f"[cluster] Ray head at {self.address} (temp dir {self.temp_dir}, Serve HTTP port "
+                  f"{self.ports.serve_http}, metrics port {self.ports.metrics_export})")
+
+    def stop(self) -> None:
+        """End every process of this cluster, then put Ray's default current-cluster file back."""
+        if self._stopped:
+            return
+        self._stopping = True
+        self._disconnect_driver()
+        survivors: list[psutil.Process] = []
+        for _ in range(self.cfg.stop_rounds):
+            procs = self.processes()
+            if not procs:
+                survivors = []
+                break
+            survivors = stop_processes(procs, self.cfg.stop_grace_s)
+        for child in self._children:  # reap our own children so they leave no zombie
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._restore_address_file()
+        if not self.cfg.keep_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._stopped = True
+        left = [p for p in survivors if _alive(p)] + [p for p in self.processes() if _alive(p)]
+        if left:
+            raise ClusterStopError(f"processes of the cluster at {self.address} survived SIGKILL: "
+                                   + ", ".join(sorted({f"{p.pid}" for p in left})))
+        self._log(f"[cluster] stopped the Ray head at {self.address} and everything it started")
+
+    def _disconnect_driver(self) -> None:
+        """A driver of this process connected to the cluster disconnects first (no errors from a dying GCS)."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return
+        try:
+            connected = ray.get_runtime_context().gcs_address
+        except Exception:
+            connected = ""
+        if connected.endswith(f":{self.ports.gcs}"):
+            ray.shutdown()
+
+    def _restore_address_file(self) -> None:
+        now = _read(self._address_file)
+        if now == self._address_file_before or now is None or not now.strip().endswith(f":{self.ports.gcs}"):
+            return  # unchanged, or someone else's cluster wrote it since: not ours to touch
+        if self._address_file_before is None:
+            self._address_file.unlink(missing_ok=True)
+        else:
+            self._address_file.write_text(self._address_file_before)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, self._on_signal)
+            self._exit.callback(signal.signal, sig, previous)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stopping:
+            self._log(f"[cluster] {name} while stopping the cluster at {self.address}: still stopping")
+            return
+        self._log(f"[cluster] {name}: stopping the cluster at {self.address}, then exiting")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # as Python's own handler (pytest stops its session on it)
+        raise Interrupted(128 + signum)
+
+
+def cleanup_orphans(base: Optional[str] = None, grace_s: float = 10.0,
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> int:
+    """Stop the clusters of benchmarks and tests that were killed outright (SIGKILL, OOM): those whose
+    temp dir under `base` names an owner process that is gone. Clusters still owned are left alone.
+    Returns how many processes were stopped."""
+    stopped = 0
+    for folder in sorted(Path(base or tempfile.gettempdir()).glob(TEMP_PREFIX + "*")):
+        try:
+            owner = Owner.model_validate_json((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not started by this helper, or still starting
+        if owner.alive():
+            continue
+        procs = processes_of(tag=owner.tag, temp_dir=str(folder))
+        left = stop_processes(procs, grace_s)
+        stopped += len(procs) - len(left)
+        log(f"[cluster] {folder}: owner {owner.pid} is gone; stopped {len(procs) - len(left)} processes"
+            + (f", {len(left)} survived: {[p.pid for p in left]}" if left else ""))
+        if not left:
+            shutil.rmtree(folder, ignore_errors=True)
+    return stopped
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+if __name__ == "__main__":
+    # python -m bench.own_cluster cleanup: after a benchmark or test was killed with SIGKILL
+    if sys.argv[1:] != ["cleanup"]:
+        sys.exit("usage: python -m bench.own_cluster cleanup")
+    cleanup_orphans()

@@ -1,0 +1,176 @@
+"""bench/own_cluster.py without Ray: which processes belong to a cluster, how they are stopped, the
+`ray start` command it runs, and Ray's default current-cluster file it leaves as it was found."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from bench import own_cluster
+from bench.own_cluster import (TAG_VAR, ClusterPorts, Interrupted, OwnCluster, OwnClusterConfig, processes_of,
+                               stop_processes)
+
+# a parent that starts a child and both sleep: the shape of a Ray worker and its vLLM engine process
+TREE = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+
+
+@pytest.fixture
+def spawn():
+    started = []
+
+    def run(env_extra=None, args=()):
+        env = dict(os.environ, **(env_extra or {}))
+        proc = subprocess.Popen([sys.executable, "-c", TREE, *args], env=env)
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:  # only what this test started
+        for p in psutil.Process(proc.pid).children(recursive=True) if psutil.pid_exists(proc.pid) else []:
+            p.kill()
+        proc.kill()
+        proc.wait()
+
+
+def _children(proc, n=1):
+    parent = psutil.Process(proc.pid)
+    for _ in range(200):
+        kids = parent.children(recursive=True)
+        if len(kids) >= n:
+            return kids
+        psutil.wait_procs(kids, timeout=0.05)
+    raise AssertionError("the child process did not start")
+
+
+def test_tagged_processes_and_their_children_are_found_and_stopped_others_are_not(spawn):
+    ours = spawn({TAG_VAR: "abc"})
+    other = spawn({TAG_VAR: "other"})
+    untagged = spawn()
+    (child,) = _children(ours)
+    _children(other), _children(untagged)
+
+    found = {p.pid for p in processes_of(tag="abc")}
+    assert found == {ours.pid, child.pid}
+
+    assert stop_processes(processes_of(tag="abc"), grace_s=5) == []
+    ours.wait(timeout=5)
+    assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+    assert other.poll() is None and untagged.poll() is None
+
+
+def test_processes_are_found_by_the_temp_dir_on_their_command_line_not_by_a_longer_name(spawn, tmp_path):
+    temp = str(tmp_path / "plateau-ray-x")
+    ours = spawn(args=(f"--temp-dir={temp}",))
+    sibling = spawn(args=(f"--temp-dir={temp}y",))
+    _children(ours), _children(sibling)
+    assert ours.pid in {p.pid for p in processes_of(temp_dir=temp)}
+    assert sibling.pid not in {p.pid for p in processes_of(temp_dir=temp)}
+
+
+def test_this_process_and_its_ancestors_are_never_in_the_set():
+    me = psutil.Process()
+    assert any(sys.executable in a for a in me.cmdline())  # would match by its command line
+    found = {p.pid for p in processes_of(temp_dir=sys.executable)}
+    assert me.pid not in found and not found & {p.pid for p in me.parents()}
+
+
+def test_the_head_gets_its_own_temp_dir_and_every_port_and_never_ray_stop(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    cluster = OwnCluster(OwnClusterConfig(num_gpus=2), log_dir=tmp_path)
+    cmd = cluster.start_command()
+    assert cmd[1:3] == ["start", "--head"] and "stop" not in cmd
+    assert f"--temp-dir={cluster.temp_dir}" in cmd and len(cluster.temp_dir) < 40
+    ports = cluster.ports.model_dump()
+    assert len(set(ports.values())) == len(ports)
+    for flag in ("port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port"):
+        assert any(a.startswith(f"--{flag}=") and int(a.split("=")[1]) in ports.values() for a in cmd), flag
+    env = cluster.env()
+    assert env[TAG_VAR] == cluster.tag and "RAY_ADDRESS" not in env
+    assert cluster.address == f"127.0.0.1:{cluster.ports.gcs}"
+    os.rmdir(cluster.temp_dir)
+
+
+def test_ports_are_distinct_and_free():
+    ports = ClusterPorts.pick().model_dump()
+    assert len(set(ports.values())) == len(ports) and all(p > 0 for p in ports.values())
+
+
+@pytest.mark.parametrize("before", [None, "10.0.0.9:6379"])
+def test_the_default_current_cluster_file_is_put_back_when_ours_overwrote_it(monkeypatch, tmp_path, before):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    path = own_cluster.default_address_file()
+    assert path == tmp_path / "ray" / "ray_current_cluster"
+    if before is not None:
+        path.write_text(before)
+    cluster = OwnCluster(OwnClusterConfig(stop_rounds=1), log_dir=tmp_path)
+    path.write_text(f"192.168.1.5:{cluster.ports.gcs}")  # what a `ray start` without --temp-dir would leave
+    cluster.stop()
+    assert (path.read_text() if path.exists() else None) == before
+    assert not os.path.exists(cluster.temp_dir)
+
+
+def test_a_file_someone_else_wrote_meanwhile_is_left_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    cluster = OwnCluster(OwnClusterConfig(stop_rounds=1), log_dir=tmp_path)
+    path = own_cluster.default_address_file()
+    path.write_text("10.0.0.7:6379")
+    cluster.stop()
+    assert path.read_text() == "10.0.0.7:6379"
+
+
+def test_sigterm_inside_the_block_stops_the_cluster_and_exits_non_zero(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    stopped = []
+    monkeypatch.setattr(OwnCluster, "_start", lambda self: None)
+    monkeypatch.setattr(OwnCluster, "stop", lambda self: (setattr(self, "_stopping", True), stopped.append(self)))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught:
+        with OwnCluster(log_dir=tmp_path) as cluster:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("the handler did not raise")
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert stopped == [cluster]
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+    os.rmdir(cluster.temp_dir)
+
+
+def test_cleanup_stops_the_clusters_whose_owner_is_gone_and_leaves_owned_ones(spawn, tmp_path):
+    from bench.own_cluster import OWNER_FILE, TEMP_PREFIX, Owner, cleanup_orphans
+
+    dead_owner = subprocess.run([sys.executable, "-c", "import os, psutil; p = psutil.Process(); "
+                                 "print(p.pid, p.create_time())"], capture_output=True, text=True).stdout.split()
+    orphan_dir, owned_dir = tmp_path / f"{TEMP_PREFIX}a", tmp_path / f"{TEMP_PREFIX}b"
+    orphan_dir.mkdir(), owned_dir.mkdir()
+    (orphan_dir / OWNER_FILE).write_text(Owner(pid=int(dead_owner[0]), create_time=float(dead_owner[1]),
+                                               tag="orphan").model_dump_json())
+    me = psutil.Process()
+    (owned_dir / OWNER_FILE).write_text(Owner(pid=me.pid, create_time=me.create_time(), tag="owned").model_dump_json())
+    orphan, owned = spawn({TAG_VAR: "orphan"}), spawn({TAG_VAR: "owned"})
+    _children(orphan), _children(owned)
+
+    assert cleanup_orphans(str(tmp_path), grace_s=5) == 2  # the orphan and its child
+    assert orphan.wait(timeout=5) is not None and owned.poll() is None
+    assert not orphan_dir.exists() and owned_dir.exists()
+
+
+def test_sigint_inside_the_block_is_a_keyboard_interrupt_after_which_the_cluster_is_stopped(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    stopped = []
+    monkeypatch.setattr(OwnCluster, "_start", lambda self: None)
+    monkeypatch.setattr(OwnCluster, "stop", lambda self: stopped.append(self))
+    with pytest.raises(KeyboardInterrupt):
+        with OwnCluster(log_dir=tmp_path) as cluster:
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the handler did not raise")
+    assert stopped == [cluster]
+    os.rmdir(cluster.temp_dir)
