@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+
+from deployments.reaper import alive as _alive, stop_processes
 from pydantic import BaseModel, ConfigDict, Field
 
 TAG_VAR = "PLATEAU_OWN_CLUSTER"
@@ -159,29 +161,6 @@ def processes_of(tag: Optional[str] = None, temp_dir: Optional[str] = None) -> l
     return [p for p in found.values() if _alive(p)]
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def stop_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
-    """SIGTERM every process, SIGKILL those still there after `grace_s`; returns the survivors.
-    psutil refuses to signal a pid that was reused by another process since `procs` was taken."""
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return [p for p in alive if _alive(p)]
 
 
 class OwnCluster:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_result  # noqa: E402
+from deployments.reaper import stop_processes  # noqa: E402
 
 PORT_VLLM = 8011
 PORT_SERVE = 8000  # config.yaml as shipped
@@ -88,20 +89,12 @@ class Side:
 
     def stop(self) -> None:
         try:
-            tree = [self.proc] + psutil.Process(self.proc.pid).children(recursive=True)
+            tree = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
-        _, alive = psutil.wait_procs([p for p in tree if isinstance(p, psutil.Process)], timeout=20)
-        for p in alive + ([self.proc] if self.proc.poll() is None else []):
-            try:
-                p.kill()
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
+        left = stop_processes(tree, 20)
+        if left:
+            print(f"[{self.name}] could not stop pids {[p.pid for p in left]}", file=sys.stderr, flush=True)
         self.proc.wait(timeout=30)
         self.fh.close()
 

@@ -12,7 +12,6 @@ is never hit), then exits. It also exits when the engines are gone on their own.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -64,18 +63,34 @@ def reap(owner: tuple[int, float], targets: list[tuple[int, float]], poll_s: flo
             return []
         time.sleep(poll_s)
     alive = [psutil.Process(pid) for pid, created in targets if _same(pid, created)]
-    for p in alive:
+    stop_processes(alive, TERM_GRACE_S)
+    return [p.pid for p in alive]
+
+
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
+    """SIGTERM every process, SIGKILL those still there after `grace_s`; returns the survivors.
+    psutil refuses to signal a pid that was reused by another process since `procs` was taken."""
+    for p in procs:
         try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
+            p.terminate()
+        except psutil.NoSuchProcess:
             pass
-    _, stubborn = psutil.wait_procs(alive, timeout=TERM_GRACE_S)
-    for p in stubborn:
+    _, left = psutil.wait_procs(procs, timeout=grace_s)
+    for p in left:
         try:
             p.kill()
-        except psutil.Error:
+        except psutil.NoSuchProcess:
             pass
-    return [p.pid for p in alive]
+    _, left = psutil.wait_procs(left, timeout=5)
+    return [p for p in left if alive(p)]
 
 
 def main(argv: Sequence[str]) -> int:
