@@ -79,7 +79,7 @@ class Advisor:
 
     @staticmethod
     async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources):
-        task = ray.remote(_call).options(num_gpus=resources.num_gpus, num_cpus=resources.num_cpus, max_retries=0)
+        task = device_task().options(num_gpus=resources.num_gpus, num_cpus=resources.num_cpus)
         return await task.remote(fn, request)
 
 
@@ -96,3 +96,10 @@ def get_or_create_advisor(plan_fn: Callable, profile_fn: Optional[Callable] = No
         name=ADVISOR_NAME, namespace=ADVISOR_NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, num_cpus=0,
     ).remote(plan_fn, profile_fn)
+
+
+def device_task():
+    """The Ray task a profile or plan runs as: no retry, and a fresh worker each time
+    (`max_calls=1`): the worker exits after the task, so no engine process, memory or CUDA context
+    of the profile outlives it. The caller adds the device's resources."""
+    return ray.remote(max_calls=1, max_retries=0)(_call)

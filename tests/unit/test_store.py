@@ -67,3 +67,11 @@ def test_profiles_stored_before_the_mode_column_load_as_eager(tmp_path):
     assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", mode="graphs") is None
     store.put_profile(profile.model_copy(update={"mode": "graphs"}))  # writing keeps the old row, now keyed
     assert sorted(store.profiles()["mode"]) == ["eager", "graphs"]
+
+
+def test_device_tasks_get_a_fresh_worker_each_time():
+    """A profile's worker (and on a GPU its CUDA context) must not outlive the task."""
+    from advisor.actor import device_task
+
+    opts = device_task()._default_options
+    assert opts["max_calls"] == 1 and opts["max_retries"] == 0
