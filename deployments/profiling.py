@@ -24,7 +24,8 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import MemoryModel
-from advisor.noise import CpuLoadProbe, NoiseConfig, QuietWait, summarize, wait_for_quiet
+from advisor.noise import CpuLoadProbe, NoiseConfig, QuietWait, wait_for_quiet
+from advisor.noise import summarize as summarize_noise
 from advisor.nvml import GpuSelectionError, NvmlDevice, cuda_device, cuda_index, gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
 from advisor.planner import (DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, Validation, kv_pool_bytes,
@@ -424,7 +425,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     if req.kind == "cpu":
         profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
         if req.share_point:
-            profile = _with_share_point(profile, spec, req, cfg, progress, log)
+            profile = _with_share_point(profile, spec, req, sweep, progress, log)
     return profile
 
 
@@ -448,7 +449,7 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, 
         point = measure(runner, profile.b_star, req.shape, None, cfg, load_probe(req))
     progress(point, len(profile.points) + len(profile.fit_points) + 1)
     measured = profile.points + profile.fit_points + [point]
-    noise = summarize([(p.batch, p.noise) for p in measured], cfg.noise, profile.noise.quiet_wait if profile.noise else None)
+    noise = summarize_noise([(p.batch, p.noise) for p in measured], cfg.noise, profile.noise.quiet_wait if profile.noise else None)
     return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)], "noise": noise})
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import httpx
 import openai
