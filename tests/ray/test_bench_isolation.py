@@ -32,7 +32,7 @@ from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.ray
 
-READY_TIMEOUT_S = 900  # `plateau plan` (~3 min) when no profile is stored yet, then two engines
+READY_TIMEOUT_S = 1800  # `plateau plan` (10-15 min with the quiet wait and repeated points) when no profile is stored yet, then two engines
 STOP_TIMEOUT_S = 120
 
 

@@ -46,7 +46,7 @@ def served(smollm2_path, tmp_path_factory):
     try:
         # First start: the Advisor waits for a quiet device and profiles SmolLM2 here (~5 min, each point
         # measured in >= 2 rounds), then the replicas start.
-        wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
+        wait_until(ready, 1800, "serve run config.yaml to answer", every_s=3)
         yield proc
     finally:
         proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
