@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.engine_build import cuda_engine_missing
+from tests.ray.conftest import replica_infos
 
 MISSING = cuda_engine_missing()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
@@ -42,22 +43,12 @@ def app(smollm2_path):
     ray.shutdown()
 
 
-def _infos(handle, want: int = 2, tries: int = 60) -> dict:
-    seen = {}
-    for _ in range(tries):
-        info = handle.info.remote().result()
-        seen[info.replica_id] = info
-        if len(seen) >= want:
-            break
-    return seen
-
-
 def test_two_half_gpu_replicas_with_cuda_graphs_share_the_gpu(app):
     import ray
 
     from advisor.nvml import cuda_device
 
-    infos = _infos(app)
+    infos = replica_infos(app)
     assert len(infos) == 2
     assert ray.available_resources().get("GPU", 0.0) == 0.0  # 2 x num_gpus 0.5 on the one GPU
     for info in infos.values():

@@ -50,3 +50,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def replica_infos(handle, want: int = 2, tries: int = 60) -> dict:
+    """ReplicaInfo by replica id, calling until `want` distinct replicas answered."""
+    seen = {}
+    for _ in range(tries):
+        info = handle.info.remote().result()
+        seen[info.replica_id] = info
+        if len(seen) >= want:
+            break
+    return seen

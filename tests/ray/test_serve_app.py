@@ -17,7 +17,7 @@ from ray import serve
 
 from deployments.app import ClusterView, build, parse_args
 from deployments.engine import replica_deployment_name
-from tests.ray.conftest import shipped_model_args, wait_until
+from tests.ray.conftest import replica_infos, shipped_model_args, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -45,17 +45,6 @@ def app(smollm2_path):
     yield serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name=APP)
     serve.shutdown()
     ray.shutdown()
-
-
-def replica_infos(handle, want: int = 2, tries: int = 60) -> dict:
-    """ReplicaInfo by replica id, calling until `want` distinct replicas answered."""
-    seen = {}
-    for _ in range(tries):
-        info = handle.info.remote().result()
-        seen[info.replica_id] = info
-        if len(seen) >= want:
-            break
-    return seen
 
 
 def client() -> openai.OpenAI:
