@@ -14,7 +14,7 @@ run: setup
 	$(VENV)/bin/serve run $(CONFIG)
 
 test: setup
-	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider --durations=30
 
 unit: setup
 	$(VENV)/bin/python -m pytest tests/unit -q
