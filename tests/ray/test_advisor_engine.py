@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from advisor.memory import memory_model
 from deployments.engine import start_engine
 from deployments.spec import ReplicaResources, ReplicaSpec
+from tests.ray.conftest import plateau_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -55,20 +53,10 @@ def test_predicted_kv_capacity_matches_what_vllm_allocates(tmp_path, name):
     assert memory.kv_capacity_tokens(KV_BYTES) == pytest.approx(allocated, rel=0.01)
 
 
-def plateau(*args: str, env: dict) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("plateau")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_plateau_profile_then_plan_on_smollm2(smollm2_path, tmp_path):
-    env = dict(os.environ)
-    store = tmp_path / "store"
-    common = ["smollm2-135m", "--device", "cpu", "--prompt-tokens", "64", "--output-tokens", "32",
-              "--max-batch", "16", "--max-points", "5", "--no-share-point", "--store", str(store)]
-    out = plateau("profile", *common, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    profile = json.loads(out.stdout)
-    assert "[profile]" in out.stderr  # progress was shown
+def test_plateau_profile_then_plan_on_smollm2(shipped_profile):
+    """`plateau profile` (run by the session fixture on the shipped workload) then `plateau plan`."""
+    profile = shipped_profile.profile
+    assert "[profile]" in shipped_profile.stderr  # progress was shown
     batches = [p["batch"] for p in profile["points"]]
     assert batches[:3] == [1, 2, 4] and len(batches) <= 5
     for p in profile["points"]:
@@ -80,7 +68,7 @@ def test_plateau_profile_then_plan_on_smollm2(smollm2_path, tmp_path):
     assert profile["step_model"]["a_ms"] > 0 and profile["step_model"]["points"] >= 4
     assert Path(profile["stored_at"]).is_file()
 
-    planned = plateau("plan", *common, env=env)  # reuses the stored profile: no engine starts
+    planned = plateau_cli("plan", *shipped_profile.args)  # reuses the stored profile: no engine starts
     assert planned.returncode == 0, planned.stderr[-3000:]
     assert "profiling first" not in planned.stderr
     plan = json.loads(planned.stdout)
@@ -90,9 +78,8 @@ def test_plateau_profile_then_plan_on_smollm2(smollm2_path, tmp_path):
 
 
 def test_plateau_memory_and_bad_model_errors(tmp_path):
-    env = dict(os.environ)
-    ok = plateau("memory", "smollm2-135m", "--device-kind", "cpu", env=env)
+    ok = plateau_cli("memory", "smollm2-135m", "--device-kind", "cpu")
     assert ok.returncode == 0
     assert json.loads(ok.stdout)["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 2
-    bad = plateau("memory", str(tmp_path), env=env)
+    bad = plateau_cli("memory", str(tmp_path))
     assert bad.returncode == 2 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr

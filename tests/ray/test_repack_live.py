@@ -26,8 +26,8 @@ CFG = Shift(workers=6, short_phase_s=45, after_phase_s=20)
 
 
 @pytest.fixture(scope="module")
-def app(smollm2_path, tmp_path_factory):
-    # the embedded name, as in config.yaml: the stored profile is shared with the end-to-end test
+def app(shipped_profile, tmp_path_factory):
+    # the embedded name, as in config.yaml: the suite's stored profile (conftest.shipped_profile)
     profile = ensure_profile("smollm2-135m", CFG.dtype, CFG.plan_shape)
     memory = plan_scenario(profile, cores=profile.cores or 4, fraction=CFG.memory_fraction).device_memory_bytes
     work = tmp_path_factory.mktemp("repack")
@@ -73,7 +73,9 @@ def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
     assert shift_failure(result, CFG) is None
     assert result.failed_requests == 0, result.errors
     assert result.ok_requests > 20
-    actions = [d["action"] for d in result.decisions if d["model"] == "alpha"]
+    # a `refit` may come first: two engines share 2 real cores here, below the profile's per-replica
+    # prediction (issue 9's live refit); the re-pack's own sequence is what this test is about
+    actions = [d["action"] for d in result.decisions if d["model"] == "alpha" and d["action"].startswith("repack")]
     assert actions[:3] == ["repack_start", "repack_drain", "repack_done"], result.decisions
     start = next(d for d in result.decisions if d["action"] == "repack_start")
     assert (start["from_n"], start["to_n"]) == (2, 1)

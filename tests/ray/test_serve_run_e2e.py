@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import openai
 import pytest
 import yaml
 
+from bench.fuzz_vs_vllm import fuzz
 from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
@@ -25,7 +25,7 @@ def _serve_bin() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_path, tmp_path_factory):
+def served(shipped_profile, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-run") / "serve-run.log"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
@@ -45,9 +45,8 @@ def served(smollm2_path, tmp_path_factory):
             return False
 
     try:
-        # First start: the Advisor waits for a quiet device and profiles SmolLM2 here (~5 min, each point
-        # measured in >= 2 rounds), then the replicas start.
-        wait_until(ready, 1800, "serve run config.yaml to answer", every_s=3)
+        # The Advisor plans from the suite's stored profile (`shipped_profile`), then the replicas start.
+        wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
         yield proc
     finally:
         proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
@@ -127,17 +126,11 @@ def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_pa
 def test_fuzzing_with_vllms_schema_finds_no_server_error(served, tmp_path):
     """schemathesis drives vLLM's own OpenAPI schema (what /openapi.json serves) against the
     server: no answer >= 500, and a normal request still succeeds afterwards. Token budgets are
-    capped by tests/ray/schemathesis_hooks.py (a body without max_tokens generates up to
+    capped by bench/schemathesis_hooks.py (a body without max_tokens generates up to
     max_model_len: minutes per request here)."""
-    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", "http://127.0.0.1:8000/openapi.json",
-           "--checks", "not_a_server_error", "--max-examples", "15", "--phases", "examples,fuzzing",
-           "--request-timeout", "120", "--include-method", "POST", "--generation-deterministic",
-           "--report", "ndjson", "--report-dir", str(tmp_path)]
-    env = dict(os.environ, SCHEMATHESIS_HOOKS=str(Path(__file__).with_name("schemathesis_hooks.py")))
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stdout[-4000:]
-    cases = re.search(r"(\d+) generated, (\d+) passed", run.stdout)  # schemathesis' summary line
-    assert cases and int(cases[1]) >= 20 and cases[1] == cases[2], run.stdout[-2000:]
+    run = fuzz("http://127.0.0.1:8000", tmp_path)
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.generated >= 20 and run.passed == run.generated, run.output[-2000:]
     ok = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=60,
                     json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200

@@ -1,6 +1,6 @@
 """The fuzzing test's body hook keeps generation short without hiding validation."""
 
-from tests.ray.schemathesis_hooks import MAX_NEW_TOKENS, cap_budgets
+from bench.schemathesis_hooks import MAX_NEW_TOKENS, cap_budgets
 
 
 def test_a_missing_or_null_budget_is_set_and_a_large_one_capped():

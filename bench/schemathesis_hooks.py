@@ -1,4 +1,4 @@
-"""schemathesis hooks for the fuzzing test (loaded through SCHEMATHESIS_HOOKS).
+"""schemathesis hooks for the fuzzing runs (loaded through SCHEMATHESIS_HOOKS): the e2e test, bench/fuzz_vs_vllm.py.
 
 The fuzzer is there to find answers >= 500, not to time generation: a generated body that leaves
 `max_tokens` out makes vLLM generate up to `max_model_len` (minutes per request on 2 CPU cores,
