@@ -9,13 +9,15 @@ the policy's decisions in order, zero failed requests, the new placement, status
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import httpx
+import psutil
 import pytest
 
-from bench.own_cluster import OwnCluster, OwnClusterConfig
+from bench.own_cluster import OwnCluster, OwnClusterConfig, processes_of
 from bench.repack import (Shift, board_status, ensure_profile, plan_scenario, run_shift,
                           shift_failure, wait_ready, write_config)
 from tests.ray.conftest import ROOT, wait_until
@@ -38,8 +40,42 @@ def app(shipped_profile, tmp_path_factory):
         yield cluster, memory
 
 
+def engine_cores(tag: str) -> dict[int, set[int]]:
+    """For each vLLM engine process of the cluster: the cores its pinned threads run on (threads
+    free to run on every core of this process's affinity are left out)."""
+    everywhere, found = set(os.sched_getaffinity(0)), {}
+    for p in processes_of(tag=tag):
+        try:
+            if "EngineCore" not in p.name() + " " + " ".join(p.cmdline()):
+                continue
+            pinned: set[int] = set()
+            for t in p.threads():
+                try:
+                    cores = os.sched_getaffinity(t.id)
+                except OSError:  # the thread ended
+                    continue
+                if cores != everywhere:
+                    pinned |= cores
+            found[p.pid] = pinned
+        except psutil.Error:
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
-def shifted(app):
+def cores_at_start(app):
+    """The engines' cores while alpha@n2 and beta@n2 run, before the shift (each answered once,
+    so their OpenMP threads exist)."""
+    cluster, _ = app
+    for model in ("alpha", "beta"):
+        r = httpx.post(f"http://127.0.0.1:{cluster.ports.serve_http}/v1/completions", timeout=300,
+                       json={"model": model, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    return engine_cores(cluster.tag)
+
+
+@pytest.fixture(scope="module")
+def shifted(app, cores_at_start):
     import ray
 
     cluster, memory = app
@@ -66,6 +102,15 @@ def test_two_models_start_packed_on_one_shared_device(shifted):
     assert gpus_free == pytest.approx(1.0)  # Ray holds 0.5 + 0.5 of the 2 logical GPUs
     routes = {r.n: r for r in before.routes["alpha"]}
     assert routes[2].accepting and routes[2].running == 1 and routes[1].running == 0
+
+
+def test_the_two_models_engines_run_on_disjoint_cores(cores_at_start):
+    """Cores are leased per node, across deployments (deployments/cores.py): with one replica of
+    each model at N=2 on a 2-core node, each engine gets one core of its own."""
+    assert len(cores_at_start) == 2, cores_at_start
+    first, second = cores_at_start.values()
+    assert first and second, f"an engine has no pinned threads: {cores_at_start}"
+    assert not first & second, f"both engines run on core(s) {sorted(first & second)}: {cores_at_start}"
 
 
 def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
