@@ -7,7 +7,7 @@ installed vLLM is the CUDA build they are skipped, and tests/gpu covers the same
 The tests here see a PLATEAU_HOME of their own (`suite_home`: the models and downloads of the
 usual one, an empty profile store), so they neither read nor overwrite the profiles a user's
 `serve run` relies on. `shipped_profile` fills that store once per session with `plateau profile`
-of the shipped model and workload, capped at batch 16 (about 4 minutes here instead of the
+of the shipped model and workload, capped at batch 16 (about 6 minutes here instead of the
 12-15 of the full first-start sweep), which `serve run config.yaml`, bench/repack.py and
 `plateau plan` then reuse.
 """
