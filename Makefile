@@ -14,6 +14,7 @@ run: setup
 	$(VENV)/bin/serve run $(CONFIG)
 
 test: setup
+	bash scripts/test-tools.sh
 	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider --durations=30
 
 unit: setup

@@ -133,6 +133,26 @@ def _read(path: Path) -> Optional[str]:
         return None
 
 
+def free_port() -> int:
+    """A TCP port the OS reports free now (for one more listener next to a cluster's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_temp_dir() -> str:
+    """A fresh Ray temp dir (never Ray's default /tmp/ray, where a user's cluster keeps its session),
+    short enough for the Unix sockets Ray puts under it."""
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base if len(base) <= MAX_TEMP_BASE_CHARS else "/tmp")
+
+
+def write_owner(temp_dir: str, tag: str) -> None:
+    """Marks `temp_dir` as this process's: `cleanup_orphans` stops what runs there once it is gone."""
+    me = psutil.Process()
+    Path(temp_dir, OWNER_FILE).write_text(Owner(pid=me.pid, create_time=me.create_time(), tag=tag).model_dump_json())
+
+
 def _names(arg: str, temp_dir: str) -> bool:
     return re.search(re.escape(temp_dir) + r"(?=$|[/\s,;:])", arg) is not None
 
@@ -170,9 +190,7 @@ class OwnCluster:
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         self.cfg = cfg
         self.tag = uuid.uuid4().hex[:12]
-        base = tempfile.gettempdir()
-        base = base if len(base) <= MAX_TEMP_BASE_CHARS else "/tmp"
-        self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base)
+        self.temp_dir = own_temp_dir()
         self.log_dir = Path(log_dir) if log_dir is not None else Path(self.temp_dir)
         self.ports = ClusterPorts.pick()
         self.address = f"127.0.0.1:{self.ports.gcs}"
@@ -237,9 +255,7 @@ class OwnCluster:
             self._exit.close()
 
     def _start(self) -> None:
-        me = psutil.Process()
-        Path(self.temp_dir, OWNER_FILE).write_text(
-            Owner(pid=me.pid, create_time=me.create_time(), tag=self.tag).model_dump_json())
+        write_owner(self.temp_dir, self.tag)
         for attempt in range(1, self.cfg.start_attempts + 1):
             log = self.log_dir / f"ray-start-{attempt}.log"
             with open(log, "w") as out:

@@ -220,8 +220,9 @@ def observe(ctx) -> VariantObservation:
 
     kv = per_replica("kv_usage")
     running, context, rate = per_replica("running_requests"), per_replica("mean_context_tokens"), per_replica("tokens_per_s")
+    # Serve keys the metrics by ReplicaID, which has no order: sort by its text for a stable sample order
     samples = [LiveSample(batch=max(0.0, running[r]), context_tokens=max(0.0, context.get(r, 0.0)),
-                          tokens_per_s=max(0.0, rate.get(r, 0.0))) for r in sorted(running)]
+                          tokens_per_s=max(0.0, rate.get(r, 0.0))) for r in sorted(running, key=str)]
     return VariantObservation(
         running=int(ctx.current_num_replicas), target=int(ctx.target_num_replicas),
         requests=max(0.0, float(ctx.total_num_requests or 0.0)),

@@ -204,6 +204,7 @@ class OpenAIIngress:
     @app.get("/health")
     async def health(self) -> Response:
         """200 when every model has a running replica (what load balancers and benchmark clients probe)."""
+        self._ensure_refresher()  # probes may come before any request: running counts are the board's
         down = [m for m in self.models if self._replicas(m) == 0]
         if down:
             return error_response(503, f"no running replica for: {', '.join(down)}", "ServiceUnavailableError")
@@ -225,6 +226,7 @@ class OpenAIIngress:
     async def list_models(self, request: Request) -> Response:
         if (denied := self._auth(request)) is not None:
             return denied
+        self._ensure_refresher()
         data = [{"id": m.name, "object": "model", "created": int(time.time()), "owned_by": "plateau-serve",
                  "root": m.name, "parent": None, "max_model_len": m.max_model_len, "replicas": self._replicas(m.name)}
                 for m in self.models.values()]

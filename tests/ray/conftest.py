@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import yaml
@@ -97,13 +100,42 @@ def shipped_profile(smollm2_path, suite_home) -> ProfileRun:
     return ProfileRun(args=args, profile=profile, stderr=out.stderr)
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5):
+@contextmanager
+def own_local_ray(**init_kwargs):
+    """`ray.init` of a fresh local cluster with a temp dir of its own (Ray's default /tmp/ray, where a
+    user's cluster keeps its session, is never touched; Ray picks free ports itself, no dashboard),
+    marked as this process's so `python -m bench.own_cluster cleanup` stops it after a SIGKILL;
+    shut down and removed on leaving. Yields the temp dir."""
+    import ray
+
+    from bench.own_cluster import own_temp_dir, write_owner
+
+    temp = own_temp_dir()
+    write_owner(temp, uuid.uuid4().hex[:12])
+    ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    try:
+        yield temp
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5,
+               detail: Optional[Callable[[], str]] = None):
+    """Polls `predicate` until it holds; on timeout fails naming `what`, with `detail()` (what the
+    system looked like then) appended."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    seen = ""
+    if detail is not None:
+        try:
+            seen = f"\n{detail()}"
+        except Exception as exc:  # the detail is for the reader; its own failure must not hide the timeout
+            seen = f"\n(detail unavailable: {exc!r})"
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{seen}")
 
 
 def replica_infos(handle, want: int = 2, tries: int = 60) -> dict:

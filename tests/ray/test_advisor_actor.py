@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from advisor.actor import ADVISOR_NAME, ADVISOR_NAMESPACE, DeviceResources, Observation, get_or_create_advisor
 from advisor.planner import ReplicaPlan
+from tests.ray.conftest import own_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -32,9 +33,8 @@ def fake_plan(req: Req, log) -> ReplicaPlan:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with own_local_ray(num_cpus=2):
+        yield
 
 
 def test_plans_come_from_a_device_task_and_are_cached(cluster):

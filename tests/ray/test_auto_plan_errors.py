@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from deployments.app import AppConfigError, ClusterView, build, parse_args
+from tests.ray.conftest import own_local_ray
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with own_local_ray(num_cpus=2):
+        yield
 
 
 def test_unplannable_model_is_a_config_error_naming_the_model(cluster, tmp_path):

@@ -9,15 +9,21 @@ the policy's decisions in order, zero failed requests, the new placement, status
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import httpx
 import psutil
 import pytest
 
+from bench.dashboard_check import (DASHBOARD, GPU_ONLY_METRICS, check_dashboard, missing_series, readme_metrics,
+                                   report)
 from bench.own_cluster import OwnCluster, OwnClusterConfig, processes_of
+from bench.prometheus import INSTALL_HINT, Prometheus, prometheus_binary
 from bench.repack import (Shift, board_status, ensure_profile, plan_scenario, run_shift,
                           shift_failure, wait_ready, write_config)
 from tests.ray.conftest import ROOT, wait_until
@@ -33,7 +39,8 @@ def app(shipped_profile, tmp_path_factory):
     profile = ensure_profile("smollm2-135m", CFG.dtype, CFG.plan_shape)
     memory = plan_scenario(profile, cores=profile.cores or 4, fraction=CFG.memory_fraction).device_memory_bytes
     work = tmp_path_factory.mktemp("repack")
-    with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2), log_dir=work) as cluster:
+    # the dashboard writes the session's Prometheus scrape config (`prometheus` below)
+    with OwnCluster(OwnClusterConfig(num_cpus=4, num_gpus=2, include_dashboard=True), log_dir=work) as cluster:
         config = write_config(work / "config.yaml", "smollm2-135m", memory, CFG, cluster.ports.serve_http)
         proc = cluster.serve_run(config, work / "serve.log", cwd=ROOT)
         wait_ready(f"http://127.0.0.1:{cluster.ports.serve_http}", proc, work / "serve.log", CFG.ready_timeout_s)
@@ -41,9 +48,14 @@ def app(shipped_profile, tmp_path_factory):
 
 
 def pinned_cores(proc: psutil.Process, everywhere: set[int]) -> set[int]:
-    """The cores the pinned threads of `proc` run on (threads free to run everywhere left out)."""
+    """The cores the pinned threads of `proc` run on (threads free to run everywhere left out; a
+    process or thread that ended meanwhile adds nothing)."""
     pinned: set[int] = set()
-    for t in proc.threads():
+    try:
+        threads = proc.threads()
+    except psutil.Error:
+        return pinned
+    for t in threads:
         try:
             cores = os.sched_getaffinity(t.id)
         except OSError:  # the thread ended
@@ -62,26 +74,62 @@ def engine_cores(tag: str) -> dict[int, set[int]]:
         try:
             if "EngineCore" not in p.name() + " " + " ".join(p.cmdline()):
                 continue
-            found[p.pid] = set().union(*(pinned_cores(q, everywhere) for q in [p, *p.children(recursive=True)]))
-        except psutil.Error:
+            family = [p, *p.children(recursive=True)]
+        except psutil.Error:  # the process ended
             continue
+        found[p.pid] = set().union(*(pinned_cores(q, everywhere) for q in family))
     return found
 
 
+def process_names(tag: str) -> str:
+    names = []
+    for p in processes_of(tag=tag):
+        try:
+            names.append(f"{p.pid} {p.name()} (parent {p.ppid()})")
+        except psutil.Error:
+            continue
+    return "\n".join(names)
+
+
+@dataclass
+class EngineCores:
+    cores: dict[int, set[int]]  # EngineCore pid -> the cores its (and its workers') pinned threads run on
+    processes: str  # the cluster's processes when they were read, for the failure message
+
+
 @pytest.fixture(scope="module")
-def cores_at_start(app):
+def cores_at_start(app) -> EngineCores:
     """The engines' cores while alpha@n2 and beta@n2 run, before the shift (each answered once,
-    so their OpenMP threads exist)."""
+    so their OpenMP threads exist). Read for up to 30 s until two engines show pinned threads;
+    never fails itself (the re-pack tests need the shift after it), the core test judges."""
     cluster, _ = app
     for model in ("alpha", "beta"):
         r = httpx.post(f"http://127.0.0.1:{cluster.ports.serve_http}/v1/completions", timeout=300,
                        json={"model": model, "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200, r.text
-    return engine_cores(cluster.tag)
+    deadline = time.monotonic() + 30
+    while True:
+        cores = engine_cores(cluster.tag)
+        if (len(cores) == 2 and all(cores.values())) or time.monotonic() > deadline:
+            return EngineCores(cores=cores, processes=process_names(cluster.tag))
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
-def shifted(app, cores_at_start):
+def prometheus(app, tmp_path_factory):
+    """Prometheus on the scrape config Ray wrote for the cluster's session (as Ray's docs run it),
+    scraping through the shift; None where no `prometheus` binary is installed."""
+    if prometheus_binary() is None:
+        yield None
+        return
+    cluster, _ = app
+    with Prometheus.for_ray_session(cluster.temp_dir, tmp_path_factory.mktemp("prometheus"), env=cluster.env()) as prom:
+        wait_until(lambda: prom.targets_up() > 0, 60, "Prometheus to scrape Ray's metrics export")
+        yield prom, time.time()
+
+
+@pytest.fixture(scope="module")
+def shifted(app, cores_at_start, prometheus):
     import ray
 
     cluster, memory = app
@@ -113,10 +161,11 @@ def test_two_models_start_packed_on_one_shared_device(shifted):
 def test_the_two_models_engines_run_on_disjoint_cores(cores_at_start):
     """Cores are leased per node, across deployments (deployments/cores.py): with one replica of
     each model at N=2 on a 2-core node, each engine gets one core of its own."""
-    assert len(cores_at_start) == 2, cores_at_start
-    first, second = cores_at_start.values()
-    assert first and second, f"an engine has no pinned threads: {cores_at_start}"
-    assert not first & second, f"both engines run on core(s) {sorted(first & second)}: {cores_at_start}"
+    cores = cores_at_start.cores
+    assert len(cores) == 2, f"{cores}; the cluster's processes:\n{cores_at_start.processes}"
+    first, second = cores.values()
+    assert first and second, f"an engine has no pinned threads: {cores}"
+    assert not first & second, f"both engines run on core(s) {sorted(first & second)}: {cores}"
 
 
 def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
@@ -145,6 +194,7 @@ def test_status_and_metrics_show_the_new_placement(shifted, app):
     assert out.returncode == 0, out.stderr
     assert "active N=1" in out.stdout and "repack_done N=2->N=1" in out.stdout
     assert "LLM:alpha@n2 x1" in out.stdout and "LLM:beta@n2 x1" in out.stdout  # the start placement
+    assert "; errors: 0" in out.stdout, out.stdout  # the policy never failed a tick
 
     def exported() -> bool:
         text = httpx.get(f"http://127.0.0.1:{cluster.ports.metrics_export}/metrics", timeout=10).text
@@ -160,3 +210,31 @@ def test_both_models_still_answer_after_the_repack(shifted, app):
         r = httpx.post(f"http://127.0.0.1:{cluster.ports.serve_http}/v1/completions", timeout=300,
                        json={"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
+
+
+def test_every_dashboard_query_has_data_in_a_real_prometheus(shifted, prometheus):
+    """Every panel, annotation and variable of dashboards/plateau-serve.json, as Grafana would query
+    it over the run (variables on "All"), returns series with the labels its legend uses; the
+    GPU-only panel is the one skipped (bench/dashboard_check.py names it)."""
+    if prometheus is None:
+        pytest.skip(f"no Prometheus: {INSTALL_HINT}")
+    prom, since = prometheus
+    dashboard = json.loads(DASHBOARD.read_text())
+    checks = []
+
+    def all_answer() -> bool:  # the last values reach Prometheus one scrape (10 s) after the shift
+        checks[:] = check_dashboard(prom.url, dashboard, since, time.time(), step_s=10, cpu_only=True)
+        return all(c.ok for c in checks)
+
+    wait_until(all_answer, 45, "every dashboard query to return labelled series", every_s=5,
+               detail=lambda: report(checks))
+
+
+def test_every_metric_the_readme_names_is_scraped(shifted, prometheus):
+    if prometheus is None:
+        pytest.skip(f"no Prometheus: {INSTALL_HINT}")
+    prom, since = prometheus
+    names = [n for n in readme_metrics((ROOT / "README.md").read_text()) if n not in GPU_ONLY_METRICS]
+    assert len(names) >= 20, names  # the README lists the board's, the replicas' and the counter
+    with httpx.Client(timeout=30) as client:
+        assert missing_series(client, prom.url, names, since, time.time()) == []

@@ -17,12 +17,13 @@ from ray import serve
 
 from deployments.app import ClusterView, build, parse_args
 from deployments.engine import replica_deployment_name
-from tests.ray.conftest import replica_infos, shipped_model_args, wait_until
+from bench.own_cluster import free_port
+from tests.ray.conftest import own_local_ray, replica_infos, shipped_model_args, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
-HTTP_PORT = 8123
-METRICS_PORT = 8181
+HTTP_PORT = free_port()  # ports of the test's own, never a user's 8000 or 8080
+METRICS_PORT = free_port()
 API_KEY = "test-key"
 APP = "plateau"
 MODEL = "smollm2-135m"
@@ -32,9 +33,13 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def app(smollm2_path):
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-             _metrics_export_port=METRICS_PORT, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    with own_local_ray(num_cpus=2, num_gpus=1, _metrics_export_port=METRICS_PORT):
+        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        yield _deploy(smollm2_path)
+        serve.shutdown()
+
+
+def _deploy(smollm2_path):
     args = parse_args({
         "models": [shipped_model_args(replicas_per_device=2, max_num_seqs=32, kv_cache_bytes="256MiB",
                                       max_model_len=1024, model=str(smollm2_path), name=MODEL,
@@ -42,9 +47,7 @@ def app(smollm2_path):
         "api_key": API_KEY,
     })
     serve.run(build(args, ClusterView.from_ray()), name=APP, route_prefix="/")
-    yield serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name=APP)
-    serve.shutdown()
-    ray.shutdown()
+    return serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name=APP)
 
 
 def client() -> openai.OpenAI:

@@ -25,7 +25,8 @@ def _serve_bin() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(shipped_profile, tmp_path_factory):
+def served(shipped_profile, tmp_path_factory) -> Path:
+    """`serve run config.yaml` answering on port 8000 (its log's path), stopped with Ctrl-C after."""
     log = tmp_path_factory.mktemp("serve-run") / "serve-run.log"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
@@ -47,7 +48,7 @@ def served(shipped_profile, tmp_path_factory):
     try:
         # The Advisor plans from the suite's stored profile (`shipped_profile`), then the replicas start.
         wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
-        yield proc
+        yield log
     finally:
         proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
         try:
@@ -92,17 +93,31 @@ def test_the_planned_replicas_run_on_the_cpu_only_cluster(served):
         (model,) = httpx.get("http://127.0.0.1:8000/v1/models", timeout=30).json()["data"]
         return model["replicas"] == planned
 
-    wait_until(models_lists_them, 60, f"/v1/models to list {planned} running replicas", every_s=2)
+    def seen() -> str:
+        models = httpx.get("http://127.0.0.1:8000/v1/models", timeout=30).text
+        policy_lines = [ln for ln in served.read_text().splitlines() if "policy" in ln][-30:]
+        return (f"/v1/models: {models}\nplateau status:\n{_plateau_status()}\nserve status:\n{_status()}\n"
+                "serve run's log, lines naming the policy:\n" + "\n".join(policy_lines))
+
+    wait_until(models_lists_them, 60, f"/v1/models to list {planned} running replicas", every_s=2, detail=seen)
+
+
+def _plateau_status() -> str:
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_plateau_status_shows_the_placement_and_the_policy_running(served):
     def policy_ran() -> bool:
-        out = subprocess.run([sys.executable, "-m", "deployments.cli", "status"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-        assert out.returncode == 0, out.stderr
-        return "policy last ran: never" not in out.stdout and "smollm2-135m: n" in out.stdout and "/cpu" in out.stdout
+        out = _plateau_status()
+        return "policy last ran: never" not in out and "smollm2-135m: n" in out and "/cpu" in out
 
-    wait_until(policy_ran, 120, "plateau status to show the app with its policy running", every_s=5)
+    wait_until(policy_ran, 120, "plateau status to show the app with its policy running", every_s=5,
+               detail=_plateau_status)
+    # every tick since the start succeeded (two running replicas of one variant once crashed every tick)
+    assert "; errors: 0" in _plateau_status()
 
 
 def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_path, tmp_path):

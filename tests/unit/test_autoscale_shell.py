@@ -40,6 +40,20 @@ def test_observe_sums_rates_and_weights_the_shape_by_finished_requests():
     assert o.recent_prompt_tokens == (3 * 100 + 1500) / 4 and o.recent_output_tokens == 16.0
 
 
+def test_observe_takes_live_samples_from_replicas_keyed_as_serve_keys_them():
+    """Serve keys aggregated metrics by ReplicaID, which has no order (sorting them raised
+    TypeError in the policy on every tick once a variant ran two replicas)."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    dep = DeploymentID(name="LLM:alpha@n2", app_name="app")
+    r1, r2 = ReplicaID("b", dep), ReplicaID("a", dep)
+    metrics = {"running_requests": {r1: 4.0, r2: 2.0}, "mean_context_tokens": {r1: 150.0, r2: 90.0},
+               "tokens_per_s": {r1: 40.0, r2: 25.0}}
+    o = observe(context("LLM:alpha@n2", None, running=2, target=2, metrics=metrics))
+    assert sorted((s.batch, s.context_tokens, s.tokens_per_s) for s in o.samples) == [
+        (2.0, 90.0, 25.0), (4.0, 150.0, 40.0)]
+
+
 def test_the_shell_scales_variants_from_their_policy_kwargs_and_ignores_the_ingress():
     policy = PolicyConfig(upscale_after_s=0)
     kw = policy_kwargs(alpha_input(), 2, policy, DEVICES)

@@ -88,3 +88,46 @@ def test_releasing_a_flight_twice_counts_once_and_cancels_the_stream():
     flight.release(stream)
     flight.release(stream)
     assert ingress.inflight == {("m", 1): 0} and stream.cancelled
+
+
+class _Remote:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self._fn(*args)
+        return call()
+
+
+class _Board:
+    """The status board's two methods the ingress's route refresh calls."""
+
+    def __init__(self, routes):
+        self.routes = _Remote(lambda app: routes)
+        self.set_placement = _Remote(lambda placement: None)
+
+
+def test_health_and_models_follow_the_board_before_any_request_was_routed():
+    """Probes (a load balancer's /health, a client's /v1/models) may be all an ingress sees for a
+    while: they must still report the board's running replicas, not the start placement's."""
+    import asyncio
+
+    from deployments.ingress import OpenAIIngress, ServedModel
+
+    ingress = object.__new__(OpenAIIngress)
+    ingress.models = {"m": ServedModel(name="m", max_model_len=None, replicas=2)}
+    ingress.handles, ingress.api_key, ingress.inflight = {"m": {2: object()}}, None, {}
+    ingress.routes = {"m": [route(2, 2)]}  # the start placement: both replicas running
+    ingress.placement = type("P", (), {"app": "plateau"})()
+    ingress._board, ingress._refresher = _Board({"m": [route(2, 0)]}), None  # the board: none running now
+
+    async def probe_twice():
+        first = await OpenAIIngress.health(ingress)
+        await asyncio.sleep(0.05)  # one refresh
+        second = await OpenAIIngress.health(ingress)
+        ingress._refresher.cancel()
+        return first.status_code, second.status_code
+
+    assert asyncio.run(probe_twice()) == (200, 503)
+    assert ingress._replicas("m") == 0
