@@ -87,10 +87,15 @@ def missing_series(client: httpx.Client, prometheus: str, names: list[str], star
     """Those of `names` with no series in Prometheus over [start, end]."""
     missing = []
     for name in names:
-        r = client.get(f"{prometheus}/api/v1/series", params={"match[]": name, "start": start, "end": end})
+        r = _series_lookup(client, prometheus, name, start, end)
         if r.status_code != 200 or not r.json().get("data"):
             missing.append(name)
     return missing
+
+
+def _series_lookup(client: httpx.Client, prometheus: str, match: str, start: float, end: float) -> httpx.Response:
+    """Prometheus' series API: the label sets of the series `match` selects over [start, end]."""
+    return client.get(f"{prometheus}/api/v1/series", params={"match[]": match, "start": start, "end": end})
 
 
 def dashboard_queries(dashboard: dict) -> list[DashboardQuery]:
@@ -131,7 +136,7 @@ def run_query(client: httpx.Client, prometheus: str, q: DashboardQuery, start: f
     """The series Prometheus returns for `q` over [start, end] (for a variable: series of its metric)."""
     try:
         if q.kind == "variable":
-            r = client.get(f"{prometheus}/api/v1/series", params={"match[]": q.expr, "start": start, "end": end})
+            r = _series_lookup(client, prometheus, q.expr, start, end)
         else:
             r = client.get(f"{prometheus}/api/v1/query_range",
                            params={"query": q.expr, "start": start, "end": end, "step": step_s})

@@ -23,8 +23,9 @@ import httpx
 
 from bench.own_cluster import free_port
 
-INSTALL_HINT = ("install Prometheus: Debian/Ubuntu `apt-get install prometheus` (scripts/setup.sh does it when "
-                "run as root), elsewhere the release binary from https://prometheus.io/download/ on PATH")
+INSTALL_HINT = ("install Prometheus: Debian/Ubuntu `apt-get install prometheus` (`make test` does it through "
+                "scripts/test-tools.sh when run as root), elsewhere the release binary from "
+                "https://prometheus.io/download/ on PATH")
 
 
 class PrometheusUnavailable(RuntimeError):
