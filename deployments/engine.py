@@ -15,7 +15,7 @@ import difflib
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -54,6 +54,9 @@ _CONTRADICT_PACKING = {
 logger = logging.getLogger("ray.serve")
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+# Longest wait for another engine's start on the same device: an eager start takes 30-60 s on this
+# CPU, a compiled one (torch.compile, CUDA graphs) a few minutes on a GPU; a longer one is hung.
+ENGINE_START_LOCK_TIMEOUT_S = 900.0
 
 
 class EngineConfigError(ValueError):
@@ -247,11 +250,31 @@ def device_key(spec: ReplicaSpec) -> str:
     return f"cuda-{visible}"
 
 
+class EngineStartTimeout(RuntimeError):
+    """Another engine held the device's start lock longer than any start takes; names its process."""
+
+
 @contextmanager
-def device_start_lock(key: str, lock_dir: Optional[Path] = None) -> Iterator[None]:
-    """Hold the node-local start lock of one device (blocks while another engine starts)."""
-    folder = lock_dir or Path(tempfile.gettempdir()) / "plateau-locks"
-    with file_lock(folder / f"{key}.lock"):
+def device_start_lock(key: str, lock_dir: Optional[Path] = None,
+                      timeout_s: float = ENGINE_START_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the node-local start lock of one device while another engine starts, at most `timeout_s`.
+
+    The holder writes its pid into the lock file, so a start that waited too long names the process
+    whose start hangs instead of blocking every replica of the device for good (a dead holder's
+    lock is released by the kernel: `flock` ends with its process)."""
+    path = (lock_dir or Path(tempfile.gettempdir()) / "plateau-locks") / f"{key}.lock"
+    held = ExitStack()
+    try:  # only the wait for the lock: a TimeoutError from the start itself is not ours to rename
+        held.enter_context(file_lock(path, timeout_s=timeout_s))
+    except TimeoutError:
+        holder = (path.read_text().strip() if path.exists() else "") or "unknown"
+        raise EngineStartTimeout(
+            f"engine start on device {key!r} waited {timeout_s:g} s for its start lock ({path}), held by process "
+            f"{holder}, which has been starting an engine all that time; if that start hangs, end it (`kill "
+            f"{holder}`: Serve restarts its replica) and this replica's start is retried by Serve"
+        ) from None
+    with held:
+        path.write_text(f"{os.getpid()}\n")
         yield
 
 

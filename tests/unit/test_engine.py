@@ -1,3 +1,4 @@
+import os
 import threading
 import time
 
@@ -147,3 +148,21 @@ def test_the_one_file_lock_waits_at_most_its_timeout(tmp_path):
                 pass
     with file_lock(lock, timeout_s=0.2):
         pass
+
+
+def test_a_start_that_holds_the_device_lock_too_long_is_named_instead_of_blocking_for_good(tmp_path):
+    from deployments.engine import EngineStartTimeout
+
+    # a second open file description conflicts under flock even in this process: a hung start elsewhere
+    with device_start_lock("cuda-0", lock_dir=tmp_path):
+        with pytest.raises(EngineStartTimeout, match=rf"waited 0.2 s .* held by process {os.getpid()}.*kill {os.getpid()}"):
+            with device_start_lock("cuda-0", lock_dir=tmp_path, timeout_s=0.2):
+                pass
+    with device_start_lock("cuda-0", lock_dir=tmp_path, timeout_s=0.2):  # released with its holder
+        pass
+
+
+def test_a_timeout_inside_the_start_is_not_taken_for_the_lock_wait(tmp_path):
+    with pytest.raises(TimeoutError, match="engine core did not answer"):
+        with device_start_lock("cuda-0", lock_dir=tmp_path, timeout_s=0.2):
+            raise TimeoutError("engine core did not answer")
