@@ -1,0 +1,55 @@
+"""The fault-injection benchmark's bookkeeping: which requests a fault cost, and which targets it missed."""
+
+from bench.chaos import HANG_S, FaultResult, Outcome, RequestCounts, count_requests, leftover_engines, problems_of
+
+
+def outcome(start, end, ok=True, error=""):
+    return Outcome(start=start, end=end, ok=ok, tokens=64 if ok else 3, error=error)
+
+
+def test_requests_are_counted_in_their_window_and_failures_split_at_the_kill():
+    outcomes = [
+        outcome(5, 9),                        # before the window
+        outcome(10, 30),                      # in flight at the kill (20), succeeded (retried)
+        outcome(12, 21, ok=False, error="x"),  # in flight at the kill, failed
+        outcome(25, 25 + HANG_S, ok=False),    # sent after the kill, hung
+        outcome(26, 40),
+        outcome(60, 70),                       # after the window
+    ]
+    q = count_requests(outcomes, (10, 60), kill_at=20)
+    assert (q.sent, q.succeeded, q.failed) == (4, 2, 2)
+    assert (q.failed_in_flight, q.failed_sent_after_kill, q.hung) == (1, 1, 1)
+    assert q.in_flight_at_kill == 2 and q.errors[0] == "x"
+
+
+def test_an_engine_whose_parent_is_no_live_replica_is_left_over():
+    assert leftover_engines({101: 50, 102: 1, 103: 60}, replica_pids={50, 60}) == [102]
+    assert leftover_engines({}, replica_pids={50}) == []
+
+
+def result(**kw):
+    base = dict(fault="replica", target="r (pid 1)", in_flight_on_target=3, seconds_to_full_capacity=70.0,
+                leftover_engine_pids=[],
+                requests=RequestCounts(sent=20, succeeded=18, failed=2, failed_in_flight=2, failed_sent_after_kill=0,
+                                       hung=0, in_flight_at_kill=6))
+    return FaultResult(**{**base, **kw})
+
+
+def test_a_fault_that_cost_only_requests_on_the_killed_process_meets_every_target():
+    assert problems_of(result()) == []
+
+
+def test_each_missed_target_is_named():
+    bad = result(in_flight_on_target=1, seconds_to_full_capacity=None, leftover_engine_pids=[7],
+                 requests=RequestCounts(sent=20, succeeded=15, failed=5, failed_in_flight=2, failed_sent_after_kill=3,
+                                        hung=1, in_flight_at_kill=6))
+    problems = " | ".join(problems_of(bad))
+    assert "2 requests in flight failed, more than the 1" in problems
+    assert "3 requests sent after the kill failed" in problems
+    assert "1 requests hung" in problems and "[7]" in problems and "not back to full capacity" in problems
+    assert "over 2 minutes" in " ".join(problems_of(result(seconds_to_full_capacity=130.0)))
+
+
+def test_without_a_replica_the_bound_is_everything_in_flight():
+    actor = result(fault="status_board", in_flight_on_target=None)
+    assert problems_of(actor) == []  # 2 failed in flight <= 6 in flight on the server
