@@ -238,22 +238,29 @@ def _is_engine_core(p: psutil.Process) -> bool:
         return False
 
 
-def running_counts() -> Optional[dict[str, int]]:
-    """Running replicas per model of the app (its variant deployments `LLM:<model>@n<N>` summed; the
-    ingress by its name), or None unless the app and every deployment are healthy."""
+class ServeView(BaseModel):
+    """The app as Serve's controller reports it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    healthy: bool = Field(description="The app RUNNING and every deployment HEALTHY.")
+    running: dict[str, int] = Field(description="Running replicas per model (its variant deployments "
+                                                "`LLM:<model>@n<N>` summed) and of the ingress.")
+
+
+def serve_view() -> Optional[ServeView]:
+    """None while the controller does not answer."""
     from ray import serve
 
     status = _with_timeout(serve.status)
     app = status.applications.get(APP) if status else None
-    if app is None or app.status != "RUNNING":
+    if app is None:
         return None
-    counts = {}
+    running: dict[str, int] = {}
     for name, dep in app.deployments.items():
-        if dep.status != "HEALTHY":
-            return None
         model = name.rsplit("@n", 1)[0]
-        counts[model] = counts.get(model, 0) + int(dep.replica_states.get("RUNNING", 0))
-    return counts
+        running[model] = running.get(model, 0) + int(dep.replica_states.get("RUNNING", 0))
+    healthy = app.status == "RUNNING" and all(d.status == "HEALTHY" for d in app.deployments.values())
+    return ServeView(healthy=healthy, running=running)
 
 
 def named_actor(name: str, namespace: str):
@@ -282,12 +289,16 @@ class Kill(BaseModel):
     actor: Optional[tuple[str, str]] = None
     in_flight: Optional[int] = None
     before: dict[str, int] = Field(description="Running replicas per model (and the ingress) before the kill.")
+    replicas_before: list[str] = Field(default_factory=list, description="Live replica ids before the kill.")
+    replacement_expected: bool = Field(True, description="Serve must start a new replica in the killed one's place "
+                                                         "(not in a re-pack, where the new variant may take over).")
 
 
-def pick(fault: str, deployment_prefix: str) -> Kill:
+def pick(fault: str, deployment_prefix: str, replacement_expected: bool = True) -> Kill:
     import ray
 
-    before = running_counts() or {}
+    view = serve_view()
+    before = view.running if view else {}
     if fault in ACTORS:
         name, ns = ACTORS[fault]
         handle = named_actor(name, ns)
@@ -295,6 +306,7 @@ def pick(fault: str, deployment_prefix: str) -> Kill:
         if pid is None:
             raise RuntimeError(f"{fault}: actor {ns}/{name} not found or not answering")
         return Kill(pid=pid, label=f"{name} (pid {pid})", actor=(name, ns), before=before)
+    everyone = sorted(replica_actors())
     replicas = replica_actors(deployment_prefix)
     if not replicas:
         raise RuntimeError(f"{fault}: no live replica of {deployment_prefix or 'the app'}")
@@ -308,19 +320,31 @@ def pick(fault: str, deployment_prefix: str) -> Kill:
         if core is None:
             raise RuntimeError(f"{fault}: replica {name} (pid {pid}) has no EngineCore child")
         return Kill(pid=core, label=f"EngineCore (pid {core}) of {name}", replica=name, in_flight=in_flight,
-                    before=before)
-    return Kill(pid=pid, label=f"{name} (pid {pid})", replica=name, in_flight=in_flight, before=before)
+                    before=before, replicas_before=everyone, replacement_expected=replacement_expected)
+    return Kill(pid=pid, label=f"{name} (pid {pid})", replica=name, in_flight=in_flight, before=before,
+                replicas_before=everyone, replacement_expected=replacement_expected)
+
+
+def recovered(kill: Kill, view: Optional[ServeView], replicas_now: set[str], actor_pid_now: Optional[int]) -> bool:
+    """Full capacity again after `kill`: the app healthy with as many running replicas per model as
+    before, and the killed replica replaced (or the killed actor answering from a new process).
+    Serve drops a dead replica's name at once but counts it running until a health check fails, and
+    starts its replacement only after that: so a replica is back when a new name is there and the
+    counts are full."""
+    if view is None or not view.healthy or any(view.running.get(d, 0) < n for d, n in kill.before.items()):
+        return False
+    if kill.replica is not None:
+        replaced = bool(replicas_now - set(kill.replicas_before)) or not kill.replacement_expected
+        return kill.replica not in replicas_now and replaced
+    return actor_pid_now is not None and actor_pid_now != kill.pid
 
 
 def back_to_full(kill: Kill) -> bool:
-    counts = running_counts()
-    if counts is None or any(counts.get(d, 0) < n for d, n in kill.before.items()):
-        return False
-    if kill.replica is not None:
-        return kill.replica not in replica_actors()
+    view = serve_view()
+    if kill.actor is None:
+        return recovered(kill, view, set(replica_actors()), None)
     handle = named_actor(*kill.actor)
-    pid = actor_pid(handle) if handle is not None else None
-    return pid is not None and pid != kill.pid
+    return recovered(kill, view, set(), actor_pid(handle) if handle is not None else None)
 
 
 def wait_full(kill: Kill, killed_at: float, extra: Callable[[], bool] = lambda: True) -> Optional[float]:
@@ -357,13 +381,14 @@ class Injected(BaseModel):
 
 
 def inject(fault: FaultName, cluster, window_start: float, deployment_prefix: str = "",
-           extra: Callable[[], bool] = lambda: True) -> Injected:
-    """Kill the fault's process, wait for full capacity (and `extra`), then SETTLE_S more under load."""
-    kill = pick(fault, deployment_prefix)
+           extra: Optional[Callable[[], bool]] = None) -> Injected:
+    """Kill the fault's process, wait for full capacity (and `extra`, which also means no replacement
+    replica is required), then SETTLE_S more under load."""
+    kill = pick(fault, deployment_prefix, replacement_expected=extra is None)
     log(f"{fault}: SIGKILL {kill.label} (in flight there: {kill.in_flight})")
     killed_at = time.monotonic()
     os.kill(kill.pid, signal.SIGKILL)
-    seconds = wait_full(kill, killed_at, extra)
+    seconds = wait_full(kill, killed_at, extra or (lambda: True))
     log(f"{fault}: " + (f"full capacity after {seconds:.1f} s" if seconds is not None else "not back to full capacity"))
     time.sleep(LEFTOVER_GRACE_S)
     left = leftovers(cluster)
@@ -417,10 +442,14 @@ def wait_answers(base_url: str, models: list[str], proc, serve_log: Path, timeou
 
 def connect(address: str) -> None:
     import ray
+    from ray.serve.context import _set_global_client
 
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    # Serve caches the controller's handle per job id, and this driver gets the same job id on each
+    # fresh cluster: without this, `serve.status()` would ask the previous cluster's controller
+    _set_global_client(None)
 
 
 def run_shipped(faults: list[str], concurrency: int, work: Path) -> list[FaultResult]:
@@ -435,11 +464,11 @@ def run_shipped(faults: list[str], concurrency: int, work: Path) -> list[FaultRe
         wait_answers(base, [model], proc, work / "serve-shipped.log")
         connect(cluster.address)
         deadline = time.monotonic() + 300
-        while (counts := running_counts()) is None or counts.get(f"LLM:{model}", 0) < 2:
+        while (view := serve_view()) is None or not view.healthy or view.running.get(f"LLM:{model}", 0) < 2:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not reach 2 running replicas: {counts}")
+                raise RuntimeError(f"the app did not reach 2 running replicas: {view}")
             time.sleep(2)
-        log(f"shipped model on N=2 ready: {counts}; load: {concurrency} streams")
+        log(f"shipped model on N=2 ready: {view.running}; load: {concurrency} streams")
         load = Load(base, model, concurrency).start()
         time.sleep(20)
         window_start = time.monotonic()

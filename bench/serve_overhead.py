@@ -81,7 +81,9 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
 
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from deployments.app import AppArgs, ClusterView, ModelConfig, build
+    from deployments.app import build
+    from deployments.cluster_view import ClusterView
+    from deployments.config import AppArgs, ModelConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

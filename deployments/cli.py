@@ -48,7 +48,7 @@ def _models_pull(ns: argparse.Namespace) -> int:
 def _config_check(ns: argparse.Namespace) -> int:
     import yaml
 
-    from deployments.app import AppConfigError, parse_args
+    from deployments.config import AppConfigError, parse_args
     from deployments.autoscale import POLICY_FUNCTION
 
     path = Path(ns.file)

@@ -311,6 +311,28 @@ def _thread_ids(pid: Optional[int] = None) -> list[int]:
         return [pid or 0]
 
 
+@contextmanager
+def serve_log_targets_kept() -> Iterator[None]:
+    """Keep Ray Serve's replica log file working across vLLM's logging setup.
+
+    `AsyncLLM` applies vLLM's logging config with `logging.config.dictConfig`, which closes every
+    handler of the process. Serve's replica logger writes through a `MemoryHandler` whose close drops
+    its file target: from then on the replica's own log lines are lost, and `is_allocated()`, which
+    a restarted Serve controller calls on every replica it recovers, fails on the missing target
+    (`ray/serve/_private/logging_utils.py: get_component_logger_file_path`), so a controller
+    restart used to replace every replica, engines and all. The targets are put back afterwards
+    (a closed FileHandler reopens its file on the next record)."""
+    from logging.handlers import MemoryHandler
+
+    kept = [(h, h.target) for h in logging.getLogger("ray.serve").handlers if isinstance(h, MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            if handler.target is None:
+                handler.setTarget(target)
+
+
 def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None) -> "AsyncLLM":
     """Build the replica's `AsyncLLM` (blocks until the engine is ready)."""
     warning = undo_worker_niceness()

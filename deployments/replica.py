@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.metrics import Gauge
 
 from deployments.cores import claim_cores
-from deployments.engine import start_engine, vllm_version
+from deployments.engine import serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import engine_processes, start_reaper
 from deployments.models import resolve_model
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
@@ -66,7 +66,7 @@ class ReplicaInfo(BaseModel):
 
 
 class LLMReplica:
-    """Serve deployment class; `deployments/app.py` applies its options from the spec."""
+    """Serve deployment class; `deployments/app.py` binds it with the options `engine.deployment_options` makes from the spec."""
 
     async def __init__(self, spec: ReplicaSpec):
         path = await asyncio.to_thread(resolve_model, spec.model_path)
@@ -79,11 +79,12 @@ class LLMReplica:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         # our load signals, and vLLM's own engine metrics (`vllm:*`) in Ray's metrics export
-        self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats), RayPrometheusStatLogger])
-        self.max_model_len = int(self.engine.model_config.max_model_len)
-        self._reaper = start_reaper(engine_processes())  # the engine dies with this replica, however it ends
-        track_requests(self.engine, self.stats)
-        self.app = await build_openai_app(self.engine, self.spec)
+        with serve_log_targets_kept():  # vLLM's logging setup must not break Serve's replica logger
+            self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats), RayPrometheusStatLogger])
+            self.max_model_len = int(self.engine.model_config.max_model_len)
+            self._reaper = start_reaper(engine_processes())  # the engine dies with this replica, however it ends
+            track_requests(self.engine, self.stats)
+            self.app = await build_openai_app(self.engine, self.spec)
         self._gauges = {}
         for name, desc in _GAUGES.items():
             g = Gauge(f"plateau_replica_{name}", description=desc, tag_keys=("model",))

@@ -1,6 +1,6 @@
 """The replica spec: everything one vLLM replica needs to start, as plain data.
 
-`deployments/app.py` builds these from the user's config (later from the advisor's plan);
+`deployments/layout.py` builds these from the user's config and the Advisor's plan;
 `deployments/engine.py` is the only place that turns one into vLLM engine arguments and Serve
 deployment options.
 """

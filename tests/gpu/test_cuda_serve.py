@@ -25,7 +25,9 @@ def app(smollm2_path):
     import ray
     from ray import serve
 
-    from deployments.app import ClusterView, build, parse_args
+    from deployments.app import build
+    from deployments.cluster_view import ClusterView
+    from deployments.config import parse_args
     from deployments.engine import replica_deployment_name
 
     ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from deployments.app import AppConfigError, ClusterView, build, parse_args
+from deployments.app import build
+from deployments.cluster_view import ClusterView
+from deployments.config import AppConfigError, parse_args
 from tests.ray.conftest import own_local_ray
 
 pytestmark = pytest.mark.ray

@@ -15,7 +15,9 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.app import ClusterView, build, parse_args
+from deployments.app import build
+from deployments.cluster_view import ClusterView
+from deployments.config import parse_args
 from deployments.engine import replica_deployment_name
 from bench.own_cluster import free_port
 from tests.ray.conftest import own_local_ray, replica_infos, shipped_model_args, wait_until
@@ -260,6 +262,42 @@ def test_replica_metrics_are_exported(app):
     wait_until(exported, 60, "plateau replica gauges in Ray's metrics export", every_s=2)
     stats = app.record_autoscaling_stats.remote().result()
     assert set(stats) >= {"running_requests", "waiting_requests", "tokens_per_s", "mean_context_tokens", "kv_usage"}
+
+
+def _replica_names() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{APP}#LLM:")}
+
+
+def test_a_restarted_serve_controller_keeps_every_replica_and_its_engine(app):
+    """A controller that dies recovers the replicas it finds alive (it calls `is_allocated` on each).
+    vLLM's logging setup used to break that call in every replica, so the recovered controller
+    replaced them all, engines included."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    before = _replica_names()
+    assert len(before) == 2
+    pids = {name: ray.get(ray.get_actor(name, namespace=SERVE_NAMESPACE).__ray_call__.remote(lambda self: os.getpid()))
+            for name in before}
+    ray.kill(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE), no_restart=False)
+
+    def recovered() -> bool:
+        try:
+            status = serve.status().applications[APP]
+        except Exception:  # the controller is still coming back
+            return False
+        return status.status == "RUNNING" and all(d.status == "HEALTHY" for d in status.deployments.values())
+
+    wait_until(recovered, 120, "the app RUNNING again after the controller restart", every_s=1,
+               detail=lambda: str(serve.status()))
+    time.sleep(5)  # a replica that failed recovery would be stopping by now
+    assert _replica_names() == before
+    for name, pid in pids.items():
+        handle = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        assert ray.get(handle.__ray_call__.remote(lambda self: os.getpid())) == pid
+        ray.get(handle.is_allocated.remote())  # what the controller's recovery calls
+    out = client().completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+    assert out.usage.completion_tokens == 4
 
 
 def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):

@@ -2,7 +2,9 @@ import pytest
 import yaml
 from pathlib import Path
 
-from deployments.app import AppConfigError, ClusterView, parse_args, replica_spec
+from deployments.cluster_view import ClusterView
+from deployments.config import AppConfigError, parse_args
+from deployments.layout import replica_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -53,3 +53,33 @@ def test_each_missed_target_is_named():
 def test_without_a_replica_the_bound_is_everything_in_flight():
     actor = result(fault="status_board", in_flight_on_target=None)
     assert problems_of(actor) == []  # 2 failed in flight <= 6 in flight on the server
+
+
+def test_a_killed_replica_is_back_only_once_a_new_one_runs_in_its_place():
+    from bench.chaos import Kill, ServeView, recovered
+
+    kill = Kill(pid=9, label="r1", replica="S::app#LLM:m@n2#r1", before={"LLM:m": 2, "OpenAIIngress": 1},
+                replicas_before=["S::app#LLM:m@n2#r1", "S::app#LLM:m@n2#r2"])
+    full = ServeView(healthy=True, running={"LLM:m": 2, "OpenAIIngress": 1})
+    # Serve still counts the dead one as running, its name is gone: not back
+    assert not recovered(kill, full, {"S::app#LLM:m@n2#r2"}, None)
+    # the replacement exists but does not run yet
+    starting = ServeView(healthy=False, running={"LLM:m": 1, "OpenAIIngress": 1})
+    assert not recovered(kill, starting, {"S::app#LLM:m@n2#r2", "S::app#LLM:m@n2#r3"}, None)
+    assert not recovered(kill, None, {"S::app#LLM:m@n2#r2", "S::app#LLM:m@n2#r3"}, None)  # no controller
+    unhealthy = full.model_copy(update={"healthy": False})
+    assert not recovered(kill, unhealthy, {"S::app#LLM:m@n2#r2", "S::app#LLM:m@n2#r3"}, None)
+    assert recovered(kill, full, {"S::app#LLM:m@n2#r2", "S::app#LLM:m@n2#r3"}, None)
+    # in a re-pack the new variant may take over: no replacement needed once the counts are full
+    repack = kill.model_copy(update={"replacement_expected": False})
+    assert recovered(repack, full, {"S::app#LLM:m@n2#r2"}, None)
+
+
+def test_a_killed_actor_is_back_when_it_answers_from_a_new_process():
+    from bench.chaos import Kill, ServeView, recovered
+
+    kill = Kill(pid=40, label="board", actor=("plateau-status", "plateau"), before={"LLM:m": 2})
+    view = ServeView(healthy=True, running={"LLM:m": 2})
+    assert not recovered(kill, view, set(), None)
+    assert not recovered(kill, view, set(), 40)
+    assert recovered(kill, view, set(), 41)

@@ -156,7 +156,7 @@ def test_shipped_gpu_config_serves_bf16_with_cuda_graphs_on_gpus():
 
     import yaml
 
-    from deployments.app import parse_args
+    from deployments.config import parse_args
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "config.gpu.yaml").read_text())
     args = parse_args(doc["applications"][0]["args"])

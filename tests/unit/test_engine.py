@@ -166,3 +166,31 @@ def test_a_timeout_inside_the_start_is_not_taken_for_the_lock_wait(tmp_path):
     with pytest.raises(TimeoutError, match="engine core did not answer"):
         with device_start_lock("cuda-0", lock_dir=tmp_path, timeout_s=0.2):
             raise TimeoutError("engine core did not answer")
+
+
+def test_vllms_logging_setup_leaves_serves_replica_log_file_working(tmp_path):
+    """vLLM's dictConfig closes every handler; Serve's replica logger must keep writing to its file (and a
+    recovering Serve controller reads that file's path from it)."""
+    import logging
+    from logging.config import dictConfig
+    from logging.handlers import MemoryHandler
+
+    from deployments.engine import serve_log_targets_kept
+
+    serve_logger = logging.getLogger("ray.serve")
+    log_file = tmp_path / "replica.log"
+    target = logging.FileHandler(log_file)
+    buffered = MemoryHandler(capacity=1, target=target)  # as Serve's configure_component_logger sets it up
+    serve_logger.addHandler(buffered)
+    vllm_like = {"version": 1, "disable_existing_loggers": False,
+                 "handlers": {"vllm": {"class": "logging.StreamHandler"}},
+                 "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False}}}
+    try:
+        with serve_log_targets_kept():
+            dictConfig(vllm_like)  # what AsyncLLM's configure_logging does
+        assert buffered.target is target
+        serve_logger.warning("after the engine started")
+        assert "after the engine started" in log_file.read_text()
+    finally:
+        serve_logger.removeHandler(buffered)
+        target.close()

@@ -3,7 +3,9 @@
 import pytest
 
 from cluster.inventory import Device, Inventory
-from deployments.app import AppConfigError, ClusterView, layout_model, parse_args, place
+from deployments.cluster_view import ClusterView
+from deployments.config import AppConfigError, parse_args
+from deployments.layout import layout_model, place
 from tests.factories import make_profile
 
 GiB = 1 << 30

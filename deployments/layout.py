@@ -1,0 +1,216 @@
+"""What runs where at start: each model's replica spec per packing variant, its plan (from the
+Advisor for `replicas_per_device: auto`), its replica bounds, and the start packing on the
+cluster's devices.
+
+`resolve_auto` asks the Advisor actor for a model's plan; `layout_model` turns a model whose N is
+resolved into its variants (one Serve deployment each) with their engine specs and memory;
+`place` packs every model's start replicas or fails naming what does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import ray
+from pydantic import BaseModel, ByteSize, ConfigDict
+
+from advisor.memory import KV_BLOCK_TOKENS
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
+from advisor.profiler import Profile, WorkloadShape
+from cluster.inventory import Inventory
+from cluster.packing import ModelDemand, PackInput, PackResult, pack
+from cluster.policy import ModelPolicyInput, VariantSpec
+from deployments.cluster_view import ClusterView, uses_gpus
+from deployments.config import AppConfigError, ModelConfig
+from deployments.engine import replica_deployment_name
+from deployments.spec import ReplicaResources, ReplicaSpec
+
+logger = logging.getLogger("ray.serve")
+
+
+def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSpec:
+    """The spec and resources of one replica of model `m` on this cluster (N already resolved)."""
+    if m.replicas_per_device == "auto":
+        raise AppConfigError(f"model {m.served_name!r}: replicas_per_device is still 'auto'; resolve the plan first")
+    n = m.replicas_per_device
+    use_gpus = uses_gpus(device, cluster)
+    if use_gpus and cluster.gpus <= 0:
+        raise AppConfigError(
+            "device = 'cuda' but the Ray cluster has no GPUs; start it with GPUs "
+            "(`ray start --head --num-gpus=1`) or set device: auto"
+        )
+    if use_gpus:
+        resources = ReplicaResources(num_gpus=round(1.0 / n, 6), num_cpus=min(1.0, cluster.cpus_per_node / n))
+    else:
+        resources = ReplicaResources(num_gpus=0.0, num_cpus=round(cluster.cpus_per_node / n, 4))
+    return ReplicaSpec(
+        served_name=m.served_name,
+        model_path=m.model,
+        device_kind=cluster.engine_device,
+        replicas_per_device=n,
+        resources=resources,
+        max_num_seqs=m.max_num_seqs,
+        kv_cache_bytes=int(m.kv_cache_bytes) if m.kv_cache_bytes is not None else None,
+        device_memory_fraction=m.device_memory_fraction,
+        max_model_len=m.max_model_len,
+        dtype=m.dtype,
+        enforce_eager=m.enforce_eager,
+        engine_kwargs=dict(m.engine_kwargs),
+        server_kwargs=dict(m.server_kwargs),
+    )
+
+
+def _advisor_request(m: ModelConfig, cluster: ClusterView):
+    from deployments.profiling import AdvisorRequest
+
+    return AdvisorRequest(
+        model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
+        shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
+        tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
+    )
+
+
+def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> tuple[ModelConfig, Optional[Profile]]:
+    """Ask the Advisor actor for the plan of an `auto` model; apply it; return the profile behind it."""
+    from advisor.actor import DeviceResources, get_or_create_advisor
+    from deployments.profiling import AdvisorError, plan_model, profile_model, stored_profile
+
+    use_gpus = uses_gpus(device, cluster)
+    request = _advisor_request(m, cluster)
+    # The profiling task holds the whole device: a GPU, or every CPU of the node.
+    resources = DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node)
+    advisor = get_or_create_advisor(plan_model, profile_model)
+    try:
+        plan = ray.get(advisor.get_plan.remote(request, resources))
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
+            raise AppConfigError(f"model {m.served_name!r}: no replica plan: {cause}") from None
+        raise
+    for reason in plan.reasons:
+        logger.info("plan for %s: %s", m.served_name, reason)
+    try:
+        profile = stored_profile(request)
+    except AdvisorError:
+        profile = None
+    if profile is None:
+        logger.warning("plan for %s: the profile is not in this node's store; no re-packing for this model",
+                       m.served_name)
+    resolved = m.model_copy(update={
+        "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
+        "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),
+    })
+    return resolved, profile
+
+
+class ModelLayout(BaseModel):
+    """What the builder decided for one model: its variants, their specs and the start count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    config: ModelConfig
+    policy_input: ModelPolicyInput
+    specs: dict[int, ReplicaSpec]
+    active_n: int
+    initial_replicas: int
+
+    @property
+    def active(self) -> VariantSpec:
+        return self.policy_input.variant(self.active_n)
+
+
+def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterView) -> DeviceSpec:
+    """The device the policy re-plans on: the smallest device of the cluster, the profile's engine."""
+    memory = inventory.smallest_memory_bytes
+    cores = profile.cores or int(cluster.cpus_per_node)
+    return DeviceSpec(kind=cluster.engine_device, name=profile.device_name, memory_bytes=memory, cores=cores)
+
+
+def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, device: str,
+                 profile: Optional[Profile]) -> ModelLayout:
+    """Variants, engine specs and replica bounds of one model whose N is resolved."""
+    name = m.served_name
+    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
+    dev = None
+    if profile is not None:
+        dev = _device_for_plans(profile, inventory, cluster)
+        shape = WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens)
+        try:
+            plan = plan_replicas(profile, dev, shape, planner)
+        except PlanError as exc:
+            raise AppConfigError(f"model {name!r} fits no device of this cluster: {exc}") from None
+        m = m.model_copy(update={"replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
+                                 "kv_cache_bytes": ByteSize(plan.kv_cache_bytes)})
+    elif m.variants:
+        raise AppConfigError(
+            f"model {name!r}: variants {m.variants} need the Advisor's profile to choose between them; "
+            "set replicas_per_device: auto (or remove variants)"
+        )
+    n = int(m.replicas_per_device)
+    start_n = m.start_variant or n
+    usable = int(inventory.smallest_memory_bytes * m.device_memory_fraction)
+    specs: dict[int, ReplicaSpec] = {}
+    variants: list[VariantSpec] = []
+    for k in sorted(set(m.variants) | {n}):
+        if profile is None:
+            kv, memory = (int(m.kv_cache_bytes) if m.kv_cache_bytes is not None else None), usable // k
+        elif k == n:
+            kv = int(m.kv_cache_bytes)
+            memory = profile.weight_bytes + profile.overhead_bytes + kv
+        else:
+            fixed = profile.weight_bytes + profile.overhead_bytes
+            block = KV_BLOCK_TOKENS[cluster.engine_device]
+            shape_len = m.prompt_tokens + m.output_tokens
+            longest = m.max_model_len or 2 * shape_len
+            kv = min(usable // k - fixed, kv_pool_bytes(profile.kv_bytes_per_token, block, m.max_num_seqs, longest,
+                                                     planner.kv_headroom))
+            needed = kv_pool_bytes(profile.kv_bytes_per_token, block, 1, shape_len, 0.0, m.max_model_len)
+            if kv < needed:
+                one = (f"one max_model_len {m.max_model_len}-token sequence plus a block" if m.max_model_len
+                       else f"one {shape_len}-token sequence")
+                raise AppConfigError(
+                    f"model {name!r}: variant N={k} does not fit: a replica gets {usable / k / 2**30:.2f} GiB "
+                    f"(1/{k} of {usable / 2**30:.2f} GiB usable) but weights + engine overhead take "
+                    f"{fixed / 2**30:.2f} GiB and {one} needs {needed / 2**20:.0f} MiB more; drop {k} from "
+                    f"variants, lower max_model_len or use larger devices"
+                )
+            memory = fixed + kv
+        spec = replica_spec(m.model_copy(update={"replicas_per_device": k,
+                                                 "kv_cache_bytes": ByteSize(kv) if kv is not None else None}),
+                            cluster, device)
+        specs[k] = spec
+        variants.append(VariantSpec(n=k, deployment=replica_deployment_name(name, k), share=round(1.0 / k, 6),
+                                    memory_bytes=max(1, memory), max_num_seqs=spec.max_num_seqs))
+    start = start_n * m.devices
+    low = m.min_replicas or start
+    high = max(m.max_replicas or start, low)
+    initial = min(max(start, low), high)
+    inp = ModelPolicyInput(model=name, variants=variants, min_replicas=low, max_replicas=high, profile=profile,
+                           device=dev, planner=planner)
+    return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=start_n, initial_replicas=initial)
+
+
+def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
+    """Pack every model's start replicas (and, first, its minimum) or fail naming what does not fit."""
+    def demand(replicas_of) -> PackInput:
+        return PackInput(devices=inventory.capacities(), models=[
+            ModelDemand(model=lay.active.deployment, kind=inventory.kind, replicas=replicas_of(lay),
+                        share=lay.active.share, memory_per_replica_bytes=lay.active.memory_bytes)
+            for lay in layouts])
+    devices = ", ".join(f"{d.name} ({d.model_name}, {d.memory_bytes / 2**30:.1f} GiB {d.memory_source})"
+                        for d in inventory.devices)
+    for what, replicas_of in (("min_replicas", lambda lay: lay.policy_input.min_replicas),
+                              ("start replicas", lambda lay: lay.initial_replicas)):
+        result = pack(demand(replicas_of))
+        if result.unplaced:
+            by_dep = {lay.active.deployment: lay for lay in layouts}
+            lines = []
+            for u in result.unplaced:
+                lay = by_dep[u.model]
+                v = lay.active
+                lines.append(f"  model {lay.policy_input.model!r}: {u.replicas} of its {replicas_of(lay)} {what} "
+                             f"(N={v.n}: share {v.share:g} and {v.memory_bytes / 2**30:.2f} GiB each) do not fit: "
+                             f"{u.reason}")
+            raise AppConfigError("the models do not fit this cluster's devices:\n" + "\n".join(lines)
+                                 + f"\n  devices: {devices}")
+    return result
