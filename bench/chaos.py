@@ -183,7 +183,10 @@ class Load:
             out = await async_request_openai_completions(req, session)
             end = time.monotonic()
             full = out.success and out.output_tokens == OUTPUT_TOKENS
-            error = out.error or ("" if full else f"stream ended after {out.output_tokens or 0} of {OUTPUT_TOKENS} tokens")
+            chunks = len(out.itl) + 1 if out.ttft else 0
+            error = out.error or ("" if full else f"{chunks} chunks, then the stream ended without the usage of "
+                                                  f"{OUTPUT_TOKENS} tokens (an error status or a cut stream); "
+                                                  f"text: {out.generated_text[-60:]!r}")
             self.outcomes.append(Outcome(start=start, end=end, ok=full, tokens=out.output_tokens or 0, error=error))
             if not full:
                 await asyncio.sleep(0.2)  # a failing server is not hammered

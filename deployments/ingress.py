@@ -86,6 +86,16 @@ def choose_variant(routes: list[Route], inflight: dict[int, int]) -> Optional[in
     return best.n
 
 
+def should_reroute(routes: list[Route], n: int) -> bool:
+    """A request still waiting for its first answer at variant `n` goes elsewhere when `n` stopped
+    taking requests (it drains, or lost every replica) while another variant runs and accepts:
+    a request queued at a variant that is scaled to zero would otherwise wait for good."""
+    mine = next((r for r in routes if r.n == n), None)
+    if mine is not None and mine.accepting and mine.running > 0:
+        return False
+    return any(r.n != n and r.accepting and r.running > 0 for r in routes)
+
+
 def model_of(body: bytes) -> Optional[str]:
     """The `model` a JSON request body names, or None (not JSON, not an object, no model)."""
     try:
@@ -117,6 +127,13 @@ def _serve_proxies_on_this_node() -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+class _Rerouted(Exception):
+    """The variant a request waited at stopped taking requests before it answered."""
+
+
+REROUTE_CHECK_S = 1.0  # how often a request waiting for its first answer checks that its variant still accepts
 
 
 class _Flight:
@@ -273,11 +290,15 @@ class OpenAIIngress:
             flight = _Flight(self, model, n)
             stream = handle.options(stream=True).http.remote(req)
             try:
-                start = await asyncio.wait_for(stream.__anext__(), self.retry.first_byte_timeout_s)
+                start = await self._first_answer(stream, model, n)
             except asyncio.TimeoutError:
                 flight.release(stream)
                 return error_response(504, f"no answer from a replica of {model!r} within "
                                            f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError")
+            except _Rerouted:
+                flight.release(stream)
+                logger.info("request for %s waited at N=%d, which stopped taking requests: sent again", model, n)
+                continue  # the variant moved: send it again at once (it counts as a try, bounding the moves)
             except _REPLICA_GONE as exc:
                 flight.release(stream)
                 reason = f"replica unavailable ({type(exc).__name__})"
@@ -294,6 +315,24 @@ class OpenAIIngress:
             await self._backoff(attempt)
         return error_response(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
                               "ServiceUnavailableError")
+
+    async def _first_answer(self, stream, model: str, n: int):
+        """The replica's first item; raises `_Rerouted` when variant `n` stops taking requests while
+        this one still waits in its queue, and asyncio.TimeoutError after `first_byte_timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry.first_byte_timeout_s
+        first = asyncio.ensure_future(stream.__anext__())
+        while True:
+            left = deadline - loop.time()
+            done, _ = await asyncio.wait({first}, timeout=max(0.0, min(REROUTE_CHECK_S, left)))
+            if done:
+                return first.result()
+            if left <= REROUTE_CHECK_S:
+                first.cancel()
+                raise asyncio.TimeoutError
+            if should_reroute(self.routes.get(model, []), n):
+                first.cancel()
+                raise _Rerouted
 
     async def _relay(self, stream, flight: _Flight) -> AsyncIterator[bytes]:
         try:

@@ -4,8 +4,9 @@ Requests are answered by vLLM's own OpenAI serving layer over the replica's engi
 (`deployments/vllm_api.py`): HTTP requests forwarded by the ingress (`http`), and the same
 serving calls from Python (`completions`, `chat`, their `*_stream` forms) on vLLM's request
 types. The replica owns what vLLM's server does not: the engine's cores and memory share, the
-health check (fails once the engine process is gone), a dead engine reported as retryable, and
-the load signals (`record_autoscaling_stats()` plus the same values as `ray.serve.metrics`
+health check (fails once the engine process is gone), a dead engine reported as retryable (and
+the replica ending its own process a second later, so routers stop choosing it at once), and the
+load signals (`record_autoscaling_stats()` plus the same values as `ray.serve.metrics`
 gauges).
 """
 
@@ -35,6 +36,8 @@ from deployments.spec import ReplicaSpec
 logger = logging.getLogger("ray.serve")
 
 GAUGE_PERIOD_S = 2.0
+ENGINE_WATCH_S = 0.5  # how often the replica checks that its engine lives
+DEAD_ENGINE_EXIT_GRACE_S = 1.0  # in-flight streams end with their error events, then the replica exits
 _GAUGES = {
     "running_requests": "Sequences the vLLM engine is decoding now.",
     "waiting_requests": "Requests queued inside the vLLM engine.",
@@ -101,6 +104,7 @@ class LLMReplica:
             self._gauges["device_dram_bw_util"] = g
             self._sampler.start()
         self._gauge_task = asyncio.get_running_loop().create_task(self._publish_gauges())
+        self._engine_watch = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
         logger.info("replica of %s ready: cores=%s max_model_len=%d", spec.served_name, self.cores, self.max_model_len)
 
     # ---- requests -------------------------------------------------------------------------
@@ -175,6 +179,19 @@ class LLMReplica:
         return ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", code=400))
 
     # ---- health, stats, info ----------------------------------------------------------------
+    async def _exit_when_engine_dies(self) -> None:
+        """A replica whose engine died can serve nothing, yet it answers at once (a retryable 503),
+        so Serve's routers favour it until three failed health checks (~6 s) retire it, and requests
+        retried elsewhere keep landing on it. It ends its own process instead: routers drop a dead
+        actor on their next call and the controller replaces it at once. The grace lets in-flight
+        streams send their error events first."""
+        while not self.engine.errored:
+            await asyncio.sleep(ENGINE_WATCH_S)
+        logger.error("vLLM engine of %s died: this replica exits in %.0f s so Serve routes around it and replaces "
+                     "it", self.spec.served_name, DEAD_ENGINE_EXIT_GRACE_S)
+        await asyncio.sleep(DEAD_ENGINE_EXIT_GRACE_S)
+        _end_process()
+
     async def check_health(self) -> None:
         if self.engine.errored:
             raise RuntimeError(f"vLLM engine of {self.spec.served_name!r} is dead; Serve will replace this replica")
@@ -218,6 +235,11 @@ class LLMReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _end_process() -> None:
+    logging.shutdown()  # flush the replica's log first
+    os._exit(1)
 
 
 def _engine_dead() -> HttpStart:

@@ -131,3 +131,71 @@ def test_health_and_models_follow_the_board_before_any_request_was_routed():
 
     assert asyncio.run(probe_twice()) == (200, 503)
     assert ingress._replicas("m") == 0
+
+
+def test_a_request_waits_only_where_the_model_still_runs():
+    from deployments.ingress import should_reroute
+
+    assert not should_reroute([route(1, 0), route(2, 1)], 2)  # its variant runs and accepts: stay
+    assert should_reroute([route(1, 1), route(2, 1, accepting=False)], 2)  # drained while it waited: go to N=1
+    assert should_reroute([route(1, 1), route(2, 0)], 2)  # its variant lost every replica, N=1 runs
+    assert not should_reroute([route(1, 0), route(2, 0, accepting=False)], 2)  # nowhere better: keep waiting
+
+
+class _Queued:
+    """A replica stream still queued: no first item until cancelled."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import asyncio
+
+        await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, stream):
+        self.stream, self.calls = stream, 0
+        self.http = self  # handle.options(stream=True).http.remote(req) -> the stream
+
+    def options(self, stream):
+        return self
+
+    def remote(self, req):
+        self.calls += 1
+        return self.stream
+
+
+def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_runs(monkeypatch):
+    """Issue 11: a request queued at a variant scaled to zero waited for good (or 15 minutes)."""
+    import asyncio
+
+    from deployments import ingress as mod
+    from deployments.asgi import HttpStart
+    from deployments.ingress import OpenAIIngress, RetryPolicy
+
+    monkeypatch.setattr(mod, "REROUTE_CHECK_S", 0.02)
+    queued, served = _Queued(), _Stream([HttpStart(status=200), b"data: {}\n\n"])
+    old, new = _Handle(queued), _Handle(served)
+    ingress = object.__new__(OpenAIIngress)
+    ingress.handles, ingress.inflight, ingress.retry = {"m": {1: new, 2: old}}, {}, RetryPolicy(attempts=2)
+    ingress.routes = {"m": [route(1, 0), route(2, 1)]}  # N=1 warms, N=2 serves
+    ingress._board, ingress._refresher = None, None
+
+    async def send_then_drain():
+        sent = asyncio.ensure_future(OpenAIIngress._send(ingress, "m", req=None))
+        await asyncio.sleep(0.1)
+        assert not sent.done() and old.calls == 1  # waiting in N=2's queue
+        ingress.routes = {"m": [route(1, 1), route(2, 1, accepting=False)]}  # the policy drains N=2
+        return await asyncio.wait_for(sent, 5)
+
+    response = asyncio.run(send_then_drain())
+    assert response.status_code == 200 and new.calls == 1 and queued.cancelled
+    assert ingress.inflight == {("m", 2): 0, ("m", 1): 1}  # N=1's until the body is relayed
