@@ -82,7 +82,7 @@ class Outcome(BaseModel):
 
 class RequestCounts(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    sent: int
+    sent: int = Field(description="Requests that ended between this kill and the next one.")
     succeeded: int
     failed: int = Field(description="Failed or hung.")
     failed_in_flight: int = Field(description="Failed and sent before the kill: possibly on the killed process.")
@@ -92,9 +92,10 @@ class RequestCounts(BaseModel):
     errors: list[str] = Field(default_factory=list, description="The first few failures, as the client saw them.")
 
 
-def count_requests(outcomes: list[Outcome], window: tuple[float, float], kill_at: float) -> RequestCounts:
-    """The requests sent in `window` (start inclusive, end exclusive), sorted by what happened to them."""
-    mine = [o for o in outcomes if window[0] <= o.start < window[1]]
+def count_requests(outcomes: list[Outcome], kill_at: float, next_kill: Optional[float] = None) -> RequestCounts:
+    """The requests of the fault killed at `kill_at`: those that ended after it and before the next
+    fault's kill (a request in flight at a kill belongs to that kill), sorted by what happened to them."""
+    mine = [o for o in outcomes if o.end >= kill_at and (next_kill is None or o.end < next_kill)]
     failed = [o for o in mine if not o.ok]
     return RequestCounts(
         sent=len(mine), succeeded=len(mine) - len(failed), failed=len(failed),
@@ -377,13 +378,12 @@ class Injected(BaseModel):
     fault: FaultName
     kill: Kill
     killed_at: float
-    window: tuple[float, float] = Field(description="Requests sent in it belong to this fault (monotonic s).")
     seconds_to_full_capacity: Optional[float]
     leftover_engine_pids: list[int]
     repack: Optional[str] = None
 
 
-def inject(fault: FaultName, cluster, window_start: float, deployment_prefix: str = "",
+def inject(fault: FaultName, cluster, deployment_prefix: str = "",
            extra: Optional[Callable[[], bool]] = None) -> Injected:
     """Kill the fault's process, wait for full capacity (and `extra`, which also means no replacement
     replica is required), then SETTLE_S more under load."""
@@ -396,13 +396,13 @@ def inject(fault: FaultName, cluster, window_start: float, deployment_prefix: st
     time.sleep(LEFTOVER_GRACE_S)
     left = leftovers(cluster)
     time.sleep(max(0.0, SETTLE_S - LEFTOVER_GRACE_S))
-    return Injected(fault=fault, kill=kill, killed_at=killed_at, window=(window_start, time.monotonic()),
+    return Injected(fault=fault, kill=kill, killed_at=killed_at,
                     seconds_to_full_capacity=seconds, leftover_engine_pids=left)
 
 
-def finish(done: Injected, outcomes: list[Outcome]) -> FaultResult:
+def finish(done: Injected, outcomes: list[Outcome], next_kill: Optional[float] = None) -> FaultResult:
     result = FaultResult(fault=done.fault, target=done.kill.label, in_flight_on_target=done.kill.in_flight,
-                         requests=count_requests(outcomes, done.window, done.killed_at),
+                         requests=count_requests(outcomes, done.killed_at, next_kill),
                          seconds_to_full_capacity=done.seconds_to_full_capacity,
                          leftover_engine_pids=done.leftover_engine_pids, repack=done.repack)
     result.problems = problems_of(result)
@@ -474,15 +474,14 @@ def run_shipped(faults: list[str], concurrency: int, work: Path) -> list[FaultRe
         log(f"shipped model on N=2 ready: {view.running}; load: {concurrency} streams")
         load = Load(base, model, concurrency).start()
         time.sleep(20)
-        window_start = time.monotonic()
         done: list[Injected] = []
         try:
             for fault in faults:
-                done.append(inject(fault, cluster, window_start, deployment_prefix="LLM:"))
-                window_start = done[-1].window[1]
+                done.append(inject(fault, cluster, deployment_prefix="LLM:"))
         finally:
             load.stop()
-    return [finish(d, load.outcomes) for d in done]
+    next_kills = [d.killed_at for d in done[1:]] + [None]
+    return [finish(d, load.outcomes, nxt) for d, nxt in zip(done, next_kills)]
 
 
 def run_in_repack(fault: str, work: Path) -> FaultResult:
@@ -506,7 +505,6 @@ def run_in_repack(fault: str, work: Path) -> FaultResult:
         if failure:
             raise RuntimeError(failure)
         load = Load(base, "alpha", cfg.workers, prompt_tokens=SHORT).start()
-        window_start = time.monotonic()
         try:
             time.sleep(cfg.short_phase_s)
             load.prompt_tokens = LONG
@@ -526,7 +524,7 @@ def run_in_repack(fault: str, work: Path) -> FaultResult:
             def ended() -> bool:
                 return any(d.action in ("repack_done", "repack_abort") for d in decisions())
 
-            done = inject(fault, cluster, window_start, deployment_prefix="LLM:alpha@n2#", extra=ended)
+            done = inject(fault, cluster, deployment_prefix="LLM:alpha@n2#", extra=ended)
             end = next((d for d in decisions() if d.action in ("repack_done", "repack_abort")), None)
             done = done.model_copy(update={"repack": f"{end.action}: {end.reason}" if end else "not ended"})
         finally:

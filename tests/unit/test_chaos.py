@@ -7,19 +7,21 @@ def outcome(start, end, ok=True, error=""):
     return Outcome(start=start, end=end, ok=ok, tokens=64 if ok else 3, error=error)
 
 
-def test_requests_are_counted_in_their_window_and_failures_split_at_the_kill():
+def test_a_request_belongs_to_the_kill_it_was_in_flight_at_or_ended_after():
     outcomes = [
-        outcome(5, 9),                        # before the window
-        outcome(10, 30),                      # in flight at the kill (20), succeeded (retried)
+        outcome(5, 9),                         # ended before the kill: warm-up, nobody's
+        outcome(10, 30),                       # in flight at the kill (20), succeeded (retried)
         outcome(12, 21, ok=False, error="x"),  # in flight at the kill, failed
-        outcome(25, 25 + HANG_S, ok=False),    # sent after the kill, hung
-        outcome(26, 40),
-        outcome(60, 70),                       # after the window
+        outcome(25, 25 + HANG_S, ok=False),    # sent after the kill, hung: ends after the next kill, yet it
+        outcome(26, 40),                       # ... belongs to the next fault (in flight there)
+        outcome(45, 70, ok=False),             # in flight at the next kill (60): the next fault's
     ]
-    q = count_requests(outcomes, (10, 60), kill_at=20)
-    assert (q.sent, q.succeeded, q.failed) == (4, 2, 2)
-    assert (q.failed_in_flight, q.failed_sent_after_kill, q.hung) == (1, 1, 1)
-    assert q.in_flight_at_kill == 2 and q.errors[0] == "x"
+    q = count_requests(outcomes, kill_at=20, next_kill=60)
+    assert (q.sent, q.succeeded, q.failed) == (3, 2, 1)
+    assert (q.failed_in_flight, q.failed_sent_after_kill, q.hung) == (1, 0, 0)
+    assert q.in_flight_at_kill == 2 and q.errors == ["x"]
+    last = count_requests(outcomes, kill_at=60)  # the last fault: everything that ended after its kill
+    assert (last.sent, last.failed, last.failed_in_flight, last.failed_sent_after_kill, last.hung) == (2, 2, 2, 0, 1)
 
 
 def test_an_engine_whose_parent_is_no_live_replica_is_left_over():
