@@ -383,15 +383,14 @@ class Injected(BaseModel):
     repack: Optional[str] = None
 
 
-def inject(fault: FaultName, cluster, deployment_prefix: str = "",
-           extra: Optional[Callable[[], bool]] = None) -> Injected:
-    """Kill the fault's process, wait for full capacity (and `extra`, which also means no replacement
-    replica is required), then SETTLE_S more under load."""
-    kill = pick(fault, deployment_prefix, replacement_expected=extra is None)
+def inject(fault: FaultName, cluster, deployment_prefix: str = "", extra: Callable[[], bool] = lambda: True,
+           replacement_expected: bool = True) -> Injected:
+    """Kill the fault's process, wait for full capacity (and `extra`), then SETTLE_S more under load."""
+    kill = pick(fault, deployment_prefix, replacement_expected)
     log(f"{fault}: SIGKILL {kill.label} (in flight there: {kill.in_flight})")
     killed_at = time.monotonic()
     os.kill(kill.pid, signal.SIGKILL)
-    seconds = wait_full(kill, killed_at, extra or (lambda: True))
+    seconds = wait_full(kill, killed_at, extra)
     log(f"{fault}: " + (f"full capacity after {seconds:.1f} s" if seconds is not None else "not back to full capacity"))
     time.sleep(LEFTOVER_GRACE_S)
     left = leftovers(cluster)
@@ -524,7 +523,8 @@ def run_in_repack(fault: str, work: Path) -> FaultResult:
             def ended() -> bool:
                 return any(d.action in ("repack_done", "repack_abort") for d in decisions())
 
-            done = inject(fault, cluster, deployment_prefix="LLM:alpha@n2#", extra=ended)
+            # the new variant may take over from the killed replica: no replacement is required
+            done = inject(fault, cluster, deployment_prefix="LLM:alpha@n2#", extra=ended, replacement_expected=False)
             end = next((d for d in decisions() if d.action in ("repack_done", "repack_abort")), None)
             done = done.model_copy(update={"repack": f"{end.action}: {end.reason}" if end else "not ended"})
         finally:
