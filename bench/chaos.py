@@ -412,8 +412,9 @@ def finish(done: Injected, outcomes: list[Outcome], next_kill: Optional[float] =
 
 def shipped_config(path: Path, http_port: int) -> Path:
     """config.yaml's app and model entry, started on N=2 with two replicas and no re-pack."""
-    doc = yaml.safe_load((ROOT / "config.yaml").read_text())
-    doc["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    from bench.vs_vllm import shipped_config_doc
+
+    doc = shipped_config_doc(http_port)
     args = doc["applications"][0]["args"]
     args["models"][0].update({"variants": [1, 2], "start_variant": 2, "min_replicas": 2, "max_replicas": 2})
     args["policy"] = {"repack_min_gain": 1000.0}

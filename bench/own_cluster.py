@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -117,6 +117,8 @@ class OwnClusterConfig(BaseModel):
     keep_temp_dir: bool = Field(False, description="Keep the temp dir (Ray's session logs) after the stop.")
     start_attempts: int = Field(2, ge=1, description="`ray start` tries: on a loaded machine the raylet may miss "
                                                      "Ray's fixed 30 s registration wait; a failed try is stopped first.")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables set for the head (so every worker and "
+                                "engine inherits them) and for `serve_run`, e.g. PLATEAU_HOME or PYTHONPATH.")
 
 
 def default_address_file() -> Path:
@@ -151,6 +153,24 @@ def write_owner(temp_dir: str, tag: str) -> None:
     """Marks `temp_dir` as this process's: `cleanup_orphans` stops what runs there once it is gone."""
     me = psutil.Process()
     Path(temp_dir, OWNER_FILE).write_text(Owner(pid=me.pid, create_time=me.create_time(), tag=tag).model_dump_json())
+
+
+@contextmanager
+def own_local_ray(**init_kwargs):
+    """`ray.init` of a fresh local cluster with a temp dir of its own (Ray's default /tmp/ray, where a
+    user's cluster keeps its session, is never touched; Ray picks free ports itself, no dashboard),
+    marked as this process's so `python -m bench.own_cluster cleanup` stops it after a SIGKILL;
+    shut down and removed on leaving. Yields the temp dir."""
+    import ray
+
+    temp = own_temp_dir()
+    write_owner(temp, uuid.uuid4().hex[:12])
+    ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    try:
+        yield temp
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _names(arg: str, temp_dir: str) -> bool:
@@ -208,6 +228,7 @@ class OwnCluster:
         """The environment of every command that belongs to this cluster: its tag, no foreign address,
         token auth off (a test cluster; the `serve` CLI then reaches it without a token)."""
         env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env.update(self.cfg.env)
         env[TAG_VAR] = self.tag
         env.pop("RAY_ADDRESS", None)
         return env

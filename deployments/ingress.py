@@ -14,7 +14,10 @@ every `ROUTE_REFRESH_S`; each request goes to the accepting variant with the mos
 (running replicas x batch, minus what this ingress already has in flight there). A draining
 variant gets no new requests, which is what lets the policy stop it without failing any.
 A request whose replica died, or whose engine was dead, before anything was produced is sent to
-another replica (`retry`); once bytes reached the client the stream ends as vLLM ends it.
+another replica (`retry`); one still waiting at a variant that stopped taking requests is sent
+where the model now runs; one that waits past `retry.first_byte_timeout_s` gets a 504. Once bytes
+reached the client the stream ends as vLLM ends it. The Python API (`completions`, `chat` and
+their `_stream` forms on vLLM's request types) is routed, retried and timed the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import hmac
 import json
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import psutil
 
@@ -39,7 +42,7 @@ from starlette.background import BackgroundTask
 from cluster.board import AppPlacement, ensure_routes, get_or_create_board
 from cluster.policy import Route
 from deployments.asgi import HttpRequest, HttpStart
-from deployments.engine import undo_worker_niceness
+from deployments.engine import EngineDead, undo_worker_niceness
 
 logger = logging.getLogger("ray.serve")
 ROUTE_REFRESH_S = 0.5
@@ -131,6 +134,20 @@ def _serve_proxies_on_this_node() -> list[int]:
 
 class _Rerouted(Exception):
     """The variant a request waited at stopped taking requests before it answered."""
+
+
+class _Unanswered(Exception):
+    """No replica produced a first answer: the status and error type to answer with (vLLM's format)."""
+
+    def __init__(self, status: int, message: str, err_type: str):
+        super().__init__(message)
+        self.status, self.err_type = status, err_type
+
+    def as_error_response(self):
+        """vLLM's `ErrorResponse`, what the Python API returns for the errors vLLM answers itself."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+        return ErrorResponse(error=ErrorInfo(message=str(self), type=self.err_type, code=self.status))
 
 
 REROUTE_CHECK_S = 1.0  # how often a request waiting for its first answer checks that its variant still accepts
@@ -283,45 +300,64 @@ class OpenAIIngress:
         return await self._send(model or self.default_model, req)
 
     async def _send(self, model: str, req: HttpRequest) -> Response:
-        """Open the request on a replica, retrying while nothing was produced; then relay it."""
+        """Open the request on a replica (`_open`), then relay it."""
+        try:
+            start, stream, flight = await self._open(
+                model, lambda handle: handle.options(stream=True).http.remote(req),
+                dead=lambda start: not isinstance(start, HttpStart) or start.retryable)
+        except _Unanswered as no:
+            return error_response(no.status, str(no), no.err_type)
+        return StreamingResponse(self._relay(stream, flight), status_code=start.status, headers=dict(start.headers),
+                                 background=BackgroundTask(flight.release, stream))
+
+    async def _open(self, model: str, call: Callable[[DeploymentHandle], object],
+                    dead: Callable[[object], bool] = lambda first: False) -> tuple[object, object, "_Flight"]:
+        """Send a request to the variant with the most free room and wait for its first item (the
+        whole answer when `call` is not a stream), retrying while nothing was produced: when the
+        replica is gone, its engine is dead (`dead(first)`, or `EngineDead` raised), or its variant
+        stopped taking requests while the request waited there. Returns the first item, the call
+        and its flight (the caller releases it); raises `_Unanswered` (503 after the last try, 504
+        after `first_byte_timeout_s`)."""
         reason = "no replica answered"
         for attempt in range(self.retry.attempts):
             n, handle = self._choose(model)
             flight = _Flight(self, model, n)
-            stream = handle.options(stream=True).http.remote(req)
+            pending = call(handle)
             try:
-                start = await self._first_answer(stream, model, n)
+                first = await self._first_answer(pending, model, n)
             except asyncio.TimeoutError:
-                flight.release(stream)
-                return error_response(504, f"no answer from a replica of {model!r} within "
-                                           f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError")
+                flight.release(pending)
+                raise _Unanswered(504, f"no answer from a replica of {model!r} within "
+                                       f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError") from None
             except _Rerouted:
-                flight.release(stream)
+                flight.release(pending)
                 logger.info("request for %s waited at N=%d, which stopped taking requests: sent again", model, n)
                 continue  # the variant moved: send it again at once (it counts as a try, bounding the moves)
             except _REPLICA_GONE as exc:
-                flight.release(stream)
+                flight.release(pending)
                 reason = f"replica unavailable ({type(exc).__name__})"
+            except EngineDead:
+                flight.release(pending)
+                reason = "the replica's engine is dead"
             except BaseException:
-                flight.release(stream)
+                flight.release(pending)
                 raise
             else:
-                if isinstance(start, HttpStart) and not start.retryable:
-                    return StreamingResponse(self._relay(stream, flight), status_code=start.status,
-                                             headers=dict(start.headers),
-                                             background=BackgroundTask(flight.release, stream))
-                flight.release(stream)
+                if not dead(first):
+                    return first, pending, flight
+                flight.release(pending)
                 reason = "the replica's engine is dead"
             await self._backoff(attempt)
-        return error_response(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
-                              "ServiceUnavailableError")
+        raise _Unanswered(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
+                          "ServiceUnavailableError")
 
-    async def _first_answer(self, stream, model: str, n: int):
-        """The replica's first item; raises `_Rerouted` when variant `n` stops taking requests while
-        this one still waits in its queue, and asyncio.TimeoutError after `first_byte_timeout_s`."""
+    async def _first_answer(self, pending, model: str, n: int):
+        """The first item of a replica's stream (or the answer of a non-streaming call); raises
+        `_Rerouted` when variant `n` stops taking requests while this one still waits in its queue,
+        and asyncio.TimeoutError after `first_byte_timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry.first_byte_timeout_s
-        first = asyncio.ensure_future(stream.__anext__())
+        first = asyncio.ensure_future(pending.__anext__() if hasattr(pending, "__anext__") else pending)
         while True:
             left = deadline - loop.time()
             done, _ = await asyncio.wait({first}, timeout=max(0.0, min(REROUTE_CHECK_S, left)))
@@ -385,25 +421,27 @@ class OpenAIIngress:
         return model
 
     async def _call(self, request, method: str):
+        """Routed, retried and timed like HTTP; no answer -> vLLM's `ErrorResponse` (503 or 504)."""
         model = self._python_model(request)
-        for attempt in range(self.retry.attempts):
-            n, handle = self._choose(model)
-            flight = _Flight(self, model, n)
-            try:
-                return await getattr(handle, method).remote(request)
-            except _REPLICA_GONE:
-                if attempt + 1 == self.retry.attempts:
-                    raise
-            finally:
-                flight.release()
-            await self._backoff(attempt)
+        try:
+            answer, _, flight = await self._open(model, lambda handle: getattr(handle, method).remote(request))
+        except _Unanswered as no:
+            return no.as_error_response()
+        flight.release()
+        return answer
 
     async def _call_stream(self, request, method: str) -> AsyncIterator[str]:
+        """Routed, retried and timed like HTTP until the first line; no answer -> one SSE line with
+        vLLM's `ErrorResponse` (as the replica sends a request's error)."""
         model = self._python_model(request)
-        n, handle = self._choose(model)
-        flight = _Flight(self, model, n)
-        stream = getattr(handle.options(stream=True), method).remote(request)
         try:
+            first, stream, flight = await self._open(
+                model, lambda handle: getattr(handle.options(stream=True), method).remote(request))
+        except _Unanswered as no:
+            yield f"data: {no.as_error_response().model_dump_json()}\n\n"
+            return
+        try:
+            yield first
             async for line in stream:
                 yield line
         finally:

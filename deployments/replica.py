@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.metrics import Gauge
 
 from deployments.cores import claim_cores
-from deployments.engine import serve_log_targets_kept, start_engine, vllm_version
+from deployments.engine import EngineDead, serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import engine_processes, start_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
@@ -165,13 +165,24 @@ class LLMReplica:
             yield line
 
     async def _serve_python(self, serving: str, method: str, request):
+        """vLLM's serving call; `EngineDead` (the ingress sends the request elsewhere) when the engine
+        is dead before it produced anything."""
         from vllm.exceptions import VLLMClientError
 
+        if self.engine.errored:
+            raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} is dead")
         handler = getattr(self.app.state, serving)
         try:
-            return await getattr(handler, method)(request, raw_request=None)
+            out = await getattr(handler, method)(request, raw_request=None)
         except (ValueError, VLLMClientError) as exc:  # as vLLM's exception handlers answer them
             return handler.create_error_response(exc)
+        except Exception as exc:
+            if self.engine.errored:
+                raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} died") from exc
+            raise
+        if self.engine.errored and getattr(getattr(out, "error", None), "code", 0) >= 500:
+            raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} died")  # vLLM's 500 for it
+        return out
 
     def _python_error(self, message: str):
         from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse

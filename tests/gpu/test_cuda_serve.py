@@ -8,13 +8,14 @@ from __future__ import annotations
 import openai
 import pytest
 
+from bench.own_cluster import free_port, own_local_ray
 from tests.engine_build import cuda_engine_missing
 from tests.ray.conftest import replica_infos
 
 MISSING = cuda_engine_missing()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
-HTTP_PORT = 8124
+HTTP_PORT = free_port()  # never a user's 8000
 MODEL = "smollm2-135m"
 KV_BYTES = 512 << 20
 SMOLLM2_BF16_KV_PER_TOKEN = 30 * 2 * 3 * 64 * 2
@@ -22,16 +23,22 @@ SMOLLM2_BF16_KV_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 
 @pytest.fixture(scope="module")
 def app(smollm2_path):
-    import ray
     from ray import serve
 
+    with own_local_ray(num_gpus=1):  # its own temp dir and ports
+        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        try:
+            yield _deploy(serve, smollm2_path)
+        finally:
+            serve.shutdown()
+
+
+def _deploy(serve, smollm2_path):
     from deployments.app import build
     from deployments.cluster_view import ClusterView
     from deployments.config import parse_args
     from deployments.engine import replica_deployment_name
 
-    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     args = parse_args({
         "device": "cuda",
         "models": [{"model": str(smollm2_path), "name": MODEL, "replicas_per_device": 2, "max_num_seqs": 32,
@@ -40,9 +47,7 @@ def app(smollm2_path):
     })
     assert args.models[0].enforce_eager is False  # CUDA graphs, as served by default
     serve.run(build(args, ClusterView.from_ray()), name="plateau-gpu", route_prefix="/")
-    yield serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name="plateau-gpu")
-    serve.shutdown()
-    ray.shutdown()
+    return serve.get_deployment_handle(replica_deployment_name(MODEL, 2), app_name="plateau-gpu")
 
 
 def test_two_half_gpu_replicas_with_cuda_graphs_share_the_gpu(app):

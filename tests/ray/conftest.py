@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -98,26 +95,6 @@ def shipped_profile(smollm2_path, suite_home) -> ProfileRun:
     # a flagged profile is never reused: every `serve run` below would profile again, fully
     assert not profile["noise"]["flagged"], f"the suite's profile was taken under interference: {profile['noise']['reason']}"
     return ProfileRun(args=args, profile=profile, stderr=out.stderr)
-
-
-@contextmanager
-def own_local_ray(**init_kwargs):
-    """`ray.init` of a fresh local cluster with a temp dir of its own (Ray's default /tmp/ray, where a
-    user's cluster keeps its session, is never touched; Ray picks free ports itself, no dashboard),
-    marked as this process's so `python -m bench.own_cluster cleanup` stops it after a SIGKILL;
-    shut down and removed on leaving. Yields the temp dir."""
-    import ray
-
-    from bench.own_cluster import own_temp_dir, write_owner
-
-    temp = own_temp_dir()
-    write_owner(temp, uuid.uuid4().hex[:12])
-    ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
-    try:
-        yield temp
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5,

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from advisor.actor import ADVISOR_NAME, ADVISOR_NAMESPACE, DeviceResources, Observation, get_or_create_advisor
 from advisor.planner import ReplicaPlan
-from tests.ray.conftest import own_local_ray
+from bench.own_cluster import own_local_ray
 
 pytestmark = pytest.mark.ray
 

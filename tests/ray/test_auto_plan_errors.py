@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from bench.own_cluster import own_local_ray
 from deployments.app import build
 from deployments.cluster_view import ClusterView
 from deployments.config import AppConfigError, parse_args
-from tests.ray.conftest import own_local_ray
 
 pytestmark = pytest.mark.ray
 

@@ -19,8 +19,8 @@ from deployments.app import build
 from deployments.cluster_view import ClusterView
 from deployments.config import parse_args
 from deployments.engine import replica_deployment_name
-from bench.own_cluster import free_port
-from tests.ray.conftest import own_local_ray, replica_infos, shipped_model_args, wait_until
+from bench.own_cluster import free_port, own_local_ray
+from tests.ray.conftest import replica_infos, shipped_model_args, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -334,7 +334,22 @@ def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
                 except httpx.HTTPError:
                     results.append((sent, time.monotonic(), "stream", -1))
 
-    workers = [threading.Thread(target=plain_worker) for _ in range(3)] + [threading.Thread(target=stream_worker)]
+    def python_worker():  # the DeploymentHandle path: nothing has reached the caller before the answer
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+
+        ingress = serve.get_app_handle(APP)
+        req = CompletionRequest(model=MODEL, prompt="Hello", max_tokens=16)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                out = ingress.completions.remote(req).result(timeout_s=90)
+                status = 200 if isinstance(out, CompletionResponse) else out.error.code
+            except Exception:
+                status = -1
+            results.append((sent, time.monotonic(), "python", status))
+
+    workers = [threading.Thread(target=plain_worker) for _ in range(3)] + [threading.Thread(target=stream_worker),
+                                                                           threading.Thread(target=python_worker)]
     for w in workers:
         w.start()
     try:
@@ -365,6 +380,9 @@ def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
     # a request sent after the engine died goes to a live replica: the dead one ends its own process,
     # so routers drop it at once instead of for the ~6 s of health checks it answered instantly with 503s
     assert all(sent_after <= 0 for sent_after, _ in failed), f"requests sent after the kill failed: {failed}"
+    # a Python call in flight at the kill is sent again (the replica refuses it as EngineDead)
+    python = [s for _, _, kind, s in results if kind == "python"]
+    assert python and set(python) == {200}, f"Python calls (status, -1 for an exception): {python}"
     final = client().completions.create(model=MODEL, prompt="Hi", max_tokens=4)
     assert final.choices[0].text is not None
 

@@ -1,12 +1,16 @@
-"""End to end: `serve run config.yaml` as a user runs it, on a CPU-only cluster, via the openai client."""
+"""End to end: `serve run config.yaml` as a user runs it, on a CPU-only cluster, via the openai client.
+
+The cluster is the test's own (bench/own_cluster.py: its own temp dir and free ports, the shipped
+config with only Serve's HTTP port changed), so Ray's default /tmp/ray, port 8000 and a user's
+cluster are never touched."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,6 +19,8 @@ import pytest
 import yaml
 
 from bench.fuzz_vs_vllm import fuzz
+from bench.own_cluster import OwnCluster, OwnClusterConfig
+from bench.vs_vllm import shipped_config_on
 from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
@@ -24,42 +30,42 @@ def _serve_bin() -> str:
     return str(Path(sys.executable).with_name("serve"))
 
 
+@dataclass(frozen=True)
+class Served:
+    """`serve run config.yaml` on a Ray head of the test's own: where to reach it and its log."""
+
+    base_url: str  # Serve's HTTP proxy (the shipped config with only its port changed)
+    dashboard: str  # what `serve status --address` takes
+    address: str  # the cluster's GCS address, what `plateau status --address` takes
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def served(shipped_profile, tmp_path_factory) -> Path:
-    """`serve run config.yaml` answering on port 8000 (its log's path), stopped with Ctrl-C after."""
-    log = tmp_path_factory.mktemp("serve-run") / "serve-run.log"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [_serve_bin(), "run", "--address", "local", "config.yaml"], cwd=ROOT, env=env,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+def served(shipped_profile, tmp_path_factory) -> Served:
+    """`serve run config.yaml` answering on a Ray head of the test's own, stopped whole after."""
+    work = tmp_path_factory.mktemp("serve-run")
+    log = work / "serve-run.log"
+    with OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, include_dashboard=True), log_dir=work) as cluster:
+        base = f"http://127.0.0.1:{cluster.ports.serve_http}"
+        proc = cluster.serve_run(shipped_config_on(cluster.ports.serve_http, work / "config.yaml"), log, cwd=ROOT)
 
-    def ready() -> bool:
-        assert proc.poll() is None, f"serve run exited early; log:\n{log.read_text()[-4000:]}"
-        try:
-            r = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=30,
-                           json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
-            return r.status_code == 200
-        except httpx.HTTPError:
-            return False
+        def ready() -> bool:
+            assert proc.poll() is None, f"serve run exited early; log:\n{log.read_text()[-4000:]}"
+            try:
+                r = httpx.post(f"{base}/v1/completions", timeout=30,
+                               json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
+                return r.status_code == 200
+            except httpx.HTTPError:
+                return False
 
-    try:
         # The Advisor plans from the suite's stored profile (`shipped_profile`), then the replicas start.
         wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
-        yield log
-    finally:
-        proc.send_signal(signal.SIGINT)  # serve run tears the app and its local cluster down on Ctrl-C
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        yield Served(base_url=base, dashboard=f"http://127.0.0.1:{cluster.ports.dashboard}",
+                     address=cluster.address, log=log)
 
 
 def test_openai_client_gets_real_text(served):
-    api = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", max_retries=0, timeout=120)
+    api = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0, timeout=120)
     out = api.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=20, temperature=0,
@@ -70,9 +76,9 @@ def test_openai_client_gets_real_text(served):
     assert text.strip()
 
 
-def _status() -> dict:
-    out = subprocess.run([_serve_bin(), "status"], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+def _status(served: Served) -> dict:
+    out = subprocess.run([_serve_bin(), "status", "--address", served.dashboard], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
 
@@ -80,9 +86,9 @@ def _status() -> dict:
 def test_the_planned_replicas_run_on_the_cpu_only_cluster(served):
     # Engines start one after another (one start lock per device), so a later replica may
     # still be starting when the first one already answers.
-    wait_until(lambda: _status()["applications"]["plateau"]["status"] == "RUNNING", 180,
+    wait_until(lambda: _status(served)["applications"]["plateau"]["status"] == "RUNNING", 180,
                "all replicas to be running", every_s=3)
-    deployments = _status()["applications"]["plateau"]["deployments"]
+    deployments = _status(served)["applications"]["plateau"]["deployments"]
     (name,) = [d for d in deployments if d.startswith("LLM:smollm2-135m@n")]  # one variant: no `variants` set
     planned = int(name.split("@n")[1])  # the variant is named by its N (replicas per device; one device here)
     assert 1 <= planned <= 2  # the plan keeps at least one core per replica on this 2-core machine
@@ -90,34 +96,35 @@ def test_the_planned_replicas_run_on_the_cpu_only_cluster(served):
     assert deployments[name]["status"] == "HEALTHY"
 
     def models_lists_them() -> bool:  # the ingress learns running counts from the status board (refreshed)
-        (model,) = httpx.get("http://127.0.0.1:8000/v1/models", timeout=30).json()["data"]
+        (model,) = httpx.get(f"{served.base_url}/v1/models", timeout=30).json()["data"]
         return model["replicas"] == planned
 
     def seen() -> str:
-        models = httpx.get("http://127.0.0.1:8000/v1/models", timeout=30).text
-        policy_lines = [ln for ln in served.read_text().splitlines() if "policy" in ln][-30:]
-        return (f"/v1/models: {models}\nplateau status:\n{_plateau_status()}\nserve status:\n{_status()}\n"
+        models = httpx.get(f"{served.base_url}/v1/models", timeout=30).text
+        policy_lines = [ln for ln in served.log.read_text().splitlines() if "policy" in ln][-30:]
+        return (f"/v1/models: {models}\nplateau status:\n{_plateau_status(served)}\n"
+                f"serve status:\n{_status(served)}\n"
                 "serve run's log, lines naming the policy:\n" + "\n".join(policy_lines))
 
     wait_until(models_lists_them, 60, f"/v1/models to list {planned} running replicas", every_s=2, detail=seen)
 
 
-def _plateau_status() -> str:
-    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+def _plateau_status(served: Served) -> str:
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "status", "--address", served.address], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 def test_plateau_status_shows_the_placement_and_the_policy_running(served):
     def policy_ran() -> bool:
-        out = _plateau_status()
+        out = _plateau_status(served)
         return "policy last ran: never" not in out and "smollm2-135m: n" in out and "/cpu" in out
 
     wait_until(policy_ran, 120, "plateau status to show the app with its policy running", every_s=5,
-               detail=_plateau_status)
+               detail=lambda: _plateau_status(served))
     # every tick since the start succeeded (two running replicas of one variant once crashed every tick)
-    assert "; errors: 0" in _plateau_status()
+    assert "; errors: 0" in _plateau_status(served)
 
 
 def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_path, tmp_path):
@@ -125,7 +132,7 @@ def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_pa
     streamed chat requests with max_completion_tokens, ignore_eos and stream_options.include_usage."""
     out = tmp_path / "guidellm.json"
     cmd = [str(Path(sys.executable).with_name("guidellm")), "run",
-           "--backend", "kind=openai_http,target=http://127.0.0.1:8000,model=smollm2-135m",
+           "--backend", f"kind=openai_http,target={served.base_url},model=smollm2-135m",
            "--tokenizer", f"kind=huggingface_auto,model={smollm2_path}",
            "--data", "kind=synthetic_text,prompt_tokens=64,output_tokens=16",
            "--profile", "kind=concurrent,streams=4", "--constraint", "kind=max_requests,count=16",
@@ -143,9 +150,9 @@ def test_fuzzing_with_vllms_schema_finds_no_server_error(served, tmp_path):
     server: no answer >= 500, and a normal request still succeeds afterwards. Token budgets are
     capped by bench/schemathesis_hooks.py (a body without max_tokens generates up to
     max_model_len: minutes per request here)."""
-    run = fuzz("http://127.0.0.1:8000", tmp_path)
+    run = fuzz(served.base_url, tmp_path)
     assert run.returncode == 0, run.output[-4000:]
     assert run.generated >= 20 and run.passed == run.generated, run.output[-2000:]
-    ok = httpx.post("http://127.0.0.1:8000/v1/completions", timeout=60,
+    ok = httpx.post(f"{served.base_url}/v1/completions", timeout=60,
                     json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200

@@ -199,3 +199,131 @@ def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_r
     response = asyncio.run(send_then_drain())
     assert response.status_code == 200 and new.calls == 1 and queued.cancelled
     assert ingress.inflight == {("m", 2): 0, ("m", 1): 1}  # N=1's until the body is relayed
+
+
+# ---- the Python API (DeploymentHandle) is routed, retried and timed like HTTP -----------------------
+
+class _Answer:
+    """A replica's non-streaming answer: `value` (raised when an exception), or never when None."""
+
+    def __init__(self, value=None):
+        self.value, self.cancelled = value, False
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        import asyncio
+
+        if self.value is None:
+            await asyncio.sleep(3600)
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _PyHandle:
+    """`handle.completions.remote(req)` and `handle.options(stream=True).completions_stream.remote(req)`:
+    each call takes the next of `answers`."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+        self.completions = self.completions_stream = self
+
+    def options(self, stream):
+        return self
+
+    def remote(self, req):
+        self.calls += 1
+        return self.answers.pop(0)
+
+
+def _python_ingress(handles, routes, **retry):
+    from deployments.ingress import OpenAIIngress, RetryPolicy
+
+    ingress = object.__new__(OpenAIIngress)
+    ingress.handles, ingress.inflight, ingress.default_model = {"m": handles}, {}, "m"
+    ingress.retry = RetryPolicy(**{"attempts": 3, "backoff_s": 0.0, **retry})
+    ingress.routes = {"m": routes}
+    ingress._board, ingress._refresher = None, None
+    return ingress
+
+
+class _Req:
+    model = "m"
+
+
+def test_a_python_call_queued_at_a_variant_that_drains_is_sent_where_the_model_now_runs(monkeypatch):
+    import asyncio
+
+    from deployments import ingress as mod
+    from deployments.ingress import OpenAIIngress
+
+    monkeypatch.setattr(mod, "REROUTE_CHECK_S", 0.02)
+    queued = _Answer()
+    old, new = _PyHandle(queued), _PyHandle(_Answer("the answer"))
+    ingress = _python_ingress({1: new, 2: old}, [route(1, 0), route(2, 1)])
+
+    async def call_then_drain():
+        sent = asyncio.ensure_future(OpenAIIngress._call(ingress, _Req(), "completions"))
+        await asyncio.sleep(0.1)
+        assert not sent.done() and old.calls == 1
+        ingress.routes = {"m": [route(1, 1), route(2, 1, accepting=False)]}
+        return await asyncio.wait_for(sent, 5)
+
+    assert asyncio.run(call_then_drain()) == "the answer"
+    assert new.calls == 1 and queued.cancelled and ingress.inflight == {("m", 2): 0, ("m", 1): 0}
+
+
+def test_a_python_call_that_met_a_dead_engine_or_replica_is_sent_again():
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from deployments.engine import EngineDead
+    from deployments.ingress import OpenAIIngress
+
+    handle = _PyHandle(_Answer(EngineDead("dead")), _Answer(RayActorError()), _Answer("the answer"))
+    ingress = _python_ingress({1: handle}, [route(1, 1)])
+    assert asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions")) == "the answer"
+    assert handle.calls == 3 and ingress.inflight == {("m", 1): 0}
+
+    gone = _PyHandle(*[_Answer(EngineDead("dead")) for _ in range(3)])
+    ingress = _python_ingress({1: gone}, [route(1, 1)])
+    out = asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions"))  # vLLM's ErrorResponse, not a raise
+    assert out.error.code == 503 and "engine is dead" in out.error.message and gone.calls == 3
+
+
+def test_a_python_call_that_gets_no_answer_in_time_gets_a_504_not_a_hang(monkeypatch):
+    import asyncio
+
+    from deployments import ingress as mod
+    from deployments.ingress import OpenAIIngress
+
+    monkeypatch.setattr(mod, "REROUTE_CHECK_S", 0.02)
+    queued = _Answer()
+    ingress = _python_ingress({1: _PyHandle(queued)}, [route(1, 1)], first_byte_timeout_s=0.1)
+    out = asyncio.run(asyncio.wait_for(OpenAIIngress._call(ingress, _Req(), "completions"), 5))
+    assert out.error.code == 504 and out.error.type == "GatewayTimeoutError"
+    assert queued.cancelled and ingress.inflight == {("m", 1): 0}
+
+
+def test_a_python_stream_is_retried_before_its_first_line_and_relayed_whole_after():
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from deployments.ingress import OpenAIIngress
+
+    lines = ["data: 1\n\n", "data: 2\n\n", "data: [DONE]\n\n"]
+    served = _Stream(lines)
+    handle = _PyHandle(_Stream([], fail=RayActorError()), served)
+    ingress = _python_ingress({1: handle}, [route(1, 1)])
+
+    async def read():
+        return [line async for line in OpenAIIngress._call_stream(ingress, _Req(), "completions_stream")]
+
+    assert asyncio.run(read()) == lines and handle.calls == 2 and ingress.inflight == {("m", 1): 0}

@@ -98,6 +98,27 @@ def test_the_head_gets_its_own_temp_dir_and_every_port_and_never_ray_stop(monkey
     os.rmdir(cluster.temp_dir)
 
 
+def test_the_configured_environment_reaches_the_head_and_serve_run_but_never_replaces_the_tag(tmp_path):
+    # workers inherit the head's environment, not `serve run`'s: PLATEAU_HOME must be set on both
+    cluster = OwnCluster(OwnClusterConfig(env={"PLATEAU_HOME": "/data/home", TAG_VAR: "someone-else"}),
+                         log_dir=tmp_path)
+    env = cluster.env()
+    assert env["PLATEAU_HOME"] == "/data/home" and env[TAG_VAR] == cluster.tag
+    os.rmdir(cluster.temp_dir)
+
+
+def test_the_shipped_config_changes_only_the_http_port(tmp_path):
+    import yaml
+
+    from bench.vs_vllm import ROOT, shipped_config_on
+
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
+    written = yaml.safe_load(shipped_config_on(18123, tmp_path / "c.yaml").read_text())
+    assert written["http_options"]["port"] == 18123 and shipped["http_options"]["port"] != 18123
+    written["http_options"]["port"] = shipped["http_options"]["port"]
+    assert written == shipped
+
+
 def test_ports_are_distinct_and_free():
     ports = ClusterPorts.pick().model_dump()
     assert len(set(ports.values())) == len(ports) and all(p > 0 for p in ports.values())

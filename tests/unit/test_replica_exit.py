@@ -24,3 +24,36 @@ def test_a_replica_whose_engine_died_ends_its_own_process_and_not_before(monkeyp
 
     asyncio.run(run())
     assert ended == [True]
+
+
+def test_a_python_call_on_a_dead_engine_is_refused_as_engine_dead_so_the_ingress_sends_it_elsewhere():
+    import pytest
+
+    from deployments.engine import EngineDead
+
+    class Serving:
+        def __init__(self, engine, answer):
+            self.engine, self.answer = engine, answer
+
+        async def create_completion(self, request, raw_request=None):
+            if isinstance(self.answer, Exception):
+                self.engine.errored = True  # the engine dies while serving the request
+                raise self.answer
+            return self.answer
+
+    def replica(errored, answer):
+        engine = SimpleNamespace(errored=errored)
+        return SimpleNamespace(engine=engine, spec=SimpleNamespace(served_name="m"),
+                               app=SimpleNamespace(state=SimpleNamespace(
+                                   openai_serving_completion=Serving(engine, answer))))
+
+    call = mod.LLMReplica._serve_python
+    assert asyncio.run(call(replica(False, "ok"), "openai_serving_completion", "create_completion", None)) == "ok"
+    with pytest.raises(EngineDead):  # dead before the call: not even tried
+        asyncio.run(call(replica(True, "ok"), "openai_serving_completion", "create_completion", None))
+    with pytest.raises(EngineDead):  # died during it: vLLM's EngineDeadError
+        asyncio.run(call(replica(False, RuntimeError("EngineCore died")), "openai_serving_completion",
+                         "create_completion", None))
+    vllm_500 = SimpleNamespace(error=SimpleNamespace(code=500))
+    assert asyncio.run(call(replica(False, vllm_500), "openai_serving_completion", "create_completion", None)) \
+        is vllm_500  # a live engine's own 500 is the answer
