@@ -61,7 +61,7 @@ def fuzz(base_url: str, report_dir: Path, max_examples: int = 15, timeout_s: flo
 
 def main(argv: Optional[list[str]] = None) -> int:
     from bench.machine import write_result
-    from bench.vs_vllm import BASE_ENV, PORT_SERVE, PORT_VLLM, serve_run_side, shipped_model, vllm_side
+    from bench.vs_vllm import BASE_ENV, ServeRunSide, shipped_model, vllm_side
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sides", default="vllm,plateau")
@@ -72,20 +72,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = shipped_model()
     work = Path(tempfile.mkdtemp(prefix="plateau-fuzz-"))
     print(f"[fuzz] logs and reports under {work}", file=sys.stderr, flush=True)
-    env = {**os.environ, **BASE_ENV}
-    if ns.plateau_home:
-        env["PLATEAU_HOME"] = ns.plateau_home
+    plateau_env = {**BASE_ENV, **({"PLATEAU_HOME": ns.plateau_home} if ns.plateau_home else {})}
     results = {}
     for side_name in ns.sides.split(","):
         if side_name == "vllm":
-            side, port = vllm_side(model, env, work), PORT_VLLM
+            side = vllm_side(model, {**os.environ, **BASE_ENV}, work)
         else:
-            side, port = serve_run_side(side_name, {**env, "RAY_TMPDIR": str(work / "ray")}, work), PORT_SERVE
+            side = ServeRunSide(side_name, plateau_env, work)  # a Ray head of its own, a free HTTP port
         try:
             side.wait_ready(model.name, 1800)
             report = work / side_name
             report.mkdir()
-            run = fuzz(f"http://127.0.0.1:{port}", report, ns.max_examples)
+            run = fuzz(f"http://127.0.0.1:{side.port}", report, ns.max_examples)
         finally:
             side.stop()
         results[side_name] = run.summary()

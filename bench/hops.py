@@ -5,11 +5,13 @@
 Starts `serve run config.yaml` (as shipped but for Serve's HTTP port) on a Ray head of its own
 (bench/own_cluster.py), sends closed-loop streaming `/v1/completions` with vLLM's own benchmark
 request function (bench/chaos.py's `Load`: 128-token prompts, 64 output tokens), and once the load
-has run 20 s measures every process on the path for `--seconds`: Serve's HTTP proxy, the ingress
+has run 20 s measures every process on the path, first their CPU for `--seconds` with nothing
+attached, then their stacks for another `--seconds`: Serve's HTTP proxy, the ingress
 replica, each LLM replica (vLLM's OpenAI layer and AsyncLLM's output handling run there), each vLLM
 engine core and its worker, Serve's controller, the status board, the Ray daemons, and this
-process (the load client). Per process: CPU cores used (psutil CPU times over the window) and,
-from py-spy (`record --nonblocking`, 50 Hz, running threads only), its hottest functions by self
+process (the load client). Per process: CPU cores used (psutil CPU times over the first window;
+the machine's busy cores beside them) and, from py-spy (`record --nonblocking`, 50 Hz, running
+threads only, second window: py-spy's own CPU slows the rest then), its hottest functions by self
 samples. The result goes to bench/results/hops-*.json; the last stdout line is a JSON summary.
 PLATEAU_HOME defaults to the usual one: the first start there profiles the model (~12 minutes).
 """
@@ -106,41 +108,51 @@ def actor_roles() -> dict[int, str]:
     return roles
 
 
-def measure(procs: dict[int, str], seconds: float, work: Path) -> list[Hop]:
-    spy = str(Path(sys.executable).with_name("py-spy"))
-    before = {}
-    for pid in procs:
-        try:
-            before[pid] = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            pass
-    spies = {pid: subprocess.Popen([spy, "record", "--nonblocking", "-r", str(RATE_HZ), "-d", str(int(seconds)),
-                                    "-f", "raw", "-o", str(work / f"{pid}.txt"), "-p", str(pid)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for pid in procs}
-    started = time.monotonic()
+def cpu_cores(procs: dict[int, str], seconds: float) -> tuple[dict[int, float], float]:
+    """CPU cores each process used over `seconds` (user + system time), and the whole machine's."""
+    def times() -> dict[int, float]:
+        out = {}
+        for pid in procs:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    before, machine_before, started = times(), psutil.cpu_times(), time.monotonic()
     time.sleep(seconds)
-    wall = time.monotonic() - started
-    after = {}
-    for pid in procs:
+    after, machine_after, wall = times(), psutil.cpu_times(), time.monotonic() - started
+    busy = sum(machine_after) - machine_after.idle - machine_after.iowait - (
+        sum(machine_before) - machine_before.idle - machine_before.iowait)
+    return {pid: round((after[pid] - before[pid]) / wall, 3) for pid in after if pid in before}, round(busy / wall, 3)
+
+
+def sample_stacks(procs: dict[int, str], seconds: float, work: Path) -> dict[int, tuple[int, list]]:
+    """py-spy on every process at once for `seconds` -> pid: (samples, hottest functions)."""
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    spies = [subprocess.Popen([spy, "record", "--nonblocking", "-r", str(RATE_HZ), "-d", str(int(seconds)),
+                               "-f", "raw", "-o", str(work / f"{pid}.txt"), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in procs]
+    for p in spies:
         try:
-            after[pid] = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            pass
-    for p in spies.values():
-        try:
-            p.wait(timeout=60)
+            p.wait(timeout=seconds + 60)
         except subprocess.TimeoutExpired:
             p.kill()
-    hops = []
-    for pid, role in procs.items():
-        if pid not in before or pid not in after:
-            continue
-        used = (after[pid].user + after[pid].system - before[pid].user - before[pid].system) / wall
+    found = {}
+    for pid in procs:
         out = work / f"{pid}.txt"
-        samples, top = top_functions(out.read_text()) if out.exists() else (0, [])
-        hops.append(Hop(role=role, pid=pid, cores=round(used, 3), samples=samples, top_self=top))
-    return sorted(hops, key=lambda h: -h.cores)
+        found[pid] = top_functions(out.read_text()) if out.exists() else (0, [])
+    return found
+
+
+def measure(procs: dict[int, str], seconds: float, work: Path) -> tuple[list[Hop], float]:
+    """CPU first, with nothing else attached (py-spy itself takes CPU), then the stacks."""
+    cores, machine = cpu_cores(procs, seconds)
+    stacks = sample_stacks(procs, seconds, work)
+    hops = [Hop(role=role, pid=pid, cores=cores[pid], samples=stacks[pid][0], top_self=stacks[pid][1])
+            for pid, role in procs.items() if pid in cores]
+    return sorted(hops, key=lambda h: -h.cores), machine
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -172,19 +184,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         load = Load(base, model, ns.concurrency).start()
         try:
             time.sleep(20)
-            hops = measure(roles, ns.seconds, work)
+            window = time.monotonic()
+            hops, machine_cores = measure(roles, ns.seconds, work)
         finally:
             load.stop()
         ok = sum(o.ok for o in load.outcomes)
+        tokens_per_s = sum(o.tokens for o in load.outcomes if window <= o.end <= window + ns.seconds) / ns.seconds
     total = round(sum(h.cores for h in hops), 2)
     for h in hops:
         top = ", ".join(f"{name} {share:.0%}" for name, share in h.top_self[:4])
         print(f"{h.role:>28} pid {h.pid:>7}: {h.cores:5.2f} cores, {h.samples:6d} samples; {top}", file=sys.stderr)
-    path = write_result("hops", {"concurrency": ns.concurrency, "seconds": ns.seconds, "rate_hz": RATE_HZ,
-                                 "requests_ok": ok, "requests": len(load.outcomes), "total_cores": total,
+    summary = {"concurrency": ns.concurrency, "seconds": ns.seconds, "tokens_per_s": round(tokens_per_s, 1),
+               "machine_cores_busy": machine_cores, "path_cores": total,
+               "cores": [[h.role, h.cores] for h in hops]}
+    path = write_result("hops", {**summary, "rate_hz": RATE_HZ, "requests_ok": ok, "requests": len(load.outcomes),
                                  "hops": [h.model_dump() for h in hops]})
-    print(f"[hops] wrote {path}", file=sys.stderr)
-    print(json.dumps({"total_cores": total, "by_role": {h.role: h.cores for h in hops}}))
+    print(f"[hops] {tokens_per_s:.1f} tok/s in the CPU window; machine {machine_cores:.2f} cores busy, the listed "
+          f"processes {total:.2f}; wrote {path}", file=sys.stderr)
+    print(json.dumps(summary))
     return 0
 
 
