@@ -44,16 +44,18 @@ def start_reaper(engine_pids: Sequence[int]) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def engine_processes() -> list[int]:
-    """This process's vLLM engine processes (EngineCore and the workers under it)."""
-    return [p.pid for p in psutil.Process().children(recursive=True) if _is_engine(p)]
+def descendants() -> set[int]:
+    """The pids of this process's children, grandchildren and so on."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def _is_engine(proc: psutil.Process) -> bool:
-    try:
-        return proc.name().startswith("VLLM") or "EngineCore" in " ".join(proc.cmdline()[:2])
-    except psutil.Error:
-        return False
+def engine_processes(before: set[int]) -> list[int]:
+    """This process's vLLM engine processes: every descendant that is not in `before` (taken just
+    before the engine started), i.e. what the engine start spawned (its EngineCore, the workers
+    under it, multiprocessing's helpers). Found by parentage, not by vLLM's process titles: once
+    an engine's processes kept the plain `python` title, and a reaper that looked for
+    `VLLM::EngineCore` found nothing to protect."""
+    return sorted(descendants() - before)
 
 
 def reap(owner: tuple[int, float], targets: list[tuple[int, float]], poll_s: float = POLL_S) -> list[int]:

