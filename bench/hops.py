@@ -67,10 +67,8 @@ def top_functions(collapsed: str, top: int = TOP) -> tuple[int, list[tuple[str, 
     return total, [(name, round(n / total, 3)) for name, n in leaves.most_common(top)] if total else []
 
 
-def role_of(proc: psutil.Process, actors: dict[int, str]) -> Optional[str]:
-    """What a process does on the path (None: not on it)."""
-    if proc.pid in actors:
-        return actors[proc.pid]
+def role_of(proc: psutil.Process) -> Optional[str]:
+    """What a process that is no named actor does on the path (None: not on it)."""
     try:
         name = proc.name() + " " + " ".join(proc.cmdline()[:2])
     except psutil.Error:
@@ -178,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         time.sleep(20)  # every planned replica up (engines start one after another)
         roles = actor_roles()
         for p in cluster.processes():
-            if p.pid not in roles and (role := role_of(p, {})) is not None:
+            if p.pid not in roles and (role := role_of(p)) is not None:
                 roles[p.pid] = role
         roles[os.getpid()] = "load client (this process)"
         load = Load(base, model, ns.concurrency).start()
