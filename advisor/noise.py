@@ -189,19 +189,10 @@ class CpuLoadProbe:
         import psutil
 
         per_cpu = psutil.cpu_times(percpu=True)
-        return sum(_busy_seconds(per_cpu[c]) for c in self._cores if c < len(per_cpu))
+        return sum(busy_seconds(per_cpu[c]) for c in self._cores if c < len(per_cpu))
 
     def _own(self) -> dict[int, float]:
-        import psutil
-
-        out = {}
-        for pid in self._ours():
-            try:
-                t = psutil.Process(pid).cpu_times()
-                out[pid] = t.user + t.system
-            except psutil.Error:
-                continue
-        return out
+        return process_cpu_seconds(self._ours())
 
     def start(self) -> None:
         self._own0 = self._own()
@@ -217,7 +208,21 @@ class CpuLoadProbe:
         return BackgroundLoad(cpu_cores=max(0.0, (busy - own) / wall), cores=len(self._cores), gpu_processes=others)
 
 
-def _busy_seconds(t) -> float:
-    """Busy CPU seconds of one core (psutil's cpu_times: everything but idle and iowait)."""
+def process_cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of `pids` still running (psutil)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def busy_seconds(t) -> float:
+    """Busy CPU seconds of one core, or of all (psutil's cpu_times: everything but idle and iowait)."""
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
 

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from advisor.noise import busy_seconds, process_cpu_seconds  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 
 RATE_HZ = 50
@@ -108,21 +109,10 @@ def actor_roles() -> dict[int, str]:
 
 def cpu_cores(procs: dict[int, str], seconds: float) -> tuple[dict[int, float], float]:
     """CPU cores each process used over `seconds` (user + system time), and the whole machine's."""
-    def times() -> dict[int, float]:
-        out = {}
-        for pid in procs:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                out[pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        return out
-
-    before, machine_before, started = times(), psutil.cpu_times(), time.monotonic()
+    before, machine_before, started = process_cpu_seconds(procs), psutil.cpu_times(), time.monotonic()
     time.sleep(seconds)
-    after, machine_after, wall = times(), psutil.cpu_times(), time.monotonic() - started
-    busy = sum(machine_after) - machine_after.idle - machine_after.iowait - (
-        sum(machine_before) - machine_before.idle - machine_before.iowait)
+    after, machine_after, wall = process_cpu_seconds(procs), psutil.cpu_times(), time.monotonic() - started
+    busy = busy_seconds(machine_after) - busy_seconds(machine_before)
     return {pid: round((after[pid] - before[pid]) / wall, 3) for pid in after if pid in before}, round(busy / wall, 3)
 
 
