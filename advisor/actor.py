@@ -23,11 +23,17 @@ ADVISOR_NAMESPACE = "plateau"
 
 
 class DeviceResources(BaseModel):
-    """What a device task asks Ray for: a whole GPU, or all CPUs of a node."""
+    """What a device task asks Ray for: a whole GPU, or all CPUs of a node, of one accelerator type."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the node to run on.")
+
+    def task_options(self) -> dict[str, object]:
+        """Ray task options (`accelerator_type` becomes the node resource accelerator_type:<T>)."""
+        typed = {"accelerator_type": self.accelerator_type} if self.accelerator_type else {}
+        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, **typed}
 
 
 class Observation(BaseModel):
@@ -79,7 +85,7 @@ class Advisor:
 
     @staticmethod
     async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources):
-        task = device_task().options(num_gpus=resources.num_gpus, num_cpus=resources.num_cpus)
+        task = device_task().options(**resources.task_options())
         return await task.remote(fn, request)
 
 

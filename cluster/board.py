@@ -19,6 +19,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.autoscaler import ResourceRequest, describe
 from cluster.inventory import Device
 from cluster.packing import PackResult
 from cluster.policy import Decision, LiveModel, Route
@@ -35,6 +36,7 @@ class AppPlacement(BaseModel):
     app: str
     devices: list[Device]
     packing: PackResult = Field(description="Packer result for the initial replicas (deployment -> device).")
+    requested: Optional[ResourceRequest] = Field(None, description="What was asked of Ray's autoscaler, if anything.")
     routes: dict[str, list[Route]] = Field(description="Initial routes per model.")
     plans: dict[str, list[str]] = Field(default_factory=dict, description="Model -> the plan's reasons.")
 
@@ -217,6 +219,25 @@ def find_board():
         return None
 
 
+def _devices_by_node(p: AppPlacement) -> list[str]:
+    """Each node (its device type) with its devices and the start replicas on each."""
+    lines = []
+    nodes: dict[str, list[Device]] = {}
+    for d in p.devices:
+        nodes.setdefault(d.node_id, []).append(d)
+    for node_id, devices in nodes.items():
+        types = sorted({d.device_type or "no accelerator type" for d in devices})
+        address = devices[0].name.rsplit("/", 1)[0]
+        lines.append(f"  node {address} ({node_id[:8]}), device type {', '.join(types)}:")
+        for d in devices:
+            items = p.packing.placement.get(d.name, [])
+            body = ", ".join(f"{i.model} x{i.replicas} (share {i.share:g}, {i.memory_bytes / 2**30:.2f} GiB)"
+                             for i in items) or "(empty)"
+            lines.append(f"    {d.name:<24} {d.model_name:<22} {d.memory_bytes / 2**30:6.1f} GiB ({d.memory_source}): "
+                         f"{body}")
+    return lines
+
+
 def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> str:
     """The text `plateau status` prints: devices, start placement, live variants, last decisions."""
     now = time.time() if now is None else now
@@ -225,14 +246,15 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
     if p is None:
         lines.append("devices and start placement: not known yet (the ingress has not started)")
     else:
-        lines.append("devices:")
-        for d in p.devices:
-            lines.append(f"  {d.name:<24} {d.model_name:<22} {d.memory_bytes / 2**30:6.1f} GiB ({d.memory_source})")
-        lines.append(f"start placement ({p.packing.devices_used} device(s) used, lower bound {p.packing.lower_bound}):")
-        for device, items in p.packing.placement.items():
-            body = ", ".join(f"{i.model} x{i.replicas} (share {i.share:g}, {i.memory_bytes / 2**30:.2f} GiB)"
-                             for i in items)
-            lines.append(f"  {device:<24} {body}")
+        lines.append(f"devices and start placement by node ({p.packing.devices_used} device(s) used, "
+                     f"lower bound {p.packing.lower_bound}):")
+        lines += _devices_by_node(p)
+        if p.requested is not None:
+            added = {name: items for name, items in p.packing.placement.items() if name.startswith("+")}
+            lines.append(f"  requested from Ray's autoscaler at {time.strftime('%H:%M:%S', time.localtime(p.requested.at))}: "
+                         f"{describe(p.requested.missing)}; the replicas placed there wait for the nodes:")
+            for name, items in added.items():
+                lines.append(f"    {name:<24} " + ", ".join(f"{i.model} x{i.replicas}" for i in items))
     lines.append("models:")
     live = {m.model: m for m in status.live}
     for model, routes in sorted(status.routes.items()):

@@ -3,7 +3,10 @@
 GPUs come from Ray's resources (how many each alive node has) plus NVML on that node (name,
 memory, memory bandwidth); on a node whose GPUs NVML cannot see (logical GPUs on a CPU machine,
 `ray start --num-gpus=2`) the memory is the one the config declares, else the node's memory split
-evenly. On a CPU-only cluster each node is one device. `devices_from_nodes` is pure; the
+evenly. On a CPU-only cluster each node is one device. A device's type is its node's Ray
+accelerator type (the `accelerator_type:<T>` resource Ray adds to nodes whose GPUs it detects, or
+that `ray start --resources` declares): a model pinned to a type (`device_type` in config.yaml) is
+profiled, planned and packed on devices of that type only. `devices_from_nodes` is pure; the
 functions below it read Ray and NVML.
 """
 
@@ -17,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.packing import DeviceCapacity
 
 logger = logging.getLogger(__name__)
+
+ACCELERATOR_TYPE_PREFIX = "accelerator_type:"  # Ray's resource for a node's accelerator type
 
 MemorySource = Literal["nvml", "declared", "node-share", "node"]
 
@@ -41,6 +46,7 @@ class NodeResources(BaseModel):
     gpus: float
     memory_bytes: int = Field(description="Memory Ray may use on the node.")
     gpu_readings: list[GpuReading] = Field(default_factory=list, description="NVML readings, empty without NVML.")
+    accelerator_type: Optional[str] = Field(None, description="Ray's accelerator type of the node (H100, A10G...).")
 
 
 class Device(BaseModel):
@@ -53,9 +59,11 @@ class Device(BaseModel):
     memory_source: MemorySource
     bandwidth_bytes_per_s: Optional[float] = None
     cores: float = Field(description="CPUs of the node (a CPU device) or the node's CPUs per GPU.")
+    device_type: Optional[str] = Field(None, description="The node's Ray accelerator type, if it has one.")
 
     def capacity(self) -> DeviceCapacity:
-        return DeviceCapacity(name=self.name, kind=self.kind, memory_bytes=self.memory_bytes)
+        return DeviceCapacity(name=self.name, kind=self.kind, memory_bytes=self.memory_bytes,
+                              device_type=self.device_type)
 
 
 class Inventory(BaseModel):
@@ -74,6 +82,20 @@ class Inventory(BaseModel):
     def capacities(self) -> list[DeviceCapacity]:
         return [d.capacity() for d in self.devices]
 
+    @property
+    def device_types(self) -> list[str]:
+        return sorted({d.device_type for d in self.devices if d.device_type})
+
+    def of_type(self, device_type: Optional[str]) -> "Inventory":
+        """The devices of one Ray accelerator type (all devices for None); fails naming the types there are."""
+        if device_type is None:
+            return self
+        devices = [d for d in self.devices if d.device_type == device_type]
+        if not devices:
+            there = ", ".join(self.device_types) or "none (no node has an accelerator_type:<T> resource)"
+            raise ValueError(f"no device of type {device_type!r} in the cluster; its device types: {there}")
+        return Inventory(devices=devices)
+
 
 def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional[int] = None,
                        use_gpus: bool = True) -> Inventory:
@@ -83,7 +105,8 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
     for node in sorted(nodes, key=lambda n: (n.address, n.node_id)):
         if not has_gpus:
             devices.append(Device(name=f"{node.address}/cpu", node_id=node.node_id, kind="cpu", model_name="CPU node",
-                                  memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus))
+                                  memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus,
+                                  device_type=node.accelerator_type))
             continue
         count = int(node.gpus)  # a fractional remainder cannot host a whole device's worth
         readings = {r.index: r for r in node.gpu_readings}
@@ -97,7 +120,7 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
                 memory, source, name, bw = node.memory_bytes // count, "node-share", "logical GPU", None
             devices.append(Device(name=f"{node.address}/gpu{i}", node_id=node.node_id, kind="cuda", model_name=name,
                                   memory_bytes=memory, memory_source=source, bandwidth_bytes_per_s=bw,
-                                  cores=node.cpus / count))
+                                  cores=node.cpus / count, device_type=node.accelerator_type))
     return Inventory(devices=devices)
 
 
@@ -157,9 +180,16 @@ def read_nodes(timeout_s: float = 30.0) -> list[NodeResources]:
     return [
         NodeResources(node_id=n["NodeID"], address=n.get("NodeManagerAddress", n["NodeID"][:8]),
                       cpus=float(n["Resources"].get("CPU", 0.0)), gpus=float(n["Resources"].get("GPU", 0.0)),
-                      memory_bytes=int(n["Resources"].get("memory", 0.0)), gpu_readings=readings.get(n["NodeID"], []))
+                      memory_bytes=int(n["Resources"].get("memory", 0.0)), gpu_readings=readings.get(n["NodeID"], []),
+                      accelerator_type=accelerator_type(n["Resources"]))
         for n in nodes
     ]
+
+
+def accelerator_type(resources: dict[str, float]) -> Optional[str]:
+    """The node's Ray accelerator type from its `accelerator_type:<T>` resource (None without one)."""
+    types = sorted(k[len(ACCELERATOR_TYPE_PREFIX):] for k in resources if k.startswith(ACCELERATOR_TYPE_PREFIX))
+    return types[0] if types else None
 
 
 def cluster_inventory(declared_gpu_memory: Optional[int] = None, use_gpus: bool = True) -> Inventory:

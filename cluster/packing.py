@@ -5,12 +5,14 @@ replica first; each model's replicas go, as many at a time as fit, onto the alre
 with the least room left, and a new device is opened only when none has room (largest free
 device first). Deterministic (ties break by name), never above a device's share 1.0 or its
 memory, and demand that fits nowhere is reported as unplaced with the reason and the shortfall.
+A model pinned to a device type goes only onto devices of that type; an unpinned one onto any
+device of its kind.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +25,7 @@ class DeviceCapacity(BaseModel):
     kind: Literal["cuda", "cpu"] = "cuda"
     memory_bytes: int = Field(gt=0, description="Memory the replicas on it may use.")
     share: float = Field(1.0, gt=0, description="Schedulable share (1.0 = the whole device).")
+    device_type: Optional[str] = Field(None, description="Ray accelerator type of the device's node, if any.")
 
 
 class ModelDemand(BaseModel):
@@ -32,6 +35,10 @@ class ModelDemand(BaseModel):
     replicas: int = Field(ge=0)
     share: float = Field(gt=0, le=1.0, description="Device share per replica (1/N).")
     memory_per_replica_bytes: int = Field(gt=0)
+    device_type: Optional[str] = Field(None, description="Only devices of this type (any device of the kind if None).")
+
+    def fits_on(self, device: DeviceCapacity) -> bool:
+        return device.kind == self.kind and (self.device_type is None or device.device_type == self.device_type)
 
 
 class PlacedReplicas(BaseModel):
@@ -96,7 +103,11 @@ class _Bin:
         return self.share_left / self.device.share + self.memory_left / self.device.memory_bytes
 
 
-def _size(d: ModelDemand, largest: DeviceCapacity) -> float:
+def _size(d: ModelDemand, devices: list[DeviceCapacity]) -> float:
+    """How much of the largest device it may use one replica takes (largest first packs best)."""
+    largest = next((dev for dev in devices if d.fits_on(dev)), None)
+    if largest is None:
+        return 0.0
     return max(d.share / largest.share, d.memory_per_replica_bytes / largest.memory_bytes)
 
 
@@ -109,15 +120,17 @@ def pack(spec: PackInput) -> PackResult:
         demands = [m for m in spec.models if m.kind == kind and m.replicas > 0]
         if not demands:
             continue
-        if not devices:
-            unplaced += [Unplaced(model=m.model, replicas=m.replicas, reason=f"no {kind} devices") for m in demands]
-            continue
         lower += _lower_bound(devices, demands)
         free = list(devices)  # unopened, largest first
         used: list[_Bin] = []
-        for d in sorted(demands, key=lambda m: (-_size(m, devices[0]), m.model)):
+        for d in sorted(demands, key=lambda m: (-_size(m, devices), m.model)):
+            eligible = [dev for dev in devices if d.fits_on(dev)]
+            if not eligible:
+                where = f"{kind} devices of type {d.device_type!r}" if d.device_type else f"{kind} devices"
+                unplaced.append(Unplaced(model=d.model, replicas=d.replicas, reason=f"no {where}"))
+                continue
             left = d.replicas
-            for b in sorted(used, key=lambda b: (b.slack(), b.device.name)):
+            for b in sorted((b for b in used if d.fits_on(b.device)), key=lambda b: (b.slack(), b.device.name)):
                 if left == 0:
                     break
                 n = min(left, b.room_for(d))
@@ -125,8 +138,8 @@ def pack(spec: PackInput) -> PackResult:
                     b.put(d, n)
                     left -= n
             while left:
-                # open the largest unopened device that holds at least one replica
-                i = next((k for k, dev in enumerate(free) if _Bin(dev).room_for(d)), None)
+                # open the largest unopened device (of the demand's type) that holds at least one replica
+                i = next((k for k, dev in enumerate(free) if d.fits_on(dev) and _Bin(dev).room_for(d)), None)
                 if i is None:
                     break
                 b = _Bin(free.pop(i))
@@ -135,7 +148,8 @@ def pack(spec: PackInput) -> PackResult:
                 used.append(b)
                 left -= n
             if left:
-                unplaced.append(Unplaced(model=d.model, replicas=left, reason=_why(d, devices, used)))
+                unplaced.append(Unplaced(model=d.model, replicas=left,
+                                         reason=_why(d, eligible, [b for b in used if d.fits_on(b.device)])))
         for b in used:
             placement[b.device.name] = sorted(b.items.values(), key=lambda p: p.model)
     return PackResult(placement=dict(sorted(placement.items())), devices_used=len(placement), lower_bound=lower,
@@ -143,6 +157,15 @@ def pack(spec: PackInput) -> PackResult:
 
 
 def _lower_bound(devices: list[DeviceCapacity], demands: list[ModelDemand]) -> int:
+    """Fewest of these devices any packing needs: the bound over all of them, or the sum of the
+    bounds of the device types that pinned models need (their devices are disjoint), if larger."""
+    typed = sorted({d.device_type for d in demands if d.device_type})
+    per_type = sum(_capacity_bound([dev for dev in devices if dev.device_type == t],
+                                   [d for d in demands if d.device_type == t]) for t in typed)
+    return max(_capacity_bound(devices, demands), per_type)
+
+
+def _capacity_bound(devices: list[DeviceCapacity], demands: list[ModelDemand]) -> int:
     """Fewest of these devices whose summed share and memory cover the demand that fits at all."""
     need_share = sum(m.replicas * m.share for m in demands)
     need_mem = sum(m.replicas * m.memory_per_replica_bytes for m in demands)
@@ -160,10 +183,12 @@ def _lower_bound(devices: list[DeviceCapacity], demands: list[ModelDemand]) -> i
 
 def _why(d: ModelDemand, devices: list[DeviceCapacity], used: list[_Bin]) -> str:
     biggest = max(devices, key=lambda x: x.memory_bytes)
+    of_type = f" of type {d.device_type!r}" if d.device_type else ""
+    what = f"{d.kind} devices{of_type}"
     if d.memory_per_replica_bytes > biggest.memory_bytes or d.share > biggest.share + EPS:
         return (f"one replica needs share {d.share:g} and {d.memory_per_replica_bytes / 2**30:.2f} GiB; the largest "
-                f"{d.kind} device has {biggest.share:g} and {biggest.memory_bytes / 2**30:.2f} GiB")
+                f"{d.kind} device{of_type} has {biggest.share:g} and {biggest.memory_bytes / 2**30:.2f} GiB")
     free_mem = sum(b.memory_left for b in used)
-    return (f"all {len(devices)} {d.kind} devices are full (free: {free_mem / 2**30:.2f} GiB in fragments "
+    return (f"all {len(devices)} {what} are full (free: {free_mem / 2**30:.2f} GiB in fragments "
             f"smaller than {d.memory_per_replica_bytes / 2**30:.2f} GiB or share {d.share:g}); add devices or "
             f"lower the replica count")

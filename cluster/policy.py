@@ -70,6 +70,7 @@ class ModelPolicyInput(BaseModel):
     profile: Optional[Profile] = Field(None, description="The advisor's profile; without it no re-pack.")
     device: Optional[DeviceSpec] = Field(None, description="The device the profile's plans are for.")
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    device_type: Optional[str] = Field(None, description="Ray accelerator type its replicas are pinned to.")
 
     def variant(self, n: int) -> VariantSpec:
         return next(v for v in self.variants if v.n == n)
@@ -454,7 +455,7 @@ def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
         return True, ""
     kind = ctx.devices[0].kind
     demand = [ModelDemand(model=v.deployment, kind=kind, replicas=targets.get(v.deployment, 0), share=v.share,
-                          memory_per_replica_bytes=v.memory_bytes)
+                          memory_per_replica_bytes=v.memory_bytes, device_type=view.input.device_type)
               for view in ctx.models for v in view.input.variants]
     result = pack(PackInput(devices=ctx.devices, models=demand))
     return (not result.unplaced), "; ".join(f"{u.model}: {u.replicas} replica(s) {u.reason}" for u in result.unplaced)

@@ -9,13 +9,15 @@ elastic models when the application's plateau autoscaling policy is missing.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 from ray import serve
 from ray.serve import Application
 
+from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
 from cluster.board import AppPlacement
 from cluster.inventory import Inventory, cluster_inventory
 from cluster.policy import Route
@@ -38,11 +40,17 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
     layouts = []
     for m in args.models:
+        try:
+            devices = inventory.of_type(m.device_type)
+        except ValueError as exc:
+            raise AppConfigError(f"model {m.served_name!r}: device_type = {m.device_type!r}: {exc}; set device_type "
+                                 f"to one of them, or start nodes of that type") from None
         profile = None
         if m.replicas_per_device == "auto":
-            m, profile = resolve_auto(m, cluster, args.device)
-        layouts.append(layout_model(m, cluster, inventory, args.device, profile))
-    packing = place(layouts, inventory)
+            m, profile = resolve_auto(m, cluster, args.device, devices)
+        layouts.append(layout_model(m, cluster, devices, args.device, profile))
+    needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
+    requested = request_missing(needed, cluster) if needed.missing else None
     capacities = inventory.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     handles: dict[str, dict[int, object]] = {}
@@ -72,7 +80,8 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
         served.append(ServedModel(name=name, max_model_len=lay.config.max_model_len, replicas=lay.initial_replicas))
-    placement = AppPlacement(app="", devices=inventory.devices, packing=packing, routes=routes)
+    placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
+                             requested=requested)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
         # an application-level policy needs every deployment to autoscale; the ingress stays at one
@@ -81,6 +90,22 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     first = layouts[0]
     schema = openai_schema(first.specs[first.active_n])
     return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+
+
+def request_missing(needed: NeededDevices, cluster: ClusterView,
+                    ask: Optional[Callable[[list[dict[str, float]]], None]] = None) -> ResourceRequest:
+    """Ask Ray's autoscaler for every device the placement uses (`ask`: tests inject it)."""
+    request = resource_request(needed, cluster.cpus_per_node, time.time())
+    if ask is None:
+        from ray.autoscaler.sdk import request_resources
+
+        def ask(bundles):
+            request_resources(bundles=bundles)
+    ask(request.bundles)
+    logger.warning("the start placement lacks %s: asked Ray's autoscaler for them (request_resources, %d device "
+                   "bundles in all); the replicas placed there start when the nodes join", describe(needed.missing),
+                   len(request.bundles))
+    return request
 
 
 def build_app(raw_args: Optional[dict] = None) -> Application:

@@ -41,6 +41,10 @@ class ModelConfig(BaseModel):
         "auto", description="replicas packed on one device (N), 1..64, or auto: the Advisor's plan"
     )
     devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy at start, >= 1")
+    device_type: Optional[str] = Field(
+        None, description="Ray accelerator type (H100, A10G, or a node's own accelerator_type:<T> resource) the "
+                          "model is profiled, planned and placed on; omit for any device",
+    )
     min_replicas: Optional[int] = Field(None, ge=1, description="fewest replicas under load scaling, >= 1 (default: the start count)")
     max_replicas: Optional[int] = Field(None, ge=1, description="most replicas under load scaling (default: the start count)")
     variants: list[Annotated[int, Field(ge=1, le=64)]] = Field(
@@ -119,6 +123,10 @@ class AppArgs(BaseModel):
         None, description="memory of each GPU when NVML cannot read it (logical GPUs on a CPU machine), e.g. 8GiB"
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="autoscaling and re-pack thresholds")
+    cluster_autoscaling: bool = Field(
+        False, description="true on a Ray cluster whose autoscaler adds nodes (cluster launcher, KubeRay): devices the "
+                           "placement lacks are requested (ray.autoscaler.sdk.request_resources) and the replicas wait "
+                           "for them; false: a placement that does not fit fails the start")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

@@ -224,6 +224,8 @@ def deployment_options(spec: ReplicaSpec, num_replicas: int,
     actor_options: dict[str, object] = {"num_cpus": spec.resources.num_cpus}
     if spec.resources.num_gpus > 0:
         actor_options["num_gpus"] = spec.resources.num_gpus
+    if spec.resources.accelerator_type:  # Ray turns it into the node resource accelerator_type:<T>
+        actor_options["accelerator_type"] = spec.resources.accelerator_type
     return {
         "name": replica_deployment_name(spec.served_name, spec.replicas_per_device),
         **({"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": num_replicas}),

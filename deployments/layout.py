@@ -4,7 +4,8 @@ cluster's devices.
 
 `resolve_auto` asks the Advisor actor for a model's plan; `layout_model` turns a model whose N is
 resolved into its variants (one Serve deployment each) with their engine specs and memory;
-`place` packs every model's start replicas or fails naming what does not fit.
+`place` packs every model's start replicas or fails naming what does not fit. A model pinned to
+a device type (`device_type`) gets all three on the devices of that type only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pydantic import BaseModel, ByteSize, ConfigDict
 from advisor.memory import KV_BLOCK_TOKENS
 from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, WorkloadShape
+from cluster.autoscaler import NeededDevices, devices_needed
 from cluster.inventory import Inventory
-from cluster.packing import ModelDemand, PackInput, PackResult, pack
+from cluster.packing import ModelDemand, PackInput, pack
 from cluster.policy import ModelPolicyInput, VariantSpec
 from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppConfigError, ModelConfig
@@ -41,9 +43,11 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
             "(`ray start --head --num-gpus=1`) or set device: auto"
         )
     if use_gpus:
-        resources = ReplicaResources(num_gpus=round(1.0 / n, 6), num_cpus=min(1.0, cluster.cpus_per_node / n))
+        resources = ReplicaResources(num_gpus=round(1.0 / n, 6), num_cpus=min(1.0, cluster.cpus_per_node / n),
+                                     accelerator_type=m.device_type)
     else:
-        resources = ReplicaResources(num_gpus=0.0, num_cpus=round(cluster.cpus_per_node / n, 4))
+        resources = ReplicaResources(num_gpus=0.0, num_cpus=round(cluster.cpus_per_node / n, 4),
+                                     accelerator_type=m.device_type)
     return ReplicaSpec(
         served_name=m.served_name,
         model_path=m.model,
@@ -61,25 +65,37 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
     )
 
 
-def _advisor_request(m: ModelConfig, cluster: ClusterView):
+def advisor_request(m: ModelConfig, cluster: ClusterView, inventory: Inventory):
+    """What the Advisor plans `m` for. A model pinned to a device type is planned for the memory of
+    that type's smallest device (which also keeps the Advisor's cached plans apart per type)."""
     from deployments.profiling import AdvisorRequest
 
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
         tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
+        device_memory=inventory.smallest_memory_bytes if m.device_type else None,
     )
 
 
-def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str) -> tuple[ModelConfig, Optional[Profile]]:
-    """Ask the Advisor actor for the plan of an `auto` model; apply it; return the profile behind it."""
-    from advisor.actor import DeviceResources, get_or_create_advisor
-    from deployments.profiling import AdvisorError, plan_model, profile_model, stored_profile
+def device_resources(m: ModelConfig, cluster: ClusterView, device: str):
+    """What the Advisor's device task holds: a whole GPU, or every CPU of a node, of the model's type."""
+    from advisor.actor import DeviceResources
 
     use_gpus = uses_gpus(device, cluster)
-    request = _advisor_request(m, cluster)
-    # The profiling task holds the whole device: a GPU, or every CPU of the node.
-    resources = DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node)
+    return DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node,
+                           accelerator_type=m.device_type)
+
+
+def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str,
+                 inventory: Inventory) -> tuple[ModelConfig, Optional[Profile]]:
+    """Ask the Advisor actor for the plan of an `auto` model (profiled on a device of its type, on
+    `inventory`: the devices it may use); apply it; return the profile behind it."""
+    from advisor.actor import get_or_create_advisor
+    from deployments.profiling import AdvisorError, plan_model, profile_model, stored_profile
+
+    request = advisor_request(m, cluster, inventory)
+    resources = device_resources(m, cluster, device)
     advisor = get_or_create_advisor(plan_model, profile_model)
     try:
         plan = ray.get(advisor.get_plan.remote(request, resources))
@@ -138,7 +154,8 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
         try:
             plan = plan_replicas(profile, dev, shape, planner)
         except PlanError as exc:
-            raise AppConfigError(f"model {name!r} fits no device of this cluster: {exc}") from None
+            where = f"device of type {m.device_type!r}" if m.device_type else "device of this cluster"
+            raise AppConfigError(f"model {name!r} fits no {where}: {exc}") from None
         m = m.model_copy(update={"replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
                                  "kv_cache_bytes": ByteSize(plan.kv_cache_bytes)})
     elif m.variants:
@@ -186,22 +203,30 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
     high = max(m.max_replicas or start, low)
     initial = min(max(start, low), high)
     inp = ModelPolicyInput(model=name, variants=variants, min_replicas=low, max_replicas=high, profile=profile,
-                           device=dev, planner=planner)
+                           device=dev, planner=planner, device_type=m.device_type)
     return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=start_n, initial_replicas=initial)
 
 
-def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
-    """Pack every model's start replicas (and, first, its minimum) or fail naming what does not fit."""
+def place(layouts: list[ModelLayout], inventory: Inventory, autoscaling: bool = False) -> NeededDevices:
+    """Pack every model's start replicas (and, first, its minimum) or fail naming what does not fit.
+    With `autoscaling` (a cluster whose Ray autoscaler adds nodes) what the devices lack is added as
+    devices like the largest of its kind and type, to be requested; only a replica that even such a
+    device cannot hold fails."""
     def demand(replicas_of) -> PackInput:
         return PackInput(devices=inventory.capacities(), models=[
             ModelDemand(model=lay.active.deployment, kind=inventory.kind, replicas=replicas_of(lay),
-                        share=lay.active.share, memory_per_replica_bytes=lay.active.memory_bytes)
+                        share=lay.active.share, memory_per_replica_bytes=lay.active.memory_bytes,
+                        device_type=lay.config.device_type)
             for lay in layouts])
-    devices = ", ".join(f"{d.name} ({d.model_name}, {d.memory_bytes / 2**30:.1f} GiB {d.memory_source})"
-                        for d in inventory.devices)
+    devices = ", ".join(f"{d.name} ({d.model_name}{f' type {d.device_type}' if d.device_type else ''}, "
+                        f"{d.memory_bytes / 2**30:.1f} GiB {d.memory_source})" for d in inventory.devices)
+    cpu_memory = max(d.memory_bytes for d in inventory.devices)
     for what, replicas_of in (("min_replicas", lambda lay: lay.policy_input.min_replicas),
                               ("start replicas", lambda lay: lay.initial_replicas)):
-        result = pack(demand(replicas_of))
+        spec = demand(replicas_of)
+        needed = devices_needed(spec, cpu_memory) if autoscaling else \
+            NeededDevices(packing=pack(spec), devices=spec.devices, missing=[])
+        result = needed.packing
         if result.unplaced:
             by_dep = {lay.active.deployment: lay for lay in layouts}
             lines = []
@@ -211,6 +236,8 @@ def place(layouts: list[ModelLayout], inventory: Inventory) -> PackResult:
                 lines.append(f"  model {lay.policy_input.model!r}: {u.replicas} of its {replicas_of(lay)} {what} "
                              f"(N={v.n}: share {v.share:g} and {v.memory_bytes / 2**30:.2f} GiB each) do not fit: "
                              f"{u.reason}")
+            grow = ("" if autoscaling else "\n  on a cluster whose Ray autoscaler can add nodes, set "
+                    "cluster_autoscaling: true to request the devices instead")
             raise AppConfigError("the models do not fit this cluster's devices:\n" + "\n".join(lines)
-                                 + f"\n  devices: {devices}")
-    return result
+                                 + f"\n  devices: {devices}" + grow)
+    return needed

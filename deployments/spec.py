@@ -21,6 +21,7 @@ class ReplicaResources(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     num_gpus: float = Field(0.0, ge=0.0, le=1.0, description="GPU share: 1/N when N replicas share a GPU.")
     num_cpus: float = Field(1.0, ge=0.0, description="CPU cores Ray reserves for the replica.")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type the replica must run on.")
 
 
 class ReplicaSpec(BaseModel):

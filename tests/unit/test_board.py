@@ -34,6 +34,22 @@ def test_status_text_shows_devices_placement_variants_and_decisions():
     assert "repack_done N=2->N=1 replicas 0->1, took 81 s: N=2 drained" in text
 
 
+def test_status_groups_devices_and_their_start_replicas_by_node_and_device_type():
+    def gpu(node, i, device_type, memory):
+        return Device(name=f"10.0.0.{node}/gpu{i}", node_id=f"node{node}xxxxxx", kind="cuda", model_name="logical GPU",
+                      memory_bytes=memory, memory_source="node-share", cores=2, device_type=device_type)
+    placed = {"10.0.0.1/gpu0": [PlacedReplicas(model="LLM:a@n2", replicas=2, share=1.0, memory_bytes=3 * GiB)],
+              "10.0.0.2/gpu1": [PlacedReplicas(model="LLM:b@n1", replicas=1, share=1.0, memory_bytes=7 * GiB)]}
+    placement = AppPlacement(app="p", devices=[gpu(1, 0, "A", 4 * GiB), gpu(2, 0, "B", 8 * GiB), gpu(2, 1, "B", 8 * GiB)],
+                             packing=PackResult(placement=placed, devices_used=2, lower_bound=2, unplaced=[]), routes={})
+    lines = render_status("p", AppStatus(placement=placement)).splitlines()
+    start = lines.index("  node 10.0.0.1 (node1xxx), device type A:")
+    assert lines[start + 1].split() == ["10.0.0.1/gpu0", "logical", "GPU", "4.0", "GiB", "(node-share):", "LLM:a@n2", "x2",
+                                        "(share", "1,", "3.00", "GiB)"]
+    assert lines[start + 2] == "  node 10.0.0.2 (node2xxx), device type B:"
+    assert lines[start + 3].endswith("(node-share): (empty)") and lines[start + 4].endswith("LLM:b@n1 x1 (share 1, 7.00 GiB)")
+
+
 # ---- issue 11: a restarted board gets its placement back; errors before the placement -------
 
 class DictStore:

@@ -1,3 +1,5 @@
+import pytest
+
 from cluster.inventory import GpuReading, NodeResources, devices_from_nodes
 
 GiB = 1 << 30
@@ -36,3 +38,20 @@ def test_fractional_gpu_remainders_are_not_devices_and_capacities_feed_the_packe
     inv = devices_from_nodes([node(gpus=1.5)], declared_gpu_memory=4 * GiB)
     caps = inv.capacities()
     assert len(caps) == 1 and caps[0].share == 1.0 and caps[0].memory_bytes == 4 * GiB and caps[0].kind == "cuda"
+
+
+def test_device_types_come_from_rays_accelerator_type_resource_and_select_devices():
+    from cluster.inventory import accelerator_type
+
+    assert accelerator_type({"CPU": 8, "GPU": 2, "accelerator_type:H100": 1}) == "H100"
+    assert accelerator_type({"CPU": 8}) is None
+    nodes = [NodeResources(node_id="a", address="10.0.0.1", cpus=8, gpus=1, memory_bytes=16 * GiB, accelerator_type="A"),
+             NodeResources(node_id="b", address="10.0.0.2", cpus=8, gpus=2, memory_bytes=16 * GiB, accelerator_type="B")]
+    inv = devices_from_nodes(nodes)
+    assert inv.device_types == ["A", "B"]
+    assert [(d.name, d.memory_bytes) for d in inv.of_type("B").devices] == [("10.0.0.2/gpu0", 8 * GiB),
+                                                                            ("10.0.0.2/gpu1", 8 * GiB)]
+    assert [c.device_type for c in inv.capacities()] == ["A", "B", "B"]
+    assert inv.of_type(None) is inv
+    with pytest.raises(ValueError, match="no device of type 'H100' in the cluster; its device types: A, B"):
+        inv.of_type("H100")

@@ -67,7 +67,7 @@ def test_two_models_share_a_device_at_startup():
                      "auto", None)
     b = layout_model(model(replicas_per_device=2, min_replicas=1, max_replicas=1, name="b"), CLUSTER, inventory(),
                      "auto", None)
-    result = place([a, b], inventory())
+    result = place([a, b], inventory()).packing
     assert result.devices_used == 1 and not result.unplaced
     assert [p.model for p in result.placement["h/gpu0"]] == ["LLM:a@n2", "LLM:b@n2"]
 
@@ -79,7 +79,25 @@ def test_min_replicas_beyond_capacity_fail_at_startup_saying_by_how_much():
         place([lay], inventory())
     msg = str(err.value)
     assert "1 of its 5 min_replicas" in msg and "share 0.5" in msg and "devices are full" in msg
-    assert "h/gpu0 (logical GPU, 4.0 GiB declared)" in msg
+    assert "h/gpu0 (logical GPU, 4.0 GiB declared)" in msg and "set cluster_autoscaling: true" in msg
+
+
+def test_with_cluster_autoscaling_the_missing_devices_are_requested_and_shown_in_the_status():
+    from cluster.board import AppPlacement, AppStatus, render_status
+    from deployments.app import request_missing
+
+    lay = layout_model(model(replicas_per_device=2, min_replicas=5, max_replicas=6), CLUSTER, inventory(), "auto",
+                       None)
+    needed = place([lay], inventory(), autoscaling=True)
+    assert needed.packing.unplaced == [] and [(m.count, m.memory_bytes) for m in needed.missing] == [(1, 4 * GiB)]
+    asked = []
+    request = request_missing(needed, CLUSTER, ask=asked.append)
+    assert asked == [[{"GPU": 1.0}] * 3] and request.bundles == asked[0]
+    status = AppStatus(placement=AppPlacement(app="p", devices=inventory().devices, packing=needed.packing, routes={},
+                                              requested=request))
+    text = render_status("p", status)
+    assert "1 cuda device(s) of 4.0 GiB; the replicas placed there wait for the nodes" in text
+    assert "+cuda-0" in text and "LLM:smollm2-135m@n2 x1" in text
 
 
 def test_bounds_are_checked_against_each_other():
@@ -95,10 +113,52 @@ def test_start_variant_starts_the_model_on_that_n_whatever_the_plan_prefers():
     lay = layout_model(m, CLUSTER, inventory(), "auto", PROFILE)
     assert lay.active_n == other and lay.initial_replicas == 1 and sorted(lay.specs) == [1, 2]
     assert lay.active.deployment == f"LLM:smollm2-135m@n{other}"
-    packing = place([lay], inventory())
+    packing = place([lay], inventory()).packing
     assert [p.model for ps in packing.placement.values() for p in ps] == [f"LLM:smollm2-135m@n{other}"]
 
 
 def test_a_start_variant_outside_the_variants_names_the_fix():
     with pytest.raises(AppConfigError, match=r"start_variant 4 is not one of variants \[1, 2\]; add 4 to variants"):
         model(replicas_per_device="auto", variants=[1, 2], start_variant=4)
+
+
+def typed_inventory():
+    def dev(name, node, memory, device_type):
+        return Device(name=name, node_id=node, kind="cuda", model_name="logical GPU", memory_bytes=memory,
+                      memory_source="node-share", cores=2, device_type=device_type)
+    return Inventory(devices=[dev("a/gpu0", "a", 4 * GiB, "small"), dev("b/gpu0", "b", 32 * GiB, "large")])
+
+
+def test_models_pinned_to_device_types_are_planned_and_placed_on_their_type():
+    from deployments.engine import deployment_options
+
+    inv = typed_inventory()
+    lays = {t: layout_model(model(replicas_per_device=1, name=f"m-{t}", device_type=t, variants=[1, 2]),
+                            CLUSTER, inv.of_type(t), "auto", PROFILE) for t in ("small", "large")}
+    small, large = lays["small"], lays["large"]
+    # each type's plan is made for its own memory: the small devices hold fewer or smaller replicas
+    assert small.policy_input.device.memory_bytes == 4 * GiB and large.policy_input.device.memory_bytes == 32 * GiB
+    # on the small type a two-replica variant's KV pool is cut to what half of its memory holds
+    assert small.policy_input.variant(2).memory_bytes == int(4 * GiB * 0.9) // 2
+    assert large.policy_input.variant(2).memory_bytes > small.policy_input.variant(2).memory_bytes
+    assert small.policy_input.device_type == "small"
+    spec = small.specs[small.active_n]
+    assert spec.resources.accelerator_type == "small"
+    assert deployment_options(spec, 1)["ray_actor_options"]["accelerator_type"] == "small"
+    assert "accelerator_type" not in deployment_options(layout_model(
+        model(replicas_per_device=1), CLUSTER, inv, "auto", None).specs[1], 1)["ray_actor_options"]
+    packing = place(list(lays.values()), inv).packing
+    assert [p.model for p in packing.placement["a/gpu0"]] == [small.active.deployment]
+    assert [p.model for p in packing.placement["b/gpu0"]] == [large.active.deployment]
+
+
+def test_the_advisor_profiles_a_pinned_model_on_a_whole_device_of_its_type_and_plans_for_its_memory():
+    from deployments.layout import advisor_request, device_resources
+
+    inv = typed_inventory()
+    m = model(name="m", device_type="small")
+    assert device_resources(m, CLUSTER, "auto").task_options() == {"num_gpus": 1.0, "num_cpus": 0.0,
+                                                                    "accelerator_type": "small"}
+    assert device_resources(model(), CLUSTER, "cpu").task_options() == {"num_gpus": 0.0, "num_cpus": 4}
+    assert advisor_request(m, CLUSTER, inv.of_type("small")).device_memory == 4 * GiB
+    assert advisor_request(model(), CLUSTER, inv).device_memory is None

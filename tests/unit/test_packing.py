@@ -99,3 +99,41 @@ def test_all_placed_and_within_one_device_of_the_bound_on_simple_cases(rows):
     result = pack(spec)
     assert result.unplaced == []
     assert result.devices_used <= result.lower_bound + 1
+
+
+def typed_gpus():
+    return ([DeviceCapacity(name=f"a{i}", memory_bytes=80 * GIB, device_type="H100") for i in range(2)]
+            + [DeviceCapacity(name=f"b{i}", memory_bytes=24 * GIB, device_type="L4") for i in range(2)])
+
+
+def test_a_model_pinned_to_a_device_type_goes_only_onto_devices_of_that_type():
+    spec = PackInput(devices=typed_gpus(), models=[
+        ModelDemand(model="big", replicas=3, share=0.5, memory_per_replica_bytes=30 * GIB, device_type="H100"),
+        ModelDemand(model="small", replicas=3, share=0.5, memory_per_replica_bytes=10 * GIB, device_type="L4"),
+        ModelDemand(model="any", replicas=1, share=0.5, memory_per_replica_bytes=10 * GIB),
+    ])
+    result = pack(spec)
+    check_capacity(spec, result)
+    where = {p.model: [] for items in result.placement.values() for p in items}
+    for dev, items in result.placement.items():
+        for p in items:
+            where[p.model] += [dev] * p.replicas
+    assert len(where["big"]) == 3 and {d[0] for d in where["big"]} == {"a"}
+    assert len(where["small"]) == 3 and {d[0] for d in where["small"]} == {"b"}
+    assert len(where["any"]) == 1 and result.unplaced == []
+    # the two types' pinned demand needs two devices of each: the bound counts them apart
+    assert result.lower_bound == 4
+
+
+def test_pinned_demand_that_its_type_cannot_hold_is_unplaced_naming_the_type():
+    spec = PackInput(devices=typed_gpus(), models=[
+        ModelDemand(model="big", replicas=1, share=1.0, memory_per_replica_bytes=40 * GIB, device_type="L4"),
+        ModelDemand(model="ghost", replicas=2, share=0.5, memory_per_replica_bytes=GIB, device_type="A100"),
+        ModelDemand(model="many", replicas=5, share=0.5, memory_per_replica_bytes=GIB, device_type="L4"),
+    ])
+    result = pack(spec)
+    reasons = {u.model: (u.replicas, u.reason) for u in result.unplaced}
+    assert reasons["big"][0] == 1 and "largest cuda device of type 'L4' has 1 and 24.00 GiB" in reasons["big"][1]
+    assert reasons["ghost"] == (2, "no cuda devices of type 'A100'")
+    assert reasons["many"][0] == 1 and "all 2 cuda devices of type 'L4' are full" in reasons["many"][1]
+    assert not any(p.model in ("many", "big") for d in ("a0", "a1") for p in result.placement.get(d, []))

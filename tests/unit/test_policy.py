@@ -110,6 +110,20 @@ def test_two_models_share_the_devices_round_robin_when_both_grow():
     assert out.targets == {"LLM:a@n2": 2, "LLM:b@n2": 2}
 
 
+def test_a_model_pinned_to_a_device_type_grows_only_onto_devices_of_that_type():
+    a = model_input("a", variants=(2,), max_replicas=10).model_copy(update={"device_type": "A"})
+    b = model_input("b", variants=(2,), max_replicas=10).model_copy(update={"device_type": "B"})
+    devices = ([DeviceCapacity(name="a0", memory_bytes=4 * GiB, device_type="A")]
+               + [DeviceCapacity(name=f"b{i}", memory_bytes=4 * GiB, device_type="B") for i in range(3)])
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out = decide(PolicyContext(now=t, models=[view(a, n2=obs(running=1, requests=1000)),
+                                                  view(b, n2=obs(running=1, requests=1000))], devices=devices), st, CFG)
+        st = out.state
+    # a's one type-A device holds 2 replicas of share 1/2, though three B devices are there
+    assert out.targets == {"LLM:a@n2": 2, "LLM:b@n2": 6}
+
+
 # ---- re-pack --------------------------------------------------------------------------------
 
 def test_shape_shift_repacks_make_before_break_and_reports_each_step():

@@ -1,0 +1,46 @@
+"""What the builder asks Ray's autoscaler for when the packing lacks devices."""
+
+from cluster.autoscaler import describe, device_bundle, devices_needed, resource_request
+from cluster.packing import DeviceCapacity, ModelDemand, PackInput
+
+GiB = 1 << 30
+
+
+def test_demand_beyond_the_devices_adds_devices_like_the_largest_of_its_type_and_requests_the_whole_placement():
+    devices = [DeviceCapacity(name="a0", memory_bytes=80 * GiB, device_type="H100"),
+               DeviceCapacity(name="b0", memory_bytes=24 * GiB, device_type="L4")]
+    spec = PackInput(devices=devices, models=[
+        ModelDemand(model="big", replicas=5, share=0.5, memory_per_replica_bytes=30 * GiB, device_type="H100"),
+        ModelDemand(model="small", replicas=1, share=0.5, memory_per_replica_bytes=10 * GiB, device_type="L4"),
+    ])
+    needed = devices_needed(spec)
+    assert needed.packing.unplaced == []
+    (m,) = needed.missing
+    assert (m.kind, m.device_type, m.count, m.memory_bytes) == ("cuda", "H100", 2, 80 * GiB)  # 5 x 1/2 needs 3 H100s
+    request = resource_request(needed, cpus_per_cpu_device=8, at=1.0)
+    # every device the placement uses, the two there are included: request_resources sets a target, not a delta
+    assert sorted(map(str, request.bundles)) == sorted(map(str, [
+        {"GPU": 1.0, "accelerator_type:H100": 0.001}] * 3 + [{"GPU": 1.0, "accelerator_type:L4": 0.001}]))
+    assert describe(needed.missing) == "2 cuda device(s) of type 'H100' of 80.0 GiB"
+
+
+def test_a_type_with_no_device_yet_gets_devices_sized_to_its_replicas_and_a_too_large_replica_stays_unplaced():
+    spec = PackInput(devices=[DeviceCapacity(name="a0", memory_bytes=24 * GiB)], models=[
+        ModelDemand(model="new", replicas=3, share=0.25, memory_per_replica_bytes=5 * GiB, device_type="A100"),
+        ModelDemand(model="huge", replicas=1, share=1.0, memory_per_replica_bytes=40 * GiB),
+    ])
+    needed = devices_needed(spec)
+    (m,) = needed.missing
+    assert (m.device_type, m.count, m.memory_bytes) == ("A100", 1, 20 * GiB)
+    assert [(u.model, u.replicas) for u in needed.packing.unplaced] == [("huge", 1)]
+
+
+def test_enough_devices_means_nothing_missing_and_cpu_devices_are_whole_nodes():
+    spec = PackInput(devices=[DeviceCapacity(name="n0", kind="cpu", memory_bytes=64 * GiB)], models=[
+        ModelDemand(model="m", kind="cpu", replicas=4, share=0.5, memory_per_replica_bytes=GiB)])
+    needed = devices_needed(spec, cpu_memory_bytes=64 * GiB)
+    assert needed.missing[0].count == 1 and needed.missing[0].kind == "cpu"
+    assert resource_request(needed, cpus_per_cpu_device=16, at=0.0).bundles == [{"CPU": 16.0}, {"CPU": 16.0}]
+    assert devices_needed(PackInput(devices=spec.devices, models=[spec.models[0].model_copy(update={"replicas": 2})])
+                          ).missing == []
+    assert device_bundle("cuda", None, 4) == {"GPU": 1.0}
