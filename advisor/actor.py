@@ -10,6 +10,7 @@ starting an engine. `observe()` keeps live replica samples for refining the fit 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable, Optional
 
@@ -54,15 +55,25 @@ class Advisor:
         self._plan_fn = plan_fn
         self._profile_fn = profile_fn
         self._plans: dict[str, ReplicaPlan] = {}
+        self._planning: dict[str, asyncio.Future] = {}  # request -> the device task under way
         self._observations: list[Observation] = []
         self._max_observations = max_observations
 
     async def get_plan(self, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
-        """The plan for `request` (cached); profiles first when no stored profile exists."""
+        """The plan for `request` (cached); profiles first when no stored profile exists. Callers
+        asking for the same plan at once share one device task (models are planned in parallel)."""
         key = request.model_dump_json()
         if key in self._plans:
             return self._plans[key]
-        plan = await self._on_device(self._plan_fn, request, resources)
+        if key not in self._planning:
+            self._planning[key] = asyncio.ensure_future(self._plan(key, request, resources))
+        return await asyncio.shield(self._planning[key])
+
+    async def _plan(self, key: str, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
+        try:
+            plan = await self._on_device(self._plan_fn, request, resources)
+        finally:
+            del self._planning[key]
         if not plan.provisional:  # a plan from a noisy profile serves one start; the next one profiles again
             self._plans[key] = plan
         return plan

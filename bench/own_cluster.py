@@ -21,6 +21,7 @@ children. Ray's default "current cluster" file (`/tmp/ray/ray_current_cluster`, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -105,12 +106,30 @@ class Owner(BaseModel):
             return False
 
 
+class NodeConfig(BaseModel):
+    """A worker node of the cluster on this machine: what it declares and its own variables."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_cpus: int = Field(1, ge=1, description="CPUs it declares (`--num-cpus`).")
+    num_gpus: int = Field(0, ge=0, description="GPUs it declares (`--num-gpus`); logical ones on a CPU machine.")
+    memory_bytes: Optional[int] = Field(None, gt=0, description="Memory it declares (`--memory`): a logical GPU's "
+                                        "memory is the node's split evenly.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources (`--resources`), e.g. "
+                                        "accelerator_type:<T>.")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables of this node only (over the cluster's), "
+                                "e.g. a PLATEAU_HOME of its own as if it were another machine.")
+
+
 class OwnClusterConfig(BaseModel):
-    """What the head declares and how it is stopped."""
+    """What the head (and any worker nodes) declare and how the cluster is stopped."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     num_cpus: int = Field(2, ge=1, description="CPUs the head declares (`--num-cpus`).")
     num_gpus: int = Field(0, ge=0, description="GPUs the head declares (`--num-gpus`); logical ones on a CPU machine.")
+    memory_bytes: Optional[int] = Field(None, gt=0, description="Memory the head declares (`--memory`).")
+    resources: dict[str, float] = Field(default_factory=dict, description="The head's custom resources (`--resources`).")
+    workers: list[NodeConfig] = Field(default_factory=list, description="Worker nodes started on this machine after "
+                                      "the head, each with its own temp dir (under the head's) and ports.")
     include_dashboard: bool = Field(False, description="Start the dashboard (on its own port).")
     stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
     stop_rounds: int = Field(3, ge=1, description="Look for processes again this often (teardown may spawn some).")
@@ -243,8 +262,20 @@ class OwnCluster:
                f"--metrics-export-port={p.metrics_export}",
                "--min-worker-port=0", "--max-worker-port=0",  # workers bind random free ports
                f"--num-cpus={self.cfg.num_cpus}", f"--num-gpus={self.cfg.num_gpus}",
-               f"--include-dashboard={str(self.cfg.include_dashboard).lower()}", "--disable-usage-stats"]
+               f"--include-dashboard={str(self.cfg.include_dashboard).lower()}", "--disable-usage-stats",
+               *_declared(self.cfg.memory_bytes, self.cfg.resources)]
         return cmd
+
+    def worker_command(self, i: int) -> list[str]:
+        """`ray start` of worker node `i`: joins the head, its temp dir under the head's, ports of its own."""
+        node = self.cfg.workers[i]
+        return [_bin("ray"), "start", f"--address={self.address}", f"--temp-dir={self.temp_dir}/w{i}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                "--min-worker-port=0", "--max-worker-port=0",
+                f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", "--disable-usage-stats",
+                *_declared(node.memory_bytes, node.resources)]
 
     def serve_run(self, config: Path, log: Path, cwd: Optional[Path] = None) -> subprocess.Popen:
         """`serve run <config>` against this cluster, its output to `log`; stopped with the cluster."""
@@ -290,6 +321,16 @@ class OwnCluster:
             stop_processes(self.processes(), self.cfg.stop_grace_s)
         self._log(f"[cluster] Ray head at {self.address} (temp dir {self.temp_dir}, Serve HTTP port "
                   f"{self.ports.serve_http}, metrics port {self.ports.metrics_export})")
+        for i, node in enumerate(self.cfg.workers):
+            log = self.log_dir / f"ray-start-worker{i}.log"
+            with open(log, "w") as out:
+                done = subprocess.run(self.worker_command(i), env={**self.env(), **node.env}, stdout=out,
+                                      stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                raise ClusterStartError(f"`ray start` of worker node {i} exited {done.returncode}; see {log}:\n"
+                                        f"{log.read_text()[-2000:]}")
+            self._log(f"[cluster] worker node {i} joined ({node.num_cpus} CPU, {node.num_gpus} GPU, "
+                      f"resources {node.resources})")
 
     def stop(self) -> None:
         """End every process of this cluster, then put Ray's default current-cluster file back."""
@@ -379,6 +420,12 @@ def cleanup_orphans(base: Optional[str] = None, grace_s: float = 10.0,
         if not left:
             shutil.rmtree(folder, ignore_errors=True)
     return stopped
+
+
+def _declared(memory_bytes: Optional[int], resources: dict[str, float]) -> list[str]:
+    """`ray start` flags for a node's declared memory and custom resources (none when unset)."""
+    flags = [f"--memory={memory_bytes}"] if memory_bytes else []
+    return flags + ([f"--resources={json.dumps(resources)}"] if resources else [])
 
 
 def _bin(name: str) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.inventory import ACCELERATOR_TYPE_PREFIX
 from cluster.packing import DeviceCapacity, ModelDemand, PackInput, PackResult, pack
 
+ADDED_PREFIX = "+"  # names of devices the packing added (not in the cluster yet)
 ACCELERATOR_TYPE_SHARE = 0.001  # what Ray's `accelerator_type` option asks of the accelerator_type:<T> resource
 
 
@@ -35,6 +36,10 @@ class NeededDevices(BaseModel):
     packing: PackResult = Field(description="The packing on the devices there are and the added ones.")
     devices: list[DeviceCapacity] = Field(description="The devices there are, then the added ones.")
     missing: list[MissingDevices] = Field(description="The added devices that the packing uses, by kind and type.")
+
+    def capacities(self) -> list[DeviceCapacity]:
+        """The devices there are and the added ones the packing uses (what the cluster will have)."""
+        return [d for d in self.devices if not d.name.startswith(ADDED_PREFIX) or d.name in self.packing.placement]
 
 
 class ResourceRequest(BaseModel):
@@ -64,7 +69,7 @@ def devices_needed(spec: PackInput, cpu_memory_bytes: Optional[int] = None) -> N
             extra = added.setdefault(group, [])
             if len(extra) < limit and template.memory_bytes >= d.memory_per_replica_bytes:
                 label = f"{d.kind}-{d.device_type}" if d.device_type else d.kind
-                extra.append(template.model_copy(update={"name": f"+{label}-{len(extra)}"}))
+                extra.append(template.model_copy(update={"name": f"{ADDED_PREFIX}{label}-{len(extra)}"}))
                 grew = True
         if not grew:
             break

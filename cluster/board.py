@@ -19,7 +19,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.autoscaler import ResourceRequest, describe
+from cluster.autoscaler import ADDED_PREFIX, ResourceRequest, describe
 from cluster.inventory import Device
 from cluster.packing import PackResult
 from cluster.policy import Decision, LiveModel, Route
@@ -227,7 +227,7 @@ def _devices_by_node(p: AppPlacement) -> list[str]:
         nodes.setdefault(d.node_id, []).append(d)
     for node_id, devices in nodes.items():
         types = sorted({d.device_type or "no accelerator type" for d in devices})
-        address = devices[0].name.rsplit("/", 1)[0]
+        address = devices[0].name.rsplit("/", 1)[0].split("#")[0]
         lines.append(f"  node {address} ({node_id[:8]}), device type {', '.join(types)}:")
         for d in devices:
             items = p.packing.placement.get(d.name, [])
@@ -250,7 +250,7 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
                      f"lower bound {p.packing.lower_bound}):")
         lines += _devices_by_node(p)
         if p.requested is not None:
-            added = {name: items for name, items in p.packing.placement.items() if name.startswith("+")}
+            added = {name: items for name, items in p.packing.placement.items() if name.startswith(ADDED_PREFIX)}
             lines.append(f"  requested from Ray's autoscaler at {time.strftime('%H:%M:%S', time.localtime(p.requested.at))}: "
                          f"{describe(p.requested.missing)}; the replicas placed there wait for the nodes:")
             for name, items in added.items():

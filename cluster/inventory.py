@@ -51,7 +51,8 @@ class NodeResources(BaseModel):
 
 class Device(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field(description="<node address>/gpu<i> or <node address>/cpu.")
+    name: str = Field(description="<node address>/gpu<i> or <node address>/cpu (<address>#<node id prefix> where "
+                                  "several nodes share an address).")
     node_id: str
     kind: Literal["cuda", "cpu"]
     model_name: str = Field(description="NVML name, 'logical GPU', or 'CPU node'.")
@@ -102,9 +103,12 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
     """GPU devices when the cluster has GPUs (and `use_gpus`), else one CPU device per node."""
     devices: list[Device] = []
     has_gpus = use_gpus and any(n.gpus >= 1 for n in nodes)
+    addresses = [n.address for n in nodes]
     for node in sorted(nodes, key=lambda n: (n.address, n.node_id)):
+        # several nodes of one machine share its address: their node ids keep the device names apart
+        host = node.address if addresses.count(node.address) == 1 else f"{node.address}#{node.node_id[:8]}"
         if not has_gpus:
-            devices.append(Device(name=f"{node.address}/cpu", node_id=node.node_id, kind="cpu", model_name="CPU node",
+            devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, kind="cpu", model_name="CPU node",
                                   memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus,
                                   device_type=node.accelerator_type))
             continue
@@ -118,7 +122,7 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
                 memory, source, name, bw = declared_gpu_memory, "declared", "logical GPU", None
             else:
                 memory, source, name, bw = node.memory_bytes // count, "node-share", "logical GPU", None
-            devices.append(Device(name=f"{node.address}/gpu{i}", node_id=node.node_id, kind="cuda", model_name=name,
+            devices.append(Device(name=f"{host}/gpu{i}", node_id=node.node_id, kind="cuda", model_name=name,
                                   memory_bytes=memory, memory_source=source, bandwidth_bytes_per_s=bw,
                                   cores=node.cpus / count, device_type=node.accelerator_type))
     return Inventory(devices=devices)

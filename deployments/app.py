@@ -26,7 +26,7 @@ from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppArgs, AppConfigError, parse_args
 from deployments.engine import deployment_options, vllm_version
 from deployments.ingress import OpenAIIngress, ServedModel
-from deployments.layout import layout_model, place, resolve_auto
+from deployments.layout import apply_plan, ask_plan, layout_model, place
 from deployments.replica import LLMReplica
 from deployments.vllm_api import openai_schema
 
@@ -38,20 +38,26 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         int(args.device_memory) if args.device_memory else None, use_gpus=uses_gpus(args.device, cluster))
     if not inventory.devices:
         raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
-    layouts = []
+    devices = {}
     for m in args.models:
         try:
-            devices = inventory.of_type(m.device_type)
+            devices[m.served_name] = inventory.of_type(m.device_type)
         except ValueError as exc:
             raise AppConfigError(f"model {m.served_name!r}: device_type = {m.device_type!r}: {exc}; set device_type "
                                  f"to one of them, or start nodes of that type") from None
+    # every auto model's plan is asked for first: profiles on different device types run at once
+    pending = {m.served_name: ask_plan(m, cluster, args.device, devices[m.served_name], args.profile_store)
+               for m in args.models if m.replicas_per_device == "auto"}
+    layouts = []
+    for m in args.models:
         profile = None
-        if m.replicas_per_device == "auto":
-            m, profile = resolve_auto(m, cluster, args.device, devices)
-        layouts.append(layout_model(m, cluster, devices, args.device, profile))
+        if m.served_name in pending:
+            m, profile = apply_plan(pending[m.served_name])
+        layouts.append(layout_model(m, cluster, devices[m.served_name], args.device, profile))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
     requested = request_missing(needed, cluster) if needed.missing else None
-    capacities = inventory.capacities()
+    # the policy packs onto the devices there are and those requested from the autoscaler
+    capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     handles: dict[str, dict[int, object]] = {}
     served, routes = [], {}

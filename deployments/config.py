@@ -123,10 +123,21 @@ class AppArgs(BaseModel):
         None, description="memory of each GPU when NVML cannot read it (logical GPUs on a CPU machine), e.g. 8GiB"
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="autoscaling and re-pack thresholds")
+    profile_store: Optional[str] = Field(
+        None, description="absolute path of the profile store folder, one every node mounts (NFS, a shared disk) on a "
+                          "cluster of several machines; default: $PLATEAU_HOME/profiles of the node that profiles")
     cluster_autoscaling: bool = Field(
         False, description="true on a Ray cluster whose autoscaler adds nodes (cluster launcher, KubeRay): devices the "
                            "placement lacks are requested (ray.autoscaler.sdk.request_resources) and the replicas wait "
                            "for them; false: a placement that does not fit fails the start")
+
+    @field_validator("profile_store")
+    @classmethod
+    def _store_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and ("://" in v or not os.path.isabs(v)):
+            raise ValueError("must be an absolute folder path that every node mounts (URLs such as s3:// are not "
+                             "supported: mount the bucket, e.g. with s3fs, and give its path)")
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

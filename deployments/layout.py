@@ -2,7 +2,8 @@
 Advisor for `replicas_per_device: auto`), its replica bounds, and the start packing on the
 cluster's devices.
 
-`resolve_auto` asks the Advisor actor for a model's plan; `layout_model` turns a model whose N is
+`ask_plan` asks the Advisor actor for a model's plan (every model's at once: device tasks of
+different device types run in parallel) and `apply_plan` applies it; `layout_model` turns a model whose N is
 resolved into its variants (one Serve deployment each) with their engine specs and memory;
 `place` packs every model's start replicas or fails naming what does not fit. A model pinned to
 a device type (`device_type`) gets all three on the devices of that type only.
@@ -11,6 +12,7 @@ a device type (`device_type`) gets all three on the devices of that type only.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import ray
@@ -65,16 +67,17 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
     )
 
 
-def advisor_request(m: ModelConfig, cluster: ClusterView, inventory: Inventory):
+def advisor_request(m: ModelConfig, cluster: ClusterView, inventory: Inventory, store: Optional[str] = None):
     """What the Advisor plans `m` for. A model pinned to a device type is planned for the memory of
-    that type's smallest device (which also keeps the Advisor's cached plans apart per type)."""
+    that type's smallest device (which also keeps the Advisor's cached plans apart per type);
+    `store` is the app's shared profile store (None: each node's own)."""
     from deployments.profiling import AdvisorRequest
 
     return AdvisorRequest(
         model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
         tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
-        device_memory=inventory.smallest_memory_bytes if m.device_type else None,
+        device_memory=inventory.smallest_memory_bytes if m.device_type else None, store_dir=store,
     )
 
 
@@ -87,18 +90,34 @@ def device_resources(m: ModelConfig, cluster: ClusterView, device: str):
                            accelerator_type=m.device_type)
 
 
-def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str,
-                 inventory: Inventory) -> tuple[ModelConfig, Optional[Profile]]:
-    """Ask the Advisor actor for the plan of an `auto` model (profiled on a device of its type, on
-    `inventory`: the devices it may use); apply it; return the profile behind it."""
-    from advisor.actor import get_or_create_advisor
-    from deployments.profiling import AdvisorError, plan_model, profile_model, stored_profile
+@dataclass(frozen=True)
+class PendingPlan:
+    """A plan asked of the Advisor and not yet received (models are planned in parallel)."""
 
-    request = advisor_request(m, cluster, inventory)
-    resources = device_resources(m, cluster, device)
+    model: ModelConfig
+    request: BaseModel  # the AdvisorRequest
+    ref: ray.ObjectRef
+
+
+def ask_plan(m: ModelConfig, cluster: ClusterView, device: str, inventory: Inventory,
+             store: Optional[str] = None) -> PendingPlan:
+    """Ask the Advisor actor for the plan of an `auto` model (profiled on a device of its type, on
+    `inventory`: the devices it may use; profiles in `store`) without waiting for it."""
+    from advisor.actor import get_or_create_advisor
+    from deployments.profiling import plan_model, profile_model
+
+    request = advisor_request(m, cluster, inventory, store)
     advisor = get_or_create_advisor(plan_model, profile_model)
+    return PendingPlan(model=m, request=request, ref=advisor.get_plan.remote(request, device_resources(m, cluster, device)))
+
+
+def apply_plan(pending: PendingPlan) -> tuple[ModelConfig, Optional[Profile]]:
+    """Wait for the plan; apply it to the model; return the model and the profile behind the plan."""
+    from deployments.profiling import AdvisorError, stored_profile
+
+    m = pending.model
     try:
-        plan = ray.get(advisor.get_plan.remote(request, resources))
+        plan = ray.get(pending.ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
@@ -107,12 +126,12 @@ def resolve_auto(m: ModelConfig, cluster: ClusterView, device: str,
     for reason in plan.reasons:
         logger.info("plan for %s: %s", m.served_name, reason)
     try:
-        profile = stored_profile(request)
+        profile = stored_profile(pending.request)
     except AdvisorError:
         profile = None
     if profile is None:
-        logger.warning("plan for %s: the profile is not in this node's store; no re-packing for this model",
-                       m.served_name)
+        logger.warning("plan for %s: the profile is not in this node's store (it was taken on another node; set "
+                       "profile_store to a folder every node mounts); no re-packing for this model", m.served_name)
     resolved = m.model_copy(update={
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
         "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),

@@ -55,3 +55,11 @@ def test_device_types_come_from_rays_accelerator_type_resource_and_select_device
     assert inv.of_type(None) is inv
     with pytest.raises(ValueError, match="no device of type 'H100' in the cluster; its device types: A, B"):
         inv.of_type("H100")
+
+
+def test_nodes_that_share_an_address_get_device_names_apart_by_node_id():
+    nodes = [node("aaaaaaaa11", "10.0.0.1", gpus=1), node("bbbbbbbb22", "10.0.0.1", gpus=1), node("c", "10.0.0.2", gpus=1)]
+    names = [d.name for d in devices_from_nodes(nodes, declared_gpu_memory=GiB).devices]
+    assert names == ["10.0.0.1#aaaaaaaa/gpu0", "10.0.0.1#bbbbbbbb/gpu0", "10.0.0.2/gpu0"]
+    assert [d.name for d in devices_from_nodes(nodes[:2], use_gpus=False).devices] == ["10.0.0.1#aaaaaaaa/cpu",
+                                                                                      "10.0.0.1#bbbbbbbb/cpu"]

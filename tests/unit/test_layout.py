@@ -98,6 +98,8 @@ def test_with_cluster_autoscaling_the_missing_devices_are_requested_and_shown_in
     text = render_status("p", status)
     assert "1 cuda device(s) of 4.0 GiB; the replicas placed there wait for the nodes" in text
     assert "+cuda-0" in text and "LLM:smollm2-135m@n2 x1" in text
+    # the policy grows onto the devices there are and the requested one
+    assert [c.name for c in needed.capacities()] == ["h/gpu0", "h/gpu1", "+cuda-0"]
 
 
 def test_bounds_are_checked_against_each_other():
@@ -162,3 +164,11 @@ def test_the_advisor_profiles_a_pinned_model_on_a_whole_device_of_its_type_and_p
     assert device_resources(model(), CLUSTER, "cpu").task_options() == {"num_gpus": 0.0, "num_cpus": 4}
     assert advisor_request(m, CLUSTER, inv.of_type("small")).device_memory == 4 * GiB
     assert advisor_request(model(), CLUSTER, inv).device_memory is None
+    assert advisor_request(m, CLUSTER, inv, store="/shared/profiles").store_dir == "/shared/profiles"
+
+
+def test_the_profile_store_must_be_a_path_every_node_mounts():
+    assert parse_args({"profile_store": "/mnt/shared/profiles"}).profile_store == "/mnt/shared/profiles"
+    for bad in ("s3://bucket/profiles", "profiles"):
+        with pytest.raises(AppConfigError, match=r"profile_store = .*must be an absolute folder path that every node"):
+            parse_args({"profile_store": bad})

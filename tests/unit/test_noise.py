@@ -184,3 +184,29 @@ def test_the_advisor_does_not_cache_a_provisional_plan():
     for _ in range(3):
         asyncio.run(advisor.get_plan(request, DeviceResources()))
     assert len(made) == 2  # the provisional plan was made again, the clean one then served from the cache
+
+
+def test_callers_asking_the_advisor_for_one_plan_at_once_share_one_device_task():
+    import asyncio
+
+    from advisor.actor import Advisor, DeviceResources
+    from advisor.planner import DeviceSpec, plan_replicas
+    from advisor.profiler import WorkloadShape
+
+    plan = plan_replicas(make_profile(), DeviceSpec(kind="cuda", name="g", memory_bytes=8 << 30))
+    made = []
+
+    class LocalAdvisor(Advisor):
+        @staticmethod
+        async def _on_device(fn, request, resources):
+            made.append(request)
+            await asyncio.sleep(0.05)  # the device task takes a while
+            return plan
+
+    async def together():
+        advisor = LocalAdvisor(lambda r, log: plan)
+        shapes = [WorkloadShape(), WorkloadShape(), WorkloadShape(prompt_tokens=1000)]
+        return await asyncio.gather(*(advisor.get_plan(s, DeviceResources()) for s in shapes))
+
+    assert asyncio.run(together()) == [plan] * 3
+    assert len(made) == 2  # the two equal requests shared one task; the other shape got its own

@@ -95,6 +95,29 @@ def test_the_head_gets_its_own_temp_dir_and_every_port_and_never_ray_stop(monkey
     env = cluster.env()
     assert env[TAG_VAR] == cluster.tag and "RAY_ADDRESS" not in env
     assert cluster.address == f"127.0.0.1:{cluster.ports.gcs}"
+    assert not any(a.startswith(("--memory", "--resources")) for a in cmd)
+    os.rmdir(cluster.temp_dir)
+
+
+def test_worker_nodes_join_the_head_with_their_own_temp_dir_ports_memory_and_resources():
+    import json
+
+    from bench.own_cluster import NodeConfig
+
+    cfg = OwnClusterConfig(num_gpus=1, resources={"accelerator_type:small": 1}, memory_bytes=3 << 30,
+                           workers=[NodeConfig(num_gpus=1, memory_bytes=8 << 30, resources={"accelerator_type:large": 1},
+                                               env={"PLATEAU_HOME": "/elsewhere"})])
+    cluster = OwnCluster(cfg)
+    head = cluster.start_command()
+    assert f"--memory={3 << 30}" in head and '--resources={"accelerator_type:small": 1.0}' in head
+    worker = cluster.worker_command(0)
+    assert worker[1:3] == ["start", f"--address={cluster.address}"] and "--head" not in worker
+    assert f"--temp-dir={cluster.temp_dir}/w0" in worker and f"--memory={8 << 30}" in worker
+    resources = next(a for a in worker if a.startswith("--resources="))
+    assert json.loads(resources.split("=", 1)[1]) == {"accelerator_type:large": 1}
+    head_ports = set(cluster.ports.model_dump().values())
+    worker_ports = [int(a.split("=")[1]) for a in worker if a.split("=")[0].endswith("-port") and "worker-port" not in a]
+    assert len(worker_ports) == 6 and not head_ports & set(worker_ports)
     os.rmdir(cluster.temp_dir)
 
 

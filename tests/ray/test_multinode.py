@@ -1,0 +1,194 @@
+"""Two Ray nodes of different device types on this one machine, two models pinned one to each.
+
+The head declares one logical GPU of type `small` (4 GiB: the node's memory), a worker node one
+of type `large` (8 GiB) and a PLATEAU_HOME of its own with no model folder in it, as if it were
+another machine. The app (`serve run`, the shipped model twice, `device_type` set per model,
+`profile_store` the suite's store, which both nodes can read) must plan each model for its own
+type's memory from the one stored profile, start each replica on a node of its type, serve both
+(the worker node provisions the embedded model for its replica itself), and an Advisor that was
+killed and restarted must plan again from the shared store without profiling. Two engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from bench.own_cluster import NodeConfig, OwnCluster, OwnClusterConfig
+from bench.vs_vllm import shipped_config_doc
+from tests.ray.conftest import ROOT, shipped_model_args, wait_until
+
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
+
+GiB = 1 << 30
+TYPES = {"small": 4 * GiB, "large": 8 * GiB}  # logical GPU memory per type: the node's declared memory
+
+
+def _config(path: Path, port: int, store: Path) -> Path:
+    doc = shipped_config_doc(port)
+    args = doc["applications"][0]["args"]
+    # one replica each (min = max = 1) whatever N the plan picks: two engines in all
+    args["models"] = [shipped_model_args(name=f"m-{t}", device_type=t, min_replicas=1, max_replicas=1) for t in TYPES]
+    args["profile_store"] = str(store)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(shipped_profile, suite_home, tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    other_home = work / "home-b"  # the worker node's "disk": downloads only, no converted model, no profiles
+    other_home.mkdir()
+    (other_home / "downloads").symlink_to(suite_home / "downloads", target_is_directory=True)
+    cfg = OwnClusterConfig(
+        num_cpus=1, num_gpus=1, memory_bytes=TYPES["small"], resources={"accelerator_type:small": 1},
+        workers=[NodeConfig(num_cpus=1, num_gpus=1, memory_bytes=TYPES["large"], resources={"accelerator_type:large": 1},
+                            env={"PLATEAU_HOME": str(other_home)})])
+    with OwnCluster(cfg, log_dir=work) as cluster:
+        base = f"http://127.0.0.1:{cluster.ports.serve_http}"
+        log = work / "serve.log"
+        proc = cluster.serve_run(_config(work / "config.yaml", cluster.ports.serve_http, suite_home / "profiles"), log,
+                                 cwd=ROOT)
+
+        def answers(model: str) -> bool:
+            text = log.read_text()
+            assert proc.poll() is None, f"serve run exited early; log:\n{text[-4000:]}"
+            assert "Exception importing application" not in text, f"the app failed to build; log:\n{text[-6000:]}"
+            try:
+                return httpx.post(f"{base}/v1/completions", timeout=30,
+                                  json={"model": model, "prompt": "Hi", "max_tokens": 1}).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        for t in TYPES:
+            wait_until(lambda: answers(f"m-{t}"), 900, f"model m-{t} to answer", every_s=3,
+                       detail=lambda: log.read_text()[-3000:])
+        yield cluster, base, other_home, suite_home / "profiles"
+
+
+def _plateau(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("plateau")), *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+
+
+NODE_OF_REPLICAS = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+out = []
+for a in ray.util.list_named_actors(all_namespaces=True):
+    if a["name"].startswith("SERVE_REPLICA::plateau#LLM:"):
+        actor = ray.get_actor(a["name"], namespace=a["namespace"])
+        node = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
+        out.append([a["name"], node])
+print(json.dumps(out))
+"""
+
+
+def _replica_nodes(address: str) -> dict[str, set[str]]:
+    """Deployment -> the node ids its replica actors run on (each replica asked where it is)."""
+    out = subprocess.run([sys.executable, "-c", NODE_OF_REPLICAS, address], capture_output=True, text=True,
+                         timeout=180, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    nodes: dict[str, set[str]] = {}
+    for name, node in json.loads(out.stdout.strip().splitlines()[-1]):
+        nodes.setdefault(name.split("#")[1], set()).add(node)
+    return nodes
+
+
+def _deployed_n(address: str, device_type: str) -> int:
+    (dep,) = [d for d in _replica_nodes(address) if d.startswith(f"LLM:m-{device_type}@n")]
+    return int(dep.split("@n")[1])
+
+
+def test_each_model_is_planned_for_its_types_memory_and_runs_on_a_node_of_that_type(app):
+    cluster, base, other_home, store = app
+    out = _plateau("status", "--address", cluster.address, "--json")
+    assert out.returncode == 0, out.stderr
+    placement = json.loads(out.stdout)["plateau"]["placement"]
+    by_type = {d["device_type"]: d for d in placement["devices"]}
+    assert set(by_type) == set(TYPES) and len({d["node_id"] for d in placement["devices"]}) == 2
+    assert {t: by_type[t]["memory_bytes"] for t in TYPES} == TYPES
+    deployments = {t: next(dep for dev, items in placement["packing"]["placement"].items()
+                           for dep in (i["model"] for i in items) if dep.startswith(f"LLM:m-{t}@n"))
+                   for t in TYPES}
+    where = {t: next(dev for dev, items in placement["packing"]["placement"].items()
+                     if any(i["model"] == deployments[t] for i in items)) for t in TYPES}
+    assert where == {t: by_type[t]["name"] for t in TYPES}  # each model placed on its own type's device
+
+    # each plan is the planner's for that type's memory, from the one stored profile
+    from advisor.planner import DeviceSpec, PlannerConfig, plan_replicas
+    from advisor.profiler import WorkloadShape
+    from advisor.store import ProfileStore, StoreKey
+
+    rows = ProfileStore(store).profiles()
+    assert len(rows) == 1, rows  # nothing was profiled again, on either node
+    key = StoreKey(**{k: rows.iloc[0][k] for k in StoreKey.model_fields})
+    profile = ProfileStore(store).get_profile(key)
+    m = shipped_model_args()
+    shape = WorkloadShape(prompt_tokens=m["prompt_tokens"], output_tokens=m["output_tokens"])
+    expected = {t: plan_replicas(profile, DeviceSpec(kind="cpu", name=profile.device_name, memory_bytes=mem,
+                                                     cores=profile.cores), shape,
+                                 PlannerConfig(max_model_len=m["max_model_len"])).replicas_per_device
+                for t, mem in TYPES.items()}
+    assert {t: int(deployments[t].split("@n")[1]) for t in TYPES} == expected
+    assert expected["small"] == 1  # 4 GiB holds one SmolLM2 engine with its KV pool on CPU, not two
+
+    # Ray put each replica on a node of its type (Ray's accelerator_type option)
+    nodes = _replica_nodes(cluster.address)
+    assert nodes == {deployments[t]: {by_type[t]["node_id"]} for t in TYPES}
+    text = _plateau("status", "--address", cluster.address)
+    assert "device type small:" in text.stdout and "device type large:" in text.stdout
+    # the worker node had no model folder: it provisioned the embedded model itself (no shared model path)
+    assert (other_home / "models" / "smollm2-135m" / "config.json").exists()
+    assert not (other_home / "profiles").exists()  # its plan read the shared store, not a store of its own
+
+
+def test_both_models_serve_text(app):
+    _, base, _, _ = app
+    for t in TYPES:
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": f"m-{t}", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
+
+
+def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
+    import ray
+
+    from advisor.actor import ADVISOR_NAME, ADVISOR_NAMESPACE
+    from advisor.store import ProfileStore
+    from cluster.inventory import cluster_inventory
+    from deployments.cluster_view import ClusterView
+    from deployments.config import parse_args
+    from deployments.layout import advisor_request, device_resources
+
+    cluster, _, _, store = app
+    stored_at = list(ProfileStore(store).profiles().stored_at)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        advisor = ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE)
+        ray.kill(advisor, no_restart=False)  # Ray restarts it (max_restarts=-1), its plan cache empty
+        view, inventory = ClusterView.from_ray(), cluster_inventory()
+        m = parse_args({"models": [shipped_model_args(name="m-large", device_type="large")]}).models[0]
+        request = advisor_request(m, view, inventory.of_type("large"), str(store))
+        started = time.monotonic()
+        # the type's node, but not its whole GPU: the serving replica holds half of it (a plan from a
+        # stored profile starts no engine; a profile would need the device to itself)
+        resources = device_resources(m, view, "auto").model_copy(update={"num_gpus": 0.0})
+        plan = ray.get(ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE).get_plan.remote(request, resources),
+                       timeout=300)
+        took = time.monotonic() - started
+    finally:
+        ray.shutdown()
+    # a profile takes minutes here; a plan from the stored one seconds (the device task's start included)
+    assert took < 120, f"the restarted Advisor took {took:.0f} s: did it profile again?"
+    assert list(ProfileStore(store).profiles().stored_at) == stored_at
+    assert plan.replicas_per_device == int(_deployed_n(cluster.address, "large"))
