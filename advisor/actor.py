@@ -62,7 +62,7 @@ class Advisor:
     async def get_plan(self, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
         """The plan for `request` (cached); profiles first when no stored profile exists. Callers
         asking for the same plan at once share one device task (models are planned in parallel)."""
-        key = request.model_dump_json()
+        key = request.model_dump_json() + resources.model_dump_json()  # a device type is part of what is asked
         if key in self._plans:
             return self._plans[key]
         if key not in self._planning:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 from pathlib import Path
 from typing import Optional, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from advisor.locks import file_lock
+from advisor.locks import create_lock, file_lock
 from advisor.profiler import ExecutionMode, Profile
 
 KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket", "mode"]
@@ -40,12 +41,22 @@ class StoreKey(BaseModel):
                    dtype=profile.dtype, bucket=profile.shape.bucket, mode=profile.mode)
 
 
-class ProfileStore:
-    """Parquet tables `profiles.parquet` (and later `plans.parquet`) under one folder."""
+class StoreMissing(FileNotFoundError):
+    """A configured shared profile store folder is not there (not mounted on this node)."""
 
-    def __init__(self, root: Path):
+
+class ProfileStore:
+    """Parquet tables `profiles.parquet` (and later `plans.parquet`) under one folder. A folder of
+    one's own is created; a shared one (`create=False`, the config's `profile_store`) must exist:
+    a node without the mount must not quietly keep profiles of its own."""
+
+    def __init__(self, root: Path, create: bool = True):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise StoreMissing(f"profile store {self.root} does not exist on {socket.gethostname()}: mount the "
+                               f"shared folder there, or drop profile_store to keep profiles per node")
 
     def _table(self, kind: str) -> Path:
         return self.root / f"{kind}.parquet"
@@ -60,7 +71,8 @@ class ProfileStore:
         return df
 
     def _put(self, kind: str, key: StoreKey, body: BaseModel) -> Path:
-        with file_lock(self.root / ".lock"):
+        # flock for this machine's writers, an exclusively created file for other machines' (shared folder)
+        with file_lock(self.root / ".lock"), create_lock(self.root / ".write-lock"):
             df = self._read(kind)
             mask = pd.Series(True, index=df.index)
             for col, val in key.model_dump().items():
@@ -68,7 +80,7 @@ class ProfileStore:
             row = {**key.model_dump(), "stored_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                    "body": body.model_dump_json()}
             df = pd.concat([df[~mask], pd.DataFrame([row])], ignore_index=True)
-            tmp = self._table(kind).with_suffix(f".tmp{os.getpid()}")
+            tmp = self._table(kind).with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")
             df.to_parquet(tmp, index=False)
             tmp.replace(self._table(kind))
         return self._table(kind)

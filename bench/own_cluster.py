@@ -269,10 +269,15 @@ class OwnCluster:
     def worker_command(self, i: int) -> list[str]:
         """`ray start` of worker node `i`: joins the head, its temp dir under the head's, ports of its own."""
         node = self.cfg.workers[i]
+        head = set(self.ports.model_dump().values())
+        p = ClusterPorts.pick()  # distinct ports, all held while picked; none of the head's (serve_http is not bound yet)
+        while head & set(p.model_dump().values()):
+            p = ClusterPorts.pick()
         return [_bin("ray"), "start", f"--address={self.address}", f"--temp-dir={self.temp_dir}/w{i}",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--node-manager-port={p.node_manager}", f"--object-manager-port={p.object_manager}",
+                f"--dashboard-agent-listen-port={p.dashboard_agent_listen}",
+                f"--dashboard-agent-grpc-port={p.dashboard_agent_grpc}",
+                f"--runtime-env-agent-port={p.runtime_env_agent}", f"--metrics-export-port={p.metrics_export}",
                 "--min-worker-port=0", "--max-worker-port=0",
                 f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", "--disable-usage-stats",
                 *_declared(node.memory_bytes, node.resources)]

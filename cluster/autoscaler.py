@@ -51,11 +51,10 @@ class ResourceRequest(BaseModel):
     at: float = Field(description="Unix time of the request.")
 
 
-def devices_needed(spec: PackInput, cpu_memory_bytes: Optional[int] = None) -> NeededDevices:
+def devices_needed(spec: PackInput) -> NeededDevices:
     """The packing on the devices there are plus the fewest added devices (like the largest of each
     kind and type with unplaced demand) that hold all of it; demand that even a new device cannot
-    hold stays unplaced. A group with no device at all gets devices sized to hold one replica per
-    share of its largest demand (their real size is unknown until a node joins)."""
+    hold, or whose kind and type the cluster has no device of (its size is unknown), stays unplaced."""
     result, devices = pack(spec), list(spec.devices)
     added: dict[tuple[str, Optional[str]], list[DeviceCapacity]] = {}
     by_model = {m.model: m for m in spec.models}
@@ -65,9 +64,9 @@ def devices_needed(spec: PackInput, cpu_memory_bytes: Optional[int] = None) -> N
         for u in result.unplaced:
             d = by_model[u.model]
             group = (d.kind, d.device_type)
-            template = _template(spec, d, cpu_memory_bytes)
+            template = _template(spec, d)
             extra = added.setdefault(group, [])
-            if len(extra) < limit and template.memory_bytes >= d.memory_per_replica_bytes:
+            if template is not None and len(extra) < limit and template.memory_bytes >= d.memory_per_replica_bytes:
                 label = f"{d.kind}-{d.device_type}" if d.device_type else d.kind
                 extra.append(template.model_copy(update={"name": f"{ADDED_PREFIX}{label}-{len(extra)}"}))
                 grew = True
@@ -84,29 +83,24 @@ def devices_needed(spec: PackInput, cpu_memory_bytes: Optional[int] = None) -> N
     return NeededDevices(packing=result, devices=devices, missing=missing)
 
 
-def _template(spec: PackInput, d: ModelDemand, cpu_memory_bytes: Optional[int]) -> DeviceCapacity:
+def _template(spec: PackInput, d: ModelDemand) -> Optional[DeviceCapacity]:
+    """The largest device the demand may use (None: the cluster has none of its kind and type)."""
     eligible = [dev for dev in spec.devices if d.fits_on(dev)]
-    if eligible:
-        return max(eligible, key=lambda dev: (dev.memory_bytes, dev.share))
-    largest = max((m for m in spec.models if m.kind == d.kind and m.device_type == d.device_type),
-                  key=lambda m: m.memory_per_replica_bytes / m.share)
-    memory = cpu_memory_bytes if d.kind == "cpu" and cpu_memory_bytes else \
-        int(round(largest.memory_per_replica_bytes / largest.share))
-    return DeviceCapacity(name="template", kind=d.kind, memory_bytes=memory, device_type=d.device_type)
+    return max(eligible, key=lambda dev: (dev.memory_bytes, dev.share)) if eligible else None
 
 
-def resource_request(needed: NeededDevices, cpus_per_cpu_device: float, at: float) -> ResourceRequest:
+def resource_request(needed: NeededDevices, at: float) -> ResourceRequest:
     """One bundle per device the packing uses: a GPU (of its type), or a CPU node's CPUs."""
     by_name = {d.name: d for d in needed.devices}
-    bundles = [device_bundle(by_name[name].kind, by_name[name].device_type, cpus_per_cpu_device)
-               for name in needed.packing.placement]
-    return ResourceRequest(bundles=bundles, missing=needed.missing, at=at)
+    return ResourceRequest(bundles=[device_bundle(by_name[name]) for name in needed.packing.placement],
+                           missing=needed.missing, at=at)
 
 
-def device_bundle(kind: str, device_type: Optional[str], cpus_per_cpu_device: float) -> dict[str, float]:
-    bundle: dict[str, float] = {"GPU": 1.0} if kind == "cuda" else {"CPU": float(cpus_per_cpu_device)}
-    if device_type:
-        bundle[f"{ACCELERATOR_TYPE_PREFIX}{device_type}"] = ACCELERATOR_TYPE_SHARE
+def device_bundle(device: DeviceCapacity) -> dict[str, float]:
+    """What one device is to the autoscaler: a GPU, or a CPU node's CPUs; with its accelerator type."""
+    bundle: dict[str, float] = {"GPU": 1.0} if device.kind == "cuda" else {"CPU": float(device.cpus)}
+    if device.device_type:
+        bundle[f"{ACCELERATOR_TYPE_PREFIX}{device.device_type}"] = ACCELERATOR_TYPE_SHARE
     return bundle
 
 

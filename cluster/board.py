@@ -251,8 +251,11 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
         lines += _devices_by_node(p)
         if p.requested is not None:
             added = {name: items for name, items in p.packing.placement.items() if name.startswith(ADDED_PREFIX)}
-            lines.append(f"  requested from Ray's autoscaler at {time.strftime('%H:%M:%S', time.localtime(p.requested.at))}: "
-                         f"{describe(p.requested.missing)}; the replicas placed there wait for the nodes:")
+            at = time.strftime('%H:%M:%S', time.localtime(p.requested.at))
+            what = (f"{describe(p.requested.missing)}; the replicas placed there wait for the nodes:"
+                    if p.requested.missing else "nothing missing")
+            lines.append(f"  asked Ray's autoscaler at {at} for the {len(p.requested.bundles)} devices the placement "
+                         f"uses: {what}")
             for name, items in added.items():
                 lines.append(f"    {name:<24} " + ", ".join(f"{i.model} x{i.replicas}" for i in items))
     lines.append("models:")

@@ -64,7 +64,7 @@ class Device(BaseModel):
 
     def capacity(self) -> DeviceCapacity:
         return DeviceCapacity(name=self.name, kind=self.kind, memory_bytes=self.memory_bytes,
-                              device_type=self.device_type)
+                              device_type=self.device_type, cpus=self.cores if self.kind == "cpu" else 0.0)
 
 
 class Inventory(BaseModel):

@@ -5,8 +5,9 @@ replica first; each model's replicas go, as many at a time as fit, onto the alre
 with the least room left, and a new device is opened only when none has room (largest free
 device first). Deterministic (ties break by name), never above a device's share 1.0 or its
 memory, and demand that fits nowhere is reported as unplaced with the reason and the shortfall.
-A model pinned to a device type goes only onto devices of that type; an unpinned one onto any
-device of its kind.
+A model pinned to a device type goes only onto devices of that type, and is placed before the
+unpinned ones, which go onto any device of their kind (devices of types no pinned model needs
+first).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DeviceCapacity(BaseModel):
     memory_bytes: int = Field(gt=0, description="Memory the replicas on it may use.")
     share: float = Field(1.0, gt=0, description="Schedulable share (1.0 = the whole device).")
     device_type: Optional[str] = Field(None, description="Ray accelerator type of the device's node, if any.")
+    cpus: float = Field(0.0, ge=0, description="CPUs of a CPU device's node (what an autoscaler bundle for it asks).")
 
 
 class ModelDemand(BaseModel):
@@ -123,7 +125,9 @@ def pack(spec: PackInput) -> PackResult:
         lower += _lower_bound(devices, demands)
         free = list(devices)  # unopened, largest first
         used: list[_Bin] = []
-        for d in sorted(demands, key=lambda m: (-_size(m, devices), m.model)):
+        pinned = {m.device_type for m in demands if m.device_type}
+        # pinned models first (only their type holds them); the others then take what is left
+        for d in sorted(demands, key=lambda m: (m.device_type is None, -_size(m, devices), m.model)):
             eligible = [dev for dev in devices if d.fits_on(dev)]
             if not eligible:
                 where = f"{kind} devices of type {d.device_type!r}" if d.device_type else f"{kind} devices"
@@ -138,8 +142,10 @@ def pack(spec: PackInput) -> PackResult:
                     b.put(d, n)
                     left -= n
             while left:
-                # open the largest unopened device (of the demand's type) that holds at least one replica
-                i = next((k for k, dev in enumerate(free) if d.fits_on(dev) and _Bin(dev).room_for(d)), None)
+                # open the largest unopened device (of the demand's type) that holds at least one replica;
+                # an unpinned model prefers devices of types no pinned model needs
+                order = sorted(range(len(free)), key=lambda k: (d.device_type is None and free[k].device_type in pinned, k))
+                i = next((k for k in order if d.fits_on(free[k]) and _Bin(free[k]).room_for(d)), None)
                 if i is None:
                     break
                 b = _Bin(free.pop(i))

@@ -26,7 +26,7 @@ from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppArgs, AppConfigError, parse_args
 from deployments.engine import deployment_options, vllm_version
 from deployments.ingress import OpenAIIngress, ServedModel
-from deployments.layout import apply_plan, ask_plan, layout_model, place
+from deployments.layout import apply_plan, ask_plan, cluster_for, layout_model, place
 from deployments.replica import LLMReplica
 from deployments.vllm_api import openai_schema
 
@@ -46,16 +46,18 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             raise AppConfigError(f"model {m.served_name!r}: device_type = {m.device_type!r}: {exc}; set device_type "
                                  f"to one of them, or start nodes of that type") from None
     # every auto model's plan is asked for first: profiles on different device types run at once
-    pending = {m.served_name: ask_plan(m, cluster, args.device, devices[m.served_name], args.profile_store)
+    views = {m.served_name: cluster_for(m, cluster, devices[m.served_name]) for m in args.models}
+    pending = {m.served_name: ask_plan(m, views[m.served_name], args.device, devices[m.served_name], args.profile_store)
                for m in args.models if m.replicas_per_device == "auto"}
     layouts = []
     for m in args.models:
         profile = None
         if m.served_name in pending:
             m, profile = apply_plan(pending[m.served_name])
-        layouts.append(layout_model(m, cluster, devices[m.served_name], args.device, profile))
+        layouts.append(layout_model(m, views[m.served_name], devices[m.served_name], args.device, profile))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
-    requested = request_missing(needed, cluster) if needed.missing else None
+    # with an autoscaler the request is made on every deploy: it replaces the last one (a target, not a delta)
+    requested = request_missing(needed) if args.cluster_autoscaling else None
     # the policy packs onto the devices there are and those requested from the autoscaler
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
@@ -98,19 +100,23 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
 
 
-def request_missing(needed: NeededDevices, cluster: ClusterView,
+def request_missing(needed: NeededDevices,
                     ask: Optional[Callable[[list[dict[str, float]]], None]] = None) -> ResourceRequest:
     """Ask Ray's autoscaler for every device the placement uses (`ask`: tests inject it)."""
-    request = resource_request(needed, cluster.cpus_per_node, time.time())
+    request = resource_request(needed, time.time())
     if ask is None:
         from ray.autoscaler.sdk import request_resources
 
         def ask(bundles):
             request_resources(bundles=bundles)
     ask(request.bundles)
-    logger.warning("the start placement lacks %s: asked Ray's autoscaler for them (request_resources, %d device "
-                   "bundles in all); the replicas placed there start when the nodes join", describe(needed.missing),
-                   len(request.bundles))
+    if needed.missing:
+        logger.warning("the start placement lacks %s: asked Ray's autoscaler for them (request_resources, %d device "
+                       "bundles in all); the replicas placed there start when the nodes join",
+                       describe(needed.missing), len(request.bundles))
+    else:
+        logger.info("asked Ray's autoscaler for the %d devices the start placement uses (request_resources; "
+                    "replaces any earlier request)", len(request.bundles))
     return request
 
 

@@ -42,7 +42,7 @@ class ModelConfig(BaseModel):
     )
     devices: int = Field(1, ge=1, description="how many devices this model's replicas occupy at start, >= 1")
     device_type: Optional[str] = Field(
-        None, description="Ray accelerator type (H100, A10G, or a node's own accelerator_type:<T> resource) the "
+        None, min_length=1, description="Ray accelerator type (H100, A10G, or a node's own accelerator_type:<T> resource) the "
                           "model is profiled, planned and placed on; omit for any device",
     )
     min_replicas: Optional[int] = Field(None, ge=1, description="fewest replicas under load scaling, >= 1 (default: the start count)")

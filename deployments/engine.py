@@ -351,3 +351,12 @@ def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_
     check_engine_kwargs(dict(spec.engine_kwargs))
     with device_start_lock(device_key(spec)):
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)), stat_loggers=stat_loggers)
+
+
+def engine_core_pids(engine: "AsyncLLM") -> list[int]:
+    """The pids of an AsyncLLM's EngineCore processes, from vLLM's own handle on them (its
+    client's `resources.engine_manager.processes`, vLLM 0.32 V1); not from process titles, which
+    an engine does not always carry. Empty where the engine runs in-process or as Ray actors."""
+    resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]

@@ -78,7 +78,16 @@ def advisor_request(m: ModelConfig, cluster: ClusterView, inventory: Inventory, 
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
         tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
         device_memory=inventory.smallest_memory_bytes if m.device_type else None, store_dir=store,
+        shared_store=store is not None,
     )
+
+
+def cluster_for(m: ModelConfig, cluster: ClusterView, inventory: Inventory) -> ClusterView:
+    """The cluster as a model pinned to a device type sees it: on CPU devices, the CPUs of its
+    type's smallest node (what its device task and replicas may ask for)."""
+    if not m.device_type or inventory.kind != "cpu":
+        return cluster
+    return cluster.model_copy(update={"cpus_per_node": min(d.cores for d in inventory.devices)})
 
 
 def device_resources(m: ModelConfig, cluster: ClusterView, device: str):
@@ -111,13 +120,13 @@ def ask_plan(m: ModelConfig, cluster: ClusterView, device: str, inventory: Inven
     return PendingPlan(model=m, request=request, ref=advisor.get_plan.remote(request, device_resources(m, cluster, device)))
 
 
-def apply_plan(pending: PendingPlan) -> tuple[ModelConfig, Optional[Profile]]:
+def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optional[Profile]]:
     """Wait for the plan; apply it to the model; return the model and the profile behind the plan."""
     from deployments.profiling import AdvisorError, stored_profile
 
     m = pending.model
     try:
-        plan = ray.get(pending.ref)
+        plan = wait(pending.ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
@@ -125,13 +134,14 @@ def apply_plan(pending: PendingPlan) -> tuple[ModelConfig, Optional[Profile]]:
         raise
     for reason in plan.reasons:
         logger.info("plan for %s: %s", m.served_name, reason)
-    try:
-        profile = stored_profile(pending.request)
+    try:  # the profile of the device the plan was made on (a device task's, on a node of the model's type)
+        profile = stored_profile(pending.request, plan.device_name)
     except AdvisorError:
         profile = None
     if profile is None:
-        logger.warning("plan for %s: the profile is not in this node's store (it was taken on another node; set "
-                       "profile_store to a folder every node mounts); no re-packing for this model", m.served_name)
+        logger.warning("plan for %s: its profile (%s) is not in the store this node reads (it was taken on another "
+                       "node; set profile_store to a folder every node mounts); no re-packing for this model",
+                       m.served_name, plan.device_name)
     resolved = m.model_copy(update={
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
         "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),
@@ -239,11 +249,10 @@ def place(layouts: list[ModelLayout], inventory: Inventory, autoscaling: bool = 
             for lay in layouts])
     devices = ", ".join(f"{d.name} ({d.model_name}{f' type {d.device_type}' if d.device_type else ''}, "
                         f"{d.memory_bytes / 2**30:.1f} GiB {d.memory_source})" for d in inventory.devices)
-    cpu_memory = max(d.memory_bytes for d in inventory.devices)
     for what, replicas_of in (("min_replicas", lambda lay: lay.policy_input.min_replicas),
                               ("start replicas", lambda lay: lay.initial_replicas)):
         spec = demand(replicas_of)
-        needed = devices_needed(spec, cpu_memory) if autoscaling else \
+        needed = devices_needed(spec) if autoscaling else \
             NeededDevices(packing=pack(spec), devices=spec.devices, missing=[])
         result = needed.packing
         if result.unplaced:

@@ -41,7 +41,7 @@ from advisor.profiler import (
     execution_mode,
     measure,
 )
-from advisor.store import ProfileStore
+from advisor.store import ProfileStore, StoreMissing
 from deployments.engine import cpu_cores_for, start_engine, vllm_version
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
@@ -271,6 +271,8 @@ class AdvisorRequest(BaseModel):
     dummy: bool = Field(False, description="Random weights (load_format=dummy), token-id prompts.")
     share_point: bool = Field(True, description="CPU: also measure B* on half the cores.")
     store_dir: Optional[str] = Field(None, description="Profile store folder; default $PLATEAU_HOME/profiles.")
+    shared_store: bool = Field(False, description="store_dir is a folder every node mounts (the app's profile_store): "
+                                                  "a node without it fails instead of keeping profiles of its own.")
     device_memory: Optional[int] = Field(None, gt=0, description="Device memory override in bytes.")
     reprofile: bool = Field(False, description="Profile even if a stored profile exists.")
     validate_plan: bool = Field(False, description="Start the planned N replicas and measure them.")
@@ -303,9 +305,15 @@ class AdvisorRequest(BaseModel):
         return execution_mode(self.eager)
 
     def store(self) -> ProfileStore:
+        """The store named by `store_dir` (created if missing, unless it is a shared one), else this node's own."""
         from deployments.models import plateau_home
 
-        return ProfileStore(Path(self.store_dir) if self.store_dir else plateau_home() / "profiles")
+        if not self.store_dir:
+            return ProfileStore(plateau_home() / "profiles")
+        try:
+            return ProfileStore(Path(self.store_dir), create=not self.shared_store)
+        except StoreMissing as exc:
+            raise AdvisorError(str(exc)) from None
 
 
 def _kv_cap(req: AdvisorRequest, memory: MemoryModel) -> int:
@@ -453,10 +461,12 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, 
     return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)], "noise": noise})
 
 
-def stored_profile(req: AdvisorRequest) -> Optional[Profile]:
-    """The profile `plan_model` would use for `req`, if this node's store has one (no profiling)."""
+def stored_profile(req: AdvisorRequest, device: Optional[str] = None) -> Optional[Profile]:
+    """The profile `plan_model` would use for `req` on the device named `device` (default: this
+    process's device), if the store has one (no profiling)."""
     _, memory = _memory(req)
-    return req.store().find(req.model, device_name(req), vllm_version(), memory.dtype, req.shape.bucket, mode=req.mode)
+    return req.store().find(req.model, device or device_name(req), vllm_version(), memory.dtype, req.shape.bucket,
+                            mode=req.mode)
 
 
 def plan_model(req: AdvisorRequest, log: Callable[[str], None],

@@ -18,14 +18,13 @@ import os
 import time
 from typing import AsyncIterator, Optional
 
-import psutil
 import ray
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.metrics import Gauge
 
 from deployments.cores import claim_cores
-from deployments.engine import EngineDead, serve_log_targets_kept, start_engine, vllm_version
+from deployments.engine import EngineDead, engine_core_pids, serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import descendants, engine_processes, start_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
@@ -217,7 +216,6 @@ class LLMReplica:
 
     def info(self) -> ReplicaInfo:
         cache = self.engine.vllm_config.cache_config
-        children = psutil.Process().children(recursive=True)
         return ReplicaInfo(
             replica_id=_replica_id(),
             pid=os.getpid(),
@@ -225,7 +223,7 @@ class LLMReplica:
             model_path=self.spec.model_path,
             device_kind=self.spec.device_kind,
             cpu_cores=self.cores,
-            engine_pids=[p.pid for p in children if "EngineCore" in _proc_name(p)],
+            engine_pids=engine_core_pids(self.engine),
             num_kv_blocks=cache.num_gpu_blocks,
             kv_block_tokens=cache.block_size,
             max_model_len=self.max_model_len,
@@ -282,10 +280,3 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return f"pid-{os.getpid()}"
-
-
-def _proc_name(proc: psutil.Process) -> str:
-    try:
-        return " ".join([proc.name()] + proc.cmdline()[:1])
-    except psutil.Error:
-        return ""

@@ -175,6 +175,7 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         advisor = ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE)
+        pid = ray.get(advisor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         ray.kill(advisor, no_restart=False)  # Ray restarts it (max_restarts=-1), its plan cache empty
         view, inventory = ClusterView.from_ray(), cluster_inventory()
         m = parse_args({"models": [shipped_model_args(name="m-large", device_type="large")]}).models[0]
@@ -183,9 +184,10 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
         # the type's node, but not its whole GPU: the serving replica holds half of it (a plan from a
         # stored profile starts no engine; a profile would need the device to itself)
         resources = device_resources(m, view, "auto").model_copy(update={"num_gpus": 0.0})
-        plan = ray.get(ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE).get_plan.remote(request, resources),
-                       timeout=300)
+        restarted = ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE)
+        plan = ray.get(restarted.get_plan.remote(request, resources), timeout=300)
         took = time.monotonic() - started
+        assert ray.get(restarted.__ray_call__.remote(lambda self: os.getpid()), timeout=60) != pid  # a new process
     finally:
         ray.shutdown()
     # a profile takes minutes here; a plan from the stored one seconds (the device task's start included)

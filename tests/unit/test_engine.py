@@ -194,3 +194,16 @@ def test_vllms_logging_setup_leaves_serves_replica_log_file_working(tmp_path):
     finally:
         serve_logger.removeHandler(buffered)
         target.close()
+
+
+def test_engine_core_pids_come_from_vllms_handle_on_its_processes_not_their_titles():
+    from types import SimpleNamespace
+
+    from deployments.engine import engine_core_pids
+
+    procs = [SimpleNamespace(pid=41), SimpleNamespace(pid=None)]  # a process not started yet has no pid
+    engine = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(
+        engine_manager=SimpleNamespace(processes=procs))))
+    assert engine_core_pids(engine) == [41]
+    in_process = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(engine_manager=None)))
+    assert engine_core_pids(in_process) == []

@@ -91,12 +91,12 @@ def test_with_cluster_autoscaling_the_missing_devices_are_requested_and_shown_in
     needed = place([lay], inventory(), autoscaling=True)
     assert needed.packing.unplaced == [] and [(m.count, m.memory_bytes) for m in needed.missing] == [(1, 4 * GiB)]
     asked = []
-    request = request_missing(needed, CLUSTER, ask=asked.append)
+    request = request_missing(needed, ask=asked.append)
     assert asked == [[{"GPU": 1.0}] * 3] and request.bundles == asked[0]
     status = AppStatus(placement=AppPlacement(app="p", devices=inventory().devices, packing=needed.packing, routes={},
                                               requested=request))
     text = render_status("p", status)
-    assert "1 cuda device(s) of 4.0 GiB; the replicas placed there wait for the nodes" in text
+    assert "for the 3 devices the placement uses: 1 cuda device(s) of 4.0 GiB; the replicas placed there wait" in text
     assert "+cuda-0" in text and "LLM:smollm2-135m@n2 x1" in text
     # the policy grows onto the devices there are and the requested one
     assert [c.name for c in needed.capacities()] == ["h/gpu0", "h/gpu1", "+cuda-0"]
@@ -172,3 +172,35 @@ def test_the_profile_store_must_be_a_path_every_node_mounts():
     for bad in ("s3://bucket/profiles", "profiles"):
         with pytest.raises(AppConfigError, match=r"profile_store = .*must be an absolute folder path that every node"):
             parse_args({"profile_store": bad})
+
+
+def test_the_builder_reads_the_profile_of_the_device_the_plan_was_made_on(monkeypatch):
+    """A model pinned to another type is planned on a node of that type: its profile is keyed by
+    that device's name, not by the device of the node that builds the app."""
+    from advisor.planner import DeviceSpec, plan_replicas
+    from deployments import profiling
+    from deployments.layout import PendingPlan, advisor_request, apply_plan
+
+    plan = plan_replicas(PROFILE, DeviceSpec(kind="cuda", name="cuda:NVIDIA L4", memory_bytes=24 * GiB))
+    asked = []
+    monkeypatch.setattr(profiling, "stored_profile", lambda req, device=None: asked.append(device) or PROFILE)
+    m = model(name="m", device_type="L4")
+    pending = PendingPlan(model=m, request=advisor_request(m, CLUSTER, typed_inventory().of_type("small")), ref="ref")
+    resolved, profile = apply_plan(pending, wait=lambda ref: plan)
+    assert asked == ["cuda:NVIDIA L4"] and profile is PROFILE
+    assert (resolved.replicas_per_device, resolved.max_num_seqs) == (plan.replicas_per_device, plan.max_num_seqs)
+
+
+def test_a_model_pinned_to_a_type_of_smaller_cpu_nodes_asks_for_their_cpus_not_the_largest_nodes():
+    from deployments.layout import cluster_for, device_resources
+
+    def node(name, cpus, device_type):
+        return Device(name=name, node_id=name, kind="cpu", model_name="CPU node", memory_bytes=64 * GiB,
+                      memory_source="node", cores=cpus, device_type=device_type)
+    inv = Inventory(devices=[node("big", 32, "x"), node("small", 4, "y")])
+    cluster = ClusterView(gpus=0, cpus_per_node=32, engine_device="cpu")
+    m = model(name="m", device_type="y", replicas_per_device=2)
+    view = cluster_for(m, cluster, inv.of_type("y"))
+    assert view.cpus_per_node == 4 and device_resources(m, view, "cpu").num_cpus == 4
+    assert layout_model(m, view, inv.of_type("y"), "cpu", None).specs[2].resources.num_cpus == 2
+    assert cluster_for(model(), cluster, inv) is cluster

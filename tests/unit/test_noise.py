@@ -205,8 +205,11 @@ def test_callers_asking_the_advisor_for_one_plan_at_once_share_one_device_task()
 
     async def together():
         advisor = LocalAdvisor(lambda r, log: plan)
-        shapes = [WorkloadShape(), WorkloadShape(), WorkloadShape(prompt_tokens=1000)]
-        return await asyncio.gather(*(advisor.get_plan(s, DeviceResources()) for s in shapes))
+        asks = [(WorkloadShape(), DeviceResources()), (WorkloadShape(), DeviceResources()),
+                (WorkloadShape(prompt_tokens=1000), DeviceResources()),
+                (WorkloadShape(), DeviceResources(accelerator_type="L4"))]
+        return await asyncio.gather(*(advisor.get_plan(s, r) for s, r in asks))
 
-    assert asyncio.run(together()) == [plan] * 3
-    assert len(made) == 2  # the two equal requests shared one task; the other shape got its own
+    assert asyncio.run(together()) == [plan] * 4
+    # the two equal asks shared one task; another shape, and the same shape on another device type, got their own
+    assert len(made) == 3

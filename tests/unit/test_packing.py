@@ -137,3 +137,14 @@ def test_pinned_demand_that_its_type_cannot_hold_is_unplaced_naming_the_type():
     assert reasons["ghost"] == (2, "no cuda devices of type 'A100'")
     assert reasons["many"][0] == 1 and "all 2 cuda devices of type 'L4' are full" in reasons["many"][1]
     assert not any(p.model in ("many", "big") for d in ("a0", "a1") for p in result.placement.get(d, []))
+
+
+def test_unpinned_demand_does_not_take_the_device_a_pinned_model_needs():
+    spec = PackInput(devices=[DeviceCapacity(name="h100", memory_bytes=80 * GIB, device_type="H100"),
+                              DeviceCapacity(name="l4", memory_bytes=24 * GIB, device_type="L4")], models=[
+        ModelDemand(model="a", replicas=1, share=1.0, memory_per_replica_bytes=20 * GIB),
+        ModelDemand(model="b", replicas=1, share=1.0, memory_per_replica_bytes=70 * GIB, device_type="H100"),
+    ])
+    result = pack(spec)
+    assert result.unplaced == []
+    assert {d: [p.model for p in ps] for d, ps in result.placement.items()} == {"h100": ["b"], "l4": ["a"]}

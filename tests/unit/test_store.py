@@ -75,3 +75,53 @@ def test_device_tasks_get_a_fresh_worker_each_time():
 
     opts = device_task()._default_options
     assert opts["max_calls"] == 1 and opts["max_retries"] == 0
+
+
+def test_a_shared_store_that_is_not_mounted_is_an_error_and_never_created(tmp_path):
+    import pytest
+
+    from advisor.store import StoreMissing
+    from deployments.profiling import AdvisorError, AdvisorRequest
+
+    missing = tmp_path / "mnt" / "profiles"
+    with pytest.raises(StoreMissing, match="does not exist on .*: mount the shared folder there"):
+        ProfileStore(missing, create=False)
+    with pytest.raises(AdvisorError, match="does not exist"):
+        AdvisorRequest(model="m", store_dir=str(missing), shared_store=True).store()
+    assert not missing.exists()
+    assert AdvisorRequest(model="m", store_dir=str(missing)).store().root.is_dir()  # `plateau profile --store`
+
+
+def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_stale_one_is_taken_over(tmp_path):
+    import os
+    import threading
+    import time
+
+    import pytest
+
+    from advisor.locks import create_lock
+
+    lock = tmp_path / ".write-lock"
+    order = []
+    with create_lock(lock):
+        assert lock.exists()
+        def second_writer():
+            with create_lock(lock):
+                order.append("waited")
+        t = threading.Thread(target=second_writer)
+        t.start()
+        time.sleep(0.3)
+        order.append("released")
+    t.join(5)
+    assert order == ["released", "waited"]  # the second writer got the lock only after the first let go
+    assert not lock.exists()  # each holder removes it on release
+    lock.write_text("dead-host 1\n")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with create_lock(lock, stale_s=60):  # left by a holder that died an hour ago
+        pass
+    assert not lock.exists()
+    lock.write_text("busy-host 2\n")
+    with pytest.raises(TimeoutError, match="held by another writer"):
+        with create_lock(lock, timeout_s=0.3):
+            pass
