@@ -57,7 +57,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         layouts.append(layout_model(m, views[m.served_name], devices[m.served_name], args.device, profile))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
     # with an autoscaler the request is made on every deploy: it replaces the last one (a target, not a delta)
-    requested = request_missing(needed) if args.cluster_autoscaling else None
+    requested = ask_autoscaler(needed) if args.cluster_autoscaling else None
     # the policy packs onto the devices there are and those requested from the autoscaler
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
@@ -100,7 +100,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
 
 
-def request_missing(needed: NeededDevices,
+def ask_autoscaler(needed: NeededDevices,
                     ask: Optional[Callable[[list[dict[str, float]]], None]] = None) -> ResourceRequest:
     """Ask Ray's autoscaler for every device the placement uses (`ask`: tests inject it)."""
     request = resource_request(needed, time.time())

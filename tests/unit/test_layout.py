@@ -84,14 +84,14 @@ def test_min_replicas_beyond_capacity_fail_at_startup_saying_by_how_much():
 
 def test_with_cluster_autoscaling_the_missing_devices_are_requested_and_shown_in_the_status():
     from cluster.board import AppPlacement, AppStatus, render_status
-    from deployments.app import request_missing
+    from deployments.app import ask_autoscaler
 
     lay = layout_model(model(replicas_per_device=2, min_replicas=5, max_replicas=6), CLUSTER, inventory(), "auto",
                        None)
     needed = place([lay], inventory(), autoscaling=True)
     assert needed.packing.unplaced == [] and [(m.count, m.memory_bytes) for m in needed.missing] == [(1, 4 * GiB)]
     asked = []
-    request = request_missing(needed, ask=asked.append)
+    request = ask_autoscaler(needed, ask=asked.append)
     assert asked == [[{"GPU": 1.0}] * 3] and request.bundles == asked[0]
     status = AppStatus(placement=AppPlacement(app="p", devices=inventory().devices, packing=needed.packing, routes={},
                                               requested=request))
