@@ -224,6 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     base_env = {**os.environ, **BASE_ENV}
     home = Path(ns.plateau_home) if ns.plateau_home else work / "plateau-home"  # empty: the first start profiles
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}  # side -> why it has no numbers
     current: list[Side] = []
 
     def on_signal(signum, _frame):
@@ -249,13 +250,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"[{side_name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
                 rows = measure(side, name, folder, points, ns.long_concurrency, work / side_name)
                 results[side_name] = {"ready_s": ready_s, "points": rows}
+            except Exception as e:  # one side failing must not lose the others' numbers
+                print(f"[{side_name}] failed: {e!r}; its log: {side.log}", file=sys.stderr, flush=True)
+                failed[side_name] = f"{type(e).__name__}: {e}"
             finally:
                 side.stop()
                 current.remove(side)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    summary = {"sides": list(results), "ratios": {}}
+    summary = {"sides": list(results), "failed_sides": failed, "ratios": {}}
     if "vllm" in results:
         for side_name, res in results.items():
             if side_name == "vllm":
@@ -271,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     "results": results, "summary": summary})
     print(f"[vs_vllm] wrote {path}", file=sys.stderr, flush=True)
     print(json.dumps(summary))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
