@@ -57,6 +57,7 @@ def devices_needed(spec: PackInput) -> NeededDevices:
     hold, or whose kind and type the cluster has no device of (its size is unknown), stays unplaced."""
     result, devices = pack(spec), list(spec.devices)
     added: dict[tuple[str, Optional[str]], list[DeviceCapacity]] = {}
+    taken = {dev.name for dev in spec.devices}  # the policy's devices may hold earlier added ones
     by_model = {m.model: m for m in spec.models}
     limit = sum(m.replicas for m in spec.models)
     while result.unplaced:
@@ -67,8 +68,7 @@ def devices_needed(spec: PackInput) -> NeededDevices:
             template = _template(spec, d)
             extra = added.setdefault(group, [])
             if template is not None and len(extra) < limit and template.memory_bytes >= d.memory_per_replica_bytes:
-                label = f"{d.kind}-{d.device_type}" if d.device_type else d.kind
-                extra.append(template.model_copy(update={"name": f"{ADDED_PREFIX}{label}-{len(extra)}"}))
+                extra.append(template.model_copy(update={"name": _added_name(d, taken)}))
                 grew = True
         if not grew:
             break
@@ -81,6 +81,16 @@ def devices_needed(spec: PackInput) -> NeededDevices:
             missing.append(MissingDevices(kind=kind, device_type=device_type, count=len(used),
                                           memory_bytes=used[0].memory_bytes))
     return NeededDevices(packing=result, devices=devices, missing=missing)
+
+
+def _added_name(d: ModelDemand, taken: set[str]) -> str:
+    """A new name `+<kind>[-<type>]-<i>` for an added device, apart from every name in `taken` (which it joins)."""
+    label = f"{d.kind}-{d.device_type}" if d.device_type else d.kind
+    i = 0
+    while f"{ADDED_PREFIX}{label}-{i}" in taken:
+        i += 1
+    taken.add(f"{ADDED_PREFIX}{label}-{i}")
+    return f"{ADDED_PREFIX}{label}-{i}"
 
 
 def _template(spec: PackInput, d: ModelDemand) -> Optional[DeviceCapacity]:

@@ -51,6 +51,9 @@ class AppStatus(BaseModel):
     policy_seen_at: Optional[float] = Field(None, description="Last time the policy published (unix s).")
     policy_errors: int = 0
     last_policy_error: Optional[str] = None
+    requested: Optional[ResourceRequest] = Field(
+        None, description="The policy's last request to Ray's autoscaler (cluster_autoscaling: the devices its "
+                          "targets use, added ones included).")
 
 
 class BoardMetrics:
@@ -155,13 +158,15 @@ class StatusBoard:
         self._save(placement.app)
 
     def publish(self, app: str, routes: dict[str, list[Route]], live: list[LiveModel],
-                new_decisions: list[Decision], kept: int = 50) -> None:
-        """The policy's routes, readings and decisions; taken even before (or without) a placement."""
+                new_decisions: list[Decision], kept: int = 50, requested: Optional[ResourceRequest] = None) -> None:
+        """The policy's routes, readings, decisions and last autoscaler request; taken even before
+        (or without) a placement."""
         status = self._status(app)
-        changed = routes != status.routes or bool(new_decisions)
+        requested = requested or status.requested
+        changed = routes != status.routes or bool(new_decisions) or requested != status.requested
         self._apps[app] = status.model_copy(update={
             "routes": routes, "live": live, "decisions": (status.decisions + new_decisions)[-kept:],
-            "policy_seen_at": time.time(),
+            "policy_seen_at": time.time(), "requested": requested,
         })
         if changed:
             self._save(app)
@@ -227,7 +232,7 @@ def _devices_by_node(p: AppPlacement) -> list[str]:
         nodes.setdefault(d.node_id, []).append(d)
     for node_id, devices in nodes.items():
         types = sorted({d.device_type or "no accelerator type" for d in devices})
-        address = devices[0].name.rsplit("/", 1)[0].split("#")[0]
+        address = devices[0].node_address or "(address not recorded)"
         lines.append(f"  node {address} ({node_id[:8]}), device type {', '.join(types)}:")
         for d in devices:
             items = p.packing.placement.get(d.name, [])
@@ -258,6 +263,12 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
                          f"uses: {what}")
             for name, items in added.items():
                 lines.append(f"    {name:<24} " + ", ".join(f"{i.model} x{i.replicas}" for i in items))
+    if status.requested is not None:
+        r = status.requested
+        lines.append(f"the policy last asked Ray's autoscaler at {time.strftime('%H:%M:%S', time.localtime(r.at))} "
+                     f"for the {len(r.bundles)} devices its replica targets use: "
+                     + (f"{describe(r.missing)} beyond the start placement's devices" if r.missing
+                        else "none beyond the start placement's devices"))
     lines.append("models:")
     live = {m.model: m for m in status.live}
     for model, routes in sorted(status.routes.items()):

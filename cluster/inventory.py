@@ -54,6 +54,7 @@ class Device(BaseModel):
     name: str = Field(description="<node address>/gpu<i> or <node address>/cpu (<address>#<node id prefix> where "
                                   "several nodes share an address).")
     node_id: str
+    node_address: str = Field("", description="The node's address (several nodes of one machine share it).")
     kind: Literal["cuda", "cpu"]
     model_name: str = Field(description="NVML name, 'logical GPU', or 'CPU node'.")
     memory_bytes: int
@@ -108,7 +109,7 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
         # several nodes of one machine share its address: their node ids keep the device names apart
         host = node.address if addresses.count(node.address) == 1 else f"{node.address}#{node.node_id[:8]}"
         if not has_gpus:
-            devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, kind="cpu", model_name="CPU node",
+            devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, node_address=node.address, kind="cpu", model_name="CPU node",
                                   memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus,
                                   device_type=node.accelerator_type))
             continue
@@ -122,7 +123,7 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
                 memory, source, name, bw = declared_gpu_memory, "declared", "logical GPU", None
             else:
                 memory, source, name, bw = node.memory_bytes // count, "node-share", "logical GPU", None
-            devices.append(Device(name=f"{host}/gpu{i}", node_id=node.node_id, kind="cuda", model_name=name,
+            devices.append(Device(name=f"{host}/gpu{i}", node_id=node.node_id, node_address=node.address, kind="cuda", model_name=name,
                                   memory_bytes=memory, memory_source=source, bandwidth_bytes_per_s=bw,
                                   cores=node.cpus / count, device_type=node.accelerator_type))
     return Inventory(devices=devices)

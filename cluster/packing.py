@@ -130,8 +130,7 @@ def pack(spec: PackInput) -> PackResult:
         for d in sorted(demands, key=lambda m: (m.device_type is None, -_size(m, devices), m.model)):
             eligible = [dev for dev in devices if d.fits_on(dev)]
             if not eligible:
-                where = f"{kind} devices of type {d.device_type!r}" if d.device_type else f"{kind} devices"
-                unplaced.append(Unplaced(model=d.model, replicas=d.replicas, reason=f"no {where}"))
+                unplaced.append(Unplaced(model=d.model, replicas=d.replicas, reason=f"no {_devices_of(d)}"))
                 continue
             left = d.replicas
             for b in sorted((b for b in used if d.fits_on(b.device)), key=lambda b: (b.slack(), b.device.name)):
@@ -187,14 +186,19 @@ def _capacity_bound(devices: list[DeviceCapacity], demands: list[ModelDemand]) -
     return bound
 
 
+def _devices_of(d: ModelDemand, one: bool = False) -> str:
+    """The devices a demand may use, in words: "cuda devices", "cuda device of type 'H100'"."""
+    noun = "device" if one else "devices"
+    return f"{d.kind} {noun} of type {d.device_type!r}" if d.device_type else f"{d.kind} {noun}"
+
+
 def _why(d: ModelDemand, devices: list[DeviceCapacity], used: list[_Bin]) -> str:
     biggest = max(devices, key=lambda x: x.memory_bytes)
-    of_type = f" of type {d.device_type!r}" if d.device_type else ""
-    what = f"{d.kind} devices{of_type}"
     if d.memory_per_replica_bytes > biggest.memory_bytes or d.share > biggest.share + EPS:
         return (f"one replica needs share {d.share:g} and {d.memory_per_replica_bytes / 2**30:.2f} GiB; the largest "
-                f"{d.kind} device{of_type} has {biggest.share:g} and {biggest.memory_bytes / 2**30:.2f} GiB")
+                f"{_devices_of(d, one=True)} has {biggest.share:g} and "
+                f"{biggest.memory_bytes / 2**30:.2f} GiB")
     free_mem = sum(b.memory_left for b in used)
-    return (f"all {len(devices)} {what} are full (free: {free_mem / 2**30:.2f} GiB in fragments "
+    return (f"all {len(devices)} {_devices_of(d)} are full (free: {free_mem / 2**30:.2f} GiB in fragments "
             f"smaller than {d.memory_per_replica_bytes / 2**30:.2f} GiB or share {d.share:g}); add devices or "
             f"lower the replica count")

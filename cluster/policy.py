@@ -4,7 +4,9 @@ Each model is served by one deployment per packing variant (`<model>@n<N>`: repl
 take 1/N of a device). The policy keeps one variant active and moves replica counts:
 - load: the active variant gets enough replicas for each to hold about `target_batch_fill` of its
   planned batch, within the model's min/max, after the wish held for `upscale_after_s` /
-  `downscale_after_s`, and only as far as the packer finds room on the devices;
+  `downscale_after_s`, and only as far as the packer finds room on the devices (with
+  `may_add_devices`, cluster_autoscaling: on as many added devices like the largest as it takes;
+  the output's `needed` is then what to ask Ray's autoscaler for);
 - shape: the live prompt/output lengths go through the advisor's fitted step model
   (`evaluate_shape`); when another variant is predicted to beat the active one by
   `repack_min_gain` for `repack_sustain_s`, a re-pack starts, make-before-break: the new variant
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.planner import DeviceSpec, PlannerConfig, ShapeEvaluation, evaluate_shape
 from advisor.profiler import Profile, WorkloadShape
 from advisor.refit import FitCheck, LiveSample, RefitConfig
+from cluster.autoscaler import NeededDevices, devices_needed
 from cluster.packing import DeviceCapacity, ModelDemand, PackInput, pack
 from cluster.refit import RefitState, follow_reality
 
@@ -102,6 +105,8 @@ class PolicyContext(BaseModel):
     now: float
     models: list[ModelView]
     devices: list[DeviceCapacity]
+    may_add_devices: bool = Field(False, description="Ray's autoscaler may add devices (cluster_autoscaling): growth "
+                                                     "the devices cannot hold goes onto added ones like the largest.")
 
 
 class Repack(BaseModel):
@@ -187,6 +192,8 @@ class PolicyOutput(BaseModel):
     live: list[LiveModel]
     state: PolicyState
     new_decisions: list[Decision]
+    needed: Optional[NeededDevices] = Field(None, description="With may_add_devices: the devices the targets use, "
+                                                              "added ones included (what to ask the autoscaler for).")
 
 
 # ---- the policy -------------------------------------------------------------------------------
@@ -220,11 +227,11 @@ def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyCon
         steps.append(_step_model(ctx.now, view, ms, obs, ev, cfg))
         live_inputs.append((obs, ev or _evaluate(inp, inp.profile.shape if inp.profile else None), shape))
 
-    steps = _grant_growth(ctx, steps, cfg)
-    steps = _check_repack_room(ctx, steps)
+    steps = _grant_growth(ctx, steps, cfg)  # with may_add_devices a re-pack's new variant may surge onto added devices
+    steps = _check_repack_room(_with_added_devices(ctx, _all_targets(steps)), steps)
     steps = [_record_new_target(s) for s in steps]
 
-    targets = {dep: n for s in steps for dep, n in s.deployment_targets().items()}
+    targets = _all_targets(steps)
     routes = {s.view.input.model: [Route(n=v.n, deployment=v.deployment, accepting=s.accepting[v.n],
                                          running=obs[v.n].running, max_num_seqs=v.max_num_seqs)
                                    for v in s.view.input.variants]
@@ -236,7 +243,8 @@ def decide(ctx: PolicyContext, state: PolicyState, cfg: PolicyConfig = PolicyCon
     live = [m.model_copy(update={"fit": refits[m.model].check, "refits": refits[m.model].refits})
             if m.model in refits else m for m in live]
     return PolicyOutput(targets=targets, routes=routes, live=live,
-                        state=PolicyState(models=states, decisions=kept, refits=refits), new_decisions=decisions)
+                        state=PolicyState(models=states, decisions=kept, refits=refits), new_decisions=decisions,
+                        needed=_needed(ctx, targets) if ctx.may_add_devices else None)
 
 
 def _follow_reality(ctx: PolicyContext, state: PolicyState,
@@ -450,15 +458,33 @@ def _advance_repack(now: float, view: ModelView, ms: ModelState, obs: dict[int, 
     return step(ms)
 
 
-def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
+def _demand(ctx: PolicyContext, targets: dict[str, int]) -> PackInput:
+    kind = ctx.devices[0].kind
+    return PackInput(devices=ctx.devices, models=[
+        ModelDemand(model=v.deployment, kind=kind, replicas=targets.get(v.deployment, 0), share=v.share,
+                    memory_per_replica_bytes=v.memory_bytes, device_type=view.input.device_type)
+        for view in ctx.models for v in view.input.variants])
+
+
+def _fits(ctx: PolicyContext, targets: dict[str, int], may_add: bool = False) -> tuple[bool, str]:
+    """Whether the targets fit on the devices (`may_add`: with as many added devices as it takes)."""
     if not ctx.devices:
         return True, ""
-    kind = ctx.devices[0].kind
-    demand = [ModelDemand(model=v.deployment, kind=kind, replicas=targets.get(v.deployment, 0), share=v.share,
-                          memory_per_replica_bytes=v.memory_bytes, device_type=view.input.device_type)
-              for view in ctx.models for v in view.input.variants]
-    result = pack(PackInput(devices=ctx.devices, models=demand))
+    result = devices_needed(_demand(ctx, targets)).packing if may_add else pack(_demand(ctx, targets))
     return (not result.unplaced), "; ".join(f"{u.model}: {u.replicas} replica(s) {u.reason}" for u in result.unplaced)
+
+
+def _with_added_devices(ctx: PolicyContext, targets: dict[str, int]) -> PolicyContext:
+    """With may_add_devices: the context's devices plus the added ones these targets use."""
+    needed = _needed(ctx, targets) if ctx.may_add_devices else None
+    if needed is None:
+        return ctx
+    return ctx.model_copy(update={"devices": [d for d in needed.devices if d in ctx.devices
+                                              or d.name in needed.packing.placement]})
+
+
+def _needed(ctx: PolicyContext, targets: dict[str, int]) -> Optional[NeededDevices]:
+    return devices_needed(_demand(ctx, targets)) if ctx.devices else None
 
 
 def _all_targets(steps: list[ModelStep]) -> dict[str, int]:
@@ -476,7 +502,7 @@ def _grant_growth(ctx: PolicyContext, steps: list[ModelStep], cfg: PolicyConfig)
         for s, dep in growing:
             if targets[dep] < s.grow_to:
                 trial = {**targets, dep: targets[dep] + 1}
-                if _fits(ctx, trial)[0]:
+                if _fits(ctx, trial, may_add=ctx.may_add_devices)[0]:
                     targets[dep] = trial[dep]
                     progress = True
     out = []

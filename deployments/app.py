@@ -21,7 +21,7 @@ from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resourc
 from cluster.board import AppPlacement
 from cluster.inventory import Inventory, cluster_inventory
 from cluster.policy import Route
-from deployments.autoscale import POLICY_FUNCTION, policy_kwargs
+from deployments.autoscale import POLICY_FUNCTION, policy_kwargs, request_resources
 from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppArgs, AppConfigError, parse_args
 from deployments.engine import deployment_options, vllm_version
@@ -38,37 +38,39 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         int(args.device_memory) if args.device_memory else None, use_gpus=uses_gpus(args.device, cluster))
     if not inventory.devices:
         raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
+    # a model served on several device types is laid out once per type, keyed <name>@<type>
+    entries = [entry for model in args.models for entry in model.per_device_type()]
     devices = {}
-    for m in args.models:
+    for key, m in entries:
         try:
-            devices[m.served_name] = inventory.of_type(m.device_type)
+            devices[key] = inventory.of_type(m.device_type)
         except ValueError as exc:
-            raise AppConfigError(f"model {m.served_name!r}: device_type = {m.device_type!r}: {exc}; set device_type "
-                                 f"to one of them, or start nodes of that type") from None
+            raise AppConfigError(f"model {m.served_name!r}: device type {m.device_type!r}: {exc}; name one of them, "
+                                 f"or start nodes of that type") from None
     # every auto model's plan is asked for first: profiles on different device types run at once
-    views = {m.served_name: cluster_for(m, cluster, devices[m.served_name]) for m in args.models}
-    pending = {m.served_name: ask_plan(m, views[m.served_name], args.device, devices[m.served_name], args.profile_store)
-               for m in args.models if m.replicas_per_device == "auto"}
+    views = {key: cluster_for(m, cluster, devices[key]) for key, m in entries}
+    pending = {key: ask_plan(m, views[key], args.device, devices[key], args.profile_store)
+               for key, m in entries if m.replicas_per_device == "auto"}
     layouts = []
-    for m in args.models:
+    for key, m in entries:
         profile = None
-        if m.served_name in pending:
-            m, profile = apply_plan(pending[m.served_name])
-        layouts.append(layout_model(m, views[m.served_name], devices[m.served_name], args.device, profile))
+        if key in pending:
+            m, profile = apply_plan(pending[key])
+        layouts.append(layout_model(m, views[key], devices[key], args.device, profile, key=key))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
     # with an autoscaler the request is made on every deploy: it replaces the last one (a target, not a delta)
     requested = ask_autoscaler(needed) if args.cluster_autoscaling else None
     # the policy packs onto the devices there are and those requested from the autoscaler
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
-    handles: dict[str, dict[int, object]] = {}
-    served, routes = [], {}
+    handles: dict[str, dict[str, object]] = {}  # served name -> variant deployment -> its bound deployment
+    served: dict[str, ServedModel] = {}
+    routes = {}  # by the policy's model (the layout key)
     for lay in layouts:
-        name = lay.policy_input.model
+        name, served_name = lay.policy_input.model, lay.config.served_name
         if lay.config.elastic:
             logger.info("model %s: replica counts follow the plateau policy (needs the application's "
                         "autoscaling_policy: deployments.autoscale:PlateauAutoscaler in config.yaml)", name)
-        handles[name] = {}
         routes[name] = []
         for k, spec in lay.specs.items():
             count = lay.initial_replicas if k == lay.active_n else 0
@@ -81,13 +83,18 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                 "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
-                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id)},
+                "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id,
+                                                                args.cluster_autoscaling)},
             }
-            opts = deployment_options(spec, count, autoscaling)
-            handles[name][k] = serve.deployment(LLMReplica).options(**opts).bind(spec)
+            opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment)
+            handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec)
             routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
-        served.append(ServedModel(name=name, max_model_len=lay.config.max_model_len, replicas=lay.initial_replicas))
+        known = served.get(served_name)
+        served[served_name] = ServedModel(
+            name=served_name, max_model_len=lay.config.max_model_len,
+            replicas=lay.initial_replicas + (known.replicas if known else 0),
+            keys=(known.keys if known else []) + ([name] if name != served_name else []))
     placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
                              requested=requested)
     ingress = serve.deployment(OpenAIIngress).options(
@@ -97,18 +104,13 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     )
     first = layouts[0]
     schema = openai_schema(first.specs[first.active_n])
-    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+    return ingress.bind(handles, list(served.values()), args.resolved_api_key(), args.retry, placement, schema, vllm_version())
 
 
 def ask_autoscaler(needed: NeededDevices,
-                    ask: Optional[Callable[[list[dict[str, float]]], None]] = None) -> ResourceRequest:
+                   ask: Callable[[list[dict[str, float]]], None] = request_resources) -> ResourceRequest:
     """Ask Ray's autoscaler for every device the placement uses (`ask`: tests inject it)."""
     request = resource_request(needed, time.time())
-    if ask is None:
-        from ray.autoscaler.sdk import request_resources
-
-        def ask(bundles):
-            request_resources(bundles=bundles)
     ask(request.bundles)
     if needed.missing:
         logger.warning("the start placement lacks %s: asked Ray's autoscaler for them (request_resources, %d device "

@@ -13,6 +13,11 @@ each variant deployment's `ModelPolicyInput` (the builder puts it in that deploy
 publishes routes, readings and decisions to the status board without waiting. Any exception is
 logged and the current replica targets are kept: the policy never takes the controller down.
 
+With `cluster_autoscaling`, growth the devices cannot hold goes onto devices Ray's autoscaler
+adds: whenever the devices the replica targets use change, the policy asks for all of them
+(`ray.autoscaler.sdk.request_resources`, which replaces the builder's start request), so the
+cluster grows with load and, once load falls, may shrink back to the start placement.
+
 The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
 whenever it changes and read back on the first tick after a controller restart, so a restart
 neither starts a re-pack over nor loses a drain.
@@ -22,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.refit import LiveSample
+from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
@@ -49,6 +55,7 @@ class _VariantInput(BaseModel):
     devices: list[DeviceCapacity]
     deploy_id: str = Field("", description="One build of the app: saved policy state is read back only into the "
                                            "same build (a controller restart), never into a new deploy.")
+    cluster_autoscaling: bool = Field(False, description="Growth may ask Ray's autoscaler for devices.")
 
 
 class SavedPolicyState(BaseModel):
@@ -60,18 +67,27 @@ class SavedPolicyState(BaseModel):
 
 
 def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity],
-                  deploy_id: str = "") -> dict[str, Any]:
+                  deploy_id: str = "", cluster_autoscaling: bool = False) -> dict[str, Any]:
     """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
-    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices, deploy_id=deploy_id)
+    parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices, deploy_id=deploy_id,
+                           cluster_autoscaling=cluster_autoscaling)
     return {POLICY_KWARGS_KEY: parsed.model_dump(mode="json")}
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    """Ray's autoscaler's target: these bundles (it replaces the previous request)."""
+    from ray.autoscaler.sdk import request_resources as ray_request_resources
+
+    ray_request_resources(bundles=bundles)
 
 
 class PlateauAutoscaler:
     def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
-                 store: Optional[StateStore] = None, board=None):
+                 store: Optional[StateStore] = None, board=None,
+                 ask: Callable[[list[dict[str, float]]], None] = request_resources):
         """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
-        policy state's home, default Ray's internal KV) and `board` (default: the named status board)
-        are injected by tests."""
+        policy state's home, default Ray's internal KV), `board` (default: the named status board) and
+        `ask` (how to ask Ray's autoscaler for devices) are injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
@@ -86,6 +102,8 @@ class PlateauAutoscaler:
         self._board = board
         self._board_checked = 0.0
         self._errors = 0
+        self._ask = ask
+        self._requested: Optional[ResourceRequest] = None  # the last request the autoscaler took
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
         now = time.time()
@@ -122,19 +140,36 @@ class PlateauAutoscaler:
             return {}
         cfg = first.policy
         self._restore(app, first.deploy_id)
-        pctx = PolicyContext(now=now, devices=first.devices,
+        pctx = PolicyContext(now=now, devices=first.devices, may_add_devices=first.cluster_autoscaling,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
         self._save(app, first.deploy_id)
+        asked = out.needed is not None and self._ask_autoscaler(out.needed, now)
         for d in out.new_decisions:
             logger.info("plateau %s %s: N=%d -> N=%d, replicas %d -> %d: %s", d.model, d.action, d.from_n, d.to_n,
                         d.replicas_from, d.replicas_to, d.reason)
         routes = out.routes
-        if out.new_decisions or routes != self._last_routes or now - self._last_publish >= self.publish_every_s:
+        if asked or out.new_decisions or routes != self._last_routes or now - self._last_publish >= self.publish_every_s:
             self._publish(app, out, cfg)
             self._last_routes, self._last_publish = routes, now
         return {ids[dep]: n for dep, n in out.targets.items() if dep in ids}
+
+    def _ask_autoscaler(self, needed: NeededDevices, now: float) -> bool:
+        """Ask for the devices the targets use when they changed; True when asked."""
+        request = resource_request(needed, now)
+        if self._requested is not None and sorted(map(str, request.bundles)) == sorted(map(str, self._requested.bundles)):
+            return False
+        try:
+            self._ask(request.bundles)
+        except Exception:  # asked again on the next tick
+            logger.exception("plateau policy: could not ask Ray's autoscaler for %d devices", len(request.bundles))
+            return False
+        self._requested = request
+        logger.info("plateau policy: asked Ray's autoscaler for the %d devices the replica targets use%s",
+                    len(request.bundles), f" ({describe(request.missing)} beyond the start placement's)"
+                    if request.missing else "")
+        return True
 
     def _input(self, deployment: str, raw: dict) -> _VariantInput:
         """Parsed once per deployment config (Serve keeps the same kwargs object until a redeploy)."""
@@ -187,7 +222,7 @@ class PlateauAutoscaler:
         if board is None or app is None:
             return
         try:
-            board.publish.remote(app, out.routes, out.live, out.new_decisions, cfg.decisions_kept)
+            board.publish.remote(app, out.routes, out.live, out.new_decisions, cfg.decisions_kept, self._requested)
         except Exception:  # board gone: look it up again later
             self._board = None
 

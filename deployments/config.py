@@ -45,6 +45,12 @@ class ModelConfig(BaseModel):
         None, min_length=1, description="Ray accelerator type (H100, A10G, or a node's own accelerator_type:<T> resource) the "
                           "model is profiled, planned and placed on; omit for any device",
     )
+    device_types: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="several Ray accelerator types to serve the model on at once, each with its own profile, plan, "
+                    "variants and replica counts (devices, min/max_replicas hold per type), behind the one name; "
+                    "instead of device_type",
+    )
     min_replicas: Optional[int] = Field(None, ge=1, description="fewest replicas under load scaling, >= 1 (default: the start count)")
     max_replicas: Optional[int] = Field(None, ge=1, description="most replicas under load scaling (default: the start count)")
     variants: list[Annotated[int, Field(ge=1, le=64)]] = Field(
@@ -87,8 +93,24 @@ class ModelConfig(BaseModel):
         """True when the policy may change this model's replica counts (needs the app-level policy)."""
         return bool(self.variants) or self.min_replicas is not None or self.max_replicas is not None
 
+    def per_device_type(self) -> list[tuple[str, "ModelConfig"]]:
+        """(key, config) for each device type the model is served on: one entry pinned to `device_type`
+        (or to none) keyed by the served name, or one per entry of `device_types` keyed
+        `<served name>@<type>` (the key names the model's variants, its policy state and status)."""
+        if not self.device_types:
+            return [(self.served_name, self)]
+        pinned = [(t, self.model_copy(update={"device_type": t, "device_types": []})) for t in self.device_types]
+        if len(pinned) == 1:
+            return [(self.served_name, pinned[0][1])]
+        return [(f"{self.served_name}@{t}", m) for t, m in pinned]
+
     @model_validator(mode="after")
     def _bounds(self) -> "ModelConfig":
+        if self.device_type is not None and self.device_types:
+            raise ValueError(f"set device_type ({self.device_type!r}) or device_types ({self.device_types}), not both")
+        repeated = sorted({t for t in self.device_types if self.device_types.count(t) > 1})
+        if repeated:
+            raise ValueError(f"device_types repeats {', '.join(repeated)}")
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
         if self.start_variant is not None and self.start_variant not in self.variants:
@@ -145,6 +167,11 @@ class AppArgs(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"served model names must be unique; repeated: {', '.join(dupes)} (set `name`)")
+        keys = [key for m in self.models for key, _ in m.per_device_type()]
+        clash = sorted({k for k in keys if keys.count(k) > 1})
+        if clash:
+            raise ValueError(f"{', '.join(clash)} is both a served name and <name>@<device type> of a model with "
+                             f"device_types; rename one (set `name`)")
         return self
 
     def resolved_api_key(self) -> Optional[str]:

@@ -218,16 +218,17 @@ def _core_list(cores: Sequence[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
-def deployment_options(spec: ReplicaSpec, num_replicas: int,
-                       autoscaling: Optional[dict[str, object]] = None) -> dict[str, object]:
-    """Ray Serve `.options(...)` for the replica deployment of `spec` (a fixed count, or autoscaling)."""
+def deployment_options(spec: ReplicaSpec, num_replicas: int, autoscaling: Optional[dict[str, object]] = None,
+                       name: Optional[str] = None) -> dict[str, object]:
+    """Ray Serve `.options(...)` for the replica deployment of `spec` (a fixed count, or autoscaling),
+    named `name` (default `LLM:<served name>@n<N>`)."""
     actor_options: dict[str, object] = {"num_cpus": spec.resources.num_cpus}
     if spec.resources.num_gpus > 0:
         actor_options["num_gpus"] = spec.resources.num_gpus
     if spec.resources.accelerator_type:  # Ray turns it into the node resource accelerator_type:<T>
         actor_options["accelerator_type"] = spec.resources.accelerator_type
     return {
-        "name": replica_deployment_name(spec.served_name, spec.replicas_per_device),
+        "name": name or replica_deployment_name(spec.served_name, spec.replicas_per_device),
         **({"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": num_replicas}),
         "ray_actor_options": actor_options,
         # Admit about one batch per replica: keeps each engine near its planned B and lets the

@@ -57,6 +57,19 @@ class ServedModel(BaseModel):
     name: str
     max_model_len: Optional[int]
     replicas: int
+    keys: list[str] = Field(default_factory=list, description="The policy's models that serve it: one per device "
+                                                              "type it runs on (empty: just `name`).")
+
+    @property
+    def policy_models(self) -> list[str]:
+        return self.keys or [self.name]
+
+
+def merge_routes(routes: dict[str, list[Route]], models: list[ServedModel]) -> dict[str, list[Route]]:
+    """The policy's routes (keyed by its models) by served name: a model served on several device
+    types gets the variants of every type."""
+    return {m.name: [r for key in m.policy_models for r in routes.get(key, [])] for m in models
+            if any(key in routes for key in m.policy_models)}
 
 
 class RetryPolicy(BaseModel):
@@ -77,26 +90,27 @@ def error_response(status: int, message: str, err_type: str, param: Optional[str
                         status_code=status)
 
 
-def choose_variant(routes: list[Route], inflight: dict[int, int]) -> Optional[int]:
-    """The accepting variant with the most free capacity (running replicas x batch minus this
-    ingress's requests in flight there). A variant with no running replica, or one that drains,
-    only when nothing else can take the request: the request then waits there instead of failing."""
+def choose_variant(routes: list[Route], inflight: dict[str, int]) -> Optional[str]:
+    """The deployment of the accepting variant with the most free capacity (running replicas x
+    batch minus this ingress's requests in flight there; `inflight` by deployment). A variant with
+    no running replica, or one that drains, only when nothing else can take the request: the
+    request then waits there instead of failing."""
     live = [r for r in routes if r.accepting and r.running > 0]
     pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
     if not pool:
         return None
-    best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - inflight.get(r.n, 0), -r.n))
-    return best.n
+    best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - inflight.get(r.deployment, 0), -r.n))
+    return best.deployment
 
 
-def should_reroute(routes: list[Route], n: int) -> bool:
-    """A request still waiting for its first answer at variant `n` goes elsewhere when `n` stopped
-    taking requests (it drains, or lost every replica) while another variant runs and accepts:
-    a request queued at a variant that is scaled to zero would otherwise wait for good."""
-    mine = next((r for r in routes if r.n == n), None)
+def should_reroute(routes: list[Route], deployment: str) -> bool:
+    """A request still waiting for its first answer at a variant (`deployment`) goes elsewhere when
+    that variant stopped taking requests (it drains, or lost every replica) while another runs and
+    accepts: a request queued at a variant that is scaled to zero would otherwise wait for good."""
+    mine = next((r for r in routes if r.deployment == deployment), None)
     if mine is not None and mine.accepting and mine.running > 0:
         return False
-    return any(r.n != n and r.accepting and r.running > 0 for r in routes)
+    return any(r.deployment != deployment and r.accepting and r.running > 0 for r in routes)
 
 
 def model_of(body: bytes) -> Optional[str]:
@@ -156,8 +170,8 @@ REROUTE_CHECK_S = 1.0  # how often a request waiting for its first answer checks
 class _Flight:
     """One request counted in flight on a variant until `release()` (idempotent)."""
 
-    def __init__(self, ingress: "OpenAIIngress", model: str, n: int):
-        self._ingress, self._key, self._done = ingress, (model, n), False
+    def __init__(self, ingress: "OpenAIIngress", model: str, deployment: str):
+        self._ingress, self._key, self._done = ingress, (model, deployment), False
         ingress.inflight[self._key] = ingress.inflight.get(self._key, 0) + 1
 
     def release(self, stream=None) -> None:
@@ -175,7 +189,7 @@ class _Flight:
 class OpenAIIngress:
     def __init__(
         self,
-        handles: dict[str, dict[int, DeploymentHandle]],
+        handles: dict[str, dict[str, DeploymentHandle]],
         models: list[ServedModel],
         api_key: Optional[str],
         retry: RetryPolicy,
@@ -183,16 +197,16 @@ class OpenAIIngress:
         openapi: dict,
         engine_version: str,
     ):
-        self.handles = handles
+        self.handles = handles  # served name -> variant deployment -> its handle
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
         self.api_key = api_key
         self.retry = retry
         self.openapi = openapi
         self.engine_version = engine_version
-        self.routes: dict[str, list[Route]] = dict(placement.routes)
+        self.routes: dict[str, list[Route]] = merge_routes(placement.routes, models)  # by served name
         self.placement = placement
-        self.inflight: dict[tuple[str, int], int] = {}
+        self.inflight: dict[tuple[str, str], int] = {}  # (served name, deployment) -> requests
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
         self.app_name = _app_name()
@@ -210,14 +224,13 @@ class OpenAIIngress:
             logger.warning("no status board (%s): routing by the start placement only", exc)
 
     # ---- variant choice -------------------------------------------------------------------
-    def _choose(self, model: str) -> tuple[int, DeploymentHandle]:
+    def _choose(self, model: str) -> tuple[str, DeploymentHandle]:
         self._ensure_refresher()
-        by_n = self.handles[model]
-        routes = [r for r in self.routes.get(model, []) if r.n in by_n]
-        inflight = {r.n: self.inflight.get((model, r.n), 0) for r in routes}
-        n = choose_variant(routes, inflight)
-        n = n if n is not None else next(iter(by_n))
-        return n, by_n[n]
+        variants = self.handles[model]
+        routes = [r for r in self.routes.get(model, []) if r.deployment in variants]
+        inflight = {r.deployment: self.inflight.get((model, r.deployment), 0) for r in routes}
+        deployment = choose_variant(routes, inflight) or next(iter(variants))
+        return deployment, variants[deployment]
 
     def _ensure_refresher(self) -> None:
         if self._board is not None and (self._refresher is None or self._refresher.done()):
@@ -229,7 +242,7 @@ class OpenAIIngress:
                 # a restarted board that lost its state gets the placement again
                 routes = await ensure_routes(self._board, self.placement)
                 if routes:
-                    self.routes = {m: rs for m, rs in routes.items() if m in self.handles}
+                    self.routes = merge_routes(routes, list(self.models.values()))
             except Exception as exc:  # board restarting: keep the last routes
                 logger.debug("route refresh failed: %s", exc)
             await asyncio.sleep(ROUTE_REFRESH_S)
@@ -320,18 +333,18 @@ class OpenAIIngress:
         after `first_byte_timeout_s`)."""
         reason = "no replica answered"
         for attempt in range(self.retry.attempts):
-            n, handle = self._choose(model)
-            flight = _Flight(self, model, n)
+            deployment, handle = self._choose(model)
+            flight = _Flight(self, model, deployment)
             pending = call(handle)
             try:
-                first = await self._first_answer(pending, model, n)
+                first = await self._first_answer(pending, model, deployment)
             except asyncio.TimeoutError:
                 flight.release(pending)
                 raise _Unanswered(504, f"no answer from a replica of {model!r} within "
                                        f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError") from None
             except _Rerouted:
                 flight.release(pending)
-                logger.info("request for %s waited at N=%d, which stopped taking requests: sent again", model, n)
+                logger.info("request for %s waited at %s, which stopped taking requests: sent again", model, deployment)
                 continue  # the variant moved: send it again at once (it counts as a try, bounding the moves)
             except _REPLICA_GONE as exc:
                 flight.release(pending)
@@ -351,9 +364,9 @@ class OpenAIIngress:
         raise _Unanswered(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
                           "ServiceUnavailableError")
 
-    async def _first_answer(self, pending, model: str, n: int):
+    async def _first_answer(self, pending, model: str, deployment: str):
         """The first item of a replica's stream (or the answer of a non-streaming call); raises
-        `_Rerouted` when variant `n` stops taking requests while this one still waits in its queue,
+        `_Rerouted` when its variant (`deployment`) stops taking requests while this one still waits in its queue,
         and asyncio.TimeoutError after `first_byte_timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry.first_byte_timeout_s
@@ -366,7 +379,7 @@ class OpenAIIngress:
             if left <= REROUTE_CHECK_S:
                 first.cancel()
                 raise asyncio.TimeoutError
-            if should_reroute(self.routes.get(model, []), n):
+            if should_reroute(self.routes.get(model, []), deployment):
                 first.cancel()
                 raise _Rerouted
 

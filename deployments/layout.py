@@ -172,9 +172,11 @@ def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterVi
 
 
 def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, device: str,
-                 profile: Optional[Profile]) -> ModelLayout:
-    """Variants, engine specs and replica bounds of one model whose N is resolved."""
-    name = m.served_name
+                 profile: Optional[Profile], key: Optional[str] = None) -> ModelLayout:
+    """Variants, engine specs and replica bounds of one model whose N is resolved; `key` (default
+    the served name) names its variants and its model in the policy (`<name>@<type>` for one of
+    several device types)."""
+    name = key or m.served_name
     planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
     dev = None
     if profile is not None:

@@ -1,12 +1,13 @@
-"""Two Ray nodes of different device types on this one machine, two models pinned one to each.
+"""Two Ray nodes of different device types on this one machine, one model served on both.
 
 The head declares one logical GPU of type `small` (4 GiB: the node's memory), a worker node one
 of type `large` (8 GiB) and a PLATEAU_HOME of its own with no model folder in it, as if it were
-another machine. The app (`serve run`, the shipped model twice, `device_type` set per model,
-`profile_store` the suite's store, which both nodes can read) must plan each model for its own
-type's memory from the one stored profile, start each replica on a node of its type, serve both
-(the worker node provisions the embedded model for its replica itself), and an Advisor that was
-killed and restarted must plan again from the shared store without profiling. Two engines.
+another machine. The app (`serve run`, the shipped model as `m` with `device_types: [small,
+large]`, `profile_store` the suite's store, which both nodes can read) must plan the model for
+each type's memory from the one stored profile, start each type's replica on a node of that type,
+serve from both behind the one name (the worker node provisions the embedded model for its
+replica itself), and an Advisor that was killed and restarted must plan again from the shared
+store without profiling. Two engines.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ TYPES = {"small": 4 * GiB, "large": 8 * GiB}  # logical GPU memory per type: the
 def _config(path: Path, port: int, store: Path) -> Path:
     doc = shipped_config_doc(port)
     args = doc["applications"][0]["args"]
-    # one replica each (min = max = 1) whatever N the plan picks: two engines in all
-    args["models"] = [shipped_model_args(name=f"m-{t}", device_type=t, min_replicas=1, max_replicas=1) for t in TYPES]
+    # one replica per type (min = max = 1) whatever N each type's plan picks: two engines in all
+    args["models"] = [shipped_model_args(name="m", device_types=list(TYPES), min_replicas=1, max_replicas=1)]
     args["profile_store"] = str(store)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -68,9 +69,7 @@ def app(shipped_profile, suite_home, tmp_path_factory):
             except httpx.HTTPError:
                 return False
 
-        for t in TYPES:
-            wait_until(lambda: answers(f"m-{t}"), 900, f"model m-{t} to answer", every_s=3,
-                       detail=lambda: log.read_text()[-3000:])
+        wait_until(lambda: answers("m"), 900, "model m to answer", every_s=3, detail=lambda: log.read_text()[-3000:])
         yield cluster, base, other_home, suite_home / "profiles"
 
 
@@ -104,11 +103,11 @@ def _replica_nodes(address: str) -> dict[str, set[str]]:
 
 
 def _deployed_n(address: str, device_type: str) -> int:
-    (dep,) = [d for d in _replica_nodes(address) if d.startswith(f"LLM:m-{device_type}@n")]
+    (dep,) = [d for d in _replica_nodes(address) if d.startswith(f"LLM:m_{device_type}@n")]
     return int(dep.split("@n")[1])
 
 
-def test_each_model_is_planned_for_its_types_memory_and_runs_on_a_node_of_that_type(app):
+def test_the_model_is_planned_for_each_types_memory_and_runs_on_a_node_of_each_type(app):
     cluster, base, other_home, store = app
     out = _plateau("status", "--address", cluster.address, "--json")
     assert out.returncode == 0, out.stderr
@@ -117,11 +116,11 @@ def test_each_model_is_planned_for_its_types_memory_and_runs_on_a_node_of_that_t
     assert set(by_type) == set(TYPES) and len({d["node_id"] for d in placement["devices"]}) == 2
     assert {t: by_type[t]["memory_bytes"] for t in TYPES} == TYPES
     deployments = {t: next(dep for dev, items in placement["packing"]["placement"].items()
-                           for dep in (i["model"] for i in items) if dep.startswith(f"LLM:m-{t}@n"))
+                           for dep in (i["model"] for i in items) if dep.startswith(f"LLM:m_{t}@n"))
                    for t in TYPES}
     where = {t: next(dev for dev, items in placement["packing"]["placement"].items()
                      if any(i["model"] == deployments[t] for i in items)) for t in TYPES}
-    assert where == {t: by_type[t]["name"] for t in TYPES}  # each model placed on its own type's device
+    assert where == {t: by_type[t]["name"] for t in TYPES}  # each type's variant placed on a device of that type
 
     # each plan is the planner's for that type's memory, from the one stored profile
     from advisor.planner import DeviceSpec, PlannerConfig, plan_replicas
@@ -151,13 +150,33 @@ def test_each_model_is_planned_for_its_types_memory_and_runs_on_a_node_of_that_t
     assert not (other_home / "profiles").exists()  # its plan read the shared store, not a store of its own
 
 
-def test_both_models_serve_text(app):
-    _, base, _, _ = app
-    for t in TYPES:
-        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": f"m-{t}", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 12, "temperature": 0})
-        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
+CALL_EACH_VARIANT = """
+import json, sys, ray
+from ray import serve
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+req = CompletionRequest(model="m", prompt="The capital of France is", max_tokens=5, temperature=0)
+print(json.dumps({d: serve.get_deployment_handle(d, app_name="plateau").completions.remote(req).result(
+    timeout_s=120).choices[0].text for d in sys.argv[2:]}))
+"""
+
+
+def test_the_model_serves_text_by_its_one_name_from_the_replicas_of_both_types(app):
+    cluster, base, _, _ = app
+    models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+    assert [(m["id"], m["replicas"]) for m in models] == [("m", 2)]  # one name, a replica per type
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
+    # each type's replica answers for the model (the ingress routes over both by free capacity)
+    variants = sorted(_replica_nodes(cluster.address))
+    assert [d.split("@")[0] for d in variants] == ["LLM:m_large", "LLM:m_small"]
+    out = subprocess.run([sys.executable, "-c", CALL_EACH_VARIANT, cluster.address, *variants], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    texts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(texts) == set(variants) and all("Paris" in t for t in texts.values()), texts
 
 
 def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
@@ -178,7 +197,7 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
         pid = ray.get(advisor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         ray.kill(advisor, no_restart=False)  # Ray restarts it (max_restarts=-1), its plan cache empty
         view, inventory = ClusterView.from_ray(), cluster_inventory()
-        m = parse_args({"models": [shipped_model_args(name="m-large", device_type="large")]}).models[0]
+        m = parse_args({"models": [shipped_model_args(name="m", device_type="large")]}).models[0]
         request = advisor_request(m, view, inventory.of_type("large"), str(store))
         started = time.monotonic()
         # the type's node, but not its whole GPU: the serving replica holds half of it (a plan from a

@@ -157,3 +157,50 @@ def test_policy_errors_reach_the_board_before_any_successful_publish():
     assert board.published == [] and len(board.errors) == 1
     app, message = board.errors[0]
     assert app == "app" and "ValidationError" in message
+
+
+# ---- issue 14: growth asks Ray's autoscaler for the devices it needs ---------------------------
+
+def test_with_cluster_autoscaling_the_shell_asks_for_the_devices_its_targets_use_only_when_they_change(monkeypatch):
+    clock, asked, board = [1000.0], [], FakeBoard()
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1],
+                       cluster_autoscaling=True)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=board, ask=asked.append)
+    shell({"v": context("LLM:alpha@n2", kw, running=1)})
+    assert asked == [[{"GPU": 1.0}]]  # one replica on the one device
+    clock[0] += 1.0
+    shell({"v": context("LLM:alpha@n2", kw, running=1)})
+    assert len(asked) == 1  # same devices: not asked again
+    clock[0] += 1.0
+    shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})  # the wish is noted
+    clock[0] += 1.0
+    decisions, _ = shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
+    assert decisions == {"v": 4}  # ceil(100 / (32 x 0.8)): two devices of share 1/2 each, one of them added
+    assert asked[-1] == [{"GPU": 1.0}, {"GPU": 1.0}]
+    request = board.published[-1][-1]
+    assert [(m.kind, m.count) for m in request.missing] == [("cuda", 1)] and len(request.bundles) == 2
+
+
+def test_an_autoscaler_call_that_fails_is_made_again_on_the_next_tick():
+    calls = []
+
+    def ask(bundles):
+        calls.append(bundles)
+        if len(calls) == 1:
+            raise ConnectionError("GCS unreachable")
+
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, cluster_autoscaling=True)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(), ask=ask)
+    shell({"v": context("LLM:alpha@n2", kw)})
+    shell({"v": context("LLM:alpha@n2", kw)})
+    assert calls == [[{"GPU": 1.0}], [{"GPU": 1.0}]] and shell._errors == 0
+
+
+def test_without_cluster_autoscaling_the_shell_never_asks():
+    asked = []
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1])
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(), ask=asked.append)
+    shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
+    shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
+    assert asked == []

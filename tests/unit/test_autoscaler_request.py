@@ -47,3 +47,13 @@ def test_cpu_devices_are_whole_nodes_each_with_its_own_cpus_and_enough_devices_m
     assert devices_needed(PackInput(devices=spec.devices, models=[spec.models[0].model_copy(update={"replicas": 4})])
                           ).missing == []
     assert device_bundle(DeviceCapacity(name="g", memory_bytes=GiB)) == {"GPU": 1.0}
+
+
+def test_devices_added_before_keep_their_names_and_new_ones_get_free_names():
+    """The policy packs onto the start placement's devices, added ones ("+cuda-0") included."""
+    devices = [DeviceCapacity(name="g0", memory_bytes=8 * GiB), DeviceCapacity(name="+cuda-0", memory_bytes=8 * GiB)]
+    spec = PackInput(devices=devices, models=[ModelDemand(model="m", replicas=4, share=1.0,
+                                                          memory_per_replica_bytes=4 * GiB)])
+    needed = devices_needed(spec)
+    assert sorted(needed.packing.placement) == ["+cuda-0", "+cuda-1", "+cuda-2", "g0"]
+    assert [(m.kind, m.count) for m in needed.missing] == [("cuda", 2)]  # the earlier added one counts as there

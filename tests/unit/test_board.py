@@ -36,7 +36,8 @@ def test_status_text_shows_devices_placement_variants_and_decisions():
 
 def test_status_groups_devices_and_their_start_replicas_by_node_and_device_type():
     def gpu(node, i, device_type, memory):
-        return Device(name=f"10.0.0.{node}/gpu{i}", node_id=f"node{node}xxxxxx", kind="cuda", model_name="logical GPU",
+        return Device(name=f"10.0.0.{node}/gpu{i}", node_id=f"node{node}xxxxxx", node_address=f"10.0.0.{node}",
+                      kind="cuda", model_name="logical GPU",
                       memory_bytes=memory, memory_source="node-share", cores=2, device_type=device_type)
     placed = {"10.0.0.1/gpu0": [PlacedReplicas(model="LLM:a@n2", replicas=2, share=1.0, memory_bytes=3 * GiB)],
               "10.0.0.2/gpu1": [PlacedReplicas(model="LLM:b@n1", replicas=1, share=1.0, memory_bytes=7 * GiB)]}
@@ -133,3 +134,21 @@ def test_ensure_routes_sends_the_placement_again_to_a_board_that_lost_it():
     from types import SimpleNamespace
     routes = asyncio.run(ensure_routes(Handle(), _placement()))
     assert routes == _placement().routes and board.routes("plateau") == _placement().routes
+
+
+# ---- issue 14: the policy's autoscaler request in plateau status ------------------------------
+
+def test_the_policys_last_autoscaler_request_is_kept_across_publishes_and_shown():
+    from cluster.autoscaler import MissingDevices, ResourceRequest
+    from cluster.board import StatusBoard
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    request = ResourceRequest(bundles=[{"GPU": 1.0}] * 3, at=0.0,
+                              missing=[MissingDevices(kind="cuda", count=2, memory_bytes=80 * GiB)])
+    board.publish("p", {}, [], [], 50, request)
+    board.publish("p", {}, [], [])  # a publish without a new request keeps the last one
+    status = board.status("p")["p"]
+    assert status.requested == request
+    text = render_status("p", status)
+    assert ("for the 3 devices its replica targets use: 2 cuda device(s) of 80.0 GiB beyond the start placement's "
+            "devices") in text

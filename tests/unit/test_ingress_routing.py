@@ -8,20 +8,20 @@ def route(n, running, accepting=True, b=32):
 
 def test_requests_go_to_the_accepting_variant_with_the_most_free_capacity():
     routes = [route(1, 1, b=64), route(2, 2, b=32)]
-    assert choose_variant(routes, {1: 0, 2: 0}) == 1  # equal capacity 64: the smaller N wins the tie
-    assert choose_variant(routes, {1: 10, 2: 0}) == 2
-    assert choose_variant(routes, {1: 10, 2: 60}) == 1
+    assert choose_variant(routes, {"LLM:m@n1": 0, "LLM:m@n2": 0}) == "LLM:m@n1"  # equal capacity 64: the smaller N wins the tie
+    assert choose_variant(routes, {"LLM:m@n1": 10, "LLM:m@n2": 0}) == "LLM:m@n2"
+    assert choose_variant(routes, {"LLM:m@n1": 10, "LLM:m@n2": 60}) == "LLM:m@n1"
 
 
 def test_a_draining_variant_gets_nothing_while_another_can_take_the_request():
     routes = [route(1, 1), route(2, 2, accepting=False)]
-    assert all(choose_variant(routes, {1: k, 2: 0}) == 1 for k in (0, 100))
+    assert all(choose_variant(routes, {"LLM:m@n1": k, "LLM:m@n2": 0}) == "LLM:m@n1" for k in (0, 100))
 
 
 def test_variants_without_running_replicas_are_the_last_resort():
     warming = [route(1, 0), route(2, 1, accepting=False)]
-    assert choose_variant(warming, {}) == 2  # a draining replica that runs beats one that does not exist yet
-    assert choose_variant([route(1, 0), route(2, 0, accepting=False)], {}) == 1
+    assert choose_variant(warming, {}) == "LLM:m@n2"  # a draining replica that runs beats one that does not exist yet
+    assert choose_variant([route(1, 0), route(2, 0, accepting=False)], {}) == "LLM:m@n1"
     assert choose_variant([], {}) is None
 
 
@@ -56,8 +56,8 @@ def _relay_all(stream):
     from deployments.ingress import OpenAIIngress, _Flight
 
     ingress = _Ingress()
-    flight = _Flight(ingress, "m", 2)
-    assert ingress.inflight == {("m", 2): 1}
+    flight = _Flight(ingress, "m", "LLM:m@n2")
+    assert ingress.inflight == {("m", "LLM:m@n2"): 1}
 
     async def run():
         return [c async for c in OpenAIIngress._relay(ingress, stream, flight)]
@@ -72,22 +72,22 @@ def test_a_stream_that_ends_or_fails_any_way_leaves_nothing_counted_in_flight():
     from ray.exceptions import RayActorError
 
     out, ingress = _relay_all(_Stream([b"a", b"b"]))
-    assert out == [b"a", b"b"] and ingress.inflight == {("m", 2): 0}
+    assert out == [b"a", b"b"] and ingress.inflight == {("m", "LLM:m@n2"): 0}
     out, ingress = _relay_all(_Stream([b"a"], fail=RayActorError()))
     assert out[0] == b"a" and b'"code": 503' in out[1] and out[1].endswith(b"data: [DONE]\n\n")
-    assert ingress.inflight == {("m", 2): 0}
+    assert ingress.inflight == {("m", "LLM:m@n2"): 0}
     out, ingress = _relay_all(_Stream([b"a"], fail=RuntimeError("boom")))  # not an actor error
-    assert isinstance(out, RuntimeError) and ingress.inflight == {("m", 2): 0}
+    assert isinstance(out, RuntimeError) and ingress.inflight == {("m", "LLM:m@n2"): 0}
 
 
 def test_releasing_a_flight_twice_counts_once_and_cancels_the_stream():
     from deployments.ingress import _Flight
 
     ingress, stream = _Ingress(), _Stream([])
-    flight = _Flight(ingress, "m", 1)
+    flight = _Flight(ingress, "m", "LLM:m@n1")
     flight.release(stream)
     flight.release(stream)
-    assert ingress.inflight == {("m", 1): 0} and stream.cancelled
+    assert ingress.inflight == {("m", "LLM:m@n1"): 0} and stream.cancelled
 
 
 class _Remote:
@@ -117,7 +117,7 @@ def test_health_and_models_follow_the_board_before_any_request_was_routed():
 
     ingress = object.__new__(OpenAIIngress)
     ingress.models = {"m": ServedModel(name="m", max_model_len=None, replicas=2)}
-    ingress.handles, ingress.api_key, ingress.inflight = {"m": {2: object()}}, None, {}
+    ingress.handles, ingress.api_key, ingress.inflight = {"m": {"LLM:m@n2": object()}}, None, {}
     ingress.routes = {"m": [route(2, 2)]}  # the start placement: both replicas running
     ingress.placement = type("P", (), {"app": "plateau"})()
     ingress._board, ingress._refresher = _Board({"m": [route(2, 0)]}), None  # the board: none running now
@@ -136,10 +136,10 @@ def test_health_and_models_follow_the_board_before_any_request_was_routed():
 def test_a_request_waits_only_where_the_model_still_runs():
     from deployments.ingress import should_reroute
 
-    assert not should_reroute([route(1, 0), route(2, 1)], 2)  # its variant runs and accepts: stay
-    assert should_reroute([route(1, 1), route(2, 1, accepting=False)], 2)  # drained while it waited: go to N=1
-    assert should_reroute([route(1, 1), route(2, 0)], 2)  # its variant lost every replica, N=1 runs
-    assert not should_reroute([route(1, 0), route(2, 0, accepting=False)], 2)  # nowhere better: keep waiting
+    assert not should_reroute([route(1, 0), route(2, 1)], "LLM:m@n2")  # its variant runs and accepts: stay
+    assert should_reroute([route(1, 1), route(2, 1, accepting=False)], "LLM:m@n2")  # drained while it waited: go to N=1
+    assert should_reroute([route(1, 1), route(2, 0)], "LLM:m@n2")  # its variant lost every replica, N=1 runs
+    assert not should_reroute([route(1, 0), route(2, 0, accepting=False)], "LLM:m@n2")  # nowhere better: keep waiting
 
 
 class _Queued:
@@ -185,7 +185,7 @@ def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_r
     queued, served = _Queued(), _Stream([HttpStart(status=200), b"data: {}\n\n"])
     old, new = _Handle(queued), _Handle(served)
     ingress = object.__new__(OpenAIIngress)
-    ingress.handles, ingress.inflight, ingress.retry = {"m": {1: new, 2: old}}, {}, RetryPolicy(attempts=2)
+    ingress.handles, ingress.inflight, ingress.retry = {"m": {"LLM:m@n1": new, "LLM:m@n2": old}}, {}, RetryPolicy(attempts=2)
     ingress.routes = {"m": [route(1, 0), route(2, 1)]}  # N=1 warms, N=2 serves
     ingress._board, ingress._refresher = None, None
 
@@ -198,7 +198,7 @@ def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_r
 
     response = asyncio.run(send_then_drain())
     assert response.status_code == 200 and new.calls == 1 and queued.cancelled
-    assert ingress.inflight == {("m", 2): 0, ("m", 1): 1}  # N=1's until the body is relayed
+    assert ingress.inflight == {("m", "LLM:m@n2"): 0, ("m", "LLM:m@n1"): 1}  # N=1's until the body is relayed
 
 
 # ---- the Python API (DeploymentHandle) is routed, retried and timed like HTTP -----------------------
@@ -265,7 +265,7 @@ def test_a_python_call_queued_at_a_variant_that_drains_is_sent_where_the_model_n
     monkeypatch.setattr(mod, "REROUTE_CHECK_S", 0.02)
     queued = _Answer()
     old, new = _PyHandle(queued), _PyHandle(_Answer("the answer"))
-    ingress = _python_ingress({1: new, 2: old}, [route(1, 0), route(2, 1)])
+    ingress = _python_ingress({"LLM:m@n1": new, "LLM:m@n2": old}, [route(1, 0), route(2, 1)])
 
     async def call_then_drain():
         sent = asyncio.ensure_future(OpenAIIngress._call(ingress, _Req(), "completions"))
@@ -275,7 +275,7 @@ def test_a_python_call_queued_at_a_variant_that_drains_is_sent_where_the_model_n
         return await asyncio.wait_for(sent, 5)
 
     assert asyncio.run(call_then_drain()) == "the answer"
-    assert new.calls == 1 and queued.cancelled and ingress.inflight == {("m", 2): 0, ("m", 1): 0}
+    assert new.calls == 1 and queued.cancelled and ingress.inflight == {("m", "LLM:m@n2"): 0, ("m", "LLM:m@n1"): 0}
 
 
 def test_a_python_call_that_met_a_dead_engine_or_replica_is_sent_again():
@@ -287,12 +287,12 @@ def test_a_python_call_that_met_a_dead_engine_or_replica_is_sent_again():
     from deployments.ingress import OpenAIIngress
 
     handle = _PyHandle(_Answer(EngineDead("dead")), _Answer(RayActorError()), _Answer("the answer"))
-    ingress = _python_ingress({1: handle}, [route(1, 1)])
+    ingress = _python_ingress({"LLM:m@n1": handle}, [route(1, 1)])
     assert asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions")) == "the answer"
-    assert handle.calls == 3 and ingress.inflight == {("m", 1): 0}
+    assert handle.calls == 3 and ingress.inflight == {("m", "LLM:m@n1"): 0}
 
     gone = _PyHandle(*[_Answer(EngineDead("dead")) for _ in range(3)])
-    ingress = _python_ingress({1: gone}, [route(1, 1)])
+    ingress = _python_ingress({"LLM:m@n1": gone}, [route(1, 1)])
     out = asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions"))  # vLLM's ErrorResponse, not a raise
     assert out.error.code == 503 and "engine is dead" in out.error.message and gone.calls == 3
 
@@ -305,10 +305,10 @@ def test_a_python_call_that_gets_no_answer_in_time_gets_a_504_not_a_hang(monkeyp
 
     monkeypatch.setattr(mod, "REROUTE_CHECK_S", 0.02)
     queued = _Answer()
-    ingress = _python_ingress({1: _PyHandle(queued)}, [route(1, 1)], first_byte_timeout_s=0.1)
+    ingress = _python_ingress({"LLM:m@n1": _PyHandle(queued)}, [route(1, 1)], first_byte_timeout_s=0.1)
     out = asyncio.run(asyncio.wait_for(OpenAIIngress._call(ingress, _Req(), "completions"), 5))
     assert out.error.code == 504 and out.error.type == "GatewayTimeoutError"
-    assert queued.cancelled and ingress.inflight == {("m", 1): 0}
+    assert queued.cancelled and ingress.inflight == {("m", "LLM:m@n1"): 0}
 
 
 def test_a_python_stream_is_retried_before_its_first_line_and_relayed_whole_after():
@@ -321,9 +321,25 @@ def test_a_python_stream_is_retried_before_its_first_line_and_relayed_whole_afte
     lines = ["data: 1\n\n", "data: 2\n\n", "data: [DONE]\n\n"]
     served = _Stream(lines)
     handle = _PyHandle(_Stream([], fail=RayActorError()), served)
-    ingress = _python_ingress({1: handle}, [route(1, 1)])
+    ingress = _python_ingress({"LLM:m@n1": handle}, [route(1, 1)])
 
     async def read():
         return [line async for line in OpenAIIngress._call_stream(ingress, _Req(), "completions_stream")]
 
-    assert asyncio.run(read()) == lines and handle.calls == 2 and ingress.inflight == {("m", 1): 0}
+    assert asyncio.run(read()) == lines and handle.calls == 2 and ingress.inflight == {("m", "LLM:m@n1"): 0}
+
+
+# ---- issue 14: one model served on several device types ------------------------------------
+
+def test_a_model_on_two_device_types_routes_over_the_variants_of_both_by_free_capacity():
+    from deployments.ingress import ServedModel, merge_routes
+
+    small = Route(n=1, deployment="LLM:m_small@n1", accepting=True, running=1, max_num_seqs=8)
+    large = Route(n=2, deployment="LLM:m_large@n2", accepting=True, running=2, max_num_seqs=32)
+    other = Route(n=1, deployment="LLM:o@n1", accepting=True, running=1, max_num_seqs=8)
+    served = [ServedModel(name="m", max_model_len=2048, replicas=3, keys=["m@small", "m@large"]),
+              ServedModel(name="o", max_model_len=2048, replicas=1)]
+    routes = merge_routes({"m@small": [small], "m@large": [large], "o": [other]}, served)
+    assert routes == {"m": [small, large], "o": [other]}
+    assert choose_variant(routes["m"], {}) == "LLM:m_large@n2"  # 64 free against 8
+    assert choose_variant(routes["m"], {"LLM:m_large@n2": 60}) == "LLM:m_small@n1"

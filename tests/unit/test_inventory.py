@@ -61,5 +61,7 @@ def test_nodes_that_share_an_address_get_device_names_apart_by_node_id():
     nodes = [node("aaaaaaaa11", "10.0.0.1", gpus=1), node("bbbbbbbb22", "10.0.0.1", gpus=1), node("c", "10.0.0.2", gpus=1)]
     names = [d.name for d in devices_from_nodes(nodes, declared_gpu_memory=GiB).devices]
     assert names == ["10.0.0.1#aaaaaaaa/gpu0", "10.0.0.1#bbbbbbbb/gpu0", "10.0.0.2/gpu0"]
+    assert [d.node_address for d in devices_from_nodes(nodes, declared_gpu_memory=GiB).devices] == \
+        ["10.0.0.1", "10.0.0.1", "10.0.0.2"]
     assert [d.name for d in devices_from_nodes(nodes[:2], use_gpus=False).devices] == ["10.0.0.1#aaaaaaaa/cpu",
                                                                                       "10.0.0.1#bbbbbbbb/cpu"]

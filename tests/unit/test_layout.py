@@ -204,3 +204,29 @@ def test_a_model_pinned_to_a_type_of_smaller_cpu_nodes_asks_for_their_cpus_not_t
     assert view.cpus_per_node == 4 and device_resources(m, view, "cpu").num_cpus == 4
     assert layout_model(m, view, inv.of_type("y"), "cpu", None).specs[2].resources.num_cpus == 2
     assert cluster_for(model(), cluster, inv) is cluster
+
+
+def test_a_model_on_two_device_types_gets_a_layout_per_type_behind_one_served_name():
+    from deployments.app import build
+
+    args = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB",
+                                   "device_types": ["small", "large"]}]})
+    app = build(args, CLUSTER, typed_inventory())
+    handles, served, _key, _retry, placement = app._bound_deployment.init_args[:5]
+    # one variant deployment per type, each pinned to its type and placed on its type's device
+    assert {m: sorted(v) for m, v in handles.items()} == {"m": ["LLM:m_large@n2", "LLM:m_small@n2"]}
+    assert [(s.name, s.keys, s.replicas) for s in served] == [("m", ["m@small", "m@large"], 4)]
+    assert sorted(placement.routes) == ["m@large", "m@small"]
+    assert [p.model for p in placement.packing.placement["a/gpu0"]] == ["LLM:m_small@n2"]
+    assert [p.model for p in placement.packing.placement["b/gpu0"]] == ["LLM:m_large@n2"]
+    # each type's layout is its own: its replicas share its own device's memory (4 GiB against 32 GiB)
+    small, large = (placement.packing.placement[d][0].memory_bytes for d in ("a/gpu0", "b/gpu0"))
+    assert large == pytest.approx(8 * small, rel=1e-6)
+
+
+def test_device_types_are_checked():
+    with pytest.raises(AppConfigError, match="set device_type .* or device_types .*, not both"):
+        model(device_type="a", device_types=["a", "b"])
+    with pytest.raises(AppConfigError, match="device_types repeats a"):
+        model(device_types=["a", "a"])
+    assert [k for k, _ in model(device_types=["a"]).per_device_type()] == ["smollm2-135m"]  # one type: its own name

@@ -124,6 +124,47 @@ def test_a_model_pinned_to_a_device_type_grows_only_onto_devices_of_that_type():
     assert out.targets == {"LLM:a@n2": 2, "LLM:b@n2": 6}
 
 
+def test_with_cluster_autoscaling_growth_goes_onto_added_devices_and_says_what_to_ask_for():
+    inp = model_input(variants=(2,), max_replicas=10)
+    st = PolicyState()
+    devices = [DeviceCapacity(name="gpu0", memory_bytes=4 * GiB), DeviceCapacity(name="+cuda-0", memory_bytes=4 * GiB)]
+    for t in (0.0, 10.0):
+        out = decide(PolicyContext(now=t, models=[view(inp, n2=obs(running=1, requests=1000))], devices=devices,
+                                   may_add_devices=True), st, CFG)
+        st = out.state
+    # ceil(1000 / (32 x 0.8)) = 40, capped by max_replicas 10 only: 5 devices of 2 replicas
+    assert out.targets == {"LLM:alpha@n2": 10} and "capped" not in out.new_decisions[0].reason
+    assert out.needed is not None and out.needed.packing.devices_used == 5
+    [missing] = out.needed.missing  # the start placement's two devices count as there
+    assert (missing.kind, missing.count, missing.memory_bytes) == ("cuda", 3, 4 * GiB)
+    assert sorted(out.needed.packing.placement) == ["+cuda-0", "+cuda-1", "+cuda-2", "+cuda-3", "gpu0"]
+    # load gone (past the downscale window): the request shrinks back to what one replica uses
+    for t in (20.0, 60.0):
+        out = decide(PolicyContext(now=t, models=[view(inp, n2=obs(running=10, requests=0))], devices=devices,
+                                   may_add_devices=True), st, CFG)
+        st = out.state
+    assert out.targets == {"LLM:alpha@n2": 1} and out.needed.packing.devices_used == 1 and out.needed.missing == []
+
+
+def test_without_cluster_autoscaling_there_is_nothing_to_ask_for():
+    out, _ = run(0.0, PolicyState(), view(model_input(variants=(2,)), n2=obs(running=1)))
+    assert out.needed is None
+
+
+def test_with_cluster_autoscaling_a_repack_warms_on_an_added_device_instead_of_aborting():
+    inp = model_input()
+    st = PolicyState()
+    full = dict(n1=obs(), n2=obs(running=2, requests=40, prompt=1500))
+    for t in (0.0, 10.0):
+        out = decide(PolicyContext(now=t, models=[view(inp, **full)], may_add_devices=True,
+                                   devices=[DeviceCapacity(name="gpu0", memory_bytes=4 * GiB)]), st, CFG)
+        st = out.state
+    # on a fixed cluster this aborts (no room next to N=2, test above); here the new variant surges onto a new device
+    assert [d.action for d in out.new_decisions] == ["repack_start"]
+    assert out.targets == {"LLM:alpha@n1": 2, "LLM:alpha@n2": 2}  # two whole devices for N=1 next to the old one
+    assert [(m.kind, m.count) for m in out.needed.missing] == [("cuda", 2)]
+
+
 # ---- re-pack --------------------------------------------------------------------------------
 
 def test_shape_shift_repacks_make_before_break_and_reports_each_step():
