@@ -235,15 +235,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         for side_name in sides:
-            if side_name == "vllm":
-                side = vllm_side(model, base_env, work)
-            else:
-                env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
-                root = ROOT
-                if side_name == "plateau-before":
-                    root = Path(ns.before_root).resolve()
-                    env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
-                side = ServeRunSide(side_name, env, work, root)
+            try:
+                if side_name == "vllm":
+                    side = vllm_side(model, base_env, work)
+                else:
+                    env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
+                    root = ROOT
+                    if side_name == "plateau-before":
+                        root = Path(ns.before_root).resolve()
+                        env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
+                    side = ServeRunSide(side_name, env, work, root)
+            except Exception as e:  # e.g. its cluster did not start: the other sides still run
+                print(f"[{side_name}] did not start: {e!r}", file=sys.stderr, flush=True)
+                failed[side_name] = f"{type(e).__name__}: {e}"
+                continue
             current.append(side)
             try:
                 ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)

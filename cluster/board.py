@@ -159,10 +159,9 @@ class StatusBoard:
 
     def publish(self, app: str, routes: dict[str, list[Route]], live: list[LiveModel],
                 new_decisions: list[Decision], kept: int = 50, requested: Optional[ResourceRequest] = None) -> None:
-        """The policy's routes, readings, decisions and last autoscaler request; taken even before
-        (or without) a placement."""
+        """The policy's routes, readings, decisions and its last autoscaler request (None: it asked
+        nothing, e.g. without cluster_autoscaling); taken even before (or without) a placement."""
         status = self._status(app)
-        requested = requested or status.requested
         changed = routes != status.routes or bool(new_decisions) or requested != status.requested
         self._apps[app] = status.model_copy(update={
             "routes": routes, "live": live, "decisions": (status.decisions + new_decisions)[-kept:],

@@ -16,7 +16,7 @@ logged and the current replica targets are kept: the policy never takes the cont
 With `cluster_autoscaling`, growth the devices cannot hold goes onto devices Ray's autoscaler
 adds: whenever the devices the replica targets use change, the policy asks for all of them
 (`ray.autoscaler.sdk.request_resources`, which replaces the builder's start request), so the
-cluster grows with load and, once load falls, may shrink back to the start placement.
+cluster grows with load and, once load falls, may shrink with it (down to what the minimums use).
 
 The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
 whenever it changes and read back on the first tick after a controller restart, so a restart
@@ -104,6 +104,7 @@ class PlateauAutoscaler:
         self._errors = 0
         self._ask = ask
         self._requested: Optional[ResourceRequest] = None  # the last request the autoscaler took
+        self._ask_failures = 0
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
         now = time.time()
@@ -158,12 +159,15 @@ class PlateauAutoscaler:
     def _ask_autoscaler(self, needed: NeededDevices, now: float) -> bool:
         """Ask for the devices the targets use when they changed; True when asked."""
         request = resource_request(needed, now)
-        if self._requested is not None and sorted(map(str, request.bundles)) == sorted(map(str, self._requested.bundles)):
+        if self._requested is not None and request.bundles == self._requested.bundles:  # in device-name order
             return False
         try:
             self._ask(request.bundles)
         except Exception:  # asked again on the next tick
-            logger.exception("plateau policy: could not ask Ray's autoscaler for %d devices", len(request.bundles))
+            self._ask_failures += 1
+            if self._ask_failures <= 5 or self._ask_failures % 100 == 0:
+                logger.exception("plateau policy: could not ask Ray's autoscaler for %d devices (%d times)",
+                                 len(request.bundles), self._ask_failures)
             return False
         self._requested = request
         logger.info("plateau policy: asked Ray's autoscaler for the %d devices the replica targets use%s",

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, Validat
                       model_validator)
 
 from cluster.policy import PolicyConfig
-from deployments.engine import EngineConfigError, check_engine_kwargs, check_server_kwargs
+from deployments.engine import EngineConfigError, check_engine_kwargs, check_server_kwargs, replica_deployment_name
 from deployments.ingress import RetryPolicy
 from deployments.spec import EngineKwargValue
 
@@ -167,11 +167,17 @@ class AppArgs(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"served model names must be unique; repeated: {', '.join(dupes)} (set `name`)")
-        keys = [key for m in self.models for key, _ in m.per_device_type()]
-        clash = sorted({k for k in keys if keys.count(k) > 1})
+        # variant deployments are named from each key with characters other than letters, digits, - _ .
+        # replaced by _: `m@small` and a model named `m_small` would share them
+        named: dict[str, list[str]] = {}
+        for m in self.models:
+            for key, _ in m.per_device_type():
+                named.setdefault(replica_deployment_name(key, 1), []).append(key)
+        clash = [keys for keys in named.values() if len(keys) > 1]
         if clash:
-            raise ValueError(f"{', '.join(clash)} is both a served name and <name>@<device type> of a model with "
-                             f"device_types; rename one (set `name`)")
+            raise ValueError("; ".join(f"{' and '.join(repr(k) for k in keys)} would name the same variant deployments"
+                                       for keys in clash) + " (a model with device_types is keyed <name>@<type>); "
+                             "rename one (set `name`)")
         return self
 
     def resolved_api_key(self) -> Optional[str]:

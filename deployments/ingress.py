@@ -8,8 +8,9 @@ ingress answers `GET /health`, `/version`, `/v1/models` and `/openapi.json` (vLL
 these paths), and 401 for a missing or wrong key (every path but `/health`) and 404 for a model
 it does not serve, in vLLM's error format.
 
-A model has one deployment per packing variant (`LLM:<model>@n<N>`). The routes (which variants
-take requests, how many replicas each runs, their batch) come from the status board, refreshed
+A model has one deployment per packing variant (`LLM:<model>@n<N>`; `LLM:<model>_<type>@n<N>` per
+device type when it runs on several). The routes (which variants take requests, how many replicas
+each runs, their batch) come from the status board, refreshed
 every `ROUTE_REFRESH_S`; each request goes to the accepting variant with the most free capacity
 (running replicas x batch, minus what this ingress already has in flight there). A draining
 variant gets no new requests, which is what lets the policy stop it without failing any.

@@ -125,23 +125,24 @@ def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optiona
     from deployments.profiling import AdvisorError, stored_profile
 
     m = pending.model
+    on = f" on device type {m.device_type!r}" if m.device_type else ""  # a model may run on several types
     try:
         plan = wait(pending.ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
-            raise AppConfigError(f"model {m.served_name!r}: no replica plan: {cause}") from None
+            raise AppConfigError(f"model {m.served_name!r}{on}: no replica plan: {cause}") from None
         raise
     for reason in plan.reasons:
-        logger.info("plan for %s: %s", m.served_name, reason)
+        logger.info("plan for %s%s: %s", m.served_name, on, reason)
     try:  # the profile of the device the plan was made on (a device task's, on a node of the model's type)
         profile = stored_profile(pending.request, plan.device_name)
     except AdvisorError:
         profile = None
     if profile is None:
-        logger.warning("plan for %s: its profile (%s) is not in the store this node reads (it was taken on another "
+        logger.warning("plan for %s%s: its profile (%s) is not in the store this node reads (it was taken on another "
                        "node; set profile_store to a folder every node mounts); no re-packing for this model",
-                       m.served_name, plan.device_name)
+                       m.served_name, on, plan.device_name)
     resolved = m.model_copy(update={
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
         "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),

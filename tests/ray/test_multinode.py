@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -69,7 +70,14 @@ def app(shipped_profile, suite_home, tmp_path_factory):
             except httpx.HTTPError:
                 return False
 
-        wait_until(lambda: answers("m"), 900, "model m to answer", every_s=3, detail=lambda: log.read_text()[-3000:])
+        def both_running() -> bool:  # the first type's replica answers while the other's engine may still start
+            if not answers("m"):
+                return False
+            models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+            return [(m["id"], m["replicas"]) for m in models] == [("m", 2)]  # one name, a replica per type
+
+        wait_until(both_running, 900, "model m to answer with a running replica of each type", every_s=3,
+                   detail=lambda: log.read_text()[-3000:])
         yield cluster, base, other_home, suite_home / "profiles"
 
 
@@ -150,33 +158,46 @@ def test_the_model_is_planned_for_each_types_memory_and_runs_on_a_node_of_each_t
     assert not (other_home / "profiles").exists()  # its plan read the shared store, not a store of its own
 
 
-CALL_EACH_VARIANT = """
+FINISHED_REQUESTS = """
 import json, sys, ray
 from ray import serve
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-req = CompletionRequest(model="m", prompt="The capital of France is", max_tokens=5, temperature=0)
-print(json.dumps({d: serve.get_deployment_handle(d, app_name="plateau").completions.remote(req).result(
-    timeout_s=120).choices[0].text for d in sys.argv[2:]}))
+print(json.dumps({d: serve.get_deployment_handle(d, app_name="plateau").get_stats.remote().result(timeout_s=60)
+                  .recent_requests for d in sys.argv[2:]}))
 """
+
+
+def _finished_requests(address: str, deployments: list[str]) -> dict[str, float]:
+    """Deployment -> requests its (one) replica finished within its shape window (60 s)."""
+    out = subprocess.run([sys.executable, "-c", FINISHED_REQUESTS, address, *deployments], capture_output=True,
+                         text=True, timeout=180, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_the_model_serves_text_by_its_one_name_from_the_replicas_of_both_types(app):
     cluster, base, _, _ = app
-    models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
-    assert [(m["id"], m["replicas"]) for m in models] == [("m", 2)]  # one name, a replica per type
     r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
         "model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
-    # each type's replica answers for the model (the ingress routes over both by free capacity)
-    variants = sorted(_replica_nodes(cluster.address))
-    assert [d.split("@")[0] for d in variants] == ["LLM:m_large", "LLM:m_small"]
-    out = subprocess.run([sys.executable, "-c", CALL_EACH_VARIANT, cluster.address, *variants], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    texts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(texts) == set(variants) and all("Paris" in t for t in texts.values()), texts
+
+    # the ingress spreads concurrent requests for `m` over both types' variants by free capacity: with
+    # batches a and b, the first |a - b| go to the larger one, then they alternate
+    status = json.loads(_plateau("status", "--address", cluster.address, "--json").stdout)["plateau"]
+    caps = {r["deployment"]: r["max_num_seqs"] for rs in status["routes"].values() for r in rs if r["running"]}
+    assert sorted(d.split("@")[0] for d in caps) == ["LLM:m_large", "LLM:m_small"], caps
+    sent = min(sum(caps.values()), abs(max(caps.values()) - min(caps.values())) + 8)
+    before = _finished_requests(cluster.address, list(caps))
+
+    def one(i: int) -> int:
+        return httpx.post(f"{base}/v1/completions", timeout=300, json={
+            "model": "m", "prompt": f"Count to {i}:", "max_tokens": 8, "temperature": 0}).status_code
+
+    with ThreadPoolExecutor(sent) as pool:
+        assert list(pool.map(one, range(sent))) == [200] * sent
+    after = _finished_requests(cluster.address, list(caps))
+    assert all(after[d] - before[d] >= 2 for d in caps), (caps, before, after)
 
 
 def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):

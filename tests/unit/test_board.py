@@ -138,7 +138,7 @@ def test_ensure_routes_sends_the_placement_again_to_a_board_that_lost_it():
 
 # ---- issue 14: the policy's autoscaler request in plateau status ------------------------------
 
-def test_the_policys_last_autoscaler_request_is_kept_across_publishes_and_shown():
+def test_the_policys_last_autoscaler_request_is_shown_and_cleared_when_it_asks_nothing():
     from cluster.autoscaler import MissingDevices, ResourceRequest
     from cluster.board import StatusBoard
 
@@ -146,9 +146,11 @@ def test_the_policys_last_autoscaler_request_is_kept_across_publishes_and_shown(
     request = ResourceRequest(bundles=[{"GPU": 1.0}] * 3, at=0.0,
                               missing=[MissingDevices(kind="cuda", count=2, memory_bytes=80 * GiB)])
     board.publish("p", {}, [], [], 50, request)
-    board.publish("p", {}, [], [])  # a publish without a new request keeps the last one
     status = board.status("p")["p"]
     assert status.requested == request
     text = render_status("p", status)
     assert ("for the 3 devices its replica targets use: 2 cuda device(s) of 80.0 GiB beyond the start placement's "
             "devices") in text
+    board.publish("p", {}, [], [])  # a redeploy without cluster_autoscaling: no stale request is shown
+    assert board.status("p")["p"].requested is None
+    assert "the policy last asked" not in render_status("p", board.status("p")["p"])

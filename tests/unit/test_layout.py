@@ -230,3 +230,6 @@ def test_device_types_are_checked():
     with pytest.raises(AppConfigError, match="device_types repeats a"):
         model(device_types=["a", "a"])
     assert [k for k, _ in model(device_types=["a"]).per_device_type()] == ["smollm2-135m"]  # one type: its own name
+    # m@small's variants are LLM:m_small@n<N>: a model named m_small would take the same deployments
+    with pytest.raises(AppConfigError, match="'m@small' and 'm_small' would name the same variant deployments"):
+        parse_args({"models": [{"name": "m", "device_types": ["small", "large"]}, {"name": "m_small"}]})
