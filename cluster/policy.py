@@ -466,21 +466,22 @@ def _demand(ctx: PolicyContext, targets: dict[str, int]) -> PackInput:
         for view in ctx.models for v in view.input.variants])
 
 
-def _fits(ctx: PolicyContext, targets: dict[str, int], may_add: bool = False) -> tuple[bool, str]:
-    """Whether the targets fit on the devices (`may_add`: with as many added devices as it takes)."""
+def _fits(ctx: PolicyContext, targets: dict[str, int]) -> tuple[bool, str]:
+    """Whether the targets fit on the devices (with may_add_devices: plus as many added ones as it takes)."""
     if not ctx.devices:
         return True, ""
-    result = devices_needed(_demand(ctx, targets)).packing if may_add else pack(_demand(ctx, targets))
+    spec = _demand(ctx, targets)
+    result = devices_needed(spec).packing if ctx.may_add_devices else pack(spec)
     return (not result.unplaced), "; ".join(f"{u.model}: {u.replicas} replica(s) {u.reason}" for u in result.unplaced)
 
 
 def _with_added_devices(ctx: PolicyContext, targets: dict[str, int]) -> PolicyContext:
-    """With may_add_devices: the context's devices plus the added ones these targets use."""
+    """With may_add_devices: the context's devices plus the added ones these targets use, and no more to add."""
     needed = _needed(ctx, targets) if ctx.may_add_devices else None
     if needed is None:
         return ctx
-    return ctx.model_copy(update={"devices": [d for d in needed.devices if d in ctx.devices
-                                              or d.name in needed.packing.placement]})
+    return ctx.model_copy(update={"may_add_devices": False, "devices": [
+        d for d in needed.devices if d in ctx.devices or d.name in needed.packing.placement]})
 
 
 def _needed(ctx: PolicyContext, targets: dict[str, int]) -> Optional[NeededDevices]:
@@ -502,7 +503,7 @@ def _grant_growth(ctx: PolicyContext, steps: list[ModelStep], cfg: PolicyConfig)
         for s, dep in growing:
             if targets[dep] < s.grow_to:
                 trial = {**targets, dep: targets[dep] + 1}
-                if _fits(ctx, trial, may_add=ctx.may_add_devices)[0]:
+                if _fits(ctx, trial)[0]:
                     targets[dep] = trial[dep]
                     progress = True
     out = []

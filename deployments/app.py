@@ -64,7 +64,6 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     handles: dict[str, dict[str, object]] = {}  # served name -> variant deployment -> its bound deployment
-    served: dict[str, ServedModel] = {}
     routes = {}  # by the policy's model (the layout key)
     for lay in layouts:
         name, served_name = lay.policy_input.model, lay.config.served_name
@@ -90,11 +89,13 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec)
             routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
-        known = served.get(served_name)
-        served[served_name] = ServedModel(
-            name=served_name, max_model_len=lay.config.max_model_len,
-            replicas=lay.initial_replicas + (known.replicas if known else 0),
-            keys=(known.keys if known else []) + ([name] if name != served_name else []))
+    served = []  # one per served name, over the layouts of all its device types
+    for served_name in handles:
+        lays = [lay for lay in layouts if lay.config.served_name == served_name]
+        keys = [lay.policy_input.model for lay in lays]
+        served.append(ServedModel(name=served_name, max_model_len=lays[0].config.max_model_len,
+                                  replicas=sum(lay.initial_replicas for lay in lays),
+                                  keys=[] if keys == [served_name] else keys))
     placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
                              requested=requested)
     ingress = serve.deployment(OpenAIIngress).options(
@@ -104,7 +105,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     )
     first = layouts[0]
     schema = openai_schema(first.specs[first.active_n])
-    return ingress.bind(handles, list(served.values()), args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
 
 
 def ask_autoscaler(needed: NeededDevices,
