@@ -75,6 +75,7 @@ def role_of(proc: psutil.Process) -> Optional[str]:
     except psutil.Error:
         return None
     for marker, role in (("EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
+                         ("HAProxyManager", "haproxy manager"), ("haproxy", "haproxy"),
                          ("gcs_server", "ray gcs"), ("raylet", "ray raylet"), ("dashboard", "ray dashboard")):
         if marker in name:
             return role

@@ -3,7 +3,7 @@
 Each tick the replicas' readings (batch, context, tokens/s) are stamped and kept in a window;
 `follow_reality` compares them with the profile in use (advisor/refit.py) and, when they
 disagree past the limits and no refit happened within the cooldown, swaps in a profile refitted
-from them. The policy then plans (B*, best N, re-packs) with that profile, and the refit is one
+from them, unless no step model fits the samples either (they disagree with each other). The policy then plans (B*, best N, re-packs) with that profile, and the refit is one
 of its decisions. Pure: `now` comes in, the state goes out.
 """
 
@@ -55,6 +55,13 @@ def follow_reality(now: float, profile: Optional[Profile], device: Optional[Devi
     if check.verdict not in ("under_prediction", "fit_miss") or cooling:
         return RefitOutcome(state=state, profile=current)
     model = refit_step_model(current.step_model, state.samples, shares, cfg)
+    if model.mape > 100.0 * cfg.max_step_error:
+        # no step model fits them: the samples disagree with each other, and a curve fitted to them
+        # would move the plan by noise
+        why = (f"{check.reason}; no refit: the step model fitted to these samples still misses them by "
+               f"{model.mape:.0f}% (over the {cfg.max_step_error:.0%} limit), so they disagree with each other")
+        return RefitOutcome(state=state.model_copy(update={"check": check.model_copy(update={"reason": why})}),
+                            profile=current)
     refitted = refit_profile(current, model)
     before = best_variant(current, device, planner, variants)
     after = best_variant(refitted, device, planner, variants)

@@ -43,6 +43,7 @@ logger = logging.getLogger("ray.serve")
 POLICY_KWARGS_KEY = "plateau"
 POLICY_FUNCTION = "deployments.autoscale:PlateauAutoscaler"  # what config.yaml names as the app's policy
 BOARD_LOOKUP_EVERY_S = 10.0
+MIN_DECODE_STEPS = 5  # a replica's decode steps in its rate window before they make a live sample
 
 
 class _VariantInput(BaseModel):
@@ -258,15 +259,23 @@ def observe(ctx) -> VariantObservation:
         return sum(values.get(r, 0.0) * w for r, w in done.items()) / total_done
 
     kv = per_replica("kv_usage")
-    running, context, rate = per_replica("running_requests"), per_replica("mean_context_tokens"), per_replica("tokens_per_s")
-    # Serve keys the metrics by ReplicaID, which has no order: sort by its text for a stable sample order
-    samples = [LiveSample(batch=max(0.0, running[r]), context_tokens=max(0.0, context.get(r, 0.0)),
-                          tokens_per_s=max(0.0, rate.get(r, 0.0))) for r in sorted(running, key=str)]
     return VariantObservation(
         running=int(ctx.current_num_replicas), target=int(ctx.target_num_replicas),
         requests=max(0.0, float(ctx.total_num_requests or 0.0)),
         tokens_per_s=sum(per_replica("tokens_per_s").values()),
         kv_usage=(sum(kv.values()) / len(kv)) if kv else 0.0,
         recent_requests=total_done, recent_prompt_tokens=weighted("recent_prompt_tokens"),
-        recent_output_tokens=weighted("recent_output_tokens"), samples=samples,
+        recent_output_tokens=weighted("recent_output_tokens"), samples=live_samples(metrics),
     )
+
+
+def live_samples(metrics: dict) -> list[LiveSample]:
+    """Per replica that decoded lately, its decode steps as a live sample for the reality check: the
+    mean batch of its decode-only steps and the rate those steps ran at (`replica_stats`)."""
+    steps, batch, step_ms = (metrics.get(k) or {} for k in ("decode_steps", "decode_batch", "decode_step_ms"))
+    context = metrics.get("mean_context_tokens") or {}
+    # Serve keys the metrics by ReplicaID, which has no order: sort by its text for a stable sample order
+    return [LiveSample(batch=batch[r], context_tokens=max(0.0, context.get(r, 0.0)),
+                       tokens_per_s=1000.0 * batch[r] / step_ms[r])
+            for r in sorted(batch, key=str)
+            if steps.get(r, 0.0) >= MIN_DECODE_STEPS and batch[r] > 0 and step_ms.get(r, 0.0) > 0]

@@ -131,17 +131,25 @@ def _app_name() -> str:
         return ""
 
 
+PROXY_ACTORS = ("ProxyActor", "HAProxyManager")  # Serve's Python proxy; the actor that runs HAProxy
+
+
 def _serve_proxies_on_this_node() -> list[int]:
-    """Serve's HTTP proxy actors started by the same raylet as this process."""
+    """Serve's HTTP proxy actors started by the same raylet as this process, and what they run
+    (the HAProxy processes of Ray's HAProxy ingress)."""
     try:
-        siblings = psutil.Process().parent().children()
+        return proxy_pids(psutil.Process().parent().children())
     except (psutil.Error, AttributeError):
         return []
+
+
+def proxy_pids(siblings) -> list[int]:
+    """Of a raylet's children (psutil processes), the proxy actors and every process they started."""
     found = []
     for p in siblings:
         try:
-            if "ProxyActor" in " ".join(p.cmdline()[:1]) or "ProxyActor" in p.name():
-                found.append(p.pid)
+            if any(name in " ".join(p.cmdline()[:1]) or name in p.name() for name in PROXY_ACTORS):
+                found += [p.pid, *(c.pid for c in p.children(recursive=True))]
         except psutil.Error:
             continue
     return found
@@ -211,9 +219,9 @@ class OpenAIIngress:
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
         self.app_name = _app_name()
-        # Every streamed token passes through this process and Serve's HTTP proxy: at Ray's worker
-        # niceness they would wait behind the engines they relay (nice 0), and tokens would arrive
-        # in bursts, late.
+        # Every streamed token passes through this process and Serve's HTTP proxy (or HAProxy, which
+        # its manager actor starts and restarts on reloads): at Ray's worker niceness they would wait
+        # behind the engines they relay (nice 0), and tokens would arrive in bursts, late.
         for pid in [None, *_serve_proxies_on_this_node()]:
             if (warning := undo_worker_niceness(pid)) is not None:
                 logger.warning(warning)

@@ -1,12 +1,19 @@
-"""Live statistics of one replica: load, token rate, context length and KV usage.
+"""Live statistics of one replica: load, token rate, context length, KV usage and decode steps.
 
 Fed by the replica's request loop (tokens, context lengths) and by a vLLM stat logger (scheduler
-stats after every engine step). Read by `record_autoscaling_stats()` and the metrics gauges.
-Time comes in as an argument so the arithmetic is testable without clocks.
+and iteration stats after every engine step). Read by `record_autoscaling_stats()` and the
+metrics gauges. Time comes in as an argument so the arithmetic is testable without clocks.
+
+The decode-step numbers are what the policy compares with the profile's step model: only engine
+steps that decoded and prefilled nothing count (the profile's step model is fitted on such steps),
+timed by the engine core's own output timestamps. The token rate mixes in prefill time and the
+batch is an instant reading, so neither is a step time: at a load change (a wave of prompts
+arriving) they disagree with any step model.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 from collections import deque
 from typing import Optional
@@ -28,6 +35,9 @@ class ReplicaStatsSnapshot(BaseModel):
     recent_requests: float = Field(0.0, description="Requests finished within the shape window.")
     recent_prompt_tokens: float = Field(0.0, description="Mean prompt tokens of those requests (0 if none).")
     recent_output_tokens: float = Field(0.0, description="Mean generated tokens of those requests (0 if none).")
+    decode_steps: float = Field(0.0, description="Engine steps within the rate window that only decoded.")
+    decode_batch: float = Field(0.0, description="Mean sequences per such step (0 if none).")
+    decode_step_ms: float = Field(0.0, description="Mean duration of such a step, engine core timestamps (0 if none).")
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.model_dump().items()}
@@ -43,6 +53,7 @@ class ReplicaStats:
         self._prompt: dict[str, int] = {}
         self._lock = threading.Lock()
         self._token_events: deque[tuple[float, int]] = deque()
+        self._decode: deque[tuple[float, int, float]] = deque()  # (time, sequences, step seconds)
         self._context: dict[str, int] = {}
         self._running = 0
         self._waiting = 0
@@ -53,6 +64,14 @@ class ReplicaStats:
         with self._lock:
             self._running, self._waiting, self._kv_usage = running, waiting, kv_usage
             self._preemptions += preempted
+
+    def on_decode_step(self, now: float, sequences: int, step_s: float) -> None:
+        """An engine step that prefilled nothing: `sequences` each got a token; it took `step_s`."""
+        if sequences <= 0 or step_s <= 0:
+            return
+        with self._lock:
+            self._decode.append((now, sequences, step_s))
+            self._trim(now)
 
     def on_tokens(self, now: float, request_id: str, new_tokens: int, context_tokens: int) -> None:
         with self._lock:
@@ -81,6 +100,7 @@ class ReplicaStats:
             tokens = sum(n for _, n in self._token_events)
             ctx = list(self._context.values())
             done = len(self._finished)
+            steps = len(self._decode)
             return ReplicaStatsSnapshot(
                 running_requests=self._running,
                 waiting_requests=self._waiting,
@@ -92,26 +112,51 @@ class ReplicaStats:
                 recent_requests=done,
                 recent_prompt_tokens=sum(p for _, p, _ in self._finished) / done if done else 0.0,
                 recent_output_tokens=sum(o for _, _, o in self._finished) / done if done else 0.0,
+                decode_steps=steps,
+                decode_batch=sum(n for _, n, _ in self._decode) / steps if steps else 0.0,
+                decode_step_ms=1000.0 * sum(t for _, _, t in self._decode) / steps if steps else 0.0,
             )
 
     def _trim(self, now: float) -> None:
         cutoff = now - self._window
         while self._token_events and self._token_events[0][0] < cutoff:
             self._token_events.popleft()
+        while self._decode and self._decode[0][0] < cutoff:
+            self._decode.popleft()
         shape_cutoff = now - self._shape_window
         while self._finished and self._finished[0][0] < shape_cutoff:
             self._finished.popleft()
 
 
-def stat_logger_factory(stats: ReplicaStats):
-    """A vLLM `StatLoggerFactory` whose loggers feed `stats` with the scheduler's numbers."""
+def decode_step(iteration_stats) -> Optional[tuple[int, float]]:
+    """(sequences, seconds) of an engine step that only decoded, from vLLM's `IterationStats`; None
+    for a step that prefilled (a prompt finished its prefill in it) or decoded nothing. Each decoding
+    sequence's inter-token latency is the time from the engine core's previous output to this one:
+    the step's duration, scheduling included."""
+    if iteration_stats is None or iteration_stats.num_prompt_tokens or iteration_stats.time_to_first_tokens_iter:
+        return None
+    itls = iteration_stats.inter_token_latencies_iter
+    if not itls:
+        return None
+    return len(itls), statistics.median(itls)
+
+
+def stat_logger_factory(stats: ReplicaStats, clock=None):
+    """A vLLM `StatLoggerFactory` whose loggers feed `stats` with the scheduler's numbers and the
+    engine's decode steps."""
+    import time
+
     from vllm.v1.metrics.loggers import StatLoggerBase
+
+    clock = clock or time.monotonic
 
     class _Collector(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             self._stats = stats
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if (step := decode_step(iteration_stats)) is not None:
+                self._stats.on_decode_step(clock(), *step)
             if scheduler_stats is None:
                 return
             preempted: Optional[int] = getattr(iteration_stats, "num_preempted_reqs", 0) if iteration_stats else 0

@@ -236,6 +236,21 @@ def _total_ongoing(handle, replicas: int = 2) -> float:
     return sum(s.ongoing_requests + s.running_requests for s in seen.values())
 
 
+def test_replicas_time_their_engines_decode_steps(app):
+    """The reality check's live samples come from vLLM's iteration stats: a request that decodes 32
+    tokens gives its replica >= 5 decode-only steps of batch >= 1 in the 10 s window."""
+    client().completions.create(model=MODEL, prompt="Count to ten:", max_tokens=32, extra_body={"ignore_eos": True})
+    seen = {}
+    for _ in range(40):
+        info = app.info.remote().result()
+        seen[info.replica_id] = app.get_stats.remote().result()
+        if len(seen) >= 2:
+            break
+    busiest = max(seen.values(), key=lambda s: s.decode_steps)
+    assert busiest.decode_steps >= 5 and busiest.decode_batch >= 1, seen
+    assert 0 < busiest.decode_step_ms < 5000, seen
+
+
 def test_client_disconnect_aborts_the_engine_request(app):
     with httpx.Client(base_url=BASE, headers=AUTH, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={

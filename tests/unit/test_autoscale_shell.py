@@ -47,11 +47,11 @@ def test_observe_takes_live_samples_from_replicas_keyed_as_serve_keys_them():
 
     dep = DeploymentID(name="LLM:alpha@n2", app_name="app")
     r1, r2 = ReplicaID("b", dep), ReplicaID("a", dep)
-    metrics = {"running_requests": {r1: 4.0, r2: 2.0}, "mean_context_tokens": {r1: 150.0, r2: 90.0},
-               "tokens_per_s": {r1: 40.0, r2: 25.0}}
+    metrics = {"mean_context_tokens": {r1: 150.0, r2: 90.0}, "decode_steps": {r1: 50.0, r2: 60.0},
+               "decode_batch": {r1: 4.0, r2: 2.0}, "decode_step_ms": {r1: 100.0, r2: 80.0}}
     o = observe(context("LLM:alpha@n2", None, running=2, target=2, metrics=metrics))
-    assert sorted((s.batch, s.context_tokens, s.tokens_per_s) for s in o.samples) == [
-        (2.0, 90.0, 25.0), (4.0, 150.0, 40.0)]
+    assert [(s.batch, s.context_tokens, s.tokens_per_s) for s in o.samples] == [
+        (2.0, 90.0, 25.0), (4.0, 150.0, 40.0)]  # sorted by the ReplicaID's text: "a" first
 
 
 def test_the_shell_scales_variants_from_their_policy_kwargs_and_ignores_the_ingress():

@@ -343,3 +343,34 @@ def test_a_model_on_two_device_types_routes_over_the_variants_of_both_by_free_ca
     assert routes == {"m": [small, large], "o": [other]}
     assert choose_variant(routes["m"], {}) == "LLM:m_large@n2"  # 64 free against 8
     assert choose_variant(routes["m"], {"LLM:m_large@n2": 60}) == "LLM:m_small@n1"
+
+
+def test_the_proxies_to_renice_are_the_proxy_actors_and_what_they_started():
+    """With Ray's HAProxy ingress the tokens pass through HAProxy, which its manager actor starts
+    (and starts again on reloads): the manager and its processes are reniced, other actors not."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from deployments.ingress import proxy_pids
+
+    def actor(name: str) -> subprocess.Popen:  # a process whose argv[0] is an actor's, with a child
+        return subprocess.Popen(["bash", "-c", f"exec -a '{name}' bash -c 'sleep 60 & wait'"])
+
+    manager, replica = actor("ray::HAProxyManager"), actor("ray::ServeReplica:plateau:LLM:m@n2")
+    try:
+        procs = [psutil.Process(manager.pid), psutil.Process(replica.pid)]
+        deadline = time.monotonic() + 10
+        while not all(p.children() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [haproxy] = procs[0].children()
+        [replica_child] = procs[1].children()
+        assert sorted(proxy_pids(procs)) == sorted([manager.pid, haproxy.pid])
+        assert replica.pid not in proxy_pids(procs) and replica_child.pid not in proxy_pids(procs)
+    finally:
+        for p in (manager, replica):
+            for c in psutil.Process(p.pid).children(recursive=True):
+                c.kill()
+            p.kill()
+            p.wait()

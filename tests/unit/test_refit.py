@@ -100,10 +100,14 @@ def test_observe_turns_per_replica_metrics_into_samples():
     from tests.unit.test_autoscale_shell import context
     from deployments.autoscale import observe
 
-    metrics = {"tokens_per_s": {"r1": 100.0, "r2": 50.0}, "running_requests": {"r1": 8.0, "r2": 0.0},
-               "mean_context_tokens": {"r1": 170.0, "r2": 0.0}}
-    o = observe(context("LLM:alpha@n2", None, running=2, metrics=metrics))
-    assert [(s.batch, s.context_tokens, s.tokens_per_s) for s in o.samples] == [(8.0, 170.0, 100.0), (0.0, 0.0, 50.0)]
+    # r1 decoded 8 sequences per 40 ms step; r2 ran too few decode-only steps to judge; r3 none
+    metrics = {"tokens_per_s": {"r1": 100.0, "r2": 50.0, "r3": 0.0}, "running_requests": {"r1": 8.0, "r2": 30.0},
+               "mean_context_tokens": {"r1": 170.0, "r2": 140.0},
+               "decode_steps": {"r1": 120.0, "r2": 2.0, "r3": 0.0}, "decode_batch": {"r1": 8.0, "r2": 30.0, "r3": 0.0},
+               "decode_step_ms": {"r1": 40.0, "r2": 90.0, "r3": 0.0}}
+    o = observe(context("LLM:alpha@n2", None, running=3, metrics=metrics))
+    assert [(s.batch, s.context_tokens, s.tokens_per_s) for s in o.samples] == [(8.0, 170.0, 200.0)]
+    assert o.tokens_per_s == 150.0  # the load signal stays the generated tokens/s
 
 
 def test_status_shows_live_vs_plan():
@@ -120,3 +124,13 @@ def test_status_shows_live_vs_plan():
                                        replicas={2: 1}, fit=check, refits=1)])
     text = render_status("p", status, now=1.0)
     assert "live vs plan (1 refit(s)): under_prediction: replicas sustain 50% of the predicted tokens/s" in text
+
+
+def test_samples_that_no_step_model_fits_refit_nothing():
+    """Readings that contradict each other (the same batch at twice and half the profiled speed, as
+    an instant batch against a trailing rate gives while load changes) must not move the plan."""
+    noisy = samples([8, 8, 16, 16], a=5) + samples([8, 8, 16, 16], a=120, b=3)
+    out = follow_reality(0.0, PROFILE, DEVICE, PROFILE_PLANNER, [1, 2], {2: noisy}, RefitState(), CFG)
+    assert out.state.check.verdict in ("under_prediction", "fit_miss")
+    assert out.refit_reason is None and out.profile is PROFILE and out.state.refits == 0
+    assert "no refit" in out.state.check.reason and "disagree with each other" in out.state.check.reason
