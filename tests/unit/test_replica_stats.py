@@ -97,3 +97,12 @@ def test_the_stat_logger_feeds_decode_steps_and_scheduler_numbers():
     snap = s.snapshot(2.0)
     assert (snap.decode_steps, snap.decode_batch, snap.running_requests) == (1, 4.0, 4)
     assert snap.decode_step_ms == pytest.approx(40.0)
+
+
+def test_every_snapshot_field_has_its_gauge():
+    """The replica publishes every snapshot field as a gauge: one without a gauge stopped the
+    publishing task at its first round, and every plateau gauge with it."""
+    from deployments.replica import _GAUGES
+    from deployments.replica_stats import ReplicaStatsSnapshot
+
+    assert set(_GAUGES) == set(ReplicaStatsSnapshot.model_fields)
