@@ -3,8 +3,8 @@
 Each tick the replicas' readings (batch, context, tokens/s) are stamped and kept in a window;
 `follow_reality` compares them with the profile in use (advisor/refit.py) and, when they
 disagree past the limits and no refit happened within the cooldown, swaps in a profile refitted
-from them, unless no step model fits the samples either (they disagree with each other). The policy then plans (B*, best N, re-packs) with that profile, and the refit is one
-of its decisions. Pure: `now` comes in, the state goes out.
+from them, unless no step model fits the samples either (they disagree with each other). The
+policy then plans (B*, best N, re-packs) with that profile, and the refit is one of its decisions. Pure: `now` comes in, the state goes out.
 """
 
 from __future__ import annotations
