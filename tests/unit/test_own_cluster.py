@@ -142,6 +142,15 @@ def test_the_shipped_config_changes_only_the_http_port(tmp_path):
     assert written == shipped
 
 
+def test_what_benchmarks_and_tests_set_for_serve_run_is_what_make_run_sets():
+    from bench.vs_vllm import ROOT, SHIPPED_ENV
+
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index("run: setup") + 1]
+    assert "serve run $(CONFIG)" in recipe
+    assert all(f"{k}={v} " in recipe for k, v in SHIPPED_ENV.items()), recipe
+
+
 def test_ports_are_distinct_and_free():
     ports = ClusterPorts.pick().model_dump()
     assert len(set(ports.values())) == len(ports) and all(p > 0 for p in ports.values())

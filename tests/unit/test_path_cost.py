@@ -1,0 +1,54 @@
+import json
+
+from bench.path_cost import NAME, TINY, plateau_model, tiny_model_folder
+from deployments.config import parse_args
+
+
+def test_the_tiny_model_is_the_source_config_cut_to_the_tiny_shape_with_its_tokenizer_and_no_weights(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+                                                 "num_hidden_layers": 30, "eos_token_id": 2}))
+    (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "model.safetensors").write_bytes(b"weights")
+    dst = tiny_model_folder(src, tmp_path / "tiny")
+    config = json.loads((dst / "config.json").read_text())
+    assert config == {"model_type": "llama", "vocab_size": 49152, "eos_token_id": 2, **TINY}
+    assert (dst / "tokenizer.json").read_text() == '{"model": {}}'
+    assert not (dst / "model.safetensors").exists()
+
+
+def test_the_plateau_side_is_a_valid_config_entry_with_random_weights_at_a_fixed_n(tmp_path):
+    args = parse_args({"models": [plateau_model(tmp_path, 2, "float32")]})
+    m = args.models[0]
+    assert (m.name, m.replicas_per_device, m.engine_kwargs["load_format"]) == (NAME, 2, "dummy")
+
+
+class _FakeSide:
+    def __init__(self, name, log):
+        self.name, self.log, self.stopped = name, log, False
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_each_side_is_measured_and_stopped_and_one_failing_keeps_the_others_numbers(tmp_path):
+    from bench.vs_vllm import run_sides
+
+    started = {}
+
+    def start(name):
+        if name == "broken":
+            raise RuntimeError("cluster did not start")
+        started[name] = _FakeSide(name, tmp_path / f"{name}.log")
+        return started[name]
+
+    def measure(side):
+        if side.name == "flaky":
+            raise RuntimeError("client failed")
+        return [side.name]
+
+    results, failed = run_sides(["a", "broken", "flaky", "b"], start, measure)
+    assert results == {"a": ["a"], "b": ["b"]}
+    assert failed == {"broken": "RuntimeError: cluster did not start", "flaky": "RuntimeError: client failed"}
+    assert all(s.stopped for s in started.values()) and set(started) == {"a", "flaky", "b"}
