@@ -2,6 +2,7 @@
 model small enough that the engine makes tokens at a GPU's pace on this CPU.
 
     python bench/path_cost.py [--points 16,64] [--replicas 1,2] [--prompts-per-slot 8]
+                              [--also NAME:K=V[,K=V] ...]
 
 On the embedded SmolLM2 a CPU engine makes 100-200 tokens/s, so every streamed token's trip through
 Ray (engine -> replica -> ingress -> Serve's proxy -> client) hides behind a decode step of 50-200 ms.
@@ -10,10 +11,11 @@ case here: SmolLM2's tokenizer and config cut to 2 layers of width 64 (random we
 `load_format=dummy`, no checkpoint), so one engine steps a batch of 64 in a few ms.
 
 Sides, one after the other on 127.0.0.1: vLLM's own OpenAI server on that model (`--load-format
-dummy`), then `serve run config.yaml` as shipped but for its model list: the tiny model at a fixed
-N replicas per device (no profile) for each N in --replicas. Load: vLLM's benchmark client as in
-bench/vs_vllm.py (128-token prompts, 64 output tokens, streaming), `--prompts-per-slot` x concurrency
-requests per point. Per side and point: output tokens/s, TTFT, ITL; ratios against vLLM. Result in
+dummy`), then `serve run config.yaml` as `make run` starts it but for its model list: the tiny
+model at a fixed N replicas per device (no profile) for each N in --replicas, and again with each
+`--also` variant's variables set over `make run`'s (e.g. `tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1`).
+Load: vLLM's benchmark client as in bench/vs_vllm.py (128-token prompts, 64 output tokens,
+streaming), `--prompts-per-slot` x concurrency requests per point. Per side and point: output tokens/s, TTFT, ITL; ratios against vLLM. Result in
 bench/results/path_cost-*.json; the last stdout line is a JSON summary.
 """
 
@@ -63,11 +65,22 @@ def plateau_model(folder: Path, replicas: int, dtype: str) -> dict:
             "engine_kwargs": {"load_format": "dummy"}}
 
 
+def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
+    """`NAME:K=V[,K=V]` -> (NAME, {K: V}); fails naming the argument."""
+    name, sep, pairs = arg.partition(":")
+    env = dict(p.split("=", 1) for p in pairs.split(",") if "=" in p)
+    if not sep or not name or not env or len(env) != len(pairs.split(",")):
+        raise SystemExit(f"--also {arg!r}: expected NAME:K=V[,K=V], e.g. tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    return name, env
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="16,64")
     ap.add_argument("--replicas", default="1,2", help="N replicas per device for each plateau side")
     ap.add_argument("--prompts-per-slot", type=int, default=8)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME:K=V[,K=V]",
+                    help="for each N, one more plateau side `plateau-n<N>-NAME` with these variables over make run's")
     ns = ap.parse_args(argv)
     points = [int(x) for x in ns.points.split(",")]
     work = Path(tempfile.mkdtemp(prefix="plateau-path-cost-"))
@@ -76,14 +89,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     folder = tiny_model_folder(Path(shipped.folder), work / "model")
     dtype = str(shipped.cfg.get("dtype", "auto"))
     model = Shipped(cfg={"dtype": dtype, "max_model_len": 2048, "enforce_eager": True}, name=NAME, folder=str(folder))
-    sides = ["vllm"] + [f"plateau-n{n}" for n in ns.replicas.split(",")]
+    variants = {"": {}, **dict(parse_variant(v) for v in ns.also)}
+    plateau = {f"plateau-n{n}{'-' + name if name else ''}": (int(n), env)
+               for n in ns.replicas.split(",") for name, env in variants.items()}
+    sides = ["vllm", *plateau]
 
     def start(side_name: str) -> Side:
         if side_name == "vllm":
             return vllm_side(model, {**os.environ, **BASE_ENV}, work,
                              extra=["--load-format", "dummy", "--max-num-seqs", str(MAX_NUM_SEQS)])
-        n = int(side_name.removeprefix("plateau-n"))
-        env = {**BASE_ENV, "PLATEAU_HOME": str(work / "plateau-home")}
+        n, extra_env = plateau[side_name]
+        env = {**BASE_ENV, "PLATEAU_HOME": str(work / "plateau-home"), **extra_env}
         return ServeRunSide(side_name, env, work, models=[plateau_model(folder, n, dtype)])
 
     def measure_side(side: Side) -> list[dict]:

@@ -52,3 +52,15 @@ def test_each_side_is_measured_and_stopped_and_one_failing_keeps_the_others_numb
     assert results == {"a": ["a"], "b": ["b"]}
     assert failed == {"broken": "RuntimeError: cluster did not start", "flaky": "RuntimeError: client failed"}
     assert all(s.stopped for s in started.values()) and set(started) == {"a", "flaky", "b"}
+
+
+def test_a_variant_names_its_variables_and_a_malformed_one_says_what_is_expected():
+    import pytest
+
+    from bench.path_cost import parse_variant
+
+    assert parse_variant("tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1,X=a=b") == (
+        "tput", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "X": "a=b"})
+    for bad in ("tput", ":A=1", "tput:", "tput:A=1,B"):
+        with pytest.raises(SystemExit, match="expected NAME:K=V"):
+            parse_variant(bad)
