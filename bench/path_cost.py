@@ -5,7 +5,7 @@ model small enough that the engine makes tokens at a GPU's pace on this CPU.
                               [--also NAME:K=V[,K=V] ...]
 
 On the embedded SmolLM2 a CPU engine makes 100-200 tokens/s, so every streamed token's trip through
-Ray (engine -> replica -> ingress -> Serve's proxy -> client) hides behind a decode step of 50-200 ms.
+Ray (engine -> replica -> ingress -> HAProxy -> client) hides behind a decode step of 50-200 ms.
 On a GPU the same step takes a few ms and the serving path is what is left. This benchmark makes that
 case here: SmolLM2's tokenizer and config cut to 2 layers of width 64 (random weights,
 `load_format=dummy`, no checkpoint), so one engine steps a batch of 64 in a few ms.
@@ -15,8 +15,9 @@ dummy`), then `serve run config.yaml` as `make run` starts it but for its model 
 model at a fixed N replicas per device (no profile) for each N in --replicas, and again with each
 `--also` variant's variables set over `make run`'s (e.g. `tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1`).
 Load: vLLM's benchmark client as in bench/vs_vllm.py (128-token prompts, 64 output tokens,
-streaming), `--prompts-per-slot` x concurrency requests per point. Per side and point: output tokens/s, TTFT, ITL; ratios against vLLM. Result in
-bench/results/path_cost-*.json; the last stdout line is a JSON summary.
+streaming), `--prompts-per-slot` x concurrency requests per point. Per side and point: output
+tokens/s, TTFT, ITL; ratios against vLLM. Result in bench/results/path_cost-*.json; the last
+stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_result  # noqa: E402
-from bench.vs_vllm import (BASE_ENV, SHORT_PROMPT, ServeRunSide, Shipped, Side, run_point,  # noqa: E402
+from bench.vs_vllm import (BASE_ENV, SHORT_PROMPT, ServeRunSide, Shipped, Side, measure, ratios,  # noqa: E402
                            run_sides, shipped_model, vllm_side)
 
 NAME = "tiny-path"
@@ -104,25 +105,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def measure_side(side: Side) -> list[dict]:
         side.wait_ready(NAME, 900)
-        rows = []
-        for c in points:
-            row = run_point(side.port, NAME, str(folder), c, SHORT_PROMPT, ns.prompts_per_slot * c, work / side.name)
-            print(f"[{side.name}] c={c:3d}: {row['output_tokens_per_s']:8.1f} tok/s, TTFT p50/p99 "
-                  f"{row['ttft_p50_ms']:6.0f}/{row['ttft_p99_ms']:6.0f} ms, ITL p50/p99 "
-                  f"{row['itl_p50_ms']:5.1f}/{row['itl_p99_ms']:5.1f} ms, failed {row['failed']}",
-                  file=sys.stderr, flush=True)
-            rows.append(row)
-        return rows
+        plan = [(c, SHORT_PROMPT, ns.prompts_per_slot * c) for c in points]
+        return measure(side, NAME, str(folder), plan, work / side.name)
 
     results, failed = run_sides(sides, start, measure_side)
 
-    summary = {"sides": list(results), "failed_sides": failed, "ratios": {}}
-    for side_name, rows in results.items():
-        if side_name != "vllm" and "vllm" in results:
-            summary["ratios"][side_name] = [
-                {"concurrency": a["concurrency"],
-                 "tokens_per_s_ratio": round(a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]), 3)}
-                for a, b in zip(rows, results["vllm"])]
+    summary = {"sides": list(results), "failed_sides": failed, "ratios": ratios(results)}
     path = write_result("path_cost", {"model": {"shape": TINY, "tokenizer_of": shipped.name, "dtype": dtype,
                                                 "load_format": "dummy"},
                                       "prompt_tokens": SHORT_PROMPT, "prompts_per_slot": ns.prompts_per_slot,

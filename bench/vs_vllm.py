@@ -203,9 +203,9 @@ def prompts_for(concurrency: int) -> int:
     return max(6, 2 * concurrency)
 
 
-def measure(side: Side, model: str, tokenizer: str, points: list[int], long_c: int, out_dir: Path) -> list[dict]:
+def measure(side: Side, model: str, tokenizer: str, plan: list[tuple[int, int, int]], out_dir: Path) -> list[dict]:
+    """One client run per (concurrency, prompt tokens, requests) of `plan` against `side`, each printed."""
     rows = []
-    plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points] + [(long_c, LONG_PROMPT, 2 * long_c)]
     for c, p, n in plan:
         row = run_point(side.port, model, tokenizer, c, p, n, out_dir)
         print(f"[{side.name}] c={c:3d} prompt={p:5d}: {row['output_tokens_per_s']:7.1f} tok/s, TTFT p50/p99 "
@@ -214,6 +214,18 @@ def measure(side: Side, model: str, tokenizer: str, points: list[int], long_c: i
               file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def ratios(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each side's points against vLLM's, point by point (none without a `vllm` side)."""
+    if "vllm" not in rows:
+        return {}
+    return {side: [{"concurrency": a["concurrency"], "prompt_tokens": a["prompt_tokens"],
+                    "tokens_per_s_ratio": round(a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]), 3),
+                    "ttft_p99_ratio": round(a["ttft_p99_ms"] / max(1e-9, b["ttft_p99_ms"]), 3),
+                    "failed": a["failed"], "vllm_failed": b["failed"]}
+                   for a, b in zip(points, rows["vllm"])]
+            for side, points in rows.items() if side != "vllm"}
 
 
 def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Callable[[Side], T]
@@ -286,21 +298,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     def measure_side(side: Side) -> dict:
         ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
         print(f"[{side.name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
-        return {"ready_s": ready_s, "points": measure(side, name, folder, points, ns.long_concurrency, work / side.name)}
+        plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points] + [(ns.long_concurrency, LONG_PROMPT,
+                                                                        2 * ns.long_concurrency)]
+        return {"ready_s": ready_s, "points": measure(side, name, folder, plan, work / side.name)}
 
     results, failed = run_sides(sides, start, measure_side)
 
-    summary = {"sides": list(results), "failed_sides": failed, "ratios": {}}
-    if "vllm" in results:
-        for side_name, res in results.items():
-            if side_name == "vllm":
-                continue
-            summary["ratios"][side_name] = [
-                {"concurrency": a["concurrency"], "prompt_tokens": a["prompt_tokens"],
-                 "tokens_per_s_ratio": round(a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]), 3),
-                 "ttft_p99_ratio": round(a["ttft_p99_ms"] / max(1e-9, b["ttft_p99_ms"]), 3),
-                 "failed": a["failed"], "vllm_failed": b["failed"]}
-                for a, b in zip(res["points"], results["vllm"]["points"])]
+    summary = {"sides": list(results), "failed_sides": failed,
+               "ratios": ratios({side: res["points"] for side, res in results.items()})}
     path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS,
                                     "client": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
                                     "results": results, "summary": summary})

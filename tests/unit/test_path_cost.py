@@ -64,3 +64,16 @@ def test_a_variant_names_its_variables_and_a_malformed_one_says_what_is_expected
     for bad in ("tput", ":A=1", "tput:", "tput:A=1,B"):
         with pytest.raises(SystemExit, match="expected NAME:K=V"):
             parse_variant(bad)
+
+
+def test_each_side_is_compared_with_vllm_point_by_point():
+    from bench.vs_vllm import ratios
+
+    def row(tok, ttft, failed=0):
+        return {"concurrency": 16, "prompt_tokens": 128, "output_tokens_per_s": tok, "ttft_p99_ms": ttft,
+                "failed": failed}
+
+    got = ratios({"vllm": [row(100.0, 200.0)], "plateau": [row(150.0, 100.0, failed=1)]})
+    assert got == {"plateau": [{"concurrency": 16, "prompt_tokens": 128, "tokens_per_s_ratio": 1.5,
+                                "ttft_p99_ratio": 0.5, "failed": 1, "vllm_failed": 0}]}
+    assert ratios({"plateau": [row(150.0, 100.0)]}) == {}
