@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup.sh $(VENV)
 
 run: setup
-	RAY_SERVE_ENABLE_HA_PROXY=1 $(VENV)/bin/serve run $(CONFIG)
+	RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_LOG_TO_STDERR=1 $(VENV)/bin/serve run $(CONFIG)
 
 test: setup
 	bash scripts/test-tools.sh

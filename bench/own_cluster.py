@@ -175,16 +175,27 @@ def write_owner(temp_dir: str, tag: str) -> None:
 
 
 @contextmanager
-def own_local_ray(**init_kwargs):
+def own_local_ray(env: Optional[dict[str, str]] = None, **init_kwargs):
     """`ray.init` of a fresh local cluster with a temp dir of its own (Ray's default /tmp/ray, where a
     user's cluster keeps its session, is never touched; Ray picks free ports itself, no dashboard),
     marked as this process's so `python -m bench.own_cluster cleanup` stops it after a SIGKILL;
-    shut down and removed on leaving. Yields the temp dir."""
+    shut down and removed on leaving. Yields the temp dir. `env`: variables the cluster's processes
+    start with (Ray's, Serve's controller and replicas inherit them), as `ray start` in a shell with
+    them set; this process keeps its own environment (Serve read its settings when it was imported)."""
     import ray
 
     temp = own_temp_dir()
     write_owner(temp, uuid.uuid4().hex[:12])
-    ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         yield temp
     finally:

@@ -13,7 +13,7 @@ case here: SmolLM2's tokenizer and config cut to 2 layers of width 64 (random we
 Sides, one after the other on 127.0.0.1: vLLM's own OpenAI server on that model (`--load-format
 dummy`), then `serve run config.yaml` as `make run` starts it but for its model list: the tiny
 model at a fixed N replicas per device (no profile) for each N in --replicas, and again with each
-`--also` variant's variables set over `make run`'s (e.g. `tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1`).
+`--also` variant's variables set over `make run`'s (e.g. `before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0`).
 Load: vLLM's benchmark client as in bench/vs_vllm.py (128-token prompts, 64 output tokens,
 streaming), `--prompts-per-slot` x concurrency requests per point. Per side and point: output
 tokens/s, TTFT, ITL; ratios against vLLM. Result in bench/results/path_cost-*.json; the last
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_result  # noqa: E402
-from bench.vs_vllm import (BASE_ENV, SHORT_PROMPT, ServeRunSide, Shipped, Side, measure, ratios,  # noqa: E402
-                           run_sides, shipped_model, vllm_side)
+from bench.vs_vllm import (BASE_ENV, SHORT_PROMPT, ServeRunSide, Shipped, Side, measure, parse_variant,  # noqa: E402
+                           ratios, run_sides, shipped_model, vllm_side)
 
 NAME = "tiny-path"
 TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -64,15 +64,6 @@ def plateau_model(folder: Path, replicas: int, dtype: str) -> dict:
     return {"model": str(folder), "name": NAME, "replicas_per_device": replicas, "max_num_seqs": MAX_NUM_SEQS,
             "kv_cache_bytes": KV_CACHE_BYTES, "max_model_len": 2048, "dtype": dtype, "enforce_eager": True,
             "engine_kwargs": {"load_format": "dummy"}}
-
-
-def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
-    """`NAME:K=V[,K=V]` -> (NAME, {K: V}); fails naming the argument."""
-    name, sep, pairs = arg.partition(":")
-    env = dict(p.split("=", 1) for p in pairs.split(",") if "=" in p)
-    if not sep or not name or not env or len(env) != len(pairs.split(",")):
-        raise SystemExit(f"--also {arg!r}: expected NAME:K=V[,K=V], e.g. tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
-    return name, env
 
 
 def main(argv: Optional[list[str]] = None) -> int:

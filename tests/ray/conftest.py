@@ -97,6 +97,15 @@ def shipped_profile(smollm2_path, suite_home) -> ProfileRun:
     return ProfileRun(args=args, profile=profile, stderr=out.stderr)
 
 
+def ray_session_logs(temp_dir: str) -> str:
+    """Every log of the Ray cluster with this temp dir, joined (Serve's controller says which settings
+    it runs with before its own log file is set up, so that line lands in its worker's .err/.out)."""
+    logs = [p for p in Path(temp_dir).glob("session_*/logs/**/*")
+            if p.is_file() and p.suffix in (".log", ".err", ".out")]
+    assert logs, f"no Ray session logs under {temp_dir}"
+    return "".join(p.read_text(errors="replace") for p in logs)
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5,
                detail: Optional[Callable[[], str]] = None):
     """Polls `predicate` until it holds; on timeout fails naming `what`, with `detail()` (what the

@@ -21,7 +21,8 @@ from deployments.cluster_view import ClusterView
 from deployments.config import parse_args
 from deployments.engine import replica_deployment_name
 from bench.own_cluster import free_port, own_local_ray
-from tests.ray.conftest import replica_infos, shipped_model_args, wait_until
+from bench.vs_vllm import SHIPPED_ENV
+from tests.ray.conftest import ray_session_logs, replica_infos, shipped_model_args, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -35,11 +36,19 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def app(smollm2_path):
-    with own_local_ray(num_cpus=2, num_gpus=1, _metrics_export_port=METRICS_PORT):
+def cluster():
+    """The cluster's Ray temp dir. It runs Serve as `make run` starts it (SHIPPED_ENV); this process
+    keeps Serve's defaults, as a user's script does (a handle made with the throughput mode's
+    same-loop router cannot be called outside an event loop)."""
+    with own_local_ray(env=SHIPPED_ENV, num_cpus=2, num_gpus=1, _metrics_export_port=METRICS_PORT) as temp:
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        yield _deploy(smollm2_path)
+        yield temp
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(cluster, smollm2_path):
+    return _deploy(smollm2_path)
 
 
 def _deploy(smollm2_path):
@@ -55,6 +64,11 @@ def _deploy(smollm2_path):
 
 def client() -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{BASE}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_the_cluster_runs_serve_as_make_run_starts_it(cluster, app):
+    said = ray_session_logs(cluster)
+    assert "Throughput optimized Ray Serve enabled" in said and "gRPC communication enabled" in said
 
 
 def test_two_replicas_share_the_one_gpu(app):

@@ -23,7 +23,7 @@ import yaml
 from bench.fuzz_vs_vllm import fuzz
 from bench.own_cluster import OwnCluster, OwnClusterConfig
 from bench.vs_vllm import SHIPPED_ENV, shipped_config_on
-from tests.ray.conftest import ROOT, wait_until
+from tests.ray.conftest import ROOT, ray_session_logs, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -40,6 +40,7 @@ class Served:
     dashboard: str  # what `serve status --address` takes
     address: str  # the cluster's GCS address, what `plateau status --address` takes
     log: Path
+    temp_dir: str  # the cluster's Ray temp dir (session logs)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def served(shipped_profile, tmp_path_factory) -> Served:
         # The Advisor plans from the suite's stored profile (`shipped_profile`), then the replicas start.
         wait_until(ready, 900, "serve run config.yaml to answer", every_s=3)
         yield Served(base_url=base, dashboard=f"http://127.0.0.1:{cluster.ports.dashboard}",
-                     address=cluster.address, log=log)
+                     address=cluster.address, log=log, temp_dir=cluster.temp_dir)
 
 
 def test_openai_client_gets_real_text(served):
@@ -87,6 +88,19 @@ def test_the_port_is_served_by_rays_haproxy_as_make_run_starts_it(served):
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
     assert listeners, f"nothing listens on {port}"
     assert {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
+
+
+def test_serve_runs_throughput_optimized_with_replica_logs_on_stderr_as_make_run_starts_it(served):
+    """`make run` sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (bench/path_cost.py: up to twice the
+    tokens/s when the engine is fast) but keeps RAY_SERVE_LOG_TO_STDERR=1: Serve's controller says
+    which settings it runs with, and the user still sees the replicas' logs in `serve run`'s output."""
+    said = ray_session_logs(served.temp_dir)
+    assert "Throughput optimized Ray Serve enabled" in said
+    for setting in ("gRPC communication enabled", "User code running in main thread",
+                    "Router running in main thread"):
+        assert setting in said, setting
+    assert "Log to stderr disabled" not in said
+    assert "replica of smollm2-135m ready" in served.log.read_text(errors="replace")
 
 
 def _status(served: Served) -> dict:

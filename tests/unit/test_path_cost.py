@@ -57,13 +57,27 @@ def test_each_side_is_measured_and_stopped_and_one_failing_keeps_the_others_numb
 def test_a_variant_names_its_variables_and_a_malformed_one_says_what_is_expected():
     import pytest
 
-    from bench.path_cost import parse_variant
+    from bench.vs_vllm import parse_variant
 
     assert parse_variant("tput:RAY_SERVE_THROUGHPUT_OPTIMIZED=1,X=a=b") == (
         "tput", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "X": "a=b"})
     for bad in ("tput", ":A=1", "tput:", "tput:A=1,B"):
         with pytest.raises(SystemExit, match="expected NAME:K=V"):
             parse_variant(bad)
+
+
+def test_variant_sides_run_right_after_the_start_they_vary():
+    import pytest
+
+    from bench.vs_vllm import with_variants
+
+    assert with_variants(["vllm", "plateau", "plateau-reuse"], ["plateau-reuse-before"]) == [
+        "vllm", "plateau", "plateau-reuse", "plateau-reuse-before"]
+    assert with_variants(["plateau-reuse", "vllm"], ["plateau-reuse-a", "plateau-reuse-b"]) == [
+        "plateau-reuse", "plateau-reuse-a", "plateau-reuse-b", "vllm"]
+    assert with_variants(["vllm", "plateau"], []) == ["vllm", "plateau"]
+    with pytest.raises(SystemExit, match="keep plateau-reuse in --sides"):
+        with_variants(["vllm", "plateau"], ["plateau-reuse-before"])
 
 
 def test_each_side_is_compared_with_vllm_point_by_point():
