@@ -35,6 +35,7 @@ import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import psutil
 
@@ -186,16 +187,8 @@ def own_local_ray(env: Optional[dict[str, str]] = None, **init_kwargs):
 
     temp = own_temp_dir()
     write_owner(temp, uuid.uuid4().hex[:12])
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with mock.patch.dict(os.environ, env or {}):  # Ray's processes start inside ray.init and inherit it
         ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         yield temp
     finally:

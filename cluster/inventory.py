@@ -186,14 +186,20 @@ def read_nodes(timeout_s: float = 30.0) -> list[NodeResources]:
         NodeResources(node_id=n["NodeID"], address=n.get("NodeManagerAddress", n["NodeID"][:8]),
                       cpus=float(n["Resources"].get("CPU", 0.0)), gpus=float(n["Resources"].get("GPU", 0.0)),
                       memory_bytes=int(n["Resources"].get("memory", 0.0)), gpu_readings=readings.get(n["NodeID"], []),
-                      accelerator_type=accelerator_type(n["Resources"]))
+                      accelerator_type=accelerator_type(n["Resources"], f"node {n['NodeID'][:8]}"))
         for n in nodes
     ]
 
 
-def accelerator_type(resources: dict[str, float]) -> Optional[str]:
-    """The node's Ray accelerator type from its `accelerator_type:<T>` resource (None without one)."""
+def accelerator_type(resources: dict[str, float], node: str = "a node") -> Optional[str]:
+    """The node's Ray accelerator type from its `accelerator_type:<T>` resource (None without one).
+    A node with several (one Ray detected, one declared with `ray start --resources`) is planned as
+    the first by name, and the log says so: a device has one type."""
     types = sorted(k[len(ACCELERATOR_TYPE_PREFIX):] for k in resources if k.startswith(ACCELERATOR_TYPE_PREFIX))
+    if len(types) > 1:
+        logger.warning("%s has %d accelerator types (%s): its devices are planned and packed as %r; give each "
+                       "node one `accelerator_type:<T>` resource to choose", node, len(types), ", ".join(types),
+                       types[0])
     return types[0] if types else None
 
 

@@ -40,6 +40,18 @@ def test_fractional_gpu_remainders_are_not_devices_and_capacities_feed_the_packe
     assert len(caps) == 1 and caps[0].share == 1.0 and caps[0].memory_bytes == 4 * GiB and caps[0].kind == "cuda"
 
 
+def test_a_node_with_two_accelerator_types_is_planned_as_the_first_and_the_log_says_so(caplog):
+    from cluster.inventory import accelerator_type
+
+    with caplog.at_level("WARNING", logger="cluster.inventory"):
+        assert accelerator_type({"GPU": 1, "accelerator_type:L4": 1, "accelerator_type:A10G": 1}, "node ab12") == "A10G"
+    assert "node ab12 has 2 accelerator types (A10G, L4)" in caplog.text and "'A10G'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cluster.inventory"):
+        assert accelerator_type({"GPU": 1, "accelerator_type:L4": 1}) == "L4"
+    assert caplog.text == ""
+
+
 def test_device_types_come_from_rays_accelerator_type_resource_and_select_devices():
     from cluster.inventory import accelerator_type
 
