@@ -289,23 +289,26 @@ def _rel_error(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures
 
 
 class CalibrationFile:
-    """Recalibrated engine constants per device name, kept as JSON beside a profile store."""
+    """Recalibrated engine constants per device name, kept as JSON beside a profile store's tables
+    (in its folder or under its URL)."""
 
-    def __init__(self, root: Path):
-        self.path = Path(root) / "calibrations.json"
+    NAME = "calibrations.json"
+
+    def __init__(self, store: ProfileStore):
+        self.files = store.files
+        self.path = self.files.name(self.NAME)
 
     def read(self) -> dict[str, EngineConstants]:
-        if not self.path.is_file():
+        data = self.files.read(self.NAME)
+        if data is None:
             return {}
-        return {k: EngineConstants.model_validate(v) for k, v in json.loads(self.path.read_text()).items()}
+        return {k: EngineConstants.model_validate(v) for k, v in json.loads(data).items()}
 
-    def put(self, device_name: str, constants: EngineConstants) -> Path:
-        body = {k: v.model_dump() for k, v in self.read().items()}
-        body[device_name] = constants.model_dump()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=2))
-        tmp.replace(self.path)
+    def put(self, device_name: str, constants: EngineConstants) -> str:
+        with self.files.writer():
+            body = {k: v.model_dump() for k, v in self.read().items()}
+            body[device_name] = constants.model_dump()
+            self.files.write(self.NAME, json.dumps(body, indent=2).encode())
         return self.path
 
 
@@ -527,10 +530,11 @@ def engine_for_named_device(constants: PerfConstants, device_name: str, store: O
         except ValueError:  # the profiled model's config is no longer reachable: try an older one
             continue
         eng = recalibrate(ref, mem, dev, default[0])
-        CalibrationFile(store.root).put(device_name, eng)
+        CalibrationFile(store).put(device_name, eng)
         return eng, f"recalibrated on the measured profile of {ref.model} on {ref.device_name}"
-    earlier = CalibrationFile(store.root).read().get(device_name)
-    return (earlier, f"{CalibrationFile(store.root).path}") if earlier is not None else default
+    calibrations = CalibrationFile(store)
+    earlier = calibrations.read().get(device_name)
+    return (earlier, calibrations.path) if earlier is not None else default
 
 
 def plan_on_named_device(model: str, mem: MemoryModel, device_name: str, constants: PerfConstants,

@@ -3,23 +3,23 @@
 One row per stored object, keyed by model, device name, engine version, dtype, workload bucket
 and execution mode (eager or CUDA graphs: a profile measured in one says little about the
 other); the full object is kept as JSON in the `body` column, the key columns make lookups and
-`pandas` analysis easy. Writes go to a temporary file that is renamed into place. Tables
-written before the mode column existed are read as eager (every profile then was).
+`pandas` analysis easy. The tables live in a folder or under an fsspec URL (`advisor/storage.py`:
+whole-file replacement, one writer at a time). Tables written before the mode column existed are
+read as eager (every profile then was).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
+import io
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Optional, TypeVar, Union
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from advisor.locks import create_lock, file_lock
 from advisor.profiler import ExecutionMode, Profile
+from advisor.storage import Location, location
 
 KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket", "mode"]
 LEGACY_MODE: ExecutionMode = "eager"  # the mode of rows stored before the `mode` column
@@ -41,38 +41,30 @@ class StoreKey(BaseModel):
                    dtype=profile.dtype, bucket=profile.shape.bucket, mode=profile.mode)
 
 
-class StoreMissing(FileNotFoundError):
-    """A configured shared profile store folder is not there (not mounted on this node)."""
-
-
 class ProfileStore:
-    """Parquet tables `profiles.parquet` (and later `plans.parquet`) under one folder. A folder of
-    one's own is created; a shared one (`create=False`, the config's `profile_store`) must exist:
-    a node without the mount must not quietly keep profiles of its own."""
+    """Parquet table `profiles.parquet` under one folder or URL. A folder of one's own is created;
+    a shared one (`create=False`, the config's `profile_store`) must exist: a node without the
+    mount must not quietly keep profiles of its own. A URL (`s3://bucket/prefix`) needs no mount."""
 
-    def __init__(self, root: Path, create: bool = True):
-        self.root = Path(root)
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise StoreMissing(f"profile store {self.root} does not exist on {socket.gethostname()}: mount the "
-                               f"shared folder there, or drop profile_store to keep profiles per node")
+    def __init__(self, root: Union[str, Path], create: bool = True):
+        self.files: Location = location(root, create)
 
-    def _table(self, kind: str) -> Path:
-        return self.root / f"{kind}.parquet"
+    @property
+    def where(self) -> str:
+        """The store's folder or URL, as users name it."""
+        return self.files.name("").rstrip("/")
 
     def _read(self, kind: str) -> pd.DataFrame:
-        path = self._table(kind)
-        if not path.exists():
+        data = self.files.read(f"{kind}.parquet")
+        if data is None:
             return pd.DataFrame(columns=KEY_COLUMNS + ["stored_at", "body"])
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(io.BytesIO(data))
         if "mode" not in df.columns:
             df["mode"] = LEGACY_MODE
         return df
 
-    def _put(self, kind: str, key: StoreKey, body: BaseModel) -> Path:
-        # flock for this machine's writers, an exclusively created file for other machines' (shared folder)
-        with file_lock(self.root / ".lock"), create_lock(self.root / ".write-lock"):
+    def _put(self, kind: str, key: StoreKey, body: BaseModel) -> str:
+        with self.files.writer():
             df = self._read(kind)
             mask = pd.Series(True, index=df.index)
             for col, val in key.model_dump().items():
@@ -80,10 +72,10 @@ class ProfileStore:
             row = {**key.model_dump(), "stored_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                    "body": body.model_dump_json()}
             df = pd.concat([df[~mask], pd.DataFrame([row])], ignore_index=True)
-            tmp = self._table(kind).with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")
-            df.to_parquet(tmp, index=False)
-            tmp.replace(self._table(kind))
-        return self._table(kind)
+            buf = io.BytesIO()
+            df.to_parquet(buf, index=False)
+            self.files.write(f"{kind}.parquet", buf.getvalue())
+        return self.files.name(f"{kind}.parquet")
 
     def _get(self, kind: str, key: StoreKey, model_type: type[T]) -> Optional[T]:
         df = self._read(kind)
@@ -93,7 +85,7 @@ class ProfileStore:
             return None
         return model_type.model_validate_json(df.sort_values("stored_at").iloc[-1]["body"])
 
-    def put_profile(self, profile: Profile) -> Path:
+    def put_profile(self, profile: Profile) -> str:
         return self._put("profiles", StoreKey.of(profile), profile)
 
     def get_profile(self, key: StoreKey) -> Optional[Profile]:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
                       model_validator)
 
+from advisor.storage import StoreUrlError, check_url, is_url
 from cluster.policy import PolicyConfig
 from deployments.engine import EngineConfigError, check_engine_kwargs, check_server_kwargs, replica_deployment_name
 from deployments.ingress import RetryPolicy
@@ -146,8 +147,10 @@ class AppArgs(BaseModel):
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="autoscaling and re-pack thresholds")
     profile_store: Optional[str] = Field(
-        None, description="absolute path of the profile store folder, one every node mounts (NFS, a shared disk) on a "
-                          "cluster of several machines; default: $PLATEAU_HOME/profiles of the node that profiles")
+        None, description="where every node reads and writes profiles on a cluster of several machines: an absolute "
+                          "folder path every node mounts (NFS, a shared disk) or an fsspec URL (s3://bucket/prefix, "
+                          "gs://..., with its package, e.g. s3fs, on every node); default: $PLATEAU_HOME/profiles of "
+                          "the node that profiles")
     cluster_autoscaling: bool = Field(
         False, description="true on a Ray cluster whose autoscaler adds nodes (cluster launcher, KubeRay): devices the "
                            "placement lacks are requested (ray.autoscaler.sdk.request_resources) and the replicas wait "
@@ -156,9 +159,16 @@ class AppArgs(BaseModel):
     @field_validator("profile_store")
     @classmethod
     def _store_path(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and ("://" in v or not os.path.isabs(v)):
-            raise ValueError("must be an absolute folder path that every node mounts (URLs such as s3:// are not "
-                             "supported: mount the bucket, e.g. with s3fs, and give its path)")
+        if v is None:
+            return v
+        if is_url(v):
+            try:
+                check_url(v)
+            except StoreUrlError as exc:
+                raise ValueError(str(exc)) from None
+        elif not os.path.isabs(v):
+            raise ValueError("must be an absolute folder path that every node mounts, or a URL such as "
+                             "s3://bucket/prefix")
         return v
 
     @model_validator(mode="after")

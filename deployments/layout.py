@@ -141,7 +141,8 @@ def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optiona
         profile = None
     if profile is None:
         logger.warning("plan for %s%s: its profile (%s) is not in the store this node reads (it was taken on another "
-                       "node; set profile_store to a folder every node mounts); no re-packing for this model",
+                       "node; set profile_store to a folder every node mounts or an s3:// URL); no re-packing for this "
+                       "model",
                        m.served_name, on, plan.device_name)
     resolved = m.model_copy(update={
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,

@@ -41,7 +41,8 @@ from advisor.profiler import (
     execution_mode,
     measure,
 )
-from advisor.store import ProfileStore, StoreMissing
+from advisor.store import ProfileStore
+from advisor.storage import StoreMissing, StoreUrlError
 from deployments.engine import cpu_cores_for, start_engine, vllm_version
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
@@ -270,9 +271,11 @@ class AdvisorRequest(BaseModel):
     dtype: str = "auto"
     dummy: bool = Field(False, description="Random weights (load_format=dummy), token-id prompts.")
     share_point: bool = Field(True, description="CPU: also measure B* on half the cores.")
-    store_dir: Optional[str] = Field(None, description="Profile store folder; default $PLATEAU_HOME/profiles.")
-    shared_store: bool = Field(False, description="store_dir is a folder every node mounts (the app's profile_store): "
-                                                  "a node without it fails instead of keeping profiles of its own.")
+    store_dir: Optional[str] = Field(None, description="Profile store folder or fsspec URL (s3://bucket/prefix); "
+                                                       "default $PLATEAU_HOME/profiles.")
+    shared_store: bool = Field(False, description="store_dir is the app's profile_store, which every node reads: a "
+                                                  "folder not mounted on a node fails there instead of keeping "
+                                                  "profiles of its own.")
     device_memory: Optional[int] = Field(None, gt=0, description="Device memory override in bytes.")
     reprofile: bool = Field(False, description="Profile even if a stored profile exists.")
     validate_plan: bool = Field(False, description="Start the planned N replicas and measure them.")
@@ -305,14 +308,15 @@ class AdvisorRequest(BaseModel):
         return execution_mode(self.eager)
 
     def store(self) -> ProfileStore:
-        """The store named by `store_dir` (created if missing, unless it is a shared one), else this node's own."""
+        """The store named by `store_dir` (a folder is created if missing, unless it is a shared one), else this
+        node's own."""
         from deployments.models import plateau_home
 
         if not self.store_dir:
             return ProfileStore(plateau_home() / "profiles")
         try:
-            return ProfileStore(Path(self.store_dir), create=not self.shared_store)
-        except StoreMissing as exc:
+            return ProfileStore(self.store_dir, create=not self.shared_store)
+        except (StoreMissing, StoreUrlError) as exc:
             raise AdvisorError(str(exc)) from None
 
 
@@ -380,7 +384,7 @@ def load_probe(req: AdvisorRequest, cores: Optional[list[int]] = None) -> CpuLoa
     return CpuLoadProbe(engine_pids, cores, sampler.other_processes if sampler else None)
 
 
-def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, Path]:
+def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, str]:
     """Wait for a quiet device, run the adaptive sweep on a real engine, measure it again while it
     is flagged as noisy (`noise.profile_retries`), store it with its noise; return it and the path."""
     cfg = req.noise
@@ -470,7 +474,7 @@ def stored_profile(req: AdvisorRequest, device: Optional[str] = None) -> Optiona
 
 
 def plan_model(req: AdvisorRequest, log: Callable[[str], None],
-               profiler: Optional[Callable[[AdvisorRequest, Callable[[str], None]], tuple[Profile, Path]]] = None,
+               profiler: Optional[Callable[[AdvisorRequest, Callable[[str], None]], tuple[Profile, str]]] = None,
                ) -> ReplicaPlan:
     """The plan for req.model on this device: reuse a trusted stored profile (any workload bucket of
     the same model/device/engine/dtype; the fit covers other shapes) or profile first (`profiler`,

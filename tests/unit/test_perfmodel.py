@@ -257,7 +257,7 @@ def test_another_models_real_profile_recalibrates_the_device(opt13, tmp_path):
     plan = plan_on_named_device("opt-1.3b", opt13, name, c, SHAPE, store, mem_for=mem_for)
     assert asked == [("other-model", "float16")]
     assert "recalibrated on the measured profile of other-model" in plan.reasons[0]
-    stored = CalibrationFile(tmp_path).read()[name]
+    stored = CalibrationFile(ProfileStore(tmp_path)).read()[name]
     assert stored.source.startswith("recalibrated") and stored != c.engine_for(c.device(name))
 
 
@@ -291,7 +291,7 @@ def test_cli_predict_prints_the_issue_fields(capsys, tmp_path):
 def test_cli_predict_uses_a_stored_recalibration(capsys, tmp_path):
     c = load_constants()
     slow = c.engine_for(c.device("l40s")).model_copy(update={"t_fixed_s": 0.05, "source": "recalibrated (test)"})
-    CalibrationFile(tmp_path).put("l40s", slow)
+    CalibrationFile(ProfileStore(tmp_path)).put("l40s", slow)
     rc, out, _ = run_cli(capsys, "predict", str(CONFIGS / "opt-1.3b"), "--device", "l40s", "--batches", "1",
                          "--store", str(tmp_path))
     assert rc == 0 and json.loads(out)["engine"]["source"] == "recalibrated (test)"
@@ -345,6 +345,6 @@ def test_engine_for_a_named_device_prefers_measurements(opt13, tmp_path):
     assert eng == default and "perf_constants.json" in source
     eng, source = engine_for_named_device(c, "h100-sxm", store, lambda ref, dtype: opt13)
     assert source.startswith("recalibrated on the measured profile of gone-model") and eng != default
-    assert CalibrationFile(tmp_path).read()["h100-sxm"] == eng
+    assert CalibrationFile(ProfileStore(tmp_path)).read()["h100-sxm"] == eng
     # A profile on another GPU does not recalibrate this one.
     assert engine_for_named_device(c, "a100-80gb", store, lambda ref, dtype: opt13)[0] == c.engine_for(c.device("a100-80gb"))

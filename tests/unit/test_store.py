@@ -1,18 +1,36 @@
+import uuid
+
+import pytest
+
 from advisor.store import ProfileStore, StoreKey
 from tests.factories import make_profile
 
 
-def test_profiles_round_trip_through_parquet_and_survive_a_restart(tmp_path):
+@pytest.fixture(params=["folder", "url"])
+def where(request, tmp_path):
+    """A store folder, or an fsspec URL (fsspec's in-memory filesystem stands in for s3://)."""
+    if request.param == "folder":
+        yield str(tmp_path)
+        return
+    import fsspec
+
+    url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
+    yield url
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+
+
+def test_profiles_round_trip_through_parquet_and_survive_a_restart(where):
     profile = make_profile()
-    ProfileStore(tmp_path).put_profile(profile)
-    again = ProfileStore(tmp_path)  # a new process would do exactly this
+    stored_at = ProfileStore(where).put_profile(profile)
+    assert stored_at == f"{where}/profiles.parquet"
+    again = ProfileStore(where)  # a new process would do exactly this
     assert again.get_profile(StoreKey.of(profile)) == profile
     df = again.points(StoreKey.of(profile))
     assert list(df["batch"]) == [p.batch for p in profile.points]
 
 
-def test_same_key_replaces_other_keys_stay(tmp_path):
-    store = ProfileStore(tmp_path)
+def test_same_key_replaces_other_keys_stay(where):
+    store = ProfileStore(where)
     a = make_profile()
     b = make_profile(device_name="other")
     store.put_profile(a)
@@ -23,8 +41,8 @@ def test_same_key_replaces_other_keys_stay(tmp_path):
     assert store.get_profile(StoreKey.of(a)).seconds == 123.0
 
 
-def test_find_falls_back_to_another_bucket_of_the_same_model_and_device(tmp_path):
-    store = ProfileStore(tmp_path)
+def test_find_falls_back_to_another_bucket_of_the_same_model_and_device(where):
+    store = ProfileStore(where)
     p = make_profile()
     store.put_profile(p)
     assert store.find("m", "dev", "0.0", "bfloat16", "p1024-o64") == p
@@ -80,7 +98,7 @@ def test_device_tasks_get_a_fresh_worker_each_time():
 def test_a_shared_store_that_is_not_mounted_is_an_error_and_never_created(tmp_path):
     import pytest
 
-    from advisor.store import StoreMissing
+    from advisor.storage import StoreMissing
     from deployments.profiling import AdvisorError, AdvisorRequest
 
     missing = tmp_path / "mnt" / "profiles"
@@ -89,7 +107,8 @@ def test_a_shared_store_that_is_not_mounted_is_an_error_and_never_created(tmp_pa
     with pytest.raises(AdvisorError, match="does not exist"):
         AdvisorRequest(model="m", store_dir=str(missing), shared_store=True).store()
     assert not missing.exists()
-    assert AdvisorRequest(model="m", store_dir=str(missing)).store().root.is_dir()  # `plateau profile --store`
+    AdvisorRequest(model="m", store_dir=str(missing)).store()  # `plateau profile --store` makes its folder
+    assert missing.is_dir()
 
 
 def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_stale_one_is_taken_over(tmp_path):
@@ -125,3 +144,63 @@ def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_s
     with pytest.raises(TimeoutError, match="held by another writer"):
         with create_lock(lock, timeout_s=0.3):
             pass
+
+
+def test_a_url_store_admits_one_writer_at_a_time_and_takes_over_a_stale_lock():
+    """The exclusive create each writer makes (S3's If-None-Match, here fsspec's memory filesystem)."""
+    import json
+    import threading
+    import time
+
+    import fsspec
+
+    from advisor.storage import UrlFolder
+
+    url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
+    files = UrlFolder(url, timeout_s=5)
+    fs, lock = fsspec.filesystem("memory"), f"{files.root}/.write-lock"
+    order = []
+    with files.writer():
+        holder = json.loads(fs.cat_file(lock))
+        assert holder["pid"] > 0 and holder["host"]
+
+        def second_writer():
+            with files.writer():
+                order.append("waited")
+        t = threading.Thread(target=second_writer)
+        t.start()
+        time.sleep(0.3)
+        order.append("released")
+    t.join(5)
+    assert order == ["released", "waited"]
+    assert not fs.exists(lock)  # each holder removes it on release
+    fs.pipe_file(lock, json.dumps({"host": "dead-host", "pid": 1, "at": time.time() - 3600}).encode())
+    with files.writer():  # left by a holder that died an hour ago
+        assert json.loads(fs.cat_file(lock))["host"] != "dead-host"
+    fs.pipe_file(lock, json.dumps({"host": "busy-host", "pid": 2, "at": time.time()}).encode())
+    busy = UrlFolder(url, timeout_s=0.3)
+    with pytest.raises(TimeoutError, match=r"memory://.*/profiles/\.write-lock: held by another writer"):
+        with busy.writer():
+            pass
+    fs.rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+
+
+def test_a_store_url_needs_a_filesystem_fsspec_has_here():
+    from advisor.storage import StoreUrlError, check_url
+    from deployments.profiling import AdvisorError, AdvisorRequest
+
+    check_url("memory://bucket/profiles")
+    with pytest.raises(StoreUrlError, match="fsspec knows no filesystem 'nosuch'"):
+        check_url("nosuch://bucket/profiles")
+    with pytest.raises(AdvisorError, match="nosuch"):
+        AdvisorRequest(model="m", store_dir="nosuch://bucket/profiles", shared_store=True).store()
+
+
+def test_calibrations_live_beside_the_profiles_under_a_url(where):
+    from advisor.perfmodel import CalibrationFile, load_constants
+
+    c = load_constants()
+    eng = c.engine_for(c.device("l40s")).model_copy(update={"t_fixed_s": 0.05, "source": "recalibrated (test)"})
+    stored = CalibrationFile(ProfileStore(where)).put("l40s", eng)
+    assert stored == f"{where}/calibrations.json"
+    assert CalibrationFile(ProfileStore(where)).read() == {"l40s": eng}
