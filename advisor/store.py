@@ -49,11 +49,6 @@ class ProfileStore:
     def __init__(self, root: Union[str, Path], create: bool = True):
         self.files: Location = location(root, create)
 
-    @property
-    def where(self) -> str:
-        """The store's folder or URL, as users name it."""
-        return self.files.name("").rstrip("/")
-
     def _read(self, kind: str) -> pd.DataFrame:
         data = self.files.read(f"{kind}.parquet")
         if data is None:

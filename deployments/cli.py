@@ -370,7 +370,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="TPOT p99 limit that caps B*")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--dummy", action="store_true", help="random weights (load_format=dummy), token-id prompts")
-    p.add_argument("--store", default=None, help="profile store folder or fsspec URL (default $PLATEAU_HOME/profiles)")
+    p.add_argument("--store", default=None, help="profile store folder or s3:// / gs:// URL (default $PLATEAU_HOME/profiles)")
     p.add_argument("--no-share-point", dest="share_point", action="store_false",
                    help="CPU: skip measuring B* on half the cores (the planner then predicts no gain from N>1)")
 

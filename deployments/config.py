@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
                       model_validator)
 
-from advisor.storage import StoreUrlError, check_url, is_url
+from advisor.storage import StoreUrlError, check_where
 from cluster.policy import PolicyConfig
 from deployments.engine import EngineConfigError, check_engine_kwargs, check_server_kwargs, replica_deployment_name
 from deployments.ingress import RetryPolicy
@@ -147,10 +147,10 @@ class AppArgs(BaseModel):
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="autoscaling and re-pack thresholds")
     profile_store: Optional[str] = Field(
-        None, description="where every node reads and writes profiles on a cluster of several machines: an absolute "
-                          "folder path every node mounts (NFS, a shared disk) or an fsspec URL (s3://bucket/prefix, "
-                          "gs://..., with its package, e.g. s3fs, on every node); default: $PLATEAU_HOME/profiles of "
-                          "the node that profiles")
+        None, description="where every node reads and writes profiles on a cluster of several machines: an "
+                          "absolute folder path every node mounts (NFS, a shared disk) or an object-storage URL "
+                          "(s3://bucket/prefix, gs://bucket/prefix, with its package, s3fs or gcsfs, on every node); "
+                          "default: $PLATEAU_HOME/profiles of the node that profiles")
     cluster_autoscaling: bool = Field(
         False, description="true on a Ray cluster whose autoscaler adds nodes (cluster launcher, KubeRay): devices the "
                            "placement lacks are requested (ray.autoscaler.sdk.request_resources) and the replicas wait "
@@ -159,16 +159,11 @@ class AppArgs(BaseModel):
     @field_validator("profile_store")
     @classmethod
     def _store_path(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        if is_url(v):
+        if v is not None:
             try:
-                check_url(v)
+                check_where(v)
             except StoreUrlError as exc:
                 raise ValueError(str(exc)) from None
-        elif not os.path.isabs(v):
-            raise ValueError("must be an absolute folder path that every node mounts, or a URL such as "
-                             "s3://bucket/prefix")
         return v
 
     @model_validator(mode="after")

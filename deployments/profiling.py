@@ -271,7 +271,7 @@ class AdvisorRequest(BaseModel):
     dtype: str = "auto"
     dummy: bool = Field(False, description="Random weights (load_format=dummy), token-id prompts.")
     share_point: bool = Field(True, description="CPU: also measure B* on half the cores.")
-    store_dir: Optional[str] = Field(None, description="Profile store folder or fsspec URL (s3://bucket/prefix); "
+    store_dir: Optional[str] = Field(None, description="Profile store folder or URL (s3://bucket/prefix); "
                                                        "default $PLATEAU_HOME/profiles.")
     shared_store: bool = Field(False, description="store_dir is the app's profile_store, which every node reads: a "
                                                   "folder not mounted on a node fails there instead of keeping "

@@ -12,11 +12,18 @@ def where(request, tmp_path):
     if request.param == "folder":
         yield str(tmp_path)
         return
-    import fsspec
-
     url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
     yield url
-    fsspec.filesystem("memory").rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+    forget(url)
+
+
+def forget(url: str) -> None:
+    """Drop a test's bucket from fsspec's process-wide in-memory filesystem."""
+    import fsspec
+
+    fs, bucket = fsspec.filesystem("memory"), url.removeprefix("memory://").split("/")[0]
+    if fs.exists(bucket):
+        fs.rm(bucket, recursive=True)
 
 
 def test_profiles_round_trip_through_parquet_and_survive_a_restart(where):
@@ -182,18 +189,115 @@ def test_a_url_store_admits_one_writer_at_a_time_and_takes_over_a_stale_lock():
     with pytest.raises(TimeoutError, match=r"memory://.*/profiles/\.write-lock: held by another writer"):
         with busy.writer():
             pass
-    fs.rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+    forget(url)
 
 
-def test_a_store_url_needs_a_filesystem_fsspec_has_here():
-    from advisor.storage import StoreUrlError, check_url
+def test_a_store_url_must_be_object_storage_with_an_atomic_exclusive_create():
+    import importlib.util
+
+    from advisor.storage import StoreUrlError, check_url, location
     from deployments.profiling import AdvisorError, AdvisorRequest
 
     check_url("memory://bucket/profiles")
-    with pytest.raises(StoreUrlError, match="fsspec knows no filesystem 'nosuch'"):
-        check_url("nosuch://bucket/profiles")
-    with pytest.raises(AdvisorError, match="nosuch"):
-        AdvisorRequest(model="m", store_dir="nosuch://bucket/profiles", shared_store=True).store()
+    check_url("s3://bucket/profiles")  # the config's check: the package is checked where the store opens
+    for url, why in [("nosuch://bucket/profiles", "nosuch:// is not supported"),
+                     ("abfs://container/profiles", "abfs:// is not supported: .*atomic exclusive create"),
+                     ("s3://", "name a bucket"), ("simplecache::s3://bucket/p", "chained URLs")]:
+        with pytest.raises(StoreUrlError, match=why):
+            check_url(url)
+    with pytest.raises(StoreUrlError, match="absolute folder path"):
+        location("file://relative/profiles")
+    if importlib.util.find_spec("s3fs") is None:  # opening an s3:// store without s3fs names it
+        with pytest.raises(AdvisorError, match=r"s3fs.*every node that profiles or plans needs it"):
+            AdvisorRequest(model="m", store_dir="s3://bucket/profiles", shared_store=True).store()
+
+
+def test_a_file_url_is_a_local_folder(tmp_path):
+    from advisor.storage import LocalFolder
+
+    store = ProfileStore(f"file://{tmp_path}/profiles")
+    assert isinstance(store.files, LocalFolder) and (tmp_path / "profiles").is_dir()
+
+
+def test_a_shared_url_store_whose_bucket_is_not_there_fails_when_opened():
+    import fsspec
+
+    from advisor.storage import StoreMissing
+    from deployments.profiling import AdvisorError, AdvisorRequest
+
+    bucket = f"plateau-{uuid.uuid4().hex}"
+    with pytest.raises(StoreMissing, match=f"bucket '{bucket}' does not exist or is not visible from"):
+        ProfileStore(f"memory://{bucket}/profiles", create=False)
+    with pytest.raises(AdvisorError, match="does not exist"):
+        AdvisorRequest(model="m", store_dir=f"memory://{bucket}/profiles", shared_store=True).store()
+    fsspec.filesystem("memory").pipe_file(f"{bucket}/other", b"x")  # the bucket exists, the prefix not yet
+    ProfileStore(f"memory://{bucket}/profiles", create=False)
+    forget(f"memory://{bucket}")
+
+
+def test_two_writers_taking_over_one_stale_lock_never_hold_it_at_once(monkeypatch):
+    """Both waiters judge a dead writer's lock stale; the slower one must not delete the lock the
+    faster one has just created (it deletes only the lock it judged, read again just before)."""
+    import json
+    import threading
+    import time
+
+    import fsspec
+
+    from advisor.storage import UrlFolder
+
+    url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
+    a, b = UrlFolder(url, timeout_s=5), UrlFolder(url, timeout_s=5)
+    fs, lock = fsspec.filesystem("memory"), f"{a.root}/.write-lock"
+    fs.pipe_file(lock, json.dumps({"host": "dead", "pid": 1, "at": time.time() - 3600}).encode())
+    judged = UrlFolder._stale
+
+    def slow_to_act(self, held):
+        stale = judged(self, held)
+        if self is b:
+            time.sleep(0.3)  # b judged the dead lock stale, then a takes it over first
+        return stale
+    monkeypatch.setattr(UrlFolder, "_stale", slow_to_act)
+    events, errors = [], []
+
+    def write(files, name):
+        try:
+            with files.writer():
+                events.append(("in", name))
+                time.sleep(0.6)
+                events.append(("out", name))
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=write, args=(b, "b")), threading.Thread(target=write, args=(a, "a"))]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert [kind for kind, _ in events] == ["in", "out", "in", "out"]  # one at a time
+    assert not fs.exists(lock)
+    forget(url)
+
+
+def test_a_writer_whose_lock_was_taken_over_does_not_release_the_new_holders(caplog):
+    import json
+    import logging
+    import time
+
+    import fsspec
+
+    from advisor.storage import UrlFolder
+
+    url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
+    files = UrlFolder(url)
+    fs, lock = fsspec.filesystem("memory"), f"{files.root}/.write-lock"
+    newer = json.dumps({"host": "other", "pid": 2, "token": "t", "at": time.time()}).encode()
+    with caplog.at_level(logging.WARNING, logger="advisor.storage"), files.writer():
+        fs.pipe_file(lock, newer)  # this holder stalled past stale_s and another writer took over
+    assert fs.cat_file(lock) == newer  # still the new holder's
+    assert "taken over by another writer" in caplog.text
+    forget(url)
 
 
 def test_calibrations_live_beside_the_profiles_under_a_url(where):

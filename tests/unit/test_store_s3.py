@@ -62,3 +62,11 @@ def test_s3_exclusive_create_makes_the_second_writer_wait(bucket):
         order.append("first released")
     t.join(10)
     assert order == ["first released", "second"]
+
+
+def test_a_shared_s3_store_names_a_missing_bucket_when_opened(bucket):
+    from advisor.storage import StoreMissing
+
+    ProfileStore(bucket, create=False)  # the bucket is there, the prefix not yet: fine
+    with pytest.raises(StoreMissing, match="bucket 'no-such-bucket' does not exist or is not visible"):
+        ProfileStore("s3://no-such-bucket/profiles", create=False)
