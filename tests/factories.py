@@ -56,3 +56,25 @@ def make_profile(runner=None, shape=None, rules=None, **overrides):
                   weight_bytes=270_000_000, kv_bytes_per_token=23040, overhead_bytes=1 << 30)
     fields.update(overrides)
     return build_profile(runner, shape or WorkloadShape(), rules or PlateauRules(tpot_growth_limit=50), **fields)
+
+
+def second_writer_waits(hold, while_held=None, wait_s: float = 0.3) -> bool:
+    """Whether a second writer taking the lock `hold()` (a context manager factory) in another thread
+    gets it only after the first holder lets go; `while_held()` runs inside the first hold."""
+    import threading
+    import time
+
+    order = []
+
+    def second_writer():
+        with hold():
+            order.append("second")
+    with hold():
+        if while_held is not None:
+            while_held()
+        t = threading.Thread(target=second_writer)
+        t.start()
+        time.sleep(wait_s)
+        order.append("first released")
+    t.join(10)
+    return order == ["first released", "second"]

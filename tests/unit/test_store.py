@@ -3,7 +3,7 @@ import uuid
 import pytest
 
 from advisor.store import ProfileStore, StoreKey
-from tests.factories import make_profile
+from tests.factories import make_profile, second_writer_waits
 
 
 @pytest.fixture(params=["folder", "url"])
@@ -120,7 +120,6 @@ def test_a_shared_store_that_is_not_mounted_is_an_error_and_never_created(tmp_pa
 
 def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_stale_one_is_taken_over(tmp_path):
     import os
-    import threading
     import time
 
     import pytest
@@ -128,18 +127,7 @@ def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_s
     from advisor.locks import create_lock
 
     lock = tmp_path / ".write-lock"
-    order = []
-    with create_lock(lock):
-        assert lock.exists()
-        def second_writer():
-            with create_lock(lock):
-                order.append("waited")
-        t = threading.Thread(target=second_writer)
-        t.start()
-        time.sleep(0.3)
-        order.append("released")
-    t.join(5)
-    assert order == ["released", "waited"]  # the second writer got the lock only after the first let go
+    assert second_writer_waits(lambda: create_lock(lock), while_held=lambda: lock.is_file())
     assert not lock.exists()  # each holder removes it on release
     lock.write_text("dead-host 1\n")
     old = time.time() - 3600
@@ -154,9 +142,9 @@ def test_writers_on_other_machines_wait_for_the_exclusively_created_lock_and_a_s
 
 
 def test_a_url_store_admits_one_writer_at_a_time_and_takes_over_a_stale_lock():
-    """The exclusive create each writer makes (S3's If-None-Match, here fsspec's memory filesystem)."""
+    """The exclusive create each writer makes (here fsspec's memory filesystem: check-then-write, so
+    only the waiting is shown; S3's own If-None-Match in test_store_s3.py)."""
     import json
-    import threading
     import time
 
     import fsspec
@@ -166,20 +154,9 @@ def test_a_url_store_admits_one_writer_at_a_time_and_takes_over_a_stale_lock():
     url = f"memory://plateau-{uuid.uuid4().hex}/profiles"
     files = UrlFolder(url, timeout_s=5)
     fs, lock = fsspec.filesystem("memory"), f"{files.root}/.write-lock"
-    order = []
-    with files.writer():
-        holder = json.loads(fs.cat_file(lock))
-        assert holder["pid"] > 0 and holder["host"]
-
-        def second_writer():
-            with files.writer():
-                order.append("waited")
-        t = threading.Thread(target=second_writer)
-        t.start()
-        time.sleep(0.3)
-        order.append("released")
-    t.join(5)
-    assert order == ["released", "waited"]
+    holders = []
+    assert second_writer_waits(files.writer, while_held=lambda: holders.append(json.loads(fs.cat_file(lock))))
+    assert holders[0]["pid"] > 0 and holders[0]["host"]
     assert not fs.exists(lock)  # each holder removes it on release
     fs.pipe_file(lock, json.dumps({"host": "dead-host", "pid": 1, "at": time.time() - 3600}).encode())
     with files.writer():  # left by a holder that died an hour ago

@@ -6,9 +6,6 @@ rest of the URL store is checked in test_store.py on fsspec's in-memory filesyst
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
-import time
-
 import pytest
 
 pytest.importorskip("s3fs")
@@ -16,7 +13,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from advisor.storage import UrlFolder  # noqa: E402
 from advisor.store import ProfileStore, StoreKey  # noqa: E402
-from tests.factories import make_profile  # noqa: E402
+from tests.factories import make_profile, second_writer_waits  # noqa: E402
 
 
 @pytest.fixture
@@ -51,17 +48,7 @@ def test_profiles_round_trip_through_s3_and_racing_writers_lose_no_row(bucket):
 
 
 def test_s3_exclusive_create_makes_the_second_writer_wait(bucket):
-    order = []
-    with UrlFolder(bucket).writer():
-        def second_writer():
-            with UrlFolder(bucket).writer():
-                order.append("second")
-        t = threading.Thread(target=second_writer)
-        t.start()
-        time.sleep(0.5)
-        order.append("first released")
-    t.join(10)
-    assert order == ["first released", "second"]
+    assert second_writer_waits(lambda: UrlFolder(bucket).writer(), wait_s=0.5)
 
 
 def test_a_shared_s3_store_names_a_missing_bucket_when_opened(bucket):
