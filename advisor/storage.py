@@ -42,7 +42,8 @@ class StoreMissing(FileNotFoundError):
 
 
 class StoreUrlError(ValueError):
-    """A profile store URL whose filesystem fsspec does not know, or whose package is not installed."""
+    """A profile store location that is not accepted: a relative path, a filesystem without an atomic
+    exclusive create, no bucket, or (where the store opens) its filesystem's package missing."""
 
 
 def is_url(where: Union[str, Path]) -> bool:
@@ -114,7 +115,7 @@ class LocalFolder:
     @contextmanager
     def writer(self) -> Iterator[None]:
         # flock for this machine's writers, an exclusively created file for other machines' (shared folder)
-        with file_lock(self.root / ".lock"), create_lock(self.root / ".write-lock"):
+        with file_lock(self.root / ".lock"), create_lock(self.root / LOCK_FILE):
             yield
 
 
