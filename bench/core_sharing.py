@@ -21,8 +21,8 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -57,25 +57,20 @@ def measure_binding(name: str, concurrency: int, work: Path) -> dict:
         out_dir = work / f"{name}-{int(time.time())}"
         out_dir.mkdir()
         lone = run_point(sides[0].port, model.name, model.folder, 1, PROMPT_TOKENS, LONE_REQUESTS, out_dir)
-        both: list[Optional[dict]] = [None, None]
 
-        def load(i: int) -> None:
+        def load(i: int) -> dict:
             folder = out_dir / f"server{i}"
             folder.mkdir()
-            both[i] = run_point(sides[i].port, model.name, model.folder, concurrency, PROMPT_TOKENS,
-                                3 * concurrency, folder)
+            return run_point(sides[i].port, model.name, model.folder, concurrency, PROMPT_TOKENS, 3 * concurrency,
+                             folder)
 
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if None in both:
-            raise RuntimeError(f"{name}: a loaded server's client run failed")
+        with ThreadPoolExecutor(len(sides)) as pool:  # both servers loaded at once; a client's failure is raised
+            both = list(pool.map(load, range(len(sides))))
         return {"binding": name, "lone_tokens_per_s": lone["output_tokens_per_s"],
                 "lone_itl_p50_ms": lone["itl_p50_ms"],
                 "both_tokens_per_s": sum(r["output_tokens_per_s"] for r in both),
-                "both_itl_p50_ms": [r["itl_p50_ms"] for r in both], "failed": lone["failed"] + sum(r["failed"] for r in both)}
+                "both_itl_p50_ms": [r["itl_p50_ms"] for r in both],
+                "failed": lone["failed"] + sum(r["failed"] for r in both)}
     finally:
         for side in sides:
             side.stop()
