@@ -12,6 +12,11 @@ SIGINT and `Interrupted` (exit code 143) on SIGTERM, so the stop runs on the way
 signal during the stop is ignored). `ray stop` is never used: it ends every Ray cluster on the
 machine, other people's included.
 
+With `autoscaled` node types the head also runs Ray's autoscaler over its fake multi-node provider
+(`RAY_FAKE_CLUSTER=1`): a resource request or pending demand makes it start nodes of those types
+on this machine (as a cloud provider would start machines), and they belong to the cluster like
+the rest. Ray's own `AutoscalingCluster` test helper does the same but runs `ray stop --force`.
+
 What belongs to the cluster: every process whose environment carries its tag (`PLATEAU_OWN_CLUSTER`,
 set on `ray start` and `serve run` and inherited by the GCS, the raylet, the workers and the vLLM
 engine processes they spawn), every process whose command line names its temp dir, and their
@@ -121,6 +126,20 @@ class NodeConfig(BaseModel):
                                 "e.g. a PLATEAU_HOME of its own as if it were another machine.")
 
 
+class AutoscaledNodeType(BaseModel):
+    """A node type Ray's autoscaler may start on this machine (Ray's fake multi-node provider): the
+    nodes it adds run in the autoscaler's process tree, in the head's temp dir, with the head's
+    variables. Ray refuses `memory` among a fake node's resources, so such a node declares none."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1, description="The node type's name in the autoscaling config.")
+    num_cpus: int = Field(1, ge=1, description="CPUs each node declares.")
+    num_gpus: int = Field(0, ge=0, description="GPUs each node declares; logical ones on a CPU machine.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. "
+                                        "accelerator_type:<T>.")
+    max_workers: int = Field(1, ge=1, description="At most this many nodes of the type.")
+
+
 class OwnClusterConfig(BaseModel):
     """What the head (and any worker nodes) declare and how the cluster is stopped."""
 
@@ -131,6 +150,8 @@ class OwnClusterConfig(BaseModel):
     resources: dict[str, float] = Field(default_factory=dict, description="The head's custom resources (`--resources`).")
     workers: list[NodeConfig] = Field(default_factory=list, description="Worker nodes started on this machine after "
                                       "the head, each with its own temp dir (under the head's) and ports.")
+    autoscaled: list[AutoscaledNodeType] = Field(default_factory=list, description="Node types Ray's autoscaler may "
+                                                 "add (none at start); empty: no autoscaler runs.")
     include_dashboard: bool = Field(False, description="Start the dashboard (on its own port).")
     stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
     stop_rounds: int = Field(3, ge=1, description="Look for processes again this often (teardown may spawn some).")
@@ -254,6 +275,8 @@ class OwnCluster:
         env.update(self.cfg.env)
         env[TAG_VAR] = self.tag
         env.pop("RAY_ADDRESS", None)
+        if self.cfg.autoscaled:  # Ray's fake multi-node provider; its autoscaler checks every second
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         return env
 
     def start_command(self) -> list[str]:
@@ -268,7 +291,34 @@ class OwnCluster:
                f"--num-cpus={self.cfg.num_cpus}", f"--num-gpus={self.cfg.num_gpus}",
                f"--include-dashboard={str(self.cfg.include_dashboard).lower()}", "--disable-usage-stats",
                *_declared(self.cfg.memory_bytes, self.cfg.resources)]
+        if self.cfg.autoscaled:
+            cmd.append(f"--autoscaling-config={self._autoscaling_config_file()}")
         return cmd
+
+    def autoscaling_config(self) -> dict:
+        """Ray's cluster config for its fake multi-node provider (`ray/autoscaler/_private/fake_multi_node`):
+        the head as it is declared, the autoscaled node types, nodes up until idle for 5 minutes."""
+        head = {"CPU": self.cfg.num_cpus, "GPU": self.cfg.num_gpus, **self.cfg.resources}
+        if self.cfg.memory_bytes:
+            head["memory"] = self.cfg.memory_bytes
+        types = {"ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0}}
+        for t in self.cfg.autoscaled:
+            types[t.name] = {"resources": {"CPU": t.num_cpus, "GPU": t.num_gpus, **t.resources}, "node_config": {},
+                             "min_workers": 0, "max_workers": t.max_workers}
+        return {"cluster_name": f"plateau-{self.tag}", "max_workers": sum(t.max_workers for t in self.cfg.autoscaled),
+                "provider": {"type": "fake_multinode", "gcs_address": self.address, "use_node_id_as_ip": True,
+                             "disable_node_updaters": True, "disable_launch_config_check": True},
+                "available_node_types": types, "head_node_type": "ray.head.default", "auth": {},
+                "upscaling_speed": 1.0, "idle_timeout_minutes": 5, "docker": {}, "initialization_commands": [],
+                "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+                "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+                "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+                "rsync_filter": []}
+
+    def _autoscaling_config_file(self) -> Path:
+        path = Path(self.temp_dir, "autoscaling.json")
+        path.write_text(json.dumps(self.autoscaling_config()))
+        return path
 
     def worker_command(self, i: int) -> list[str]:
         """`ray start` of worker node `i`: joins the head, its temp dir under the head's, ports of its own."""

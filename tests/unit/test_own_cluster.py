@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -119,6 +121,32 @@ def test_worker_nodes_join_the_head_with_their_own_temp_dir_ports_memory_and_res
     worker_ports = [int(a.split("=")[1]) for a in worker if a.split("=")[0].endswith("-port") and "worker-port" not in a]
     assert len(worker_ports) == 6 and not head_ports & set(worker_ports)
     os.rmdir(cluster.temp_dir)
+
+def test_autoscaled_node_types_start_rays_autoscaler_with_the_head_as_declared_and_the_fake_provider():
+    import json
+
+    from bench.own_cluster import AutoscaledNodeType
+
+    small = {"accelerator_type:small": 1}
+    cfg = OwnClusterConfig(num_cpus=1, num_gpus=1, resources=small,
+                           autoscaled=[AutoscaledNodeType(name="small", num_gpus=1, resources=small, max_workers=2)])
+    cluster = OwnCluster(cfg)
+    flag = next(a for a in cluster.start_command() if a.startswith("--autoscaling-config="))
+    doc = json.loads(Path(flag.split("=", 1)[1]).read_text())
+    assert doc["provider"]["type"] == "fake_multinode" and doc["provider"]["gcs_address"] == cluster.address
+    types = doc["available_node_types"]
+    assert types["ray.head.default"]["resources"] == {"CPU": 1, "GPU": 1, "accelerator_type:small": 1}
+    assert types["small"] == {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:small": 1}, "node_config": {},
+                              "min_workers": 0, "max_workers": 2}
+    assert doc["max_workers"] == 2 and doc["head_node_type"] == "ray.head.default"
+    assert cluster.env()["RAY_FAKE_CLUSTER"] == "1"  # the provider refuses to run without it
+
+    plain = OwnCluster(OwnClusterConfig())
+    assert not any(a.startswith("--autoscaling-config") for a in plain.start_command())
+    assert "RAY_FAKE_CLUSTER" not in plain.env()
+    shutil.rmtree(cluster.temp_dir)
+    os.rmdir(plain.temp_dir)
+
 
 
 def test_the_configured_environment_reaches_the_head_and_serve_run_but_never_replaces_the_tag(tmp_path):
