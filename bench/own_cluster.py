@@ -260,6 +260,7 @@ class OwnCluster:
         self.address = f"127.0.0.1:{self.ports.gcs}"
         self._log = log
         self._children: list[subprocess.Popen] = []
+        self._workers_started = 0
         self._address_file = default_address_file()
         self._address_file_before = _read(self._address_file)
         self._stopping = False
@@ -320,9 +321,10 @@ class OwnCluster:
         path.write_text(json.dumps(self.autoscaling_config()))
         return path
 
-    def worker_command(self, i: int) -> list[str]:
-        """`ray start` of worker node `i`: joins the head, its temp dir under the head's, ports of its own."""
-        node = self.cfg.workers[i]
+    def worker_command(self, i: int, node: Optional[NodeConfig] = None) -> list[str]:
+        """`ray start` of worker node `i` (`node`, default the config's i-th): joins the head, its temp dir
+        under the head's, ports of its own."""
+        node = node or self.cfg.workers[i]
         head = set(self.ports.model_dump().values())
         p = ClusterPorts.pick()  # distinct ports, all held while picked; none of the head's (serve_http is not bound yet)
         while head & set(p.model_dump().values()):
@@ -380,16 +382,22 @@ class OwnCluster:
             stop_processes(self.processes(), self.cfg.stop_grace_s)
         self._log(f"[cluster] Ray head at {self.address} (temp dir {self.temp_dir}, Serve HTTP port "
                   f"{self.ports.serve_http}, metrics port {self.ports.metrics_export})")
-        for i, node in enumerate(self.cfg.workers):
-            log = self.log_dir / f"ray-start-worker{i}.log"
-            with open(log, "w") as out:
-                done = subprocess.run(self.worker_command(i), env={**self.env(), **node.env}, stdout=out,
-                                      stderr=subprocess.STDOUT)
-            if done.returncode != 0:
-                raise ClusterStartError(f"`ray start` of worker node {i} exited {done.returncode}; see {log}:\n"
-                                        f"{log.read_text()[-2000:]}")
-            self._log(f"[cluster] worker node {i} joined ({node.num_cpus} CPU, {node.num_gpus} GPU, "
-                      f"resources {node.resources})")
+        for node in self.cfg.workers:
+            self.add_worker(node)
+
+    def add_worker(self, node: NodeConfig) -> None:
+        """Start one more worker node; on a running cluster it joins as a machine added by hand would."""
+        i = self._workers_started
+        log = self.log_dir / f"ray-start-worker{i}.log"
+        with open(log, "w") as out:
+            done = subprocess.run(self.worker_command(i, node), env={**self.env(), **node.env}, stdout=out,
+                                  stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise ClusterStartError(f"`ray start` of worker node {i} exited {done.returncode}; see {log}:\n"
+                                    f"{log.read_text()[-2000:]}")
+        self._workers_started += 1
+        self._log(f"[cluster] worker node {i} joined ({node.num_cpus} CPU, {node.num_gpus} GPU, "
+                  f"resources {node.resources})")
 
     def stop(self) -> None:
         """End every process of this cluster, then put Ray's default current-cluster file back."""

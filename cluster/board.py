@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.autoscaler import ADDED_PREFIX, ResourceRequest, describe
 from cluster.inventory import Device
-from cluster.packing import PackResult
+from cluster.packing import DeviceCapacity, PackResult
 from cluster.policy import Decision, LiveModel, Route
 from cluster.state_store import RayInternalKV, StateStore, board_key
 
@@ -54,6 +54,9 @@ class AppStatus(BaseModel):
     requested: Optional[ResourceRequest] = Field(
         None, description="The policy's last request to Ray's autoscaler (cluster_autoscaling: the devices its "
                           "targets use, added ones included).")
+    devices: Optional[list[DeviceCapacity]] = Field(
+        None, description="The devices the policy grows onto, as it last read them (a fixed cluster: nodes that "
+                          "joined or left since the deploy); None: the start placement's.")
 
 
 class BoardMetrics:
@@ -158,14 +161,17 @@ class StatusBoard:
         self._save(placement.app)
 
     def publish(self, app: str, routes: dict[str, list[Route]], live: list[LiveModel],
-                new_decisions: list[Decision], kept: int = 50, requested: Optional[ResourceRequest] = None) -> None:
-        """The policy's routes, readings, decisions and its last autoscaler request (None: it asked
-        nothing, e.g. without cluster_autoscaling); taken even before (or without) a placement."""
+                new_decisions: list[Decision], kept: int = 50, requested: Optional[ResourceRequest] = None,
+                devices: Optional[list[DeviceCapacity]] = None) -> None:
+        """The policy's routes, readings, decisions, its last autoscaler request (None: it asked
+        nothing, e.g. without cluster_autoscaling) and the devices it last read (None: it does not
+        read them); taken even before (or without) a placement."""
         status = self._status(app)
-        changed = routes != status.routes or bool(new_decisions) or requested != status.requested
+        changed = (routes != status.routes or bool(new_decisions) or requested != status.requested
+                   or devices != status.devices)
         self._apps[app] = status.model_copy(update={
             "routes": routes, "live": live, "decisions": (status.decisions + new_decisions)[-kept:],
-            "policy_seen_at": time.time(), "requested": requested,
+            "policy_seen_at": time.time(), "requested": requested, "devices": devices,
         })
         if changed:
             self._save(app)
@@ -268,6 +274,13 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
                      f"for the {len(r.bundles)} devices its replica targets use: "
                      + (f"{describe(r.missing)} beyond the start placement's devices" if r.missing
                         else "none beyond the start placement's devices"))
+    if status.devices is not None and p is not None:
+        names, start = [d.name for d in status.devices], [d.name for d in p.devices]
+        joined, left = [n for n in names if n not in start], [n for n in start if n not in names]
+        if joined or left:
+            lines.append(f"the policy grows onto the {len(names)} devices the cluster has now: "
+                         + "; ".join(part for part in (f"joined since the deploy: {', '.join(joined)}" if joined else "",
+                                                       f"left: {', '.join(left)}" if left else "") if part))
     lines.append("models:")
     live = {m.model: m for m in status.live}
     for model, routes in sorted(status.routes.items()):

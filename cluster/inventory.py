@@ -163,8 +163,9 @@ def _peak_bandwidth(pynvml, handle) -> Optional[float]:
     return 2.0 * clock_mhz * 1e6 * bus_bits / 8  # double data rate
 
 
-def read_nodes(timeout_s: float = 30.0) -> list[NodeResources]:
-    """Alive Ray nodes; each GPU node is asked for its NVML readings by a task pinned to it."""
+def read_nodes(timeout_s: float = 30.0, known: Optional[dict[str, list[GpuReading]]] = None) -> list[NodeResources]:
+    """Alive Ray nodes; each GPU node is asked for its NVML readings by a task pinned to it, except
+    those in `known` (node id -> readings: a node's GPUs do not change), which gets the new ones."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -172,13 +173,15 @@ def read_nodes(timeout_s: float = 30.0) -> list[NodeResources]:
     read = ray.remote(num_cpus=0)(read_gpus)
     pending = {}
     for n in nodes:
-        if n["Resources"].get("GPU", 0) >= 1:
+        if n["Resources"].get("GPU", 0) >= 1 and n["NodeID"] not in (known or {}):
             strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
             pending[n["NodeID"]] = read.options(scheduling_strategy=strategy).remote()
-    readings: dict[str, list[GpuReading]] = {}
+    readings: dict[str, list[GpuReading]] = dict(known or {})
     for node_id, ref in pending.items():
         try:
             readings[node_id] = ray.get(ref, timeout=timeout_s)
+            if known is not None:
+                known[node_id] = readings[node_id]
         except Exception as exc:  # a node that cannot answer still has its logical GPUs
             logger.warning("no NVML reading from node %s: %s", node_id, exc)
             readings[node_id] = []
@@ -205,3 +208,16 @@ def accelerator_type(resources: dict[str, float], node: str = "a node") -> Optio
 
 def cluster_inventory(declared_gpu_memory: Optional[int] = None, use_gpus: bool = True) -> Inventory:
     return devices_from_nodes(read_nodes(), declared_gpu_memory, use_gpus)
+
+
+class DeviceRead(BaseModel):
+    """How the builder read the cluster's devices, so the autoscaling policy can read them again the
+    same way (nodes join and leave a running cluster)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    declared_gpu_memory: Optional[int] = Field(None, gt=0, description="config's device_memory, if set.")
+    use_gpus: bool = Field(True, description="Replicas run on GPUs (else one CPU device per node).")
+
+    def inventory(self, known: Optional[dict[str, list[GpuReading]]] = None) -> Inventory:
+        """The devices now; `known` caches the nodes' NVML readings between reads (see `read_nodes`)."""
+        return devices_from_nodes(read_nodes(known=known), self.declared_gpu_memory, self.use_gpus)

@@ -48,6 +48,9 @@ class PolicyConfig(BaseModel):
     drain_timeout_s: float = Field(120.0, gt=0, description="Scale the old variant down even if requests linger.")
     warm_timeout_s: float = Field(900.0, gt=0, description="Abort a re-pack whose new replicas never come up.")
     decisions_kept: int = Field(50, ge=1, description="Decisions kept for `plateau status`.")
+    device_refresh_s: float = Field(30.0, ge=0, description="Read the cluster's devices again this often, so growth "
+                                    "uses nodes that joined after the deploy (0: the deploy's devices only; with "
+                                    "cluster_autoscaling the autoscaler's requests stand for them instead).")
     refit: RefitConfig = Field(default_factory=RefitConfig, description="When live readings overrule the profile.")
 
 

@@ -19,7 +19,7 @@ from ray.serve import Application
 
 from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
 from cluster.board import AppPlacement
-from cluster.inventory import Inventory, cluster_inventory
+from cluster.inventory import DeviceRead, Inventory
 from cluster.policy import Route
 from deployments.autoscale import POLICY_FUNCTION, policy_kwargs, request_resources
 from deployments.cluster_view import ClusterView, uses_gpus
@@ -34,8 +34,9 @@ logger = logging.getLogger("ray.serve")
 
 
 def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = None) -> Application:
-    inventory = inventory or cluster_inventory(
-        int(args.device_memory) if args.device_memory else None, use_gpus=uses_gpus(args.device, cluster))
+    read = DeviceRead(declared_gpu_memory=int(args.device_memory) if args.device_memory else None,
+                      use_gpus=uses_gpus(args.device, cluster))
+    inventory = inventory or read.inventory()
     if not inventory.devices:
         raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
     # a model served on several device types is laid out once per type, keyed <name>@<type>
@@ -83,7 +84,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
                 "target_ongoing_requests": max(1.0, spec.max_num_seqs * args.policy.target_batch_fill),
                 "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id,
-                                                                args.cluster_autoscaling)},
+                                                                args.cluster_autoscaling, read)},
             }
             opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment)
             handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec)

@@ -18,6 +18,10 @@ adds: whenever the devices the replica targets use change, the policy asks for a
 (`ray.autoscaler.sdk.request_resources`, which replaces the builder's start request), so the
 cluster grows with load and, once load falls, may shrink with it (down to what the minimums use).
 
+On a fixed cluster the policy reads the cluster's devices again every `policy.device_refresh_s`
+(30 s) on a thread of its own, the way the builder read them: growth uses a node that joined after
+the deploy, and stops counting on one that left.
+
 The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
 whenever it changes and read back on the first tick after a controller restart, so a restart
 neither starts a re-pack over nor loses a drain.
@@ -26,6 +30,7 @@ neither starts a re-pack over nor loses a drain.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -33,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.refit import LiveSample
 from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
+from cluster.inventory import DeviceRead, GpuReading
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
@@ -57,6 +63,8 @@ class _VariantInput(BaseModel):
     deploy_id: str = Field("", description="One build of the app: saved policy state is read back only into the "
                                            "same build (a controller restart), never into a new deploy.")
     cluster_autoscaling: bool = Field(False, description="Growth may ask Ray's autoscaler for devices.")
+    device_read: Optional[DeviceRead] = Field(None, description="How the builder read the devices, to read them again "
+                                              "while the app runs; None: the deploy's devices only.")
 
 
 class SavedPolicyState(BaseModel):
@@ -68,10 +76,14 @@ class SavedPolicyState(BaseModel):
 
 
 def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity],
-                  deploy_id: str = "", cluster_autoscaling: bool = False) -> dict[str, Any]:
-    """What the builder attaches to the variant deployment `n` of a model (JSON only)."""
+                  deploy_id: str = "", cluster_autoscaling: bool = False,
+                  device_read: Optional[DeviceRead] = None) -> dict[str, Any]:
+    """What the builder attaches to the variant deployment `n` of a model (JSON only). `device_read`
+    lets the policy read the devices again; with cluster_autoscaling it is dropped (the devices the
+    autoscaler was asked for stand for the nodes it adds)."""
     parsed = _VariantInput(model=inp, n=n, policy=policy, devices=devices, deploy_id=deploy_id,
-                           cluster_autoscaling=cluster_autoscaling)
+                           cluster_autoscaling=cluster_autoscaling,
+                           device_read=None if cluster_autoscaling else device_read)
     return {POLICY_KWARGS_KEY: parsed.model_dump(mode="json")}
 
 
@@ -82,13 +94,58 @@ def request_resources(bundles: list[dict[str, float]]) -> None:
     ray_request_resources(bundles=bundles)
 
 
+def read_capacities(read: DeviceRead, known: dict[str, list[GpuReading]]) -> list[DeviceCapacity]:
+    """The cluster's devices now; `known` keeps each node's NVML readings, so a GPU node is asked once."""
+    return read.inventory(known).capacities()
+
+
+class DeviceWatch:
+    """The cluster's devices, read every `every_s` seconds on a daemon thread (the read calls Ray and
+    runs NVML tasks on GPU nodes: never on the controller's event loop). `latest` is None until a
+    read succeeds; a failed or empty read keeps the last one."""
+
+    def __init__(self, read: Callable[[], list[DeviceCapacity]], every_s: float):
+        self._read, self.every_s = read, every_s
+        self.latest: Optional[list[DeviceCapacity]] = None
+        self._failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plateau-device-watch", daemon=True)
+
+    def start(self) -> "DeviceWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll(self) -> None:
+        try:
+            devices = self._read()
+        except Exception:
+            self._failures += 1
+            if self._failures <= 5 or self._failures % 100 == 0:
+                logger.exception("plateau policy: could not read the cluster's devices (%d times); "
+                                 "growth keeps the last reading", self._failures)
+            return
+        if devices:
+            self.latest = devices
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.every_s)
+
+
 class PlateauAutoscaler:
     def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
                  store: Optional[StateStore] = None, board=None,
-                 ask: Callable[[list[dict[str, float]]], None] = request_resources):
+                 ask: Callable[[list[dict[str, float]]], None] = request_resources,
+                 read_devices: Callable[[DeviceRead, dict[str, list[GpuReading]]], list[DeviceCapacity]]
+                 = read_capacities):
         """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
-        policy state's home, default Ray's internal KV), `board` (default: the named status board) and
-        `ask` (how to ask Ray's autoscaler for devices) are injected by tests."""
+        policy state's home, default Ray's internal KV), `board` (default: the named status board),
+        `ask` (how to ask Ray's autoscaler for devices) and `read_devices` (how to read the cluster's
+        devices again) are injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
@@ -106,6 +163,10 @@ class PlateauAutoscaler:
         self._ask = ask
         self._requested: Optional[ResourceRequest] = None  # the last request the autoscaler took
         self._ask_failures = 0
+        self._read_devices = read_devices
+        self._watch: Optional[DeviceWatch] = None
+        self._watching: Optional[tuple[DeviceRead, float]] = None  # what the watch reads, and how often
+        self._seen_devices: Optional[list[str]] = None  # device names last used, to log a change once
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
         now = time.time()
@@ -142,7 +203,7 @@ class PlateauAutoscaler:
             return {}
         cfg = first.policy
         self._restore(app, first.deploy_id)
-        pctx = PolicyContext(now=now, devices=first.devices, may_add_devices=first.cluster_autoscaling,
+        pctx = PolicyContext(now=now, devices=self._devices(first), may_add_devices=first.cluster_autoscaling,
                              models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
@@ -156,6 +217,28 @@ class PlateauAutoscaler:
             self._publish(app, out, cfg)
             self._last_routes, self._last_publish = routes, now
         return {ids[dep]: n for dep, n in out.targets.items() if dep in ids}
+
+    def _devices(self, v: _VariantInput) -> list[DeviceCapacity]:
+        """The devices growth packs onto: the latest reading of the cluster's (on a fixed cluster with
+        `device_refresh_s` > 0, once one has landed), else the deploy's."""
+        every_s = v.policy.device_refresh_s
+        wanted = (v.device_read, every_s) if v.device_read is not None and every_s > 0 else None
+        if wanted != self._watching:  # first tick, or a redeploy that changed how the devices are read
+            if self._watch is not None:
+                self._watch.stop()
+            read, known = (wanted[0] if wanted else None), {}
+            self._watch = DeviceWatch(lambda: self._read_devices(read, known), every_s).start() if wanted else None
+            self._watching = wanted
+        devices = self._watch.latest if self._watch is not None and self._watch.latest is not None else v.devices
+        names = [d.name for d in devices]
+        if self._seen_devices is not None and names != self._seen_devices:
+            added = sorted(set(names) - set(self._seen_devices))
+            gone = sorted(set(self._seen_devices) - set(names))
+            logger.info("plateau policy: the cluster's devices changed (%s%s%s); growth packs onto %d devices",
+                        f"joined: {', '.join(added)}" if added else "", "; " if added and gone else "",
+                        f"left: {', '.join(gone)}" if gone else "", len(names))
+        self._seen_devices = names
+        return devices
 
     def _ask_autoscaler(self, needed: NeededDevices, now: float) -> bool:
         """Ask for the devices the targets use when they changed; True when asked."""
@@ -227,7 +310,8 @@ class PlateauAutoscaler:
         if board is None or app is None:
             return
         try:
-            board.publish.remote(app, out.routes, out.live, out.new_decisions, cfg.decisions_kept, self._requested)
+            board.publish.remote(app, out.routes, out.live, out.new_decisions, cfg.decisions_kept, self._requested,
+                                 self._watch.latest if self._watch is not None else None)
         except Exception:  # board gone: look it up again later
             self._board = None
 

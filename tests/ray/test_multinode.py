@@ -6,8 +6,9 @@ another machine. The app (`serve run`, the shipped model as `m` with `device_typ
 large]`, `profile_store` the suite's store, which both nodes can read) must plan the model for
 each type's memory from the one stored profile, start each type's replica on a node of that type,
 serve from both behind the one name (the worker node provisions the embedded model for its
-replica itself), and an Advisor that was killed and restarted must plan again from the shared
-store without profiling. Two engines.
+replica itself), an Advisor that was killed and restarted must plan again from the shared
+store without profiling, and a third node that joins the running cluster must be among the devices
+the autoscaling policy grows onto (no redeploy). Two engines.
 """
 
 from __future__ import annotations
@@ -234,3 +235,29 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
     assert took < 120, f"the restarted Advisor took {took:.0f} s: did it profile again?"
     assert list(ProfileStore(store).profiles().stored_at) == stored_at
     assert plan.replicas_per_device == int(_deployed_n(cluster.address, "large"))
+
+
+def test_a_node_that_joins_the_running_cluster_is_among_the_devices_the_policy_grows_onto(app):
+    cluster, _, other_home, _ = app
+
+    def status() -> dict:
+        out = _plateau("status", "--address", cluster.address, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["plateau"]
+
+    def names(devices) -> list[str]:
+        return sorted(d["name"] for d in devices or [])
+
+    # the policy (in Serve's controller) reads the cluster's devices as the builder did
+    start = names(status()["placement"]["devices"])
+    wait_until(lambda: names(status()["devices"]) == start, 120, "the policy's reading of the cluster's devices",
+               every_s=5, detail=lambda: str(status()["devices"]))
+    cluster.add_worker(NodeConfig(num_cpus=1, num_gpus=1, memory_bytes=TYPES["large"],
+                                  resources={"accelerator_type:large": 1}, env={"PLATEAU_HOME": str(other_home)}))
+    # within policy.device_refresh_s (30 s) it reads the joined node's device: growth may use it without a redeploy
+    wait_until(lambda: len(names(status()["devices"])) == 3, 120, "the policy to read the joined node's device",
+               every_s=5, detail=lambda: str(status()["devices"]))
+    joined = [d for d in status()["devices"] if d["name"] not in start]
+    assert [(d["device_type"], d["memory_bytes"]) for d in joined] == [("large", TYPES["large"])]
+    text = _plateau("status", "--address", cluster.address).stdout
+    assert f"joined since the deploy: {joined[0]['name']}" in text, text

@@ -4,9 +4,10 @@ from types import SimpleNamespace
 
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
+from cluster.inventory import DeviceRead
 from cluster.packing import DeviceCapacity
 from cluster.policy import ModelPolicyInput, PolicyConfig, VariantSpec
-from deployments.autoscale import PlateauAutoscaler, observe, policy_kwargs
+from deployments.autoscale import DeviceWatch, PlateauAutoscaler, observe, policy_kwargs
 
 GiB = 1 << 30
 
@@ -178,7 +179,7 @@ def test_with_cluster_autoscaling_the_shell_asks_for_the_devices_its_targets_use
     decisions, _ = shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
     assert decisions == {"v": 4}  # ceil(100 / (32 x 0.8)): two devices of share 1/2 each, one of them added
     assert asked[-1] == [{"GPU": 1.0}, {"GPU": 1.0}]
-    request = board.published[-1][-1]
+    request = board.published[-1][5]  # (app, routes, live, decisions, kept, requested, devices)
     assert [(m.kind, m.count) for m in request.missing] == [("cuda", 1)] and len(request.bundles) == 2
 
 
@@ -204,3 +205,62 @@ def test_without_cluster_autoscaling_the_shell_never_asks():
     shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
     shell({"v": context("LLM:alpha@n2", kw, running=1, requests=100.0)})
     assert asked == []
+
+
+# ---- a fixed cluster: nodes that join after the deploy ----------------------------------------
+
+READ = DeviceRead(use_gpus=True)
+
+
+def test_on_a_fixed_cluster_growth_uses_a_device_that_joined_after_the_deploy(monkeypatch):
+    clock, cluster = [1000.0], [DEVICES[:1]]
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1], device_read=READ)
+    reads = []
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),
+                              read_devices=lambda read, known: reads.append(read) or cluster[0])
+
+    def tick(running):
+        clock[0] += 1.0
+        return shell({"v": context("LLM:alpha@n2", kw, running=running, target=running, requests=100.0)})[0]
+
+    tick(1)  # the wish is noted
+    assert tick(1) == {"v": 2}  # ceil(100 / (32 x 0.8)) = 4 wished; the one device holds 2
+    shell._watch.poll()
+    assert tick(2) == {"v": 2}  # still one device: nothing more fits
+    cluster[0] = DEVICES  # a node joins
+    shell._watch.poll()
+    assert tick(2) == {"v": 4}
+    assert reads and all(r == READ for r in reads)  # read the way the builder read them
+    assert shell._board.published[-1][-1] == DEVICES  # `plateau status` shows the devices the policy grows onto
+    shell._watch.stop()
+
+
+def test_the_deploys_devices_stand_until_a_read_lands_and_a_failed_or_empty_read_keeps_the_last():
+    answers = [ConnectionError("GCS unreachable"), DEVICES, [], ConnectionError("again")]
+
+    def read():
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    watch = DeviceWatch(read, every_s=30)
+    watch.poll()
+    assert watch.latest is None
+    for _ in range(3):
+        watch.poll()
+        assert watch.latest == DEVICES
+
+
+def test_the_devices_are_not_read_again_with_cluster_autoscaling_or_device_refresh_s_0():
+    def read(_, known):
+        raise AssertionError("read")
+
+    for kw in (policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, cluster_autoscaling=True, device_read=READ),
+               policy_kwargs(alpha_input(), 2, PolicyConfig(device_refresh_s=0), DEVICES, device_read=READ),
+               policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES)):
+        shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(), ask=lambda b: None,
+                                  read_devices=read)
+        shell({"v": context("LLM:alpha@n2", kw)})
+        assert shell._watch is None and shell._errors == 0

@@ -154,3 +154,24 @@ def test_the_policys_last_autoscaler_request_is_shown_and_cleared_when_it_asks_n
     board.publish("p", {}, [], [])  # a redeploy without cluster_autoscaling: no stale request is shown
     assert board.status("p")["p"].requested is None
     assert "the policy last asked" not in render_status("p", board.status("p")["p"])
+
+
+def test_devices_that_joined_or_left_since_the_deploy_are_shown_from_the_policys_last_reading():
+    from cluster.board import StatusBoard
+    from cluster.packing import DeviceCapacity
+
+    def gpu(name):
+        return Device(name=name, node_id=name[:1], kind="cuda", model_name="logical GPU", memory_bytes=8 * GiB,
+                      memory_source="declared", cores=2)
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    board.set_placement(AppPlacement(app="p", devices=[gpu("a/gpu0"), gpu("b/gpu0")], routes={},
+                                          packing=PackResult(placement={}, devices_used=0, lower_bound=0, unplaced=[])))
+    now = [DeviceCapacity(name=n, memory_bytes=8 * GiB) for n in ("a/gpu0", "c/gpu0", "c/gpu1")]
+    board.publish("p", {}, [], [], 50, None, now)
+    status = board.status("p")["p"]
+    assert status.devices == now
+    assert ("the policy grows onto the 3 devices the cluster has now: joined since the deploy: c/gpu0, c/gpu1; "
+            "left: b/gpu0") in render_status("p", status)
+    board.publish("p", {}, [], [], 50, None, now[:1] + [DeviceCapacity(name="b/gpu0", memory_bytes=8 * GiB)])
+    assert "grows onto" not in render_status("p", board.status("p")["p"])  # the deploy's devices: nothing to say
