@@ -324,7 +324,7 @@ class OwnCluster:
     def worker_command(self, i: int, node: Optional[NodeConfig] = None) -> list[str]:
         """`ray start` of worker node `i` (`node`, default the config's i-th): joins the head, its temp dir
         under the head's, ports of its own."""
-        node = node or self.cfg.workers[i]
+        node = self.cfg.workers[i] if node is None else node
         head = set(self.ports.model_dump().values())
         p = ClusterPorts.pick()  # distinct ports, all held while picked; none of the head's (serve_http is not bound yet)
         while head & set(p.model_dump().values()):

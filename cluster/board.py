@@ -20,7 +20,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.autoscaler import ADDED_PREFIX, ResourceRequest, describe
-from cluster.inventory import Device
+from cluster.inventory import Device, device_changes
 from cluster.packing import DeviceCapacity, PackResult
 from cluster.policy import Decision, LiveModel, Route
 from cluster.state_store import RayInternalKV, StateStore, board_key
@@ -275,8 +275,8 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
                      + (f"{describe(r.missing)} beyond the start placement's devices" if r.missing
                         else "none beyond the start placement's devices"))
     if status.devices is not None and p is not None:
-        names, start = [d.name for d in status.devices], [d.name for d in p.devices]
-        joined, left = [n for n in names if n not in start], [n for n in start if n not in names]
+        names = [d.name for d in status.devices]
+        joined, left = device_changes([d.name for d in p.devices], names)
         if joined or left:
             lines.append(f"the policy grows onto the {len(names)} devices the cluster has now: "
                          + "; ".join(part for part in (f"joined since the deploy: {', '.join(joined)}" if joined else "",

@@ -105,9 +105,12 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
     devices: list[Device] = []
     has_gpus = use_gpus and any(n.gpus >= 1 for n in nodes)
     addresses = [n.address for n in nodes]
+    prefixes = [n.node_id[:8] for n in nodes]
     for node in sorted(nodes, key=lambda n: (n.address, n.node_id)):
         # several nodes of one machine share its address: their node ids keep the device names apart
-        host = node.address if addresses.count(node.address) == 1 else f"{node.address}#{node.node_id[:8]}"
+        # (the first 8 characters, or the whole id where those are shared, as by Ray's fake nodes' ids)
+        short = node.node_id[:8] if prefixes.count(node.node_id[:8]) == 1 else node.node_id
+        host = node.address if addresses.count(node.address) == 1 else f"{node.address}#{short}"
         if not has_gpus:
             devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, node_address=node.address, kind="cpu", model_name="CPU node",
                                   memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus,
@@ -130,6 +133,10 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
 
 
 # ---- reading the live cluster ---------------------------------------------------------------
+
+class NodeReadError(RuntimeError):
+    """A node of a running cluster did not answer for its GPUs: the read is not to be used."""
+
 
 def read_gpus() -> list[GpuReading]:
     """NVML's view of this node's GPUs; empty where NVML is missing (CPU machines)."""
@@ -164,12 +171,18 @@ def _peak_bandwidth(pynvml, handle) -> Optional[float]:
 
 
 def read_nodes(timeout_s: float = 30.0, known: Optional[dict[str, list[GpuReading]]] = None) -> list[NodeResources]:
-    """Alive Ray nodes; each GPU node is asked for its NVML readings by a task pinned to it, except
-    those in `known` (node id -> readings: a node's GPUs do not change), which gets the new ones."""
+    """Alive Ray nodes; each GPU node is asked for its NVML readings by a task pinned to it. A node
+    that does not answer keeps its logical GPUs. With `known` (node id -> readings, kept between
+    reads of a running cluster: a node's GPUs do not change) only new nodes are asked, `known` gets
+    their readings and forgets nodes that are gone, and a node that does not answer fails the read
+    with `NodeReadError` (a device read from the node's memory instead of NVML would be wrong)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if known is not None:
+        for gone in set(known) - {n["NodeID"] for n in nodes}:
+            del known[gone]
     read = ray.remote(num_cpus=0)(read_gpus)
     pending = {}
     for n in nodes:
@@ -183,6 +196,9 @@ def read_nodes(timeout_s: float = 30.0, known: Optional[dict[str, list[GpuReadin
             if known is not None:
                 known[node_id] = readings[node_id]
         except Exception as exc:  # a node that cannot answer still has its logical GPUs
+            ray.cancel(ref)
+            if known is not None:
+                raise NodeReadError(f"no NVML reading from node {node_id}: {exc}") from exc
             logger.warning("no NVML reading from node %s: %s", node_id, exc)
             readings[node_id] = []
     return [
@@ -206,8 +222,9 @@ def accelerator_type(resources: dict[str, float], node: str = "a node") -> Optio
     return types[0] if types else None
 
 
-def cluster_inventory(declared_gpu_memory: Optional[int] = None, use_gpus: bool = True) -> Inventory:
-    return devices_from_nodes(read_nodes(), declared_gpu_memory, use_gpus)
+def device_changes(before: list[str], now: list[str]) -> tuple[list[str], list[str]]:
+    """The device names in `now` but not `before` (joined), and in `before` but not `now` (left)."""
+    return [n for n in now if n not in before], [n for n in before if n not in now]
 
 
 class DeviceRead(BaseModel):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from advisor.planner import DeviceSpec, PlannerConfig, ShapeEvaluation, evaluate_shape
 from advisor.profiler import Profile, WorkloadShape
@@ -51,6 +51,14 @@ class PolicyConfig(BaseModel):
     device_refresh_s: float = Field(30.0, ge=0, description="Read the cluster's devices again this often, so growth "
                                     "uses nodes that joined after the deploy (0: the deploy's devices only; with "
                                     "cluster_autoscaling the autoscaler's requests stand for them instead).")
+
+    @field_validator("device_refresh_s")
+    @classmethod
+    def _refresh_not_too_often(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError(f"policy.device_refresh_s {v} would ask Ray for the cluster's nodes {1 / v:.0f} times a "
+                             "second: give 0 (never) or at least 1")
+        return v
     refit: RefitConfig = Field(default_factory=RefitConfig, description="When live readings overrule the profile.")
 
 

@@ -32,13 +32,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.refit import LiveSample
 from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
-from cluster.inventory import DeviceRead, GpuReading
+from cluster.inventory import DeviceRead, GpuReading, device_changes
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
@@ -102,7 +103,8 @@ def read_capacities(read: DeviceRead, known: dict[str, list[GpuReading]]) -> lis
 class DeviceWatch:
     """The cluster's devices, read every `every_s` seconds on a daemon thread (the read calls Ray and
     runs NVML tasks on GPU nodes: never on the controller's event loop). `latest` is None until a
-    read succeeds; a failed or empty read keeps the last one."""
+    read succeeds; a failed or empty read keeps the last one. Its owner stops it (Serve drops a
+    policy object on redeploy without telling it: the owner stops its watch when it is collected)."""
 
     def __init__(self, read: Callable[[], list[DeviceCapacity]], every_s: float):
         self._read, self.every_s = read, every_s
@@ -141,11 +143,12 @@ class PlateauAutoscaler:
                  store: Optional[StateStore] = None, board=None,
                  ask: Callable[[list[dict[str, float]]], None] = request_resources,
                  read_devices: Callable[[DeviceRead, dict[str, list[GpuReading]]], list[DeviceCapacity]]
-                 = read_capacities):
+                 = read_capacities, watch_in_background: bool = True):
         """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
         policy state's home, default Ray's internal KV), `board` (default: the named status board),
-        `ask` (how to ask Ray's autoscaler for devices) and `read_devices` (how to read the cluster's
-        devices again) are injected by tests."""
+        `ask` (how to ask Ray's autoscaler for devices), `read_devices` (how to read the cluster's
+        devices again) and `watch_in_background` (False: the tests call the watch's `poll`) are
+        injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
@@ -164,6 +167,7 @@ class PlateauAutoscaler:
         self._requested: Optional[ResourceRequest] = None  # the last request the autoscaler took
         self._ask_failures = 0
         self._read_devices = read_devices
+        self._watch_in_background = watch_in_background
         self._watch: Optional[DeviceWatch] = None
         self._watching: Optional[tuple[DeviceRead, float]] = None  # what the watch reads, and how often
         self._seen_devices: Optional[list[str]] = None  # device names last used, to log a change once
@@ -226,19 +230,24 @@ class PlateauAutoscaler:
         if wanted != self._watching:  # first tick, or a redeploy that changed how the devices are read
             if self._watch is not None:
                 self._watch.stop()
-            read, known = (wanted[0] if wanted else None), {}
-            self._watch = DeviceWatch(lambda: self._read_devices(read, known), every_s).start() if wanted else None
-            self._watching = wanted
+            self._watch, self._watching = (self._new_watch(*wanted) if wanted else None), wanted
         devices = self._watch.latest if self._watch is not None and self._watch.latest is not None else v.devices
         names = [d.name for d in devices]
         if self._seen_devices is not None and names != self._seen_devices:
-            added = sorted(set(names) - set(self._seen_devices))
-            gone = sorted(set(self._seen_devices) - set(names))
+            added, gone = device_changes(self._seen_devices, names)
             logger.info("plateau policy: the cluster's devices changed (%s%s%s); growth packs onto %d devices",
                         f"joined: {', '.join(added)}" if added else "", "; " if added and gone else "",
                         f"left: {', '.join(gone)}" if gone else "", len(names))
         self._seen_devices = names
         return devices
+
+    def _new_watch(self, read: DeviceRead, every_s: float) -> DeviceWatch:
+        """A watch that does not hold this policy object (its thread would keep it alive), stopped
+        when the object is collected."""
+        fn, known = self._read_devices, {}
+        watch = DeviceWatch(lambda: fn(read, known), every_s)
+        weakref.finalize(self, watch.stop)
+        return watch.start() if self._watch_in_background else watch
 
     def _ask_autoscaler(self, needed: NeededDevices, now: float) -> bool:
         """Ask for the devices the targets use when they changed; True when asked."""

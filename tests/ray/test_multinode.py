@@ -206,7 +206,7 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
 
     from advisor.actor import ADVISOR_NAME, ADVISOR_NAMESPACE
     from advisor.store import ProfileStore
-    from cluster.inventory import cluster_inventory
+    from cluster.inventory import DeviceRead
     from deployments.cluster_view import ClusterView
     from deployments.config import parse_args
     from deployments.layout import advisor_request, device_resources
@@ -218,7 +218,7 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
         advisor = ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE)
         pid = ray.get(advisor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         ray.kill(advisor, no_restart=False)  # Ray restarts it (max_restarts=-1), its plan cache empty
-        view, inventory = ClusterView.from_ray(), cluster_inventory()
+        view, inventory = ClusterView.from_ray(), DeviceRead().inventory()
         m = parse_args({"models": [shipped_model_args(name="m", device_type="large")]}).models[0]
         request = advisor_request(m, view, inventory.of_type("large"), str(store))
         started = time.monotonic()

@@ -218,7 +218,8 @@ def test_on_a_fixed_cluster_growth_uses_a_device_that_joined_after_the_deploy(mo
     kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1], device_read=READ)
     reads = []
     shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),
-                              read_devices=lambda read, known: reads.append(read) or cluster[0])
+                              read_devices=lambda read, known: reads.append(read) or cluster[0],
+                              watch_in_background=False)
 
     def tick(running):
         clock[0] += 1.0
@@ -233,7 +234,39 @@ def test_on_a_fixed_cluster_growth_uses_a_device_that_joined_after_the_deploy(mo
     assert tick(2) == {"v": 4}
     assert reads and all(r == READ for r in reads)  # read the way the builder read them
     assert shell._board.published[-1][-1] == DEVICES  # `plateau status` shows the devices the policy grows onto
-    shell._watch.stop()
+
+
+def test_the_policy_uses_the_deploys_devices_until_a_reading_lands():
+    kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1], device_read=READ)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),
+                              read_devices=lambda read, known: DEVICES, watch_in_background=False)
+    for _ in range(2):
+        decisions, _ = shell({"v": context("LLM:alpha@n2", kw, running=1, target=1, requests=100.0)})
+    assert decisions == {"v": 2}  # the deploy's one device, though the (unread) cluster has two
+
+
+def test_a_policy_that_serve_drops_stops_its_watch_thread():
+    import gc
+
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, device_read=READ)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),
+                              read_devices=lambda read, known: DEVICES)
+    shell({"v": context("LLM:alpha@n2", kw)})
+    thread = shell._watch._thread
+    assert thread.is_alive()
+    del shell  # a redeploy: Serve makes a new policy object and drops this one without a word
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_device_refresh_s_is_0_or_at_least_a_second():
+    import pydantic
+    import pytest
+
+    assert PolicyConfig(device_refresh_s=0).device_refresh_s == 0
+    with pytest.raises(pydantic.ValidationError, match="give 0 .never. or at least 1"):
+        PolicyConfig(device_refresh_s=0.01)
 
 
 def test_the_deploys_devices_stand_until_a_read_lands_and_a_failed_or_empty_read_keeps_the_last():

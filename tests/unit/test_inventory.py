@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from cluster.inventory import GpuReading, NodeResources, devices_from_nodes
@@ -77,3 +79,63 @@ def test_nodes_that_share_an_address_get_device_names_apart_by_node_id():
         ["10.0.0.1", "10.0.0.1", "10.0.0.2"]
     assert [d.name for d in devices_from_nodes(nodes[:2], use_gpus=False).devices] == ["10.0.0.1#aaaaaaaa/cpu",
                                                                                       "10.0.0.1#bbbbbbbb/cpu"]
+
+
+def test_nodes_whose_ids_share_the_first_8_characters_are_named_by_their_whole_ids():
+    # Ray's fake multi-node provider's ids: fff...f00000 (head), fff...f00001, ...
+    ids = ["f" * 51 + "00000", "f" * 51 + "00001"]
+    nodes = [node(ids[0], "10.0.0.1", gpus=1), node(ids[1], "10.0.0.1", gpus=1)]
+    names = [d.name for d in devices_from_nodes(nodes, declared_gpu_memory=GiB).devices]
+    assert names == [f"10.0.0.1#{ids[0]}/gpu0", f"10.0.0.1#{ids[1]}/gpu0"]
+
+
+class FakeRay:
+    """The slice of Ray's API `read_nodes` calls: alive nodes, tasks pinned to them, get and cancel."""
+
+    def __init__(self, nodes, failing=()):
+        self.nodes_now, self.failing, self.asked, self.cancelled = nodes, set(failing), [], []
+
+    def nodes(self):
+        return [{"NodeID": i, "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0, "GPU": 1.0,
+                                                                                               "memory": 8.0 * GiB}}
+                for i in self.nodes_now]
+
+    def remote(self, **_):
+        fake = self
+
+        class Task:
+            def options(self, scheduling_strategy):
+                return SimpleNamespace(remote=lambda: fake.asked.append(scheduling_strategy.node_id)
+                                       or scheduling_strategy.node_id)
+        return lambda fn: Task()
+
+    def get(self, ref, timeout):
+        if ref in self.failing:
+            raise TimeoutError("GetTimeoutError")
+        return [GpuReading(index=0, name="NVIDIA L4", memory_bytes=24 * GiB)]
+
+    def cancel(self, ref):
+        self.cancelled.append(ref)
+
+
+def test_rereading_a_running_cluster_asks_each_gpu_node_once_forgets_gone_ones_and_fails_on_a_silent_node(monkeypatch):
+    import ray
+
+    from cluster.inventory import NodeReadError, read_nodes
+
+    fake = FakeRay(["a" * 56, "b" * 56])
+    for name in ("nodes", "remote", "get", "cancel"):
+        monkeypatch.setattr(ray, name, getattr(fake, name))
+    known = {}
+    assert [n.gpu_readings[0].memory_bytes for n in read_nodes(known=known)] == [24 * GiB] * 2
+    assert fake.asked == ["a" * 56, "b" * 56] and sorted(known) == ["a" * 56, "b" * 56]
+    fake.nodes_now = ["a" * 56, "c" * 56]  # b left, c joined
+    assert [n.gpu_readings[0].memory_bytes for n in read_nodes(known=known)] == [24 * GiB] * 2
+    assert fake.asked[2:] == ["c" * 56] and sorted(known) == ["a" * 56, "c" * 56]  # a not asked again, b forgotten
+    fake.nodes_now.append("d" * 56)
+    fake.failing.add("d" * 56)
+    with pytest.raises(NodeReadError, match="no NVML reading from node d+"):
+        read_nodes(known=known)  # its memory from the node's RAM would be wrong: the read is not used
+    assert fake.cancelled == ["d" * 56] and "d" * 56 not in known
+    # the builder's one read keeps a silent node's logical GPUs
+    assert [n.gpu_readings for n in read_nodes()][2] == []
