@@ -77,9 +77,36 @@ class ProfileRun:
     stderr: str  # its progress lines
 
 
+def cluster_client_env() -> dict[str, str]:
+    """This process's environment now (PLATEAU_HOME is the suite's), token auth off as on the suite's clusters."""
+    return dict(os.environ, RAY_AUTH_MODE="disabled")
+
+
 def plateau_cli(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("plateau")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout_s, env=cluster_client_env())
+
+
+NODE_OF_REPLICAS = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+out = {}
+for a in ray.util.list_named_actors(all_namespaces=True):
+    if a["name"].startswith("SERVE_REPLICA::plateau#LLM:"):
+        actor = ray.get_actor(a["name"], namespace=a["namespace"])
+        out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
+                                 timeout=60)
+print(json.dumps(out))
+"""
+
+
+def replica_nodes(address: str) -> dict[str, str]:
+    """The app `plateau`'s LLM replica actors on the cluster at `address` -> the node id each runs on
+    (each replica asked where it is, from a driver of its own)."""
+    out = subprocess.run([sys.executable, "-c", NODE_OF_REPLICAS, address], capture_output=True, text=True,
+                         timeout=180, env=cluster_client_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

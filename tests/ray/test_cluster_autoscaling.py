@@ -12,7 +12,6 @@ the shortfall (unit-tested in tests/unit/test_layout.py). Two engines.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,26 +22,19 @@ import yaml
 
 from bench.own_cluster import AutoscaledNodeType, OwnCluster, OwnClusterConfig
 from bench.vs_vllm import shipped_config_doc
-from tests.ray.conftest import ROOT, shipped_model_args, wait_until
+from tests.ray.conftest import ROOT, plateau_cli, replica_nodes, shipped_model_args, cluster_client_env, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
-GiB = 1 << 30
 SMALL = {"accelerator_type:small": 1}
 NODES = """
 import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-replicas = {}
-for a in ray.util.list_named_actors(all_namespaces=True):
-    if a["name"].startswith("SERVE_REPLICA::plateau#LLM:"):
-        actor = ray.get_actor(a["name"], namespace=a["namespace"])
-        replicas[a["name"]] = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
-                                      timeout=60)
 from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL  # what request_resources writes (v1)
 from ray.experimental.internal_kv import _internal_kv_get
 asked = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
 print(json.dumps({"nodes": [{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]],
-                  "replicas": replicas, "asked": json.loads(asked) if asked else None}))
+                  "asked": json.loads(asked) if asked else None}))
 """
 
 
@@ -50,23 +42,23 @@ def _config(path: Path, port: int) -> Path:
     doc = shipped_config_doc(port)
     args = doc["applications"][0]["args"]
     # a fixed plan (no profile): one replica per device, two devices' worth from the start
-    args["models"] = [shipped_model_args(name="m", device_type="small", replicas_per_device=1, devices=2, min_replicas=2, max_replicas=2,
-                                         max_num_seqs=8, kv_cache_bytes="256MiB")]
+    args["models"] = [shipped_model_args(name="m", device_type="small", replicas_per_device=1, devices=2,
+                                         min_replicas=2, max_replicas=2, max_num_seqs=8, kv_cache_bytes="256MiB")]
     args.update(cluster_autoscaling=True, device_memory="4GiB")
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 def _cluster_state(address: str) -> dict:
+    """The alive nodes and what Ray's autoscaler was last asked for."""
     out = subprocess.run([sys.executable, "-c", NODES, address], capture_output=True, text=True, timeout=180,
-                         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+                         env=cluster_client_env())
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _status(address: str) -> dict:
-    out = subprocess.run([str(Path(sys.executable).with_name("plateau")), "status", "--address", address, "--json"],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    out = plateau_cli("status", "--address", address, "--json", timeout_s=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["plateau"]
 
@@ -95,7 +87,10 @@ def test_the_start_placement_asks_rays_autoscaler_for_a_device_and_serves_from_t
         wait_until(two_replicas, 900, "model m to run two replicas, one on a node Ray's autoscaler adds", every_s=3,
                    detail=lambda: log.read_text()[-3000:])
 
-        # the builder asked for both devices the placement uses, one of them beyond the cluster's
+        # the builder asked for both devices the placement uses, one of them beyond the cluster's (the
+        # ingress sends the placement to the status board as it starts, not before it answers)
+        wait_until(lambda: plateau_cli("status", "--address", cluster.address, timeout_s=120).returncode == 0, 120,
+                   "the status board to hold the placement")
         requested = _status(cluster.address)["placement"]["requested"]
         assert requested is not None, "the builder did not ask Ray's autoscaler"
         assert [(m["device_type"], m["count"]) for m in requested["missing"]] == [("small", 1)]
@@ -108,7 +103,7 @@ def test_the_start_placement_asks_rays_autoscaler_for_a_device_and_serves_from_t
         head_id = head["nodes"][0]["id"]
         added = [n for n in state["nodes"] if n["id"] != head_id]
         assert len(added) == 1 and added[0]["resources"].get("accelerator_type:small") == 1, state["nodes"]
-        assert sorted(state["replicas"].values()) == sorted([head_id, added[0]["id"]]), state
+        assert sorted(replica_nodes(cluster.address).values()) == sorted([head_id, added[0]["id"]]), state
 
         r = httpx.post(f"{base}/v1/completions", timeout=120,
                        json={"model": "m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})

@@ -27,7 +27,7 @@ import yaml
 
 from bench.own_cluster import NodeConfig, OwnCluster, OwnClusterConfig
 from bench.vs_vllm import shipped_config_doc
-from tests.ray.conftest import ROOT, shipped_model_args, wait_until
+from tests.ray.conftest import ROOT, plateau_cli, replica_nodes, shipped_model_args, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -83,30 +83,13 @@ def app(shipped_profile, suite_home, tmp_path_factory):
 
 
 def _plateau(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).with_name("plateau")), *args], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-
-
-NODE_OF_REPLICAS = """
-import json, sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-out = []
-for a in ray.util.list_named_actors(all_namespaces=True):
-    if a["name"].startswith("SERVE_REPLICA::plateau#LLM:"):
-        actor = ray.get_actor(a["name"], namespace=a["namespace"])
-        node = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
-        out.append([a["name"], node])
-print(json.dumps(out))
-"""
+    return plateau_cli(*args, timeout_s=120)
 
 
 def _replica_nodes(address: str) -> dict[str, set[str]]:
     """Deployment -> the node ids its replica actors run on (each replica asked where it is)."""
-    out = subprocess.run([sys.executable, "-c", NODE_OF_REPLICAS, address], capture_output=True, text=True,
-                         timeout=180, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    assert out.returncode == 0, out.stderr[-2000:]
     nodes: dict[str, set[str]] = {}
-    for name, node in json.loads(out.stdout.strip().splitlines()[-1]):
+    for name, node in replica_nodes(address).items():
         nodes.setdefault(name.split("#")[1], set()).add(node)
     return nodes
 
