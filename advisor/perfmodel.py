@@ -192,7 +192,7 @@ def fits(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, batch: int,
     """`replicas` engines, each with KV for `batch` full-length sequences plus the planner's headroom,
     fit the planner's share of the device (a batch outside this set could never be planned)."""
     cfg = cfg or PlannerConfig()
-    kv = kv_pool_bytes(mem.kv_bytes_per_token, KV_BLOCK_TOKENS[dev.kind], batch, shape.prompt_tokens + shape.output_tokens,
+    kv = kv_pool_bytes(mem.kv_bytes_per_token, KV_BLOCK_TOKENS[dev.kind], batch, shape.kv_tokens_per_sequence,
                        cfg.kv_headroom, cfg.max_model_len)
     return replicas * (mem.weight_bytes + eng.overhead_bytes + kv) <= dev.memory_bytes * cfg.device_memory_fraction
 
@@ -248,6 +248,28 @@ def fit_engine(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures
                 lo = m1
         _, best = solve(math.exp((lo + hi) / 2))
     return best.model_copy(update={"source": source or best.source})
+
+
+def fit_output_cv(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants,
+                  upper: float = 3.0) -> float:
+    """The output-length spread (`WorkloadShape.output_tokens_cv`) that best explains `points`, measured
+    on a mixed-length workload (e.g. ShareGPT) whose means their shapes give, with `eng` held.
+
+    Engine constants fitted on fixed-length points cannot see a workload's spread; it only enters
+    through the running batch's mean context. Golden section on [0, upper] (the error is unimodal in cv).
+    """
+    def error(cv: float) -> float:
+        with_cv = [p.model_copy(update={"shape": p.shape.model_copy(update={"output_tokens_cv": cv})}) for p in points]
+        return _rel_error(with_cv, mem, dev, eng)
+
+    lo, hi = 0.0, upper
+    for _ in range(GOLDEN_SECTION_STEPS):
+        m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
+        if error(m1) <= error(m2):
+            hi = m2
+        else:
+            lo = m1
+    return (lo + hi) / 2
 
 
 def _fit_linear(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures, c: EngineConstants,
@@ -316,7 +338,8 @@ def measured_points(profile: Profile) -> list[MeasuredPoint]:
     """A stored profile's points as fit input (decode-window throughput, no prefill)."""
     out = []
     for p in profile.points + profile.fit_points:
-        ctx_prompt = max(1, round(p.context_tokens - profile.shape.output_tokens / 2))
+        # the point's context, with the shape's output part (its length spread included) kept
+        ctx_prompt = max(1, round(p.context_tokens - (profile.shape.context_tokens - profile.shape.prompt_tokens)))
         shape = profile.shape.model_copy(update={"prompt_tokens": ctx_prompt})
         out.append(MeasuredPoint(batch=p.batch, shape=shape, tokens_per_s=p.tokens_per_s, prefill=False))
     return out

@@ -135,7 +135,7 @@ def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[Workloa
     b_star, t_star = _b_star(profile, shape, reasons)
 
     block = KV_BLOCK_TOKENS[device.kind]
-    context = shape.prompt_tokens + shape.output_tokens
+    context = shape.kv_tokens_per_sequence
     kv = kv_pool_bytes(profile.kv_bytes_per_token, block, b_star, context, cfg.kv_headroom, cfg.max_model_len)
     per_replica = profile.weight_bytes + profile.overhead_bytes + kv
     usable = int(device.memory_bytes * cfg.device_memory_fraction)

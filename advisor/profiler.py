@@ -37,11 +37,25 @@ class WorkloadShape(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     prompt_tokens: int = Field(128, ge=1, description="Prompt tokens per request.")
     output_tokens: int = Field(64, ge=2, description="Generated tokens per request.")
+    output_tokens_cv: float = Field(
+        0.0, ge=0, le=10, description="Spread of the output lengths: their standard deviation over their mean (0: all "
+                                      "requests generate output_tokens; ~1-1.5: chat traffic such as ShareGPT).")
 
     @property
     def context_tokens(self) -> float:
-        """Mean tokens a sequence holds while it decodes."""
-        return self.prompt_tokens + self.output_tokens / 2
+        """Mean tokens a sequence of a running batch holds while it decodes.
+
+        A running batch is length-biased: a request that generates twice as many tokens stays in
+        it twice as long, so the batch's mean output-so-far is E[O^2] / (2 E[O]) =
+        output * (1 + cv^2) / 2 (renewal theory's mean residual life), not output / 2.
+        """
+        return self.prompt_tokens + self.output_tokens * (1.0 + self.output_tokens_cv ** 2) / 2
+
+    @property
+    def kv_tokens_per_sequence(self) -> int:
+        """Tokens of KV to plan per running sequence: a whole request (prompt + output), or the
+        length-biased mean context where outputs spread so much that it is larger (cv > 1)."""
+        return max(self.prompt_tokens + self.output_tokens, math.ceil(self.context_tokens))
 
     @property
     def bucket(self) -> str:

@@ -102,6 +102,7 @@ class VariantObservation(BaseModel):
     recent_requests: float = Field(0.0, ge=0, description="Requests finished in the shape window, summed.")
     recent_prompt_tokens: float = Field(0.0, ge=0, description="Their mean prompt length.")
     recent_output_tokens: float = Field(0.0, ge=0, description="Their mean output length.")
+    recent_output_tokens_sq: float = Field(0.0, ge=0, description="Their mean squared output length (the spread).")
     samples: list[LiveSample] = Field(default_factory=list, description="Per-replica live batch, context, tokens/s.")
 
 
@@ -314,7 +315,11 @@ def _live_shape(observations, cfg: PolicyConfig) -> Optional[WorkloadShape]:
         return None
     prompt = sum(o.recent_prompt_tokens * o.recent_requests for o in observations) / total
     output = sum(o.recent_output_tokens * o.recent_requests for o in observations) / total
-    return WorkloadShape(prompt_tokens=max(1, round(prompt)), output_tokens=max(2, round(output)))
+    square = sum(o.recent_output_tokens_sq * o.recent_requests for o in observations) / total
+    # the running batch is length-biased: long outputs hold more of it (WorkloadShape.context_tokens)
+    cv = math.sqrt(max(0.0, square / output**2 - 1.0)) if output > 0 and square > 0 else 0.0
+    return WorkloadShape(prompt_tokens=max(1, round(prompt)), output_tokens=max(2, round(output)),
+                         output_tokens_cv=round(min(cv, 10.0), 3))
 
 
 def _evaluate(inp: ModelPolicyInput, shape: Optional[WorkloadShape]) -> Optional[ShapeEvaluation]:

@@ -358,7 +358,8 @@ def observe(ctx) -> VariantObservation:
         tokens_per_s=sum(per_replica("tokens_per_s").values()),
         kv_usage=(sum(kv.values()) / len(kv)) if kv else 0.0,
         recent_requests=total_done, recent_prompt_tokens=weighted("recent_prompt_tokens"),
-        recent_output_tokens=weighted("recent_output_tokens"), samples=live_samples(metrics),
+        recent_output_tokens=weighted("recent_output_tokens"),
+        recent_output_tokens_sq=weighted("recent_output_tokens_sq"), samples=live_samples(metrics),
     )
 
 

@@ -227,7 +227,12 @@ def _predict(ns: argparse.Namespace) -> int:
     if ns.replicas is not None and ns.replicas < 1:
         raise CliError(f"--replicas {ns.replicas}: give 1 or more")
     mem = _predicted_model(ns, dev.kind)
-    shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens)
+    try:
+        shape = WorkloadShape(prompt_tokens=ns.prompt_tokens, output_tokens=ns.output_tokens,
+                              output_tokens_cv=ns.output_cv)
+    except ValueError:
+        raise CliError(f"--output-cv {ns.output_cv}: give the output lengths' standard deviation over their mean, "
+                       f"0 to 10 (0: every request generates --output-tokens)") from None
     try:
         out = predict(ns.model, mem, ns.device, dev, eng, shape, **({"batches": batches} if batches else {}),
                       replicas=ns.replicas)
@@ -415,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", required=True, help="a device of advisor/perf_constants.json: h100-sxm, h100-pcie, "
                       "h200, a100-40gb, a100-80gb, l4, l40s, cpu (this machine, bandwidth measured now)")
     pred.add_argument("--prompt-tokens", type=int, default=128)
-    pred.add_argument("--output-tokens", type=int, default=64)
+    pred.add_argument("--output-tokens", type=int, default=64, help="mean generated tokens per request")
+    pred.add_argument("--output-cv", type=float, default=0.0,
+                      help="spread of the output lengths, standard deviation over mean (default 0: all alike; "
+                      "chat traffic such as ShareGPT ~1.2): long requests fill the running batch, raising its KV reads")
     pred.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,2,4,...,512)")
     pred.add_argument("--replicas", type=int, default=None, help="also predict N engines at once on the device")
     pred.add_argument("--dtype", default="auto")

@@ -48,6 +48,7 @@ _GAUGES = {
     "recent_requests": "Requests finished in the last 60 s.",
     "recent_prompt_tokens": "Mean prompt tokens of requests finished in the last 60 s.",
     "recent_output_tokens": "Mean generated tokens of requests finished in the last 60 s.",
+    "recent_output_tokens_sq": "Mean squared generated tokens of requests finished in the last 60 s (length spread).",
     "decode_steps": "Engine steps that only decoded (10 s window).",
     "decode_batch": "Mean sequences per decode-only engine step (10 s window).",
     "decode_step_ms": "Mean duration of a decode-only engine step, ms (10 s window).",

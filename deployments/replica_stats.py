@@ -35,6 +35,8 @@ class ReplicaStatsSnapshot(BaseModel):
     recent_requests: float = Field(0.0, description="Requests finished within the shape window.")
     recent_prompt_tokens: float = Field(0.0, description="Mean prompt tokens of those requests (0 if none).")
     recent_output_tokens: float = Field(0.0, description="Mean generated tokens of those requests (0 if none).")
+    recent_output_tokens_sq: float = Field(0.0, description="Mean of their generated tokens squared (0 if none): the "
+                                                            "spread of the output lengths, cv^2 = this / mean^2 - 1.")
     decode_steps: float = Field(0.0, description="Engine steps within the rate window that only decoded.")
     decode_batch: float = Field(0.0, description="Mean sequences per such step (0 if none).")
     decode_step_ms: float = Field(0.0, description="Mean duration of such a step, engine core timestamps (0 if none).")
@@ -112,6 +114,7 @@ class ReplicaStats:
                 recent_requests=done,
                 recent_prompt_tokens=sum(p for _, p, _ in self._finished) / done if done else 0.0,
                 recent_output_tokens=sum(o for _, _, o in self._finished) / done if done else 0.0,
+                recent_output_tokens_sq=sum(o * o for _, _, o in self._finished) / done if done else 0.0,
                 decode_steps=steps,
                 decode_batch=sum(n for _, n, _ in self._decode) / steps if steps else 0.0,
                 decode_step_ms=1000.0 * sum(t for _, _, t in self._decode) / steps if steps else 0.0,

@@ -34,11 +34,13 @@ DEVICES = [DeviceCapacity(name=f"gpu{i}", memory_bytes=4 * GiB) for i in range(2
 def test_observe_sums_rates_and_weights_the_shape_by_finished_requests():
     metrics = {"tokens_per_s": {"r1": 100.0, "r2": 50.0}, "kv_usage": {"r1": 0.5, "r2": 0.1},
                "recent_requests": {"r1": 3.0, "r2": 1.0}, "recent_prompt_tokens": {"r1": 100.0, "r2": 1500.0},
-               "recent_output_tokens": {"r1": 16.0, "r2": 16.0}}
+               "recent_output_tokens": {"r1": 16.0, "r2": 16.0},
+               "recent_output_tokens_sq": {"r1": 256.0, "r2": 512.0}}
     o = observe(context("LLM:alpha@n2", None, running=2, target=3, requests=7.0, metrics=metrics))
     assert (o.running, o.target, o.requests, o.tokens_per_s) == (2, 3, 7.0, 150.0)
     assert o.kv_usage == 0.3 and o.recent_requests == 4.0
     assert o.recent_prompt_tokens == (3 * 100 + 1500) / 4 and o.recent_output_tokens == 16.0
+    assert o.recent_output_tokens_sq == (3 * 256 + 512) / 4
 
 
 def test_observe_takes_live_samples_from_replicas_keyed_as_serve_keys_them():

@@ -8,7 +8,8 @@ import pytest
 from advisor.memory import memory_model
 from advisor.perfmodel import (
     CalibrationFile, DeviceFigures, EngineConstants, MeasuredPoint, PerfModelError, aggregate_tokens_per_s,
-    fit_engine, fits, load_constants, plan_on_named_device, predict, predicted_profile, step,
+    fit_engine, fit_output_cv, fits, load_constants, measured_points, plan_on_named_device, predict,
+    predicted_profile, step,
 )
 from advisor.plateau import PlateauRules, find_knee
 from advisor.planner import DeviceSpec, PlannerConfig, evaluate_shape
@@ -166,6 +167,42 @@ def test_fit_separates_kv_efficiency_with_two_contexts(opt13):
     assert got.t_seq_s == pytest.approx(20e-6, rel=1e-2)
 
 
+def test_a_running_batch_of_mixed_lengths_holds_more_context_than_the_mean_lengths_say():
+    # fixed lengths: a sequence is on average half-way through its output
+    assert SHAPE.context_tokens == 128 + 64 / 2
+    # outputs of 32 and 96 tokens (mean 64, cv 0.5): the long ones are in the batch three times as long,
+    # so the batch's mean output-so-far is (32*16 + 96*48) / 128 = 40, not 32
+    spread = SHAPE.model_copy(update={"output_tokens_cv": 0.5})
+    assert spread.context_tokens == pytest.approx(128 + 40)
+    assert spread.bucket == SHAPE.bucket  # profiles are stored by mean lengths only
+
+
+def test_length_spread_lowers_kv_bound_throughput_only(opt13):
+    dev, eng = gpu(), engine()
+    chat = SHAPE.model_copy(update={"output_tokens_cv": 1.3})
+    assert step(opt13, dev, eng, 1, chat).tokens_per_s == pytest.approx(step(opt13, dev, eng, 1, SHAPE).tokens_per_s,
+                                                                          rel=0.01)
+    assert step(opt13, dev, eng, 256, chat).tokens_per_s < 0.9 * step(opt13, dev, eng, 256, SHAPE).tokens_per_s
+
+
+def test_fit_output_cv_recovers_a_workloads_length_spread(opt13):
+    dev, eng = gpu(), engine(t_seq_s=20e-6)
+    truth = SHAPE.model_copy(update={"output_tokens_cv": 1.2})
+    pts = [MeasuredPoint(batch=p.batch, shape=SHAPE, tokens_per_s=p.tokens_per_s)  # measured: only the means known
+           for p in synthetic(opt13, dev, eng, (1, 32, 128, 256), [truth])]
+    assert fit_output_cv(pts, opt13, dev, eng) == pytest.approx(1.2, rel=1e-3)
+    fixed = synthetic(opt13, dev, eng, (1, 32, 128, 256), [SHAPE])
+    assert fit_output_cv(fixed, opt13, dev, eng) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_measured_points_keep_a_profiles_contexts_whatever_its_length_spread(opt13):
+    shape = WorkloadShape(prompt_tokens=100, output_tokens=60, output_tokens_cv=1.0)
+    profile = make_profile(shape=shape)
+    pts = measured_points(profile)
+    assert [p.shape.context_tokens for p in pts] == pytest.approx(
+        [round(q.context_tokens) for q in profile.points + profile.fit_points], abs=1.0)
+
+
 def test_fit_clamps_negative_costs_to_zero(opt13):
     dev = gpu()
     truth = engine(t_fixed_s=0.0, t_seq_s=0.0)
@@ -286,6 +323,18 @@ def test_cli_predict_prints_the_issue_fields(capsys, tmp_path):
     assert [p["batch"] for p in doc["points"]] == [1, 16, 64, 256]
     assert {"batch", "tokens_per_s", "tpot_ms", "bound"} <= set(doc["points"][0])
     assert doc["replicas"] == 2 and doc["replication_gain"] is not None and doc["b_star"] in (1, 16, 64, 256)
+
+
+def test_cli_predict_takes_the_output_length_spread(capsys, tmp_path):
+    args = ("predict", str(CONFIGS / "opt-1.3b"), "--device", "h100-sxm", "--batches", "256", "--store", str(tmp_path))
+    rc, out, _ = run_cli(capsys, *args)
+    rc2, out2, _ = run_cli(capsys, *args, "--output-cv", "1.3")
+    assert rc == rc2 == 0
+    fixed, chat = json.loads(out), json.loads(out2)
+    assert fixed["shape"]["output_tokens_cv"] == 0.0 and chat["shape"]["output_tokens_cv"] == 1.3
+    assert chat["points"][0]["tokens_per_s"] < fixed["points"][0]["tokens_per_s"]  # more KV read per step
+    rc, _, err = run_cli(capsys, *args, "--output-cv", "-1")
+    assert rc == 2 and "--output-cv" in err
 
 
 def test_cli_predict_uses_a_stored_recalibration(capsys, tmp_path):

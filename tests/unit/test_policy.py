@@ -3,6 +3,7 @@
 import pytest
 
 from advisor.planner import DeviceSpec
+from advisor.profiler import WorkloadShape
 from cluster.packing import DeviceCapacity
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, VariantObservation,
                             VariantSpec, decide)
@@ -223,6 +224,32 @@ def test_a_shape_that_flips_back_before_the_sustain_window_changes_nothing():
         out, st = run(float(t), st, view(inp, n1=obs(), n2=obs(running=1, requests=5, prompt=prompt)))
         assert not out.new_decisions
     assert st.models["alpha"].repack is None
+
+
+def test_the_live_shape_carries_the_spread_of_output_lengths_pooled_over_variants():
+    from cluster.policy import _live_shape
+
+    # variant 1: 30 requests of 64 tokens; variant 2: 10 requests, half of 16 and half of 208 tokens
+    fixed = obs(running=1, done=30)
+    mixed = obs(running=1, done=10).model_copy(update={"recent_output_tokens": 112.0,
+                                                       "recent_output_tokens_sq": (16**2 + 208**2) / 2})
+    fixed = fixed.model_copy(update={"recent_output_tokens_sq": 64.0**2})
+    shape = _live_shape([fixed, mixed], PolicyConfig())
+    mean, square = (30 * 64 + 10 * 112) / 40, (30 * 64**2 + 10 * (16**2 + 208**2) / 2) / 40
+    assert shape.output_tokens == round(mean)
+    assert shape.output_tokens_cv == pytest.approx((square / mean**2 - 1) ** 0.5, abs=1e-3)
+    # replicas that report no squares (all alike, or an older replica): no spread
+    assert _live_shape([obs(running=1, done=30)], PolicyConfig()).output_tokens_cv == 0.0
+
+
+def test_a_wide_spread_of_output_lengths_plans_more_kv_per_sequence():
+    from advisor.planner import evaluate_shape
+
+    fixed = WorkloadShape(prompt_tokens=100, output_tokens=64)
+    chat = fixed.model_copy(update={"output_tokens_cv": 1.5})  # mean context 100 + 64 * 3.25 / 2 = 204 > 164
+    assert (fixed.kv_tokens_per_sequence, chat.kv_tokens_per_sequence) == (164, 204)
+    assert fixed.model_copy(update={"output_tokens_cv": 0.9}).kv_tokens_per_sequence == 164  # a whole request is more
+    assert evaluate_shape(PROFILE, DEVICE, chat).context_tokens == 204
 
 
 def test_too_few_finished_requests_is_no_shape_and_no_repack():

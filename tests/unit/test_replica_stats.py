@@ -45,6 +45,7 @@ def test_live_shape_is_the_mean_of_requests_finished_in_the_shape_window():
     assert snap.recent_requests == 2
     assert snap.recent_prompt_tokens == pytest.approx(800.0)
     assert snap.recent_output_tokens == pytest.approx(62.0)
+    assert snap.recent_output_tokens_sq == pytest.approx((60**2 + 64**2) / 2)  # the spread of the outputs
     later = s.snapshot(30.0)  # the short request left the 20 s window
     assert (later.recent_requests, later.recent_prompt_tokens, later.recent_output_tokens) == (1, 1500.0, 64.0)
     assert s.snapshot(60.0).recent_requests == 0 and s.snapshot(60.0).recent_prompt_tokens == 0.0
