@@ -139,10 +139,14 @@ def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[Workloa
     kv = kv_pool_bytes(profile.kv_bytes_per_token, block, b_star, context, cfg.kv_headroom, cfg.max_model_len)
     per_replica = profile.weight_bytes + profile.overhead_bytes + kv
     usable = int(device.memory_bytes * cfg.device_memory_fraction)
+    if shape.output_tokens_cv == 0:
+        sized = f"+{cfg.kv_headroom:.0%} headroom, so the planned batch never preempts"
+    else:
+        sized = (f"+{cfg.kv_headroom:.0%} headroom; outputs spread (cv {shape.output_tokens_cv:.2f}): a batch of "
+                 f"mostly long requests can still preempt")
     reasons.append(
         f"memory per replica {_gib(per_replica)}: weights {_gib(profile.weight_bytes)} + engine overhead "
-        f"{_gib(profile.overhead_bytes)} + KV {_gib(kv)} ({b_star} sequences x {context} tokens, "
-        f"+{cfg.kv_headroom:.0%} headroom, so the planned batch never preempts)"
+        f"{_gib(profile.overhead_bytes)} + KV {_gib(kv)} ({b_star} sequences x {context} tokens, {sized})"
     )
     if kv == kv_pool_floor_bytes(profile.kv_bytes_per_token, block, cfg.max_model_len) and \
             kv > kv_pool_bytes(profile.kv_bytes_per_token, block, b_star, context, cfg.kv_headroom):
@@ -196,7 +200,7 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
 
 
 def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple[int, float]:
-    if shape.bucket == profile.shape.bucket:
+    if shape.bucket == profile.shape.bucket and shape.output_tokens_cv == profile.shape.output_tokens_cv:
         reasons.append(f"measured knee: {profile.knee.reason}")
         return profile.knee.b_star, profile.knee.tokens_per_s_at_b_star
     m = profile.step_model
@@ -210,7 +214,7 @@ def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple
         b = 2 * largest
         t = max(p.tokens_per_s for p in profile.points)
         reasons.append(
-            f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}, and the fitted cost per "
+            f"workload {_workload(shape)} differs from the profiled {_workload(profile.shape)}, and the fitted cost per "
             f"sequence b + c*ctx = {per_seq:.4f} ms is <= 0 ({fit}): throughput does not flatten within the "
             f"measured batches, so B*={b} (2x the largest measured batch) at the best measured {t:.0f} tok/s; "
             f"profile this workload (plateau profile --prompt-tokens/--output-tokens) for a measured knee"
@@ -222,10 +226,14 @@ def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple
     t = m.tokens_per_s(b, shape.context_tokens) if m.step_ms(b, shape.context_tokens) > 0 else \
         max(p.tokens_per_s for p in profile.points)
     reasons.append(
-        f"workload {shape.bucket} differs from the profiled {profile.shape.bucket}: B*={b} predicted by the "
+        f"workload {_workload(shape)} differs from the profiled {_workload(profile.shape)}: B*={b} predicted by the "
         f"{fit} ({t:.0f} tok/s)"
     )
     return b, t
+
+
+def _workload(shape: WorkloadShape) -> str:
+    return shape.bucket + (f" (output spread cv {shape.output_tokens_cv:.2f})" if shape.output_tokens_cv else "")
 
 
 def _aggregate_model(profile: Profile, device: DeviceSpec, t_star: float, reasons: list[str]):

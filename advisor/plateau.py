@@ -22,7 +22,8 @@ class ProfilePoint(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     batch: int = Field(ge=1, description="Concurrent requests (B).")
-    context_tokens: float = Field(description="Mean tokens per sequence during decode (prompt + half the output).")
+    context_tokens: float = Field(description="Mean tokens per sequence during decode (prompt + half the output; "
+                                              "a predicted point of mixed lengths: WorkloadShape.context_tokens).")
     tokens_per_s: float = Field(description="Decode tokens per second, all sequences together (sum of 1/TPOT).")
     e2e_tokens_per_s: Optional[float] = Field(None, description="Output tokens / wall time, prefill included.")
     tpot_p50_ms: float = Field(description="Median time per output token.")

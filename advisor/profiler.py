@@ -295,6 +295,9 @@ def build_profile(
     probe: Optional[LoadProbe] = None, quiet: Optional[QuietWait] = None,
 ) -> Profile:
     """Sweep, knee, fit points and step-time fit: everything `plateau profile` reports."""
+    if shape.output_tokens_cv:
+        raise ValueError(f"output_tokens_cv {shape.output_tokens_cv}: a profile sends requests of exactly "
+                         f"{shape.output_tokens} output tokens; profile with 0 (the planner predicts other spreads)")
     t0 = clock()
     points = sweep(runner, shape, rules, cfg, sampler, progress, probe)
     knee = find_knee(points, rules)

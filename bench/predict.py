@@ -13,12 +13,16 @@ the other rows.
 GPU (the BCA paper, "Mind the Memory Gap", H100 64 GB, vLLM V0): its ShareGPT curves (~111 prompt /
 ~292 output tokens, total tokens/s), its replication results, and the fixed-length sweeps its
 repository commits (prompt 242-250, outputs exactly 130/260/390/520, batch 1-512). Everything is
-fitted on OPT-1.3B; OPT-2.7B, Llama-2-7B and the replication gains are predicted. Four calibrations:
+fitted on OPT-1.3B; OPT-2.7B, Llama-2-7B and the replication gains are predicted. Five calibrations:
   single_engine_curves (shipped as `vllm-gpu` in advisor/perf_constants.json): OPT-1.3B's
       fixed-length curves fit t_fixed and t_seq (bandwidth efficiencies at their 0.8 prior), then
       its ShareGPT curve fits ShareGPT's output-length spread (WorkloadShape.output_tokens_cv);
-      no replication result is used.
+      no replication result is used. The fitted spread is an effective one: the paper's engine
+      metrics put less context in a running ShareGPT batch than it implies (BCA_SHAREGPT_KV_TOKENS),
+      so it also stands for what mixed lengths cost beyond context (e.g. more, smaller prefills).
   single_engine_curves_kv_fitted: the same with the KV-read efficiency fitted too.
+  single_engine_curves_measured_context: the shipped constants with ShareGPT's spread from the
+      paper's measured KV per running sequence instead of fitted.
   sharegpt_curve_only: the ShareGPT curve alone, its mean lengths taken as fixed.
   sharegpt_curve_plus_one_replication: that curve plus OPT-1.3B 2 x 256 (+33.7%), which fits the
       KV-read efficiency (shipped until 2026-12-03).
@@ -117,6 +121,19 @@ CPU_PRIORS = EngineConstants(
     overhead_bytes=int(1.49 * 2**30), overlap_memory_and_compute=False,
     source="priors: the measured copy bandwidth is reached; t_seq 0 (per-sequence cost is compute)",
 )
+# KV tokens per running sequence in the paper's ShareGPT runs, from its engine metrics
+# (benchmarks/definitive_results/background/<model>/_<B>_/: gpu_cache_usage_perc x num_gpu_blocks x 16 /
+# num_requests_running, mean over the samples with requests waiting), at max_num_seqs 64 / 128 / 256.
+# Each sequence's last block is half empty on average: its context is about 8 tokens less.
+BCA_SHAREGPT_KV_TOKENS = {"opt-1.3b": (389, 387, 379), "opt-2.7b": (390, 383, 374), "llama-2-7b": (367, 364, 354)}
+BLOCK_ROUNDING_TOKENS = 8
+
+
+def cv_for_context(shape: WorkloadShape, context_tokens: float) -> float:
+    """The output-length spread whose length-biased mean context is `context_tokens`."""
+    return max(0.0, 2 * (context_tokens - shape.prompt_tokens) / shape.output_tokens - 1) ** 0.5
+
+
 TARGET_CPU = 0.20
 TARGET_GPU = 0.25
 TARGET_GAIN_PP = 0.10
@@ -226,7 +243,7 @@ def fixed_points(model: str, mem, dev) -> list[MeasuredPoint]:
 
 
 def gpu_calibrations(mems, dev) -> dict[str, GpuFit]:
-    """Four calibrations on OPT-1.3B: the first is the shipped `vllm-gpu`."""
+    """The calibrations on OPT-1.3B: the first is the shipped `vllm-gpu`."""
     sharegpt = [MeasuredPoint(batch=b, shape=SHAREGPT, tokens_per_s=t / TOTAL_PER_OUTPUT) for b, t in BCA_CURVES["opt-1.3b"]]
     fixed = fixed_points("opt-1.3b", mems["opt-1.3b"], dev)
     m13 = mems["opt-1.3b"]
@@ -241,6 +258,11 @@ def gpu_calibrations(mems, dev) -> dict[str, GpuFit]:
             + ", flops_efficiency 0.5 and overhead 1.5 GiB are priors. No replication result was used"))
         out[label] = GpuFit(eng, fit_output_cv(sharegpt, m13, dev, eng), uses_fixed=True, uses_sharegpt=True,
                             replication_point=False)
+    # the shipped constants with ShareGPT's spread from the paper's measured KV per sequence instead of fitted
+    measured = sum(BCA_SHAREGPT_KV_TOKENS["opt-1.3b"]) / 3 - BLOCK_ROUNDING_TOKENS
+    out["single_engine_curves_measured_context"] = GpuFit(out["single_engine_curves"].engine,
+                                                          cv_for_context(SHAREGPT, measured), uses_fixed=True,
+                                                          uses_sharegpt=False, replication_point=False)
     out["sharegpt_curve_only"] = GpuFit(
         fit_engine(sharegpt, m13, dev, GPU_PRIORS, free=("t_fixed_s", "t_seq_s"),
                    source="BCA OPT-1.3B ShareGPT curve, its mean lengths as if fixed; bandwidth efficiencies 0.8 (prior)"),
@@ -286,6 +308,7 @@ def bca_part(constants) -> dict:
         for model, r, bb, g in BCA_REPLICATION:
             m = mems[model]
             # The best single engine over the paper's sweep, among batches whose KV fits the device.
+            # (the KV check with ShareGPT's mean lengths as the paper's engines saw them: whole requests)
             single = max(step(m, dev, eng, x, sharegpt).tokens_per_s for x in BCA_SWEEP
                          if fits(m, dev, eng, x, SHAREGPT, cfg=BCA_MEMORY))
             agg = aggregate_tokens_per_s(m, dev, eng, bb, sharegpt, r)

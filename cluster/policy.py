@@ -44,6 +44,8 @@ class PolicyConfig(BaseModel):
     repack_sustain_s: float = Field(20.0, ge=0, description="The better variant must stay better this long.")
     repack_cooldown_s: float = Field(120.0, ge=0, description="No new re-pack this soon after the last one ended.")
     shape_min_requests: int = Field(8, ge=1, description="Finished requests needed to trust the live shape.")
+    spread_min_requests: int = Field(32, ge=2, description="Finished requests needed to trust the spread of their "
+                                     "output lengths (fewer: the shape's lengths are taken as all alike).")
     drain_grace_s: float = Field(3.0, ge=0, description="Wait after the old variant stops taking requests.")
     drain_timeout_s: float = Field(120.0, gt=0, description="Scale the old variant down even if requests linger.")
     warm_timeout_s: float = Field(900.0, gt=0, description="Abort a re-pack whose new replicas never come up.")
@@ -317,7 +319,9 @@ def _live_shape(observations, cfg: PolicyConfig) -> Optional[WorkloadShape]:
     output = sum(o.recent_output_tokens * o.recent_requests for o in observations) / total
     square = sum(o.recent_output_tokens_sq * o.recent_requests for o in observations) / total
     # the running batch is length-biased: long outputs hold more of it (WorkloadShape.context_tokens)
-    cv = math.sqrt(max(0.0, square / output**2 - 1.0)) if output > 0 and square > 0 else 0.0
+    cv = 0.0
+    if total >= cfg.spread_min_requests and output > 0 and square > 0:
+        cv = math.sqrt(max(0.0, square / output**2 - 1.0))
     return WorkloadShape(prompt_tokens=max(1, round(prompt)), output_tokens=max(2, round(output)),
                          output_tokens_cv=round(min(cv, 10.0), 3))
 

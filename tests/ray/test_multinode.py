@@ -1,4 +1,4 @@
-"""Two Ray nodes of different device types on this one machine, one model served on both.
+"""Two Ray nodes of different device types on this one machine, two models: one served on both.
 
 The head declares one logical GPU of type `small` (4 GiB: the node's memory), a worker node one
 of type `large` (8 GiB) and a PLATEAU_HOME of its own with no model folder in it, as if it were
@@ -6,9 +6,11 @@ another machine. The app (`serve run`, the shipped model as `m` with `device_typ
 large]`, `profile_store` the suite's store, which both nodes can read) must plan the model for
 each type's memory from the one stored profile, start each type's replica on a node of that type,
 serve from both behind the one name (the worker node provisions the embedded model for its
-replica itself), an Advisor that was killed and restarted must plan again from the shared
+replica itself), pack a second model (`m2`, pinned to `large`) next to it on the large node's
+device and serve it there, an Advisor that was killed and restarted must plan again from the shared
 store without profiling, and a third node that joins the running cluster must be among the devices
-the autoscaling policy grows onto (no redeploy). Two engines.
+the autoscaling policy grows onto (no redeploy). Three engines (`m2` has the same weights as `m`: to
+Serve, the packer and the policy it is another model; a second set of weights would only add disk).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ TYPES = {"small": 4 * GiB, "large": 8 * GiB}  # logical GPU memory per type: the
 def _config(path: Path, port: int, store: Path) -> Path:
     doc = shipped_config_doc(port)
     args = doc["applications"][0]["args"]
-    # one replica per type (min = max = 1) whatever N each type's plan picks: two engines in all
-    args["models"] = [shipped_model_args(name="m", device_types=list(TYPES), min_replicas=1, max_replicas=1)]
+    # one replica per type (min = max = 1) whatever N each type's plan picks, and one of m2: three engines in all
+    args["models"] = [shipped_model_args(name="m", device_types=list(TYPES), min_replicas=1, max_replicas=1),
+                      # the large type's plan packs two replicas per device: m's and m2's share it
+                      shipped_model_args(name="m2", device_type="large", min_replicas=1, max_replicas=1)]
     args["profile_store"] = str(store)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -71,14 +75,15 @@ def app(shipped_profile, suite_home, tmp_path_factory):
             except httpx.HTTPError:
                 return False
 
-        def both_running() -> bool:  # the first type's replica answers while the other's engine may still start
+        def all_running() -> bool:  # the first type's replica answers while the other engines may still start
             if not answers("m"):
                 return False
             models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
-            return [(m["id"], m["replicas"]) for m in models] == [("m", 2)]  # one name, a replica per type
+            # m: one name, a replica per type; m2: one replica
+            return sorted((m["id"], m["replicas"]) for m in models) == [("m", 2), ("m2", 1)]
 
-        wait_until(both_running, 900, "model m to answer with a running replica of each type", every_s=3,
-                   detail=lambda: log.read_text()[-3000:])
+        wait_until(all_running, 900, "model m to answer with a running replica of each type, and m2 with one",
+                   every_s=3, detail=lambda: log.read_text()[-3000:])
         yield cluster, base, other_home, suite_home / "profiles"
 
 
@@ -113,6 +118,10 @@ def test_the_model_is_planned_for_each_types_memory_and_runs_on_a_node_of_each_t
     where = {t: next(dev for dev, items in placement["packing"]["placement"].items()
                      if any(i["model"] == deployments[t] for i in items)) for t in TYPES}
     assert where == {t: by_type[t]["name"] for t in TYPES}  # each type's variant placed on a device of that type
+    # the second model is packed onto the large device next to m's replica there
+    m2 = [(dev, i["model"]) for dev, items in placement["packing"]["placement"].items() for i in items
+          if i["model"].startswith("LLM:m2@n")]
+    assert [dev for dev, _ in m2] == [by_type["large"]["name"]], placement["packing"]
 
     # each plan is the planner's for that type's memory, from the one stored profile
     from advisor.planner import DeviceSpec, PlannerConfig, plan_replicas
@@ -134,7 +143,8 @@ def test_the_model_is_planned_for_each_types_memory_and_runs_on_a_node_of_each_t
 
     # Ray put each replica on a node of its type (Ray's accelerator_type option)
     nodes = _replica_nodes(cluster.address)
-    assert nodes == {deployments[t]: {by_type[t]["node_id"]} for t in TYPES}
+    assert nodes == {**{deployments[t]: {by_type[t]["node_id"]} for t in TYPES}, m2[0][1]: {by_type["large"]["node_id"]}}
+    assert m2[0][1] == f"LLM:m2@n{expected['large']}"  # planned as m is on that type
     text = _plateau("status", "--address", cluster.address)
     assert "device type small:" in text.stdout and "device type large:" in text.stdout
     # the worker node had no model folder: it provisioned the embedded model itself (no shared model path)
@@ -165,11 +175,15 @@ def test_the_model_serves_text_by_its_one_name_from_the_replicas_of_both_types(a
         "model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
+    r = httpx.post(f"{base}/v1/completions", timeout=120, json={"model": "m2", "prompt": "The capital of France is",
+                                                                 "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["model"] == "m2" and r.json()["usage"]["completion_tokens"] == 4, r.text
 
     # the ingress spreads concurrent requests for `m` over both types' variants by free capacity: with
     # batches a and b, the first |a - b| go to the larger one, then they alternate
     status = json.loads(_plateau("status", "--address", cluster.address, "--json").stdout)["plateau"]
-    caps = {r["deployment"]: r["max_num_seqs"] for rs in status["routes"].values() for r in rs if r["running"]}
+    caps = {r["deployment"]: r["max_num_seqs"] for rs in status["routes"].values() for r in rs
+            if r["running"] and r["deployment"].startswith("LLM:m_")}
     assert sorted(d.split("@")[0] for d in caps) == ["LLM:m_large", "LLM:m_small"], caps
     sent = min(sum(caps.values()), abs(max(caps.values()) - min(caps.values())) + 8)
     before = _finished_requests(cluster.address, list(caps))

@@ -174,7 +174,20 @@ def test_a_running_batch_of_mixed_lengths_holds_more_context_than_the_mean_lengt
     # so the batch's mean output-so-far is (32*16 + 96*48) / 128 = 40, not 32
     spread = SHAPE.model_copy(update={"output_tokens_cv": 0.5})
     assert spread.context_tokens == pytest.approx(128 + 40)
-    assert spread.bucket == SHAPE.bucket  # profiles are stored by mean lengths only
+
+
+def test_a_profile_is_measured_with_outputs_all_alike():
+    with pytest.raises(ValueError, match="output_tokens_cv 0.5: a profile sends requests of exactly 64"):
+        make_profile(shape=SHAPE.model_copy(update={"output_tokens_cv": 0.5}))
+
+
+def test_the_kv_check_plans_the_length_biased_context_past_cv_1(llama7):
+    dev, eng = gpu(memory_bytes=40 * GIB), engine()
+    long = WorkloadShape(prompt_tokens=512, output_tokens=1024)
+    biggest = max(b for b in range(1, 1024) if fits(llama7, dev, eng, b, long))
+    spread = long.model_copy(update={"output_tokens_cv": 1.5})  # 512 + 1024 * 3.25 / 2 = 2176 > 1536 tokens
+    assert max(b for b in range(1, 1024) if fits(llama7, dev, eng, b, spread)) < biggest
+    assert fits(llama7, dev, eng, biggest, long.model_copy(update={"output_tokens_cv": 0.9}))  # a whole request is more
 
 
 def test_length_spread_lowers_kv_bound_throughput_only(opt13):
@@ -196,8 +209,8 @@ def test_fit_output_cv_recovers_a_workloads_length_spread(opt13):
 
 
 def test_measured_points_keep_a_profiles_contexts_whatever_its_length_spread(opt13):
-    shape = WorkloadShape(prompt_tokens=100, output_tokens=60, output_tokens_cv=1.0)
-    profile = make_profile(shape=shape)
+    fixed = make_profile(shape=WorkloadShape(prompt_tokens=100, output_tokens=60))
+    profile = fixed.model_copy(update={"shape": fixed.shape.model_copy(update={"output_tokens_cv": 1.0})})
     pts = measured_points(profile)
     assert [p.shape.context_tokens for p in pts] == pytest.approx(
         [round(q.context_tokens) for q in profile.points + profile.fit_points], abs=1.0)

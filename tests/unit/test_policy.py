@@ -240,6 +240,11 @@ def test_the_live_shape_carries_the_spread_of_output_lengths_pooled_over_variant
     assert shape.output_tokens_cv == pytest.approx((square / mean**2 - 1) ** 0.5, abs=1e-3)
     # replicas that report no squares (all alike, or an older replica): no spread
     assert _live_shape([obs(running=1, done=30)], PolicyConfig()).output_tokens_cv == 0.0
+    # a spread needs more finished requests than the means do
+    few = mixed.model_copy(update={"recent_requests": 10})
+    assert _live_shape([few], PolicyConfig()).output_tokens == 112
+    assert _live_shape([few], PolicyConfig()).output_tokens_cv == 0.0
+    assert _live_shape([few], PolicyConfig(spread_min_requests=10)).output_tokens_cv > 0.5
 
 
 def test_a_wide_spread_of_output_lengths_plans_more_kv_per_sequence():
@@ -249,7 +254,13 @@ def test_a_wide_spread_of_output_lengths_plans_more_kv_per_sequence():
     chat = fixed.model_copy(update={"output_tokens_cv": 1.5})  # mean context 100 + 64 * 3.25 / 2 = 204 > 164
     assert (fixed.kv_tokens_per_sequence, chat.kv_tokens_per_sequence) == (164, 204)
     assert fixed.model_copy(update={"output_tokens_cv": 0.9}).kv_tokens_per_sequence == 164  # a whole request is more
-    assert evaluate_shape(PROFILE, DEVICE, chat).context_tokens == 204
+    ev = evaluate_shape(PROFILE, DEVICE, chat)
+    assert ev.context_tokens == 204
+    # the profile's own lengths, spread: B* comes from the step model at the larger context, not the measured knee
+    spread = PROFILE.shape.model_copy(update={"output_tokens_cv": 1.5})
+    reasons = evaluate_shape(PROFILE, DEVICE, spread).reasons
+    assert not reasons[0].startswith("measured knee") and "output spread cv 1.50" in reasons[0], reasons[0]
+    assert evaluate_shape(PROFILE, DEVICE, PROFILE.shape).reasons[0].startswith("measured knee")
 
 
 def test_too_few_finished_requests_is_no_shape_and_no_repack():
