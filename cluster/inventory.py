@@ -52,7 +52,7 @@ class NodeResources(BaseModel):
 class Device(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(description="<node address>/gpu<i> or <node address>/cpu (<address>#<node id prefix> where "
-                                  "several nodes share an address).")
+                                  "several nodes shared an address when the node was first read; a node keeps its name).")
     node_id: str
     node_address: str = Field("", description="The node's address (several nodes of one machine share it).")
     kind: Literal["cuda", "cpu"]
@@ -84,6 +84,10 @@ class Inventory(BaseModel):
     def capacities(self) -> list[DeviceCapacity]:
         return [d.capacity() for d in self.devices]
 
+    def hosts(self) -> dict[str, str]:
+        """Node id -> the prefix of its devices' names (what a later read keeps them as)."""
+        return {d.node_id: d.name.rsplit("/", 1)[0] for d in self.devices}
+
     @property
     def device_types(self) -> list[str]:
         return sorted({d.device_type for d in self.devices if d.device_type})
@@ -100,17 +104,27 @@ class Inventory(BaseModel):
 
 
 def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional[int] = None,
-                       use_gpus: bool = True) -> Inventory:
-    """GPU devices when the cluster has GPUs (and `use_gpus`), else one CPU device per node."""
+                       use_gpus: bool = True, hosts: Optional[dict[str, str]] = None) -> Inventory:
+    """GPU devices when the cluster has GPUs (and `use_gpus`), else one CPU device per node.
+
+    `hosts` (node id -> the prefix its device names got in an earlier read of this cluster) keeps
+    names stable: a node keeps its name when another one joins its address. It is updated in
+    place with the new nodes' prefixes, and forgets nodes that are gone."""
     devices: list[Device] = []
     has_gpus = use_gpus and any(n.gpus >= 1 for n in nodes)
+    hosts = {} if hosts is None else hosts
+    for gone in set(hosts) - {n.node_id for n in nodes}:
+        del hosts[gone]
     addresses = [n.address for n in nodes]
     prefixes = [n.node_id[:8] for n in nodes]
     for node in sorted(nodes, key=lambda n: (n.address, n.node_id)):
-        # several nodes of one machine share its address: their node ids keep the device names apart
-        # (the first 8 characters, or the whole id where those are shared, as by Ray's fake nodes' ids)
-        short = node.node_id[:8] if prefixes.count(node.node_id[:8]) == 1 else node.node_id
-        host = node.address if addresses.count(node.address) == 1 else f"{node.address}#{short}"
+        host = hosts.get(node.node_id)
+        if host is None:
+            # several nodes of one machine share its address: their node ids keep the device names apart
+            # (the first 8 characters, or the whole id where those are shared, as by Ray's fake nodes' ids)
+            short = node.node_id[:8] if prefixes.count(node.node_id[:8]) == 1 else node.node_id
+            alone = addresses.count(node.address) == 1 and node.address not in hosts.values()
+            host = hosts[node.node_id] = node.address if alone else f"{node.address}#{short}"
         if not has_gpus:
             devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, node_address=node.address, kind="cpu", model_name="CPU node",
                                   memory_bytes=node.memory_bytes, memory_source="node", cores=node.cpus,
@@ -227,6 +241,15 @@ def device_changes(before: list[str], now: list[str]) -> tuple[list[str], list[s
     return [n for n in now if n not in before], [n for n in before if n not in now]
 
 
+class NodeCache:
+    """What reads of one running cluster remember: each node's NVML readings (a node's GPUs do not
+    change: it is asked once) and its devices' name prefix (names stay when nodes join)."""
+
+    def __init__(self, hosts: Optional[dict[str, str]] = None):
+        self.readings: dict[str, list[GpuReading]] = {}
+        self.hosts: dict[str, str] = dict(hosts or {})
+
+
 class DeviceRead(BaseModel):
     """How the builder read the cluster's devices, so the autoscaling policy can read them again the
     same way (nodes join and leave a running cluster)."""
@@ -234,7 +257,11 @@ class DeviceRead(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     declared_gpu_memory: Optional[int] = Field(None, gt=0, description="config's device_memory, if set.")
     use_gpus: bool = Field(True, description="Replicas run on GPUs (else one CPU device per node).")
+    hosts: dict[str, str] = Field(default_factory=dict, description="Node id -> its devices' name prefix in the "
+                                                                    "builder's read (later reads keep the names).")
 
-    def inventory(self, known: Optional[dict[str, list[GpuReading]]] = None) -> Inventory:
-        """The devices now; `known` caches the nodes' NVML readings between reads (see `read_nodes`)."""
-        return devices_from_nodes(read_nodes(known=known), self.declared_gpu_memory, self.use_gpus)
+    def inventory(self, cache: Optional[NodeCache] = None) -> Inventory:
+        """The devices now; `cache` is kept between reads of a running cluster (see `NodeCache`, `read_nodes`)."""
+        nodes = read_nodes(known=cache.readings if cache is not None else None)
+        return devices_from_nodes(nodes, self.declared_gpu_memory, self.use_gpus,
+                                  hosts=cache.hosts if cache is not None else None)

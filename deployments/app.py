@@ -37,6 +37,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     read = DeviceRead(declared_gpu_memory=int(args.device_memory) if args.device_memory else None,
                       use_gpus=uses_gpus(args.device, cluster))
     inventory = inventory or read.inventory()
+    read = read.model_copy(update={"hosts": inventory.hosts()})  # the policy's later reads keep these names
     if not inventory.devices:
         raise AppConfigError("the Ray cluster has no alive nodes to place replicas on")
     # a model served on several device types is laid out once per type, keyed <name>@<type>

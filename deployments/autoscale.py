@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.refit import LiveSample
 from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
-from cluster.inventory import DeviceRead, GpuReading, device_changes
+from cluster.inventory import DeviceRead, NodeCache, device_changes
 from cluster.packing import DeviceCapacity
 from cluster.state_store import RayInternalKV, StateStore, policy_key
 from cluster.policy import (ModelPolicyInput, ModelView, PolicyConfig, PolicyContext, PolicyState, Route,
@@ -95,9 +95,10 @@ def request_resources(bundles: list[dict[str, float]]) -> None:
     ray_request_resources(bundles=bundles)
 
 
-def read_capacities(read: DeviceRead, known: dict[str, list[GpuReading]]) -> list[DeviceCapacity]:
-    """The cluster's devices now; `known` keeps each node's NVML readings, so a GPU node is asked once."""
-    return read.inventory(known).capacities()
+def read_capacities(read: DeviceRead, cache: NodeCache) -> list[DeviceCapacity]:
+    """The cluster's devices now; `cache` keeps each node's NVML readings (a GPU node is asked once)
+    and its devices' names (they stay when other nodes join)."""
+    return read.inventory(cache).capacities()
 
 
 class DeviceWatch:
@@ -142,7 +143,7 @@ class PlateauAutoscaler:
     def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
                  store: Optional[StateStore] = None, board=None,
                  ask: Callable[[list[dict[str, float]]], None] = request_resources,
-                 read_devices: Callable[[DeviceRead, dict[str, list[GpuReading]]], list[DeviceCapacity]]
+                 read_devices: Callable[[DeviceRead, NodeCache], list[DeviceCapacity]]
                  = read_capacities, watch_in_background: bool = True):
         """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
         policy state's home, default Ray's internal KV), `board` (default: the named status board),
@@ -244,8 +245,8 @@ class PlateauAutoscaler:
     def _new_watch(self, read: DeviceRead, every_s: float) -> DeviceWatch:
         """A watch that does not hold this policy object (its thread would keep it alive), stopped
         when the object is collected."""
-        fn, known = self._read_devices, {}
-        watch = DeviceWatch(lambda: fn(read, known), every_s)
+        fn, cache = self._read_devices, NodeCache(read.hosts)  # the builder's names to start from
+        watch = DeviceWatch(lambda: fn(read, cache), every_s)
         weakref.finalize(self, watch.stop)
         return watch.start() if self._watch_in_background else watch
 

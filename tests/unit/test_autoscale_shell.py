@@ -238,6 +238,18 @@ def test_on_a_fixed_cluster_growth_uses_a_device_that_joined_after_the_deploy(mo
     assert shell._board.published[-1][-1] == DEVICES  # `plateau status` shows the devices the policy grows onto
 
 
+def test_the_policys_reads_start_from_the_builders_device_names():
+    read = DeviceRead(use_gpus=True, hosts={"node-a": "10.0.0.1"})
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, device_read=read)
+    caches = []
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),
+                              read_devices=lambda r, cache: caches.append(cache) or DEVICES, watch_in_background=False)
+    shell({"v": context("LLM:alpha@n2", kw)})
+    shell._watch.poll()
+    shell._watch.poll()
+    assert caches[0] is caches[1] and caches[0].hosts == {"node-a": "10.0.0.1"}  # one cache for the watch's life
+
+
 def test_the_policy_uses_the_deploys_devices_until_a_reading_lands():
     kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1], device_read=READ)
     shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(),

@@ -81,6 +81,37 @@ def test_nodes_that_share_an_address_get_device_names_apart_by_node_id():
                                                                                       "10.0.0.1#bbbbbbbb/cpu"]
 
 
+def test_a_node_keeps_its_device_names_when_another_joins_its_address():
+    hosts = {}
+    first = [node("aaaaaaaa11", "10.0.0.1", gpus=1)]
+    assert [d.name for d in devices_from_nodes(first, declared_gpu_memory=GiB, hosts=hosts).devices] == ["10.0.0.1/gpu0"]
+    joined = first + [node("bbbbbbbb22", "10.0.0.1", gpus=1)]
+    names = [d.name for d in devices_from_nodes(joined, declared_gpu_memory=GiB, hosts=hosts).devices]
+    assert names == ["10.0.0.1/gpu0", "10.0.0.1#bbbbbbbb/gpu0"]  # the first keeps its name, the newcomer is told apart
+    # the first node leaves: it is forgotten, the second keeps its name; a node that comes back is new
+    assert [d.name for d in devices_from_nodes(joined[1:], declared_gpu_memory=GiB, hosts=hosts).devices] == \
+        ["10.0.0.1#bbbbbbbb/gpu0"]
+    assert hosts == {"bbbbbbbb22": "10.0.0.1#bbbbbbbb"}
+    assert [d.name for d in devices_from_nodes(joined, declared_gpu_memory=GiB, hosts=hosts).devices] == \
+        ["10.0.0.1#aaaaaaaa/gpu0", "10.0.0.1#bbbbbbbb/gpu0"]
+    # a read without memory names both by id, as before
+    assert [d.name for d in devices_from_nodes(joined, declared_gpu_memory=GiB).devices] == \
+        ["10.0.0.1#aaaaaaaa/gpu0", "10.0.0.1#bbbbbbbb/gpu0"]
+
+
+def test_the_builders_names_seed_the_policys_reads(monkeypatch):
+    from cluster import inventory as inv_mod
+    from cluster.inventory import DeviceRead, NodeCache
+
+    first = [node("aaaaaaaa11", "10.0.0.1", gpus=1)]
+    deployed = devices_from_nodes(first, declared_gpu_memory=GiB)
+    read = DeviceRead(declared_gpu_memory=GiB, hosts=deployed.hosts())
+    assert read.hosts == {"aaaaaaaa11": "10.0.0.1"}
+    monkeypatch.setattr(inv_mod, "read_nodes", lambda known=None: first + [node("bbbbbbbb22", "10.0.0.1", gpus=1)])
+    cache = NodeCache(read.hosts)
+    assert [d.name for d in read.inventory(cache).devices] == ["10.0.0.1/gpu0", "10.0.0.1#bbbbbbbb/gpu0"]
+
+
 def test_nodes_whose_ids_share_the_first_8_characters_are_named_by_their_whole_ids():
     # Ray's fake multi-node provider's ids: fff...f00000 (head), fff...f00001, ...
     ids = ["f" * 51 + "00000", "f" * 51 + "00001"]

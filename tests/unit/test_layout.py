@@ -225,9 +225,10 @@ def test_a_model_on_two_device_types_gets_a_layout_per_type_behind_one_served_na
     # each type's layout is its own: its replicas share its own device's memory (4 GiB against 32 GiB)
     small, large = (placement.packing.placement[d][0].memory_bytes for d in ("a/gpu0", "b/gpu0"))
     assert large == pytest.approx(8 * small, rel=1e-6)
-    # the policy reads the devices again as the builder did (GPUs, no declared memory)
+    # the policy reads the devices again as the builder did (GPUs, no declared memory), keeping its names
     kwargs = handles["m"]["LLM:m_small@n2"]._bound_deployment._deployment_config.autoscaling_config.policy.policy_kwargs
-    assert kwargs["plateau"]["device_read"] == {"declared_gpu_memory": None, "use_gpus": True}
+    assert kwargs["plateau"]["device_read"] == {"declared_gpu_memory": None, "use_gpus": True,
+                                                "hosts": {"a": "a", "b": "b"}}
 
 
 def test_device_types_are_checked():
