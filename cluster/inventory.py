@@ -123,7 +123,7 @@ def devices_from_nodes(nodes: list[NodeResources], declared_gpu_memory: Optional
             # several nodes of one machine share its address: their node ids keep the device names apart
             # (the first 8 characters, or the whole id where those are shared, as by Ray's fake nodes' ids)
             short = node.node_id[:8] if prefixes.count(node.node_id[:8]) == 1 else node.node_id
-            alone = addresses.count(node.address) == 1 and node.address not in hosts.values()
+            alone = addresses.count(node.address) == 1
             host = hosts[node.node_id] = node.address if alone else f"{node.address}#{short}"
         if not has_gpus:
             devices.append(Device(name=f"{host}/cpu", node_id=node.node_id, node_address=node.address, kind="cpu", model_name="CPU node",
