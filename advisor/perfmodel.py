@@ -210,7 +210,7 @@ class MeasuredPoint(BaseModel):
 
 
 EFFICIENCY_FLOOR = 1e-3  # the smallest efficiency a fit considers
-GOLDEN_SECTION_STEPS = 80  # shrinks the log-efficiency interval by 0.618^80: far below any measurement's noise
+GOLDEN_SECTION_STEPS = 80  # shrinks a search interval by 0.618^80: far below any measurement's noise
 FITTABLE = ("t_fixed_s", "t_seq_s", "flops_efficiency", "kv_bw_efficiency", "weight_bw_efficiency")
 
 
@@ -239,14 +239,8 @@ def fit_engine(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigures
     if not effs:
         _, best = solve(None)
     else:
-        lo, hi = math.log(EFFICIENCY_FLOOR), 0.0
-        for _ in range(GOLDEN_SECTION_STEPS):  # golden section on log(efficiency)
-            m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
-            if solve(math.exp(m1))[0] <= solve(math.exp(m2))[0]:
-                hi = m2
-            else:
-                lo = m1
-        _, best = solve(math.exp((lo + hi) / 2))
+        log_eff = _golden_section(lambda x: solve(math.exp(x))[0], math.log(EFFICIENCY_FLOOR), 0.0)
+        _, best = solve(math.exp(log_eff))
     return best.model_copy(update={"source": source or best.source})
 
 
@@ -262,10 +256,14 @@ def fit_output_cv(points: list[MeasuredPoint], mem: MemoryModel, dev: DeviceFigu
         with_cv = [p.model_copy(update={"shape": p.shape.model_copy(update={"output_tokens_cv": cv})}) for p in points]
         return _rel_error(with_cv, mem, dev, eng)
 
-    lo, hi = 0.0, upper
+    return _golden_section(error, 0.0, upper)
+
+
+def _golden_section(f: Callable[[float], float], lo: float, hi: float) -> float:
+    """The x in [lo, hi] where a unimodal `f` is smallest (GOLDEN_SECTION_STEPS narrowings)."""
     for _ in range(GOLDEN_SECTION_STEPS):
         m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
-        if error(m1) <= error(m2):
+        if f(m1) <= f(m2):
             hi = m2
         else:
             lo = m1
