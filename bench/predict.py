@@ -218,6 +218,9 @@ def cpu_env_part(dev, mem, priors: EngineConstants) -> dict:
     return out
 
 
+SHIPPED_GPU_FIT = "single_engine_curves"  # the calibration whose constants advisor/perf_constants.json ships
+
+
 @dataclass(frozen=True)
 class GpuFit:
     """One calibration of the BCA comparison: engine constants, ShareGPT's fitted output spread, and
@@ -248,7 +251,7 @@ def gpu_calibrations(mems, dev) -> dict[str, GpuFit]:
     fixed = fixed_points("opt-1.3b", mems["opt-1.3b"], dev)
     m13 = mems["opt-1.3b"]
     out = {}
-    for label, free in (("single_engine_curves", ("t_fixed_s", "t_seq_s")),
+    for label, free in ((SHIPPED_GPU_FIT, ("t_fixed_s", "t_seq_s")),
                         ("single_engine_curves_kv_fitted", ("t_fixed_s", "t_seq_s", "kv_bw_efficiency"))):
         eng = fit_engine(fixed, m13, dev, GPU_PRIORS, free=free, source=(
             f"fitted by bench/predict.py on the BCA paper's OPT-1.3B single-engine fixed-length curves only (H100 64 GB, "
@@ -260,7 +263,7 @@ def gpu_calibrations(mems, dev) -> dict[str, GpuFit]:
                             replication_point=False)
     # the shipped constants with ShareGPT's spread from the paper's measured KV per sequence instead of fitted
     measured = sum(BCA_SHAREGPT_KV_TOKENS["opt-1.3b"]) / 3 - BLOCK_ROUNDING_TOKENS
-    out["single_engine_curves_measured_context"] = GpuFit(out["single_engine_curves"].engine,
+    out["single_engine_curves_measured_context"] = GpuFit(out[SHIPPED_GPU_FIT].engine,
                                                           cv_for_context(SHAREGPT, measured), uses_fixed=True,
                                                           uses_sharegpt=False, replication_point=False)
     out["sharegpt_curve_only"] = GpuFit(
@@ -333,9 +336,6 @@ def bca_part(constants) -> dict:
     return out
 
 
-SHIPPED_GPU_FIT = "single_engine_curves"  # the calibration whose constants advisor/perf_constants.json ships
-
-
 def plot(result: dict, stamp_path: Path) -> list[str]:
     import matplotlib
 
@@ -378,11 +378,11 @@ def plot(result: dict, stamp_path: Path) -> list[str]:
     paths.append(p.name)
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    fits = result["gpu"]["fits"]
+    all_fits = result["gpu"]["fits"]
     labels = [f"{g['model']} {g['replicas']}x{g['batch_each']}" for g in fit["replication"]]
     xs = list(range(len(labels)))
     bars = [("measured", [g["measured_gain"] for g in fit["replication"]])] + [
-        (f"predicted: {label}", [g["predicted_gain"] for g in f["replication"]]) for label, f in fits.items()]
+        (f"predicted: {label}", [g["predicted_gain"] for g in f["replication"]]) for label, f in all_fits.items()]
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars):
         ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [100 * v for v in values], width, label=label)
