@@ -19,7 +19,13 @@ process tree; the Ray cluster with its engines) are stopped exactly, also on Ctr
 result goes to bench/results/vs_vllm-*.json.
 
     python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
+                            [--sides vllm,vllm-one-core,plateau-reuse --points 1 --long-concurrency 0]
                             [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT] [--also NAME:K=V[,K=V] ...]
+
+The side `vllm-one-core` (only when named in `--sides`) is vLLM's own server with its engine set
+up as one replica of the N=2 CPU plan sets up its (half the cores, one here, none reserved for
+the front end; a batch of 64, no stat logging): beside `vllm` and `plateau-reuse` it splits plateau-serve's
+gap into what the engine setup costs and what Ray and Serve cost.
 
 `--also NAME:K=V` adds the side `plateau-reuse-NAME` right after plateau-reuse: the same start with
 these environment variables over `make run`'s (an A/B of a serving setting in one run).
@@ -183,6 +189,30 @@ def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = ()) 
     return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
 
 
+def one_core_setup(model: Shipped, max_num_seqs: int = 64) -> tuple[dict[str, str], list[str]]:
+    """How one plateau replica of an N=2 CPU plan sets up its engine, as vLLM's own server takes it:
+    (environment, server arguments). The binding comes from `deployments.engine.engine_env`, the one
+    place that sets it (threads on the first replica's half of this machine's cores, none reserved
+    for the front end)."""
+    from deployments.engine import cpu_cores_for, engine_env
+    from deployments.spec import ReplicaResources, ReplicaSpec
+
+    spec = ReplicaSpec(served_name=model.name, model_path=model.folder, device_kind="cpu", replicas_per_device=2,
+                       resources=ReplicaResources(), max_num_seqs=max_num_seqs)
+    cores = cpu_cores_for(0, 2, sorted(os.sched_getaffinity(0)))
+    return engine_env(spec, cores), ["--max-num-seqs", str(max_num_seqs), "--disable-log-stats"]
+
+
+def one_core_side(model: Shipped, env: dict, work: Path) -> Side:
+    """vLLM's own server with its engine set up as a plateau replica's (`one_core_setup`; one core on
+    a 2-core machine): against `vllm_side` it shows what that setup costs, without Ray or Serve."""
+    work.mkdir(exist_ok=True)
+    replica_env, extra = one_core_setup(model)
+    side = vllm_side(model, {**env, **replica_env}, work, extra=extra)
+    side.name = "vllm-one-core"
+    return side
+
+
 def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
               out_dir: Path) -> dict:
     name = f"c{concurrency}-p{prompt_tokens}.json"
@@ -294,7 +324,7 @@ def with_variants(sides: list[str], variants: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="1,8,16,32,64")
-    ap.add_argument("--long-concurrency", type=int, default=8)
+    ap.add_argument("--long-concurrency", type=int, default=8, help="the long-prompt point's concurrency (0: none)")
     ap.add_argument("--sides", default="vllm,plateau,plateau-reuse")
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau sides (default: a new, empty one)")
     ap.add_argument("--before-root", help="a checkout of an earlier plateau-serve: adds the side 'plateau-before' "
@@ -320,6 +350,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     def start(side_name: str) -> Side:
         if side_name == "vllm":
             return vllm_side(model, base_env, work)
+        if side_name == "vllm-one-core":
+            return one_core_side(model, base_env, work / "one-core")
         env = {**BASE_ENV, "PLATEAU_HOME": str(home), **variants.get(side_name, {})}
         root = ROOT
         if side_name == "plateau-before":
@@ -330,8 +362,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     def measure_side(side: Side) -> dict:
         ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
         print(f"[{side.name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
-        plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points] + [(ns.long_concurrency, LONG_PROMPT,
-                                                                        2 * ns.long_concurrency)]
+        plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points]
+        if ns.long_concurrency:
+            plan.append((ns.long_concurrency, LONG_PROMPT, 2 * ns.long_concurrency))
         return {"ready_s": ready_s, "points": measure(side, name, folder, plan, work / side.name)}
 
     results, failed = run_sides(sides, start, measure_side)

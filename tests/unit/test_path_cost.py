@@ -91,3 +91,16 @@ def test_each_side_is_compared_with_vllm_point_by_point():
     assert got == {"plateau": [{"concurrency": 16, "prompt_tokens": 128, "tokens_per_s_ratio": 1.5,
                                 "ttft_p99_ratio": 0.5, "failed": 1, "vllm_failed": 0}]}
     assert ratios({"plateau": [row(150.0, 100.0)]}) == {}
+
+
+def test_the_one_core_side_sets_up_vllms_engine_as_the_first_replica_of_two_on_this_node():
+    import os
+
+    from bench.vs_vllm import Shipped, one_core_setup
+    from deployments.engine import cpu_cores_for
+
+    env, extra = one_core_setup(Shipped(cfg={}, name="m", folder="/models/m"))
+    half = cpu_cores_for(0, 2, sorted(os.sched_getaffinity(0)))
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, half))
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert extra[extra.index("--max-num-seqs") + 1] == "64" and "--disable-log-stats" in extra
