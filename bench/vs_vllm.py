@@ -20,12 +20,16 @@ result goes to bench/results/vs_vllm-*.json.
 
     python bench/vs_vllm.py [--points 1,8,16,32,64] [--long-concurrency 8] [--sides vllm,plateau,plateau-reuse]
                             [--sides vllm,vllm-one-core,plateau-reuse --points 1 --long-concurrency 0]
-                            [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT] [--also NAME:K=V[,K=V] ...]
+                            [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT] [--also NAME:K=V[,K=V] ...] [--rounds 2]
 
 The side `vllm-one-core` (only when named in `--sides`) is vLLM's own server with its engine set
 up as one replica of the N=2 CPU plan sets up its (half the cores, one here, none reserved for
 the front end; a batch of 64, no stat logging): beside `vllm` and `plateau-reuse` it splits plateau-serve's
 gap into what the engine setup costs and what Ray and Serve cost.
+
+`--rounds K` runs the sides K times, every other round in the opposite order, and gives each point
+as the rounds' mean (each round's own numbers kept): here the cores' speed drifts within a run, so
+in one order the side that runs last reads slower than it is.
 
 `--also NAME:K=V` adds the side `plateau-reuse-NAME` right after plateau-reuse: the same start with
 these environment variables over `make run`'s (an A/B of a serving setting in one run).
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
@@ -302,6 +307,33 @@ def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Call
     return results, failed
 
 
+def round_orders(sides: list[str], rounds: int) -> list[list[str]]:
+    """The order of the sides in each round: as given, then reversed, alternately. The cores' speed
+    drifts within a run here, so a side that always runs last reads slower than it is."""
+    return [list(sides) if r % 2 == 0 else sides[::-1] for r in range(rounds)]
+
+
+def merge_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each side's rounds as one result: per point the mean of the rounds' numbers (requests and
+    failures summed), `ready_s` of its first round, and each round's own points under `rounds`."""
+    merged: dict[str, dict] = {}
+    for side in dict.fromkeys(side for results in per_round for side in results):
+        runs = [results[side] for results in per_round if side in results]
+        points = []
+        for rows in zip(*(run["points"] for run in runs)):
+            point = {}
+            for key, first in rows[0].items():
+                if key in ("concurrency", "prompt_tokens"):
+                    point[key] = first
+                elif key in ("requests", "completed", "failed"):
+                    point[key] = sum(row[key] for row in rows)
+                else:
+                    point[key] = sum(row[key] for row in rows) / len(rows)
+            points.append(point)
+        merged[side] = {"ready_s": runs[0]["ready_s"], "points": points, "rounds": [run["points"] for run in runs]}
+    return merged
+
+
 def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
     """`NAME:K=V[,K=V]` -> (NAME, {K: V}); fails naming the argument."""
     name, sep, pairs = arg.partition(":")
@@ -329,6 +361,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--plateau-home", help="PLATEAU_HOME for the plateau sides (default: a new, empty one)")
     ap.add_argument("--before-root", help="a checkout of an earlier plateau-serve: adds the side 'plateau-before' "
                                           "(its own `serve run config.yaml`, its own empty PLATEAU_HOME), run first")
+    ap.add_argument("--rounds", type=int, default=1, help="run the sides this many times, every other round in the "
+                                                              "opposite order; each point is the rounds' mean")
     ap.add_argument("--also", action="append", default=[], metavar="NAME:K=V[,K=V]",
                     help="one more side `plateau-reuse-NAME` right after plateau-reuse: the same start with these "
                          "variables over make run's (e.g. before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0)")
@@ -339,6 +373,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         sides.insert(1 if sides[:1] == ["vllm"] else 0, "plateau-before")
     variants = {f"plateau-reuse-{name}": env for name, env in map(parse_variant, ns.also)}
     sides = with_variants(sides, list(variants))
+    if ns.rounds > 1 and {"plateau", "plateau-before"} & set(sides):
+        raise SystemExit("--rounds: the sides plateau and plateau-before profile on their first start only; "
+                         "compare rounds with plateau-reuse (--plateau-home DIR with a stored profile)")
 
     model = shipped_model()
     name, folder = model.name, model.folder
@@ -347,31 +384,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     base_env = {**os.environ, **BASE_ENV}
     home = Path(ns.plateau_home) if ns.plateau_home else work / "plateau-home"  # empty: the first start profiles
 
-    def start(side_name: str) -> Side:
+    def start(side_name: str, out: Path) -> Side:
         if side_name == "vllm":
-            return vllm_side(model, base_env, work)
+            return vllm_side(model, base_env, out)
         if side_name == "vllm-one-core":
-            return one_core_side(model, base_env, work / "one-core")
+            return one_core_side(model, base_env, out / "one-core")
         env = {**BASE_ENV, "PLATEAU_HOME": str(home), **variants.get(side_name, {})}
         root = ROOT
         if side_name == "plateau-before":
             root = Path(ns.before_root).resolve()
             env.update(PLATEAU_HOME=str(work / "plateau-home-before"), PYTHONPATH=str(root))
-        return ServeRunSide(side_name, env, work, root)
+        return ServeRunSide(side_name, env, out, root)
 
-    def measure_side(side: Side) -> dict:
+    def measure_side(side: Side, out: Path) -> dict:
         ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
         print(f"[{side.name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
         plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points]
         if ns.long_concurrency:
             plan.append((ns.long_concurrency, LONG_PROMPT, 2 * ns.long_concurrency))
-        return {"ready_s": ready_s, "points": measure(side, name, folder, plan, work / side.name)}
+        return {"ready_s": ready_s, "points": measure(side, name, folder, plan, out / side.name)}
 
-    results, failed = run_sides(sides, start, measure_side)
+    per_round, failed = [], {}
+    for r, order in enumerate(round_orders(sides, ns.rounds)):
+        out = work if ns.rounds == 1 else work / f"round{r + 1}"
+        out.mkdir(exist_ok=True)
+        results_r, failed_r = run_sides(order, partial(start, out=out), partial(measure_side, out=out))
+        per_round.append(results_r)
+        failed.update({side if ns.rounds == 1 else f"{side} (round {r + 1})": why for side, why in failed_r.items()})
+    results = per_round[0] if ns.rounds == 1 else merge_rounds(per_round)
 
     summary = {"sides": list(results), "failed_sides": failed,
                "ratios": ratios({side: res["points"] for side, res in results.items()})}
-    path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS,
+    path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS, "rounds": ns.rounds,
                                     "client": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
                                     "results": results, "summary": summary})
     print(f"[vs_vllm] wrote {path}", file=sys.stderr, flush=True)

@@ -104,3 +104,35 @@ def test_the_one_core_side_sets_up_vllms_engine_as_the_first_replica_of_two_on_t
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, half))
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert extra[extra.index("--max-num-seqs") + 1] == "64" and "--disable-log-stats" in extra
+
+
+def test_rounds_alternate_the_order_and_each_point_is_the_rounds_mean():
+    from bench.vs_vllm import merge_rounds, round_orders
+
+    assert round_orders(["vllm", "plateau-reuse"], 3) == [["vllm", "plateau-reuse"], ["plateau-reuse", "vllm"],
+                                                          ["vllm", "plateau-reuse"]]
+
+    def point(tok, ttft, failed=0):
+        return {"concurrency": 1, "prompt_tokens": 128, "requests": 6, "completed": 6 - failed, "failed": failed,
+                "output_tokens_per_s": tok, "ttft_p99_ms": ttft}
+
+    merged = merge_rounds([{"vllm": {"ready_s": 40.0, "points": [point(16.0, 400.0)]},
+                            "plateau-reuse": {"ready_s": 80.0, "points": [point(12.0, 500.0, failed=1)]}},
+                           {"plateau-reuse": {"ready_s": 75.0, "points": [point(15.0, 450.0)]},
+                            "vllm": {"ready_s": 41.0, "points": [point(14.0, 420.0)]}}])
+    assert merged["vllm"]["points"] == [{**point(15.0, 410.0), "requests": 12, "completed": 12}]
+    plateau = merged["plateau-reuse"]
+    assert plateau["points"][0]["output_tokens_per_s"] == 13.5 and plateau["points"][0]["failed"] == 1
+    assert plateau["ready_s"] == 80.0 and [r[0]["output_tokens_per_s"] for r in plateau["rounds"]] == [12.0, 15.0]
+    # a side that failed in one round is the mean of the rounds it has
+    one = merge_rounds([{"vllm": {"ready_s": 40.0, "points": [point(16.0, 400.0)]}}, {}])
+    assert one["vllm"]["points"][0]["output_tokens_per_s"] == 16.0 and len(one["vllm"]["rounds"]) == 1
+
+
+def test_rounds_refuse_the_sides_that_profile_on_their_first_start_only():
+    import pytest
+
+    from bench.vs_vllm import main
+
+    with pytest.raises(SystemExit, match="first start only"):
+        main(["--rounds", "2", "--sides", "vllm,plateau"])
