@@ -2,7 +2,7 @@
 
 plateau-serve pins the N engines of a CPU node to disjoint cores (`deployments/engine.py`). A lone
 request then decodes on 1/N of the node (vLLM's own server, by default, binds its engine to all
-but one core, which it keeps for its front end: on 2 cores, one). Would engines that share every core (the OS splits
+but one core, which it keeps for its engine-core process: on 2 cores, one). Would engines that share every core (the OS splits
 them under load, a lone request gets them all) keep the aggregate and give the lone request the
 whole node? This runs two of vLLM's own OpenAI servers on the shipped model (no Serve, so only the
 core binding differs) for each binding, rounds interleaved:

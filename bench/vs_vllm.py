@@ -23,9 +23,11 @@ result goes to bench/results/vs_vllm-*.json.
                             [--before-root CHECKOUT_OF_AN_EARLIER_COMMIT] [--also NAME:K=V[,K=V] ...] [--rounds 2]
 
 The side `vllm-one-core` (only when named in `--sides`) is vLLM's own server with its engine set
-up as one replica of the N=2 CPU plan sets up its (half the cores, one here, none reserved for
-the front end; a batch of 64, no stat logging): beside `vllm` and `plateau-reuse` it splits plateau-serve's
-gap into what the engine setup costs and what Ray and Serve cost.
+up as one replica of the N=2 CPU plan sets up its (`deployments.engine.engine_env`: threads on half
+the cores; a batch of 64, no stat logging): beside `vllm` and `plateau-reuse` it splits
+plateau-serve's gap into what the engine setup costs and what Ray and Serve cost. On 2 cores that
+binding is the one vLLM's automatic binding picks itself (one core, the other kept for its
+engine-core process), so there only the batch and the stat logging differ.
 
 `--rounds K` runs the sides K times, every other round in the opposite order, and gives each point
 as the rounds' mean (each round's own numbers kept): here the cores' speed drifts within a run, so
@@ -197,8 +199,7 @@ def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = ()) 
 def one_core_setup(model: Shipped, max_num_seqs: int = 64) -> tuple[dict[str, str], list[str]]:
     """How one plateau replica of an N=2 CPU plan sets up its engine, as vLLM's own server takes it:
     (environment, server arguments). The binding comes from `deployments.engine.engine_env`, the one
-    place that sets it (threads on the first replica's half of this machine's cores, none reserved
-    for the front end)."""
+    place that sets it (threads on the first replica's half of this machine's cores)."""
     from deployments.engine import cpu_cores_for, engine_env
     from deployments.spec import ReplicaResources, ReplicaSpec
 
@@ -307,6 +308,21 @@ def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Call
     return results, failed
 
 
+def check_rounds(sides: list[str], rounds: int, plateau_home: Optional[str]) -> None:
+    """Refuse a --rounds run whose sides would not start alike in every round (the first start of
+    an empty PLATEAU_HOME profiles, later ones reuse)."""
+    if rounds < 1:
+        raise SystemExit(f"--rounds {rounds}: at least 1")
+    if rounds == 1:
+        return
+    if {"plateau", "plateau-before"} & set(sides):
+        raise SystemExit("--rounds: the sides plateau and plateau-before profile on their first start only; "
+                         "compare rounds with plateau-reuse (--plateau-home DIR with a stored profile)")
+    if plateau_home is None and any(side.startswith("plateau-reuse") for side in sides):
+        raise SystemExit("--rounds: plateau-reuse needs --plateau-home DIR with a stored profile (an empty home "
+                         "would profile in the first round and reuse in the next)")
+
+
 def round_orders(sides: list[str], rounds: int) -> list[list[str]]:
     """The order of the sides in each round: as given, then reversed, alternately. The cores' speed
     drifts within a run here, so a side that always runs last reads slower than it is."""
@@ -315,10 +331,13 @@ def round_orders(sides: list[str], rounds: int) -> list[list[str]]:
 
 def merge_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
     """Each side's rounds as one result: per point the mean of the rounds' numbers (requests and
-    failures summed), `ready_s` of its first round, and each round's own points under `rounds`."""
+    failures summed; a percentile is the mean of the rounds' percentiles), `ready_s` of its first
+    round, and each round's own result under `rounds` with its number (a side that failed in a
+    round has no entry for it)."""
     merged: dict[str, dict] = {}
     for side in dict.fromkeys(side for results in per_round for side in results):
-        runs = [results[side] for results in per_round if side in results]
+        numbered = [(r + 1, results[side]) for r, results in enumerate(per_round) if side in results]
+        runs = [run for _, run in numbered]
         points = []
         for rows in zip(*(run["points"] for run in runs)):
             point = {}
@@ -330,7 +349,8 @@ def merge_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
                 else:
                     point[key] = sum(row[key] for row in rows) / len(rows)
             points.append(point)
-        merged[side] = {"ready_s": runs[0]["ready_s"], "points": points, "rounds": [run["points"] for run in runs]}
+        merged[side] = {"ready_s": runs[0]["ready_s"], "points": points,
+                        "rounds": [{"round": r, **run} for r, run in numbered]}
     return merged
 
 
@@ -373,9 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sides.insert(1 if sides[:1] == ["vllm"] else 0, "plateau-before")
     variants = {f"plateau-reuse-{name}": env for name, env in map(parse_variant, ns.also)}
     sides = with_variants(sides, list(variants))
-    if ns.rounds > 1 and {"plateau", "plateau-before"} & set(sides):
-        raise SystemExit("--rounds: the sides plateau and plateau-before profile on their first start only; "
-                         "compare rounds with plateau-reuse (--plateau-home DIR with a stored profile)")
+    check_rounds(sides, ns.rounds, ns.plateau_home)
 
     model = shipped_model()
     name, folder = model.name, model.folder
@@ -400,7 +418,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ready_s = side.wait_ready(name, 1800)  # the first start profiles (~12 min here)
         print(f"[{side.name}] ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
         plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points]
-        if ns.long_concurrency:
+        if ns.long_concurrency > 0:
             plan.append((ns.long_concurrency, LONG_PROMPT, 2 * ns.long_concurrency))
         return {"ready_s": ready_s, "points": measure(side, name, folder, plan, out / side.name)}
 

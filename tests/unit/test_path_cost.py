@@ -123,16 +123,26 @@ def test_rounds_alternate_the_order_and_each_point_is_the_rounds_mean():
     assert merged["vllm"]["points"] == [{**point(15.0, 410.0), "requests": 12, "completed": 12}]
     plateau = merged["plateau-reuse"]
     assert plateau["points"][0]["output_tokens_per_s"] == 13.5 and plateau["points"][0]["failed"] == 1
-    assert plateau["ready_s"] == 80.0 and [r[0]["output_tokens_per_s"] for r in plateau["rounds"]] == [12.0, 15.0]
+    assert plateau["ready_s"] == 80.0
+    assert [(r["round"], r["ready_s"], r["points"][0]["output_tokens_per_s"]) for r in plateau["rounds"]] == [
+        (1, 80.0, 12.0), (2, 75.0, 15.0)]
     # a side that failed in one round is the mean of the rounds it has
-    one = merge_rounds([{"vllm": {"ready_s": 40.0, "points": [point(16.0, 400.0)]}}, {}])
-    assert one["vllm"]["points"][0]["output_tokens_per_s"] == 16.0 and len(one["vllm"]["rounds"]) == 1
+    one = merge_rounds([{}, {"vllm": {"ready_s": 40.0, "points": [point(16.0, 400.0)]}}])
+    assert one["vllm"]["points"][0]["output_tokens_per_s"] == 16.0
+    assert [r["round"] for r in one["vllm"]["rounds"]] == [2]
 
 
-def test_rounds_refuse_the_sides_that_profile_on_their_first_start_only():
+def test_rounds_refuse_sides_that_would_not_start_alike_in_every_round():
     import pytest
 
-    from bench.vs_vllm import main
+    from bench.vs_vllm import check_rounds
 
-    with pytest.raises(SystemExit, match="first start only"):
-        main(["--rounds", "2", "--sides", "vllm,plateau"])
+    for sides in (["vllm", "plateau"], ["plateau-before", "vllm"]):
+        with pytest.raises(SystemExit, match="first start only"):
+            check_rounds(sides, 2, "/home")
+    with pytest.raises(SystemExit, match="needs --plateau-home"):
+        check_rounds(["vllm", "plateau-reuse"], 2, None)
+    with pytest.raises(SystemExit, match="at least 1"):
+        check_rounds(["vllm"], 0, None)
+    check_rounds(["vllm", "plateau-reuse"], 2, "/home")
+    check_rounds(["vllm", "plateau"], 1, None)  # one round: every side as before
