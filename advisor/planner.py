@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import KV_BLOCK_TOKENS
+from advisor.plateau import plateau_batches
 from advisor.profiler import Profile, WorkloadShape
 
 
@@ -47,6 +48,11 @@ class PlannerConfig(BaseModel):
     max_model_len: Optional[int] = Field(
         None, ge=1, description="Context length the engine starts with; vLLM refuses a KV pool smaller than one "
                                 "such sequence, so the pool never goes below it plus a block.")
+    admit_plateau: bool = Field(
+        True, description="Let each replica batch up to the largest measured batch still on the plateau within the "
+                          "latency rules (not only B*) where N such replicas fit: the same throughput, and under "
+                          "overload requests decode in the engines instead of waiting in Serve's queue (lower "
+                          "TTFT, slower steps). Costs the KV of the extra sequences; false sizes replicas for B*.")
 
 
 class Validation(BaseModel):
@@ -71,7 +77,8 @@ class ReplicaPlan(BaseModel):
     replicas_per_device: int
     num_gpus_per_replica: float
     num_cpus_per_replica: float
-    max_num_seqs: int
+    max_num_seqs: int = Field(description="Batch cap of each replica: B*, or the largest batch still on the plateau.")
+    b_star: Optional[int] = Field(None, description="The knee: smallest batch on the plateau (None: an older plan).")
     kv_cache_bytes: int
     memory_per_replica_bytes: int
     context_tokens: int = Field(description="Prompt + output tokens a sequence may hold.")
@@ -185,18 +192,45 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
     best_n, best_t = best.replicas_per_device, best.predicted_aggregate_tokens_per_s
     reasons.append(f"N={best_n}: predicted aggregate {best_t:.0f} tok/s "
                    f"(N=1: {fitting[0].predicted_aggregate_tokens_per_s:.0f}; a larger N must gain >= {cfg.min_gain:.0%})")
+    batch, kv = ev.b_star, ev.kv_cache_bytes
+    if cfg.admit_plateau and ev.shape.bucket == profile.shape.bucket and \
+            ev.shape.output_tokens_cv == profile.shape.output_tokens_cv:
+        batch, kv = _admission_batch(profile, device, ev, best_n, cfg, reasons)
+        per_replica = profile.weight_bytes + profile.overhead_bytes + kv
     default_engine = int(device.memory_bytes * cfg.vllm_default_fraction)
     used = best_n * per_replica
     return ReplicaPlan(
         model=profile.model, device_name=device.name, device_kind=device.kind, replicas_per_device=best_n,
         num_gpus_per_replica=round(1.0 / best_n, 6) if device.kind == "cuda" else 0.0,
         num_cpus_per_replica=round(device.cores / best_n, 4) if device.kind == "cpu" else 1.0,
-        max_num_seqs=ev.b_star, kv_cache_bytes=ev.kv_cache_bytes, memory_per_replica_bytes=per_replica,
+        max_num_seqs=batch, b_star=ev.b_star, kv_cache_bytes=kv, memory_per_replica_bytes=per_replica,
         context_tokens=context, predicted_tokens_per_s_per_replica=best_t / best_n,
         predicted_aggregate_tokens_per_s=best_t,
         single_engine_tokens_per_s=max(p.tokens_per_s for p in profile.points),
         memory_freed_bytes=max(0, default_engine - used), reasons=reasons,
     )
+
+
+def _admission_batch(profile: Profile, device: DeviceSpec, ev: ShapeEvaluation, n: int, cfg: PlannerConfig,
+                     reasons: list[str]) -> tuple[int, int]:
+    """The largest measured batch past B* on the plateau whose KV pool lets `n` replicas still fit
+    (`cfg.admit_plateau`), and that pool; B* and its pool where none is."""
+    block = KV_BLOCK_TOKENS[device.kind]
+    larger = [b for b in plateau_batches(profile.points, profile.rules) if b > ev.b_star]
+    for b in reversed(larger):
+        kv = kv_pool_bytes(profile.kv_bytes_per_token, block, b, ev.context_tokens, cfg.kv_headroom, cfg.max_model_len)
+        if n * (profile.weight_bytes + profile.overhead_bytes + kv) <= ev.usable_memory_bytes:
+            at = next(p.tokens_per_s for p in profile.points if p.batch == b)
+            reasons.append(
+                f"max_num_seqs {b} (B*={ev.b_star}): batch {b} measured {at:.0f} tok/s, still on the plateau within "
+                f"the latency rules, so a replica admits {b} requests at the same throughput instead of queueing "
+                f"them in Serve; KV {_gib(kv)} for {b} sequences (admit_plateau: false keeps B*)"
+            )
+            return b, kv
+    if larger:
+        reasons.append(f"max_num_seqs {ev.b_star} (B*): the KV of batch {larger[0]} (still on the plateau) would not "
+                       f"fit {n} replicas")
+    return ev.b_star, ev.kv_cache_bytes
 
 
 def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple[int, float]:

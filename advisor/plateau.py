@@ -110,13 +110,10 @@ def fit_step_model(points: list[ProfilePoint]) -> StepModel:
     return StepModel(a_ms=a, b_ms=b, c_ms=c, mape=mape, points=len(points))
 
 
-def find_knee(points: list[ProfilePoint], rules: PlateauRules) -> Knee:
-    """The smallest batch at `plateau_fraction` of peak throughput that keeps the latency rules.
-
-    Robust to noise: a level counts only when two neighbouring batch sizes both reach it
-    (`sustained`), so one lucky sample neither sets the peak nor becomes the knee. Latency
-    rules cut the curve first and can only lower B*.
-    """
+def _allowed_and_sustained(points: list[ProfilePoint], rules: PlateauRules) -> tuple[list[ProfilePoint], list[float], str]:
+    """The points before the first that breaks a latency rule, each one's sustained level (the lower
+    of it and its next neighbour: two neighbouring batch sizes must both reach a level), and which
+    rule cut the curve (`throughput` when none did)."""
     if not points:
         raise ValueError("no profile points")
     pts = sorted(points, key=lambda p: p.batch)
@@ -138,6 +135,33 @@ def find_knee(points: list[ProfilePoint], rules: PlateauRules) -> Knee:
         )
     sustained = [min(p.tokens_per_s, q.tokens_per_s) for p, q in zip(allowed, allowed[1:])]
     sustained.append(allowed[-1].tokens_per_s)
+    return allowed, sustained, limited
+
+
+def plateau_batches(points: list[ProfilePoint], rules: PlateauRules) -> list[int]:
+    """Every measured batch from B* up that keeps the latency rules and whose own throughput is still
+    `plateau_fraction` of the sustained peak, ascending (B* first). A batch past B* on a flat
+    curve costs no throughput: it admits more requests at once, each step a little slower."""
+    allowed, sustained, _ = _allowed_and_sustained(points, rules)
+    target = rules.plateau_fraction * max(sustained)
+    first = next(k for k, level in enumerate(sustained) if level >= target)
+    out = [allowed[first].batch]
+    for p in allowed[first + 1:]:
+        if p.tokens_per_s < target:
+            break
+        out.append(p.batch)
+    return out
+
+
+def find_knee(points: list[ProfilePoint], rules: PlateauRules) -> Knee:
+    """The smallest batch at `plateau_fraction` of peak throughput that keeps the latency rules.
+
+    Robust to noise: a level counts only when two neighbouring batch sizes both reach it
+    (`sustained`), so one lucky sample neither sets the peak nor becomes the knee. Latency
+    rules cut the curve first and can only lower B*.
+    """
+    allowed, sustained, limited = _allowed_and_sustained(points, rules)
+    pts = sorted(points, key=lambda p: p.batch)
     peak = max(sustained)
     target = rules.plateau_fraction * peak
     i = next(k for k, level in enumerate(sustained) if level >= target)

@@ -76,6 +76,20 @@ add_cli_args(parser)
 main(parser.parse_args(sys.argv[1:]))
 """
 
+# Exits 0 once Serve reports application argv[2] RUNNING (every deployment at its target replica
+# count), 1 after argv[3] seconds; run against the cluster at argv[1].
+SERVE_APP_RUNNING = """
+import sys, time, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    app = serve.status().applications.get(sys.argv[2])
+    if app is not None and app.status == "RUNNING":
+        sys.exit(0)
+    time.sleep(2)
+sys.exit(1)
+"""
 
 BASE_ENV = {"VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
@@ -172,10 +186,25 @@ class ServeRunSide(Side):
         try:
             self.port = self.cluster.ports.serve_http
             config = shipped_config_on(self.port, work / f"{name}-config.yaml", root, models)
+            self.app = yaml.safe_load(config.read_text())["applications"][0]["name"]
             self.proc = self.cluster.serve_run(config, self.log, cwd=root)
         except BaseException:
             self.cluster.__exit__(None, None, None)
             raise
+
+    def wait_ready(self, model: str, timeout_s: float) -> float:
+        """Ready when it answers a completion and Serve reports the app RUNNING: every replica up. The
+        first answer comes from the first replica whose engine started; the others' engines start
+        after it (one at a time per device) and would take cores from the first point's load."""
+        deadline = time.monotonic() + timeout_s
+        super().wait_ready(model, timeout_s)
+        left = max(1.0, deadline - time.monotonic())
+        done = subprocess.run([sys.executable, "-c", SERVE_APP_RUNNING, self.cluster.address, self.app, str(left)],
+                              env=self.cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: Serve did not report {self.app!r} RUNNING within {timeout_s:.0f} s; "
+                               f"see {self.log}")
+        return time.monotonic() - self.started
 
     def stop(self) -> None:
         self.cluster.__exit__(None, None, None)

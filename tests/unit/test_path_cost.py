@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from bench.path_cost import NAME, TINY, plateau_model, tiny_model_folder
 from deployments.config import parse_args
 
@@ -146,3 +148,43 @@ def test_rounds_refuse_sides_that_would_not_start_alike_in_every_round():
         check_rounds(["vllm"], 0, None)
     check_rounds(["vllm", "plateau-reuse"], 2, "/home")
     check_rounds(["vllm", "plateau"], 1, None)  # one round: every side as before
+
+
+def test_a_serve_run_side_is_ready_only_once_serve_reports_every_replica_up(tmp_path, monkeypatch):
+    """The first completion comes from the first replica whose engine started; the benchmark waits for
+    Serve's RUNNING (the other engines start after it and would take the first point's cores)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    import bench.vs_vllm as vs
+
+    class Proc:
+        def poll(self):
+            return None
+
+    class Cluster:
+        address = "127.0.0.1:6379"
+
+        def env(self):
+            return {"TAG": "cluster"}
+
+    side = object.__new__(vs.ServeRunSide)
+    side.name, side.log, side.port, side.proc, side.app = "plateau-reuse", tmp_path / "log", 1, Proc(), "plateau"
+    side.cluster, side.started = Cluster(), time.monotonic()
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200))
+    runs = []
+
+    def run(cmd, env, **kwargs):
+        runs.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, returncode)
+    monkeypatch.setattr(vs.subprocess, "run", run)
+
+    returncode = 0
+    assert side.wait_ready("m", 60) >= 0
+    (cmd, env), = runs
+    assert cmd[2:5] == [vs.SERVE_APP_RUNNING, "127.0.0.1:6379", "plateau"] and env == {"TAG": "cluster"}
+    returncode = 1
+    with pytest.raises(RuntimeError, match="did not report 'plateau' RUNNING"):
+        side.wait_ready("m", 60)

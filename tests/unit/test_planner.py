@@ -2,8 +2,9 @@
 
 import pytest
 
+from advisor.memory import KV_BLOCK_TOKENS
 from advisor.plateau import PlateauRules
-from advisor.planner import DeviceSpec, PlanError, plan_replicas
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
 from advisor.profiler import SharePoint, WorkloadShape
 from tests.factories import make_profile
 
@@ -107,3 +108,46 @@ def test_the_kv_pool_holds_at_least_one_max_model_len_sequence_plus_a_block():
     plan = plan_replicas(profile, H100, cfg=PlannerConfig(max_model_len=32768))
     assert plan.kv_cache_bytes == (32768 // 16 + 1) * 16 * profile.kv_bytes_per_token
     assert any("one max_model_len 32768-token sequence" in r for r in plan.reasons)
+
+
+# ---- issue 9: replicas admit up to the end of the plateau ----------------------------------------
+
+CPU = DeviceSpec(kind="cpu", name="cpu", memory_bytes=24 * GIB, cores=2)
+
+
+def flat_profile(**rules):
+    from tests.factories import FakeRunner
+    # step = 20 + 5*B ms: flat from B*=16 (x10 TPOT rule: 16 -> 160, 32 -> 178 tok/s; 64 breaks the rule)
+    return make_profile(runner=FakeRunner(a=20, b=5, c=0), rules=PlateauRules(tpot_growth_limit=10, **rules))
+
+
+def test_a_replica_admits_the_largest_batch_still_on_the_plateau_with_its_kv():
+    profile = flat_profile()
+    plan = plan_replicas(profile, CPU)
+    assert (plan.b_star, plan.max_num_seqs) == (profile.knee.b_star, 32) == (16, 32)
+    knee_only = plan_replicas(profile, CPU, cfg=PlannerConfig(admit_plateau=False))
+    assert (knee_only.b_star, knee_only.max_num_seqs) == (16, 16)
+    assert plan.kv_cache_bytes == kv_pool_bytes(profile.kv_bytes_per_token, KV_BLOCK_TOKENS["cpu"], 32,
+                                                profile.shape.kv_tokens_per_sequence, 0.10)
+    assert plan.kv_cache_bytes > knee_only.kv_cache_bytes
+    assert plan.memory_per_replica_bytes == profile.weight_bytes + profile.overhead_bytes + plan.kv_cache_bytes
+    assert plan.replicas_per_device == knee_only.replicas_per_device
+    assert plan.predicted_aggregate_tokens_per_s == knee_only.predicted_aggregate_tokens_per_s
+    assert any(r.startswith("max_num_seqs 32 (B*=16)") for r in plan.reasons)
+
+
+def test_the_larger_batch_never_costs_a_replica_where_memory_is_short():
+    profile = flat_profile()
+    knee_only = plan_replicas(profile, CPU, cfg=PlannerConfig(admit_plateau=False))
+    # a device that holds N replicas at B* and not one byte more
+    tight = CPU.model_copy(update={"memory_bytes": int(knee_only.replicas_per_device *
+                                                       knee_only.memory_per_replica_bytes / 0.9) + 1})
+    plan = plan_replicas(profile, tight)
+    assert (plan.replicas_per_device, plan.max_num_seqs) == (knee_only.replicas_per_device, 16)
+    assert any("would not fit" in r for r in plan.reasons)
+
+
+def test_another_workload_keeps_its_predicted_b_star():
+    profile = flat_profile()
+    plan = plan_replicas(profile, CPU, WorkloadShape(prompt_tokens=1024, output_tokens=64))
+    assert plan.max_num_seqs == plan.b_star

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from advisor.plateau import PlateauRules, ProfilePoint, find_knee, fit_step_model
+from advisor.plateau import PlateauRules, ProfilePoint, find_knee, fit_step_model, plateau_batches
 
 TRUE = dict(a=20.0, b=0.3, c=0.002)  # ms: weights read, per-seq work, per-seq per-ctx-token KV read
 
@@ -56,3 +56,28 @@ def test_latency_rules_lower_b_star_and_impossible_slo_is_an_error():
     assert all(p.tpot_p99_ms <= 40 for p in pts if p.batch <= tight.b_star)
     with pytest.raises(ValueError, match="no batch size meets"):
         find_knee(pts, PlateauRules(tpot_p99_slo_ms=5.0))
+
+
+# ---- issue 9: the batches still on the plateau past B* ----------------------------------------
+
+def measured(batch, tps, tpot):
+    return ProfilePoint(batch=batch, context_tokens=160, tokens_per_s=tps, tpot_p50_ms=tpot, tpot_p99_ms=tpot * 1.2,
+                        ttft_ms=100, kv_usage=0.1)
+
+
+# This VM's profile of SmolLM2 on 2 cores (2026-12-03 19:56): flat from 24 to 64, batch 64 breaks the x5 TPOT rule.
+EVENING = [measured(1, 20.0, 49.9), measured(2, 38.9, 51.7), measured(4, 76.8, 51.8), measured(8, 133.9, 59.7),
+           measured(16, 166.5, 95.4), measured(24, 239.0, 116.1), measured(32, 247.0, 130.1),
+           measured(64, 249.1, 332.9)]
+
+
+def test_plateau_batches_run_from_b_star_to_the_last_batch_within_the_latency_rules():
+    assert find_knee(EVENING, PlateauRules()).b_star == 24
+    assert plateau_batches(EVENING, PlateauRules()) == [24, 32]
+    # a looser latency rule lets batch 64 in: it is still on the plateau
+    assert plateau_batches(EVENING, PlateauRules(tpot_growth_limit=10)) == [24, 32, 64]
+
+
+def test_plateau_batches_stop_at_the_first_batch_that_falls_off_the_plateau():
+    dip = EVENING[:6] + [measured(32, 250.0, 130.1), measured(48, 210.0, 180.0), measured(64, 250.0, 332.9)]
+    assert plateau_batches(dip, PlateauRules(tpot_growth_limit=10)) == [24, 32]
