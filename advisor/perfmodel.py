@@ -578,7 +578,8 @@ def plan_on_named_device(model: str, mem: MemoryModel, device_name: str, constan
         return plan.model_copy(update={"reasons": [why] + plan.reasons})
     eng, source = engine_for_named_device(constants, device_name, store, mem_for)
     profile = predicted_profile(model, mem, device_name, dev, eng, shape, list(batches))
-    plan = plan_replicas(profile, spec, shape, cfg)
+    # a predicted curve plans B*: only a measured batch past the knee sets the cap (PlannerConfig.admit_plateau)
+    plan = plan_replicas(profile, spec, shape, cfg.model_copy(update={"admit_plateau": False}))
     bound = step(mem, dev, eng, profile.b_star, shape).bound
     why = (f"predicted, not measured: no profile of {model} on a {device_name} here; curve from the performance "
            f"model with {dev.source.split(':')[0]} figures ({dev.dram_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "

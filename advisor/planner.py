@@ -193,8 +193,7 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
     reasons.append(f"N={best_n}: predicted aggregate {best_t:.0f} tok/s "
                    f"(N=1: {fitting[0].predicted_aggregate_tokens_per_s:.0f}; a larger N must gain >= {cfg.min_gain:.0%})")
     batch, kv = ev.b_star, ev.kv_cache_bytes
-    if cfg.admit_plateau and ev.shape.bucket == profile.shape.bucket and \
-            ev.shape.output_tokens_cv == profile.shape.output_tokens_cv:
+    if cfg.admit_plateau and _profiled(profile, ev.shape):
         batch, kv = _admission_batch(profile, device, ev, best_n, cfg, reasons)
         per_replica = profile.weight_bytes + profile.overhead_bytes + kv
     default_engine = int(device.memory_bytes * cfg.vllm_default_fraction)
@@ -224,7 +223,8 @@ def _admission_batch(profile: Profile, device: DeviceSpec, ev: ShapeEvaluation, 
             reasons.append(
                 f"max_num_seqs {b} (B*={ev.b_star}): batch {b} measured {at:.0f} tok/s, still on the plateau within "
                 f"the latency rules, so a replica admits {b} requests at the same throughput instead of queueing "
-                f"them in Serve; KV {_gib(kv)} for {b} sequences (admit_plateau: false keeps B*)"
+                f"them in Serve; KV {_gib(kv)} for {b} sequences, memory per replica "
+                f"{_gib(profile.weight_bytes + profile.overhead_bytes + kv)} (PlannerConfig.admit_plateau=False keeps B*)"
             )
             return b, kv
     if larger:
@@ -233,8 +233,13 @@ def _admission_batch(profile: Profile, device: DeviceSpec, ev: ShapeEvaluation, 
     return ev.b_star, ev.kv_cache_bytes
 
 
+def _profiled(profile: Profile, shape: WorkloadShape) -> bool:
+    """Whether `shape` is the workload `profile` measured (its knee is measured, not predicted)."""
+    return shape.bucket == profile.shape.bucket and shape.output_tokens_cv == profile.shape.output_tokens_cv
+
+
 def _b_star(profile: Profile, shape: WorkloadShape, reasons: list[str]) -> tuple[int, float]:
-    if shape.bucket == profile.shape.bucket and shape.output_tokens_cv == profile.shape.output_tokens_cv:
+    if _profiled(profile, shape):
         reasons.append(f"measured knee: {profile.knee.reason}")
         return profile.knee.b_star, profile.knee.tokens_per_s_at_b_star
     m = profile.step_model

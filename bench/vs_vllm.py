@@ -76,8 +76,8 @@ add_cli_args(parser)
 main(parser.parse_args(sys.argv[1:]))
 """
 
-# Exits 0 once Serve reports application argv[2] RUNNING (every deployment at its target replica
-# count), 1 after argv[3] seconds; run against the cluster at argv[1].
+# Exits 0 once Serve reports application argv[2] RUNNING with every deployment HEALTHY (its target
+# replica count running), 2 when the app failed, 1 after argv[3] seconds; against the cluster at argv[1].
 SERVE_APP_RUNNING = """
 import sys, time, ray
 from ray import serve
@@ -85,9 +85,13 @@ ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 deadline = time.monotonic() + float(sys.argv[3])
 while time.monotonic() < deadline:
     app = serve.status().applications.get(sys.argv[2])
-    if app is not None and app.status == "RUNNING":
+    if app is not None and app.status == "RUNNING" and all(d.status == "HEALTHY" for d in app.deployments.values()):
         sys.exit(0)
+    if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        print(f"application {sys.argv[2]} is {app.status}: {app.message}", file=sys.stderr)
+        sys.exit(2)
     time.sleep(2)
+print(f"application {sys.argv[2]}: {app.status if app else 'not deployed'} after {sys.argv[3]} s", file=sys.stderr)
 sys.exit(1)
 """
 
@@ -199,11 +203,16 @@ class ServeRunSide(Side):
         deadline = time.monotonic() + timeout_s
         super().wait_ready(model, timeout_s)
         left = max(1.0, deadline - time.monotonic())
-        done = subprocess.run([sys.executable, "-c", SERVE_APP_RUNNING, self.cluster.address, self.app, str(left)],
-                              env=self.cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if done.returncode != 0:
-            raise RuntimeError(f"{self.name}: Serve did not report {self.app!r} RUNNING within {timeout_s:.0f} s; "
-                               f"see {self.log}")
+        cmd = [sys.executable, "-c", SERVE_APP_RUNNING, self.cluster.address, self.app, f"{left:.0f}"]
+        try:  # its own limit is `left`; the margin covers ray.init on a busy machine
+            done = subprocess.run(cmd, env=self.cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, timeout=left + 60)
+            why = done.stderr.strip()[-2000:] if done.returncode != 0 else None
+        except subprocess.TimeoutExpired:
+            why = f"the status check itself did not return within {left + 60:.0f} s"
+        if why is not None:
+            raise RuntimeError(f"{self.name}: Serve did not report {self.app!r} RUNNING with every replica up "
+                               f"({why}); see {self.log}")
         return time.monotonic() - self.started
 
     def stop(self) -> None:

@@ -37,7 +37,8 @@ class PolicyConfig(BaseModel):
     """Thresholds of the policy (the hysteresis lives here, not in code)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    target_batch_fill: float = Field(0.8, gt=0, le=1, description="Replicas for load: each near this share of its B*.")
+    target_batch_fill: float = Field(0.8, gt=0, le=1,
+                                     description="Replicas for load: each near this share of its batch cap (max_num_seqs).")
     upscale_after_s: float = Field(5.0, ge=0, description="A wish for more replicas must hold this long.")
     downscale_after_s: float = Field(60.0, ge=0, description="A wish for fewer replicas must hold this long.")
     repack_min_gain: float = Field(0.10, ge=0, description="Predicted gain a re-pack must reach (0.1 = +10%).")

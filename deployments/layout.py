@@ -181,6 +181,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
     name = key or m.served_name
     planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
     dev = None
+    other_batch = m.max_num_seqs  # the batch cap of the variants other than the planned N
     if profile is not None:
         dev = _device_for_plans(profile, inventory, cluster)
         shape = WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens)
@@ -191,6 +192,9 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             raise AppConfigError(f"model {name!r} fits no {where}: {exc}") from None
         m = m.model_copy(update={"replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
                                  "kv_cache_bytes": ByteSize(plan.kv_cache_bytes)})
+        # the planned N may batch past B* (its KV was sized for that, where N replicas fit); the
+        # other variants keep B*, whose KV the planner checked for every N
+        other_batch = plan.b_star or plan.max_num_seqs
     elif m.variants:
         raise AppConfigError(
             f"model {name!r}: variants {m.variants} need the Advisor's profile to choose between them; "
@@ -212,7 +216,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
             block = KV_BLOCK_TOKENS[cluster.engine_device]
             shape_len = m.prompt_tokens + m.output_tokens
             longest = m.max_model_len or 2 * shape_len
-            kv = min(usable // k - fixed, kv_pool_bytes(profile.kv_bytes_per_token, block, m.max_num_seqs, longest,
+            kv = min(usable // k - fixed, kv_pool_bytes(profile.kv_bytes_per_token, block, other_batch, longest,
                                                      planner.kv_headroom))
             needed = kv_pool_bytes(profile.kv_bytes_per_token, block, 1, shape_len, 0.0, m.max_model_len)
             if kv < needed:
@@ -226,6 +230,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
                 )
             memory = fixed + kv
         spec = replica_spec(m.model_copy(update={"replicas_per_device": k,
+                                                 "max_num_seqs": m.max_num_seqs if k == n else other_batch,
                                                  "kv_cache_bytes": ByteSize(kv) if kv is not None else None}),
                             cluster, device)
         specs[k] = spec

@@ -511,8 +511,9 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
 
 def validate(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Profile, plan: ReplicaPlan,
              log: Callable[[str], None]) -> Validation:
-    """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding B* each
-    at the same time, against one engine on the whole device at its own knee, same workload."""
+    """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding the planned
+    batch (`max_num_seqs`: B* or a larger batch still on the plateau) each at the same time, against
+    one engine on the whole device at its own knee, same workload."""
     cfg = SweepConfig(min_tokens_per_point=4 * plan.max_num_seqs * req.shape.output_tokens)
     single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, _kv_cap(req, memory),
                                  dtype=memory.dtype, engine_kwargs=req.engine_kwargs, enforce_eager=req.eager)

@@ -45,6 +45,19 @@ def test_profiled_model_gets_a_variant_per_n_with_kv_from_its_share():
     assert lay.specs[planned].max_num_seqs == lay.specs[other].max_num_seqs  # B from the plan for both
 
 
+def test_the_planned_n_batches_past_b_star_and_the_other_variants_keep_b_star():
+    from advisor.plateau import PlateauRules, plateau_batches
+    from tests.factories import FakeRunner
+    flat = make_profile(runner=FakeRunner(a=20, b=4, c=0), rules=PlateauRules(tpot_growth_limit=10))
+    flat = flat.model_copy(update={"cores": 2})
+    assert plateau_batches(flat.points, flat.rules) == [24, 32]
+    lay = layout_model(model(replicas_per_device=1, variants=[1, 2], min_replicas=1, max_replicas=3), CLUSTER,
+                       inventory(), "auto", flat)
+    planned, other = lay.active_n, 1 if lay.active_n == 2 else 2
+    assert lay.specs[planned].max_num_seqs == 32 and lay.policy_input.variant(planned).max_num_seqs == 32
+    assert lay.specs[other].max_num_seqs == 24 and lay.policy_input.variant(other).max_num_seqs == 24
+
+
 def test_variants_without_a_profile_are_refused_with_the_fix():
     with pytest.raises(AppConfigError, match="set replicas_per_device: auto"):
         layout_model(model(replicas_per_device=2, variants=[1]), CLUSTER, inventory(), "auto", None)

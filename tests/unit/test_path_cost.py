@@ -176,15 +176,21 @@ def test_a_serve_run_side_is_ready_only_once_serve_reports_every_replica_up(tmp_
     monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200))
     runs = []
 
-    def run(cmd, env, **kwargs):
-        runs.append((cmd, env))
-        return subprocess.CompletedProcess(cmd, returncode)
+    def run(cmd, env, timeout, **kwargs):
+        runs.append((cmd, env, timeout))
+        if returncode is None:
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return subprocess.CompletedProcess(cmd, returncode, stderr="application plateau is DEPLOY_FAILED: boom")
     monkeypatch.setattr(vs.subprocess, "run", run)
 
     returncode = 0
-    assert side.wait_ready("m", 60) >= 0
-    (cmd, env), = runs
+    assert 0 <= side.wait_ready("m", 60) < 60
+    (cmd, env, timeout), = runs
     assert cmd[2:5] == [vs.SERVE_APP_RUNNING, "127.0.0.1:6379", "plateau"] and env == {"TAG": "cluster"}
-    returncode = 1
-    with pytest.raises(RuntimeError, match="did not report 'plateau' RUNNING"):
+    assert 55 <= int(cmd[5]) <= 60 and timeout > int(cmd[5])  # what is left of the 60 s, and a limit above it
+    returncode = 2
+    with pytest.raises(RuntimeError, match="did not report 'plateau' RUNNING .*DEPLOY_FAILED: boom"):
+        side.wait_ready("m", 60)
+    returncode = None
+    with pytest.raises(RuntimeError, match="status check itself did not return"):
         side.wait_ready("m", 60)

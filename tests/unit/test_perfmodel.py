@@ -276,6 +276,7 @@ def test_plan_on_a_device_we_lack_says_it_is_predicted(opt13, tmp_path):
     assert plan.reasons[0].startswith("predicted, not measured")
     assert plan.device_kind == "cuda" and plan.replicas_per_device >= 1
     assert plan.memory_per_replica_bytes * plan.replicas_per_device <= 0.9 * c.device(name).memory_bytes
+    assert plan.max_num_seqs == plan.b_star  # a predicted curve never admits past its knee (nothing measured there)
 
 
 def stored_real_profile(store, model, device_name, dtype="float16"):

@@ -117,23 +117,47 @@ CPU = DeviceSpec(kind="cpu", name="cpu", memory_bytes=24 * GIB, cores=2)
 
 def flat_profile(**rules):
     from tests.factories import FakeRunner
-    # step = 20 + 5*B ms: flat from B*=16 (x10 TPOT rule: 16 -> 160, 32 -> 178 tok/s; 64 breaks the rule)
-    return make_profile(runner=FakeRunner(a=20, b=5, c=0), rules=PlateauRules(tpot_growth_limit=10, **rules))
+    # step = 20 + 4*B ms (x10 TPOT rule): B*=24 (207 tok/s; batch 16's 190 is under 90% of the 216 peak),
+    # batch 32 (216) still on the plateau, batch 64 breaks the rule
+    return make_profile(runner=FakeRunner(a=20, b=4, c=0), rules=PlateauRules(tpot_growth_limit=10, **rules))
 
 
 def test_a_replica_admits_the_largest_batch_still_on_the_plateau_with_its_kv():
     profile = flat_profile()
     plan = plan_replicas(profile, CPU)
-    assert (plan.b_star, plan.max_num_seqs) == (profile.knee.b_star, 32) == (16, 32)
+    assert (plan.b_star, plan.max_num_seqs) == (profile.knee.b_star, 32) == (24, 32)
     knee_only = plan_replicas(profile, CPU, cfg=PlannerConfig(admit_plateau=False))
-    assert (knee_only.b_star, knee_only.max_num_seqs) == (16, 16)
+    assert (knee_only.b_star, knee_only.max_num_seqs) == (24, 24)
     assert plan.kv_cache_bytes == kv_pool_bytes(profile.kv_bytes_per_token, KV_BLOCK_TOKENS["cpu"], 32,
                                                 profile.shape.kv_tokens_per_sequence, 0.10)
     assert plan.kv_cache_bytes > knee_only.kv_cache_bytes
     assert plan.memory_per_replica_bytes == profile.weight_bytes + profile.overhead_bytes + plan.kv_cache_bytes
-    assert plan.replicas_per_device == knee_only.replicas_per_device
-    assert plan.predicted_aggregate_tokens_per_s == knee_only.predicted_aggregate_tokens_per_s
-    assert any(r.startswith("max_num_seqs 32 (B*=16)") for r in plan.reasons)
+    n = plan.replicas_per_device
+    assert plan.memory_freed_bytes == int(CPU.memory_bytes * 0.9) - n * plan.memory_per_replica_bytes
+    assert any(r.startswith("max_num_seqs 32 (B*=24)") for r in plan.reasons)
+
+
+def test_the_batch_is_the_largest_on_the_plateau_whose_kv_still_fits_the_chosen_n():
+    from advisor.plateau import find_knee
+    rules = PlateauRules(tpot_growth_limit=10)
+    base = make_profile()
+    ctx = base.points[0].context_tokens
+    curve = [(1, 20.0, 49.9), (2, 38.9, 51.7), (4, 76.8, 51.8), (8, 133.9, 59.7), (16, 166.5, 95.4),
+             (24, 239.0, 116.1), (32, 247.0, 130.1), (64, 249.1, 332.9)]  # plateau: 24, 32, 64
+    points = [base.points[0].model_copy(update={"batch": b, "context_tokens": ctx, "tokens_per_s": t, "tpot_p50_ms": ms,
+                                                "tpot_p99_ms": ms * 1.2, "dram_bw_util": 50.0}) for b, t, ms in curve]
+    profile = base.model_copy(update={"points": points, "rules": rules, "knee": find_knee(points, rules)})
+    fixed = profile.weight_bytes + profile.overhead_bytes
+
+    def per_replica(b):
+        return fixed + kv_pool_bytes(profile.kv_bytes_per_token, KV_BLOCK_TOKENS["cuda"], b,
+                                     profile.shape.kv_tokens_per_sequence, 0.10)
+    # two replicas (one engine uses half the bandwidth) fit at batch 32, not at 64
+    gpu = DeviceSpec(kind="cuda", name="g", memory_bytes=int((2 * per_replica(32) + 1) / 0.9) + 1)
+    assert 2 * per_replica(64) > gpu.memory_bytes * 0.9
+    plan = plan_replicas(profile, gpu)
+    assert (plan.replicas_per_device, plan.b_star, plan.max_num_seqs) == (2, 24, 32)
+    assert plan.memory_per_replica_bytes == per_replica(32)
 
 
 def test_the_larger_batch_never_costs_a_replica_where_memory_is_short():
@@ -143,11 +167,14 @@ def test_the_larger_batch_never_costs_a_replica_where_memory_is_short():
     tight = CPU.model_copy(update={"memory_bytes": int(knee_only.replicas_per_device *
                                                        knee_only.memory_per_replica_bytes / 0.9) + 1})
     plan = plan_replicas(profile, tight)
-    assert (plan.replicas_per_device, plan.max_num_seqs) == (knee_only.replicas_per_device, 16)
+    assert (plan.replicas_per_device, plan.max_num_seqs) == (knee_only.replicas_per_device, 24)
     assert any("would not fit" in r for r in plan.reasons)
 
 
 def test_another_workload_keeps_its_predicted_b_star():
-    profile = flat_profile()
+    from tests.factories import FakeRunner
+    # KV reads make a 1024-token prompt's predicted B* small, far under the profiled plateau's 64 and 128
+    profile = make_profile(runner=FakeRunner(a=40, b=4, c=0.01), rules=PlateauRules(tpot_growth_limit=50))
+    assert plan_replicas(profile, CPU).max_num_seqs > profile.knee.b_star
     plan = plan_replicas(profile, CPU, WorkloadShape(prompt_tokens=1024, output_tokens=64))
-    assert plan.max_num_seqs == plan.b_star
+    assert plan.max_num_seqs == plan.b_star < profile.knee.b_star
