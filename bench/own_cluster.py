@@ -217,6 +217,22 @@ def own_local_ray(env: Optional[dict[str, str]] = None, **init_kwargs):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def stop_ray_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
+    """`stop_processes` for a Ray cluster's processes, its GCS last. Signalled together, the raylet, its
+    workers, agents and dashboard find the GCS gone while they shut down and wait on it until SIGKILL
+    (the whole `grace_s` each time, measured here); with the GCS still up they exit within ~2 s, then
+    the GCS does. Returns the survivors."""
+    def is_gcs(p: psutil.Process) -> bool:
+        try:
+            return p.name() == "gcs_server"
+        except psutil.NoSuchProcess:
+            return False
+
+    gcs = [p for p in procs if is_gcs(p)]
+    rest = [p for p in procs if p not in gcs]
+    return stop_processes(rest, grace_s) + stop_processes(gcs, grace_s)
+
+
 def _names(arg: str, temp_dir: str) -> bool:
     return re.search(re.escape(temp_dir) + r"(?=$|[/\s,;:])", arg) is not None
 
@@ -379,7 +395,7 @@ class OwnCluster:
             if attempt == self.cfg.start_attempts:
                 raise ClusterStartError(f"{failed}:\n{log.read_text()[-2000:]}")
             self._log(f"[cluster] {failed}; stopping what it started and trying again")
-            stop_processes(self.processes(), self.cfg.stop_grace_s)
+            stop_ray_processes(self.processes(), self.cfg.stop_grace_s)
         self._log(f"[cluster] Ray head at {self.address} (temp dir {self.temp_dir}, Serve HTTP port "
                   f"{self.ports.serve_http}, metrics port {self.ports.metrics_export})")
         for node in self.cfg.workers:
@@ -411,7 +427,7 @@ class OwnCluster:
             if not procs:
                 survivors = []
                 break
-            survivors = stop_processes(procs, self.cfg.stop_grace_s)
+            survivors = stop_ray_processes(procs, self.cfg.stop_grace_s)
         for child in self._children:  # reap our own children so they leave no zombie
             try:
                 child.wait(timeout=5)
@@ -480,7 +496,7 @@ def cleanup_orphans(base: Optional[str] = None, grace_s: float = 10.0,
         if owner.alive():
             continue
         procs = processes_of(tag=owner.tag, temp_dir=str(folder))
-        left = stop_processes(procs, grace_s)
+        left = stop_ray_processes(procs, grace_s)
         stopped += len(procs) - len(left)
         log(f"[cluster] {folder}: owner {owner.pid} is gone; stopped {len(procs) - len(left)} processes"
             + (f", {len(left)} survived: {[p.pid for p in left]}" if left else ""))

@@ -58,6 +58,8 @@ class Shift(BaseModel):
     short_phase_s: float = Field(60.0, gt=0, description="Seconds of 100-token prompts before the switch.")
     after_phase_s: float = Field(60.0, ge=0, description="Seconds of 1500-token prompts measured after the re-pack.")
     repack_timeout_s: float = Field(480.0, gt=0, description="Longest wait for repack_done after the switch.")
+    shape_window_s: float = Field(60.0, gt=0, description="The policy's shape_window_s: the short prompts leave the "
+                                  "live shape this long after the switch.")
     ready_timeout_s: float = Field(900.0, gt=0, description="Longest wait for both models to answer.")
     dtype: str = Field("float32", description="Engine dtype (fp32: SmolLM2's bf16 output degenerates on CPU).")
     plan_shape: tuple[int, int] = Field((128, 64), description="Prompt/output tokens the profile is planned for.")
@@ -177,6 +179,7 @@ def write_config(path: Path, model: str, device_memory: int, cfg: Shift, http_po
             "args": {
                 "device_memory": device_memory,
                 "policy": {"repack_sustain_s": 5, "drain_grace_s": 2, "shape_min_requests": 4,
+                           "shape_window_s": cfg.shape_window_s,
                            "downscale_after_s": 600, "repack_cooldown_s": 600,
                            "repack_min_gain": MEMORY_ONLY_MIN_GAIN},
                 "models": [

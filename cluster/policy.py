@@ -45,6 +45,8 @@ class PolicyConfig(BaseModel):
     repack_sustain_s: float = Field(20.0, ge=0, description="The better variant must stay better this long.")
     repack_cooldown_s: float = Field(120.0, ge=0, description="No new re-pack this soon after the last one ended.")
     shape_min_requests: int = Field(8, ge=1, description="Finished requests needed to trust the live shape.")
+    shape_window_s: float = Field(60.0, gt=0, description="The live shape is that of the requests each replica "
+                                  "finished in this many seconds: a change of lengths shows fully after about this long.")
     spread_min_requests: int = Field(32, ge=2, description="Finished requests needed to trust the spread of their "
                                      "output lengths (fewer: the shape's lengths are taken as all alike).")
     drain_grace_s: float = Field(3.0, ge=0, description="Wait after the old variant stops taking requests.")

@@ -74,6 +74,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                         "autoscaling_policy: deployments.autoscale:PlateauAutoscaler in config.yaml)", name)
         routes[name] = []
         for k, spec in lay.specs.items():
+            spec = spec.model_copy(update={"shape_window_s": args.policy.shape_window_s})  # what the policy reads
             count = lay.initial_replicas if k == lay.active_n else 0
             autoscaling = {
                 # re-packing scales whole variants to zero, so only a single-variant model keeps its minimum

@@ -78,7 +78,7 @@ class LLMReplica:
     async def __init__(self, spec: ReplicaSpec):
         path = await asyncio.to_thread(resolve_on_node, spec.model_path, ray.util.get_node_ip_address())
         self.spec = spec.model_copy(update={"model_path": str(path)})
-        self.stats = ReplicaStats()
+        self.stats = ReplicaStats(shape_window_s=spec.shape_window_s)
         self.cores: Optional[list[int]] = None
         if spec.device_kind == "cpu":
             # a slice of the node's cores no other engine on the node holds (any model, any variant)

@@ -50,3 +50,5 @@ class ReplicaSpec(BaseModel):
     server_kwargs: dict[str, EngineKwargValue] = Field(
         default_factory=dict, description="vLLM OpenAI server options (FrontendArgs), checked against vLLM's own fields."
     )
+    shape_window_s: float = Field(60.0, gt=0, description="Seconds of finished requests the replica reports as the "
+                                  "live workload shape (the app sets the policy's `shape_window_s`).")

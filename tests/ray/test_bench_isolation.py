@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.own_cluster import ClusterPorts, processes_of, stop_processes
+from bench.own_cluster import ClusterPorts, processes_of, stop_ray_processes
 from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.ray
@@ -76,7 +76,7 @@ def default_tmp():
     """RAY_TMPDIR for every process of the test; whatever runs under it at the end was started here."""
     base = tempfile.mkdtemp(prefix="pl-def-", dir="/tmp")
     yield base
-    stop_processes(_started_under(base), grace_s=10)  # after a failure: the bench's cluster, serve run's instance
+    stop_ray_processes(_started_under(base), grace_s=10)  # after a failure: the bench's cluster, serve run's instance
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -84,6 +84,10 @@ def _started_under(default_tmp: str) -> list[psutil.Process]:
     """Every process this test started: they all inherit its RAY_TMPDIR (this process does not have it)."""
     return [p for p in psutil.process_iter(["environ"], ad_value=None)
             if (p.info["environ"] or {}).get("RAY_TMPDIR") == default_tmp and p.pid != os.getpid()]
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _env(default_tmp: str) -> dict:
@@ -110,7 +114,7 @@ def users_cluster(default_tmp):
         assert out.returncode == 0, out.stdout + out.stderr
         yield f"127.0.0.1:{p.gcs}", temp
     finally:
-        stop_processes(processes_of(temp_dir=temp), grace_s=10)
+        stop_ray_processes(processes_of(temp_dir=temp), grace_s=10)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -211,8 +215,11 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     # `serve run config.yaml` as `make run` starts it: a local Ray instance, the app submitted
     log = tmp_path / "serve-run.log"
     with open(log, "w") as sink:
+        # Ctrl-C as in a terminal: a test run in the background (CI, nohup) ignores SIGINT, and a child
+        # would inherit that and never see the signal
         serve = subprocess.Popen([_bin("serve"), "run", "config.yaml"], cwd=ROOT, env=_env(default_tmp), stdout=sink,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
+    stopped_by_itself = False
     try:
         wait_until(lambda: _logged(log, serve, "Started a local Ray instance"), 180, "serve run to start Ray")
         wait_until(lambda: _logged(log, serve, "Submitted deploy config successfully"), 180, "serve run to submit")
@@ -221,6 +228,8 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
         serve.send_signal(signal.SIGINT)  # as Ctrl-C: serve run shuts the app and its local instance down
         try:
             serve.wait(timeout=STOP_TIMEOUT_S)
+            stopped_by_itself = True
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+    assert stopped_by_itself and "Got KeyboardInterrupt, shutting down" in log.read_text(), log.read_text()[-3000:]

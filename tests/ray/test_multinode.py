@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 GiB = 1 << 30
 TYPES = {"small": 4 * GiB, "large": 8 * GiB}  # logical GPU memory per type: the node's declared memory
+DEVICE_REFRESH_S = 5
 
 
 def _config(path: Path, port: int, store: Path) -> Path:
@@ -45,6 +46,8 @@ def _config(path: Path, port: int, store: Path) -> Path:
                       # the large type's plan packs two replicas per device: m's and m2's share it
                       shipped_model_args(name="m2", device_type="large", min_replicas=1, max_replicas=1)]
     args["profile_store"] = str(store)
+    # the policy reads the cluster's devices every DEVICE_REFRESH_S (30 s by default): a joining node shows sooner
+    args.setdefault("policy", {})["device_refresh_s"] = DEVICE_REFRESH_S
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -252,7 +255,7 @@ def test_a_node_that_joins_the_running_cluster_is_among_the_devices_the_policy_g
                every_s=5, detail=lambda: str(status()["devices"]))
     cluster.add_worker(NodeConfig(num_cpus=1, num_gpus=1, memory_bytes=TYPES["large"],
                                   resources={"accelerator_type:large": 1}, env={"PLATEAU_HOME": str(other_home)}))
-    # within policy.device_refresh_s (30 s) it reads the joined node's device: growth may use it without a redeploy
+    # within policy.device_refresh_s it reads the joined node's device: growth may use it without a redeploy
     wait_until(lambda: len(names(status()["devices"])) == 3, 120, "the policy to read the joined node's device",
                every_s=5, detail=lambda: str(status()["devices"]))
     joined = [d for d in status()["devices"] if d["name"] not in start]

@@ -30,7 +30,9 @@ from tests.ray.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
-CFG = Shift(workers=6, short_phase_s=45, after_phase_s=20)
+# a short first phase and window: the policy sees the switch ~30 s after it instead of ~60 (the benchmark's own
+# phases are a minute each)
+CFG = Shift(workers=4, short_phase_s=15, after_phase_s=10, shape_window_s=30)
 
 
 @pytest.fixture(scope="module")

@@ -244,6 +244,19 @@ def test_a_model_on_two_device_types_gets_a_layout_per_type_behind_one_served_na
                                                 "hosts": {"a": "a", "b": "b"}}
 
 
+def test_each_replica_reports_the_live_shape_over_the_policys_window():
+    from deployments.app import build
+
+    args = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB"}],
+                       "policy": {"shape_window_s": 20}})
+    handles = build(args, CLUSTER, typed_inventory())._bound_deployment.init_args[0]
+    (spec,) = handles["m"]["LLM:m@n2"]._bound_deployment.init_args
+    assert spec.shape_window_s == 20
+    default = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB"}]})
+    (spec,) = build(default, CLUSTER, typed_inventory())._bound_deployment.init_args[0]["m"]["LLM:m@n2"]._bound_deployment.init_args
+    assert spec.shape_window_s == 60
+
+
 def test_device_types_are_checked():
     with pytest.raises(AppConfigError, match="set device_type .* or device_types .*, not both"):
         model(device_type="a", device_types=["a", "b"])

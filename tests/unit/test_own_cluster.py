@@ -15,7 +15,7 @@ import pytest
 
 from bench import own_cluster
 from bench.own_cluster import (TAG_VAR, ClusterPorts, Interrupted, OwnCluster, OwnClusterConfig, processes_of,
-                               stop_processes)
+                               stop_processes, stop_ray_processes)
 
 # a parent that starts a child and both sleep: the shape of a Ray worker and its vLLM engine process
 TREE = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
@@ -63,6 +63,46 @@ def test_tagged_processes_and_their_children_are_found_and_stopped_others_are_no
     ours.wait(timeout=5)
     assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
     assert other.poll() is None and untagged.poll() is None
+
+
+# a raylet stand-in: takes a moment to exit on SIGTERM, as a raylet shutting down does
+RAYLET = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(0))); time.sleep(120)"
+# a GCS stand-in, named as Ray's: on SIGTERM it writes whether the raylet (pid argv[1]) still runs
+GCS = """
+import signal, sys, time
+open("/proc/self/comm", "w").write("gcs_server")
+def on_term(*_):
+    try:
+        state = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # ended and reaped
+        state = "Z"
+    open(sys.argv[2], "w").write("raylet up" if state != "Z" else "raylet gone")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[2], "w").write("ready")
+time.sleep(120)
+"""
+
+
+def test_a_clusters_gcs_is_stopped_after_every_other_process(tmp_path):
+    """The raylet and workers get SIGTERM while the GCS still runs (with it gone they wait on it until
+    SIGKILL); the GCS gets it once they have ended."""
+    seen = tmp_path / "seen"
+    raylet = subprocess.Popen([sys.executable, "-c", RAYLET])
+    gcs = subprocess.Popen([sys.executable, "-c", GCS, str(raylet.pid), str(seen)])
+    try:
+        for _ in range(200):
+            if seen.exists() and seen.read_text() == "ready":
+                break
+            psutil.wait_procs([psutil.Process(gcs.pid)], timeout=0.05)
+        assert psutil.Process(gcs.pid).name() == "gcs_server"
+        procs = [psutil.Process(gcs.pid), psutil.Process(raylet.pid)]  # the GCS first, as processes_of may list it
+        assert stop_ray_processes(procs, grace_s=5) == []
+        assert seen.read_text() == "raylet gone"
+    finally:
+        for proc in (gcs, raylet):
+            proc.kill()
+            proc.wait()
 
 
 def test_processes_are_found_by_the_temp_dir_on_their_command_line_not_by_a_longer_name(spawn, tmp_path):
