@@ -9,8 +9,8 @@ Ray client, dashboard, dashboard agent, runtime-env agent, metrics export, and o
 HTTP proxy that a config can use). Leaving the `with` block stops the cluster: on normal exit, on
 an exception, and on SIGINT/SIGTERM (handlers installed for the block raise KeyboardInterrupt on
 SIGINT and `Interrupted` (exit code 143) on SIGTERM, so the stop runs on the way out; a second
-signal during the stop is ignored). `ray stop` is never used: it ends every Ray cluster on the
-machine, other people's included.
+signal during the stop is ignored). The GCS is stopped after everything else (`stop_ray_processes`).
+`ray stop` is never used: it ends every Ray cluster on the machine, other people's included.
 
 With `autoscaled` node types the head also runs Ray's autoscaler over its fake multi-node provider
 (`RAY_FAKE_CLUSTER=1`): a resource request or pending demand makes it start nodes of those types
@@ -221,11 +221,11 @@ def stop_ray_processes(procs: list[psutil.Process], grace_s: float) -> list[psut
     """`stop_processes` for a Ray cluster's processes, its GCS last. Signalled together, the raylet, its
     workers, agents and dashboard find the GCS gone while they shut down and wait on it until SIGKILL
     (the whole `grace_s` each time, measured here); with the GCS still up they exit within ~2 s, then
-    the GCS does. Returns the survivors."""
+    the GCS does (~4 s in all). Returns the survivors."""
     def is_gcs(p: psutil.Process) -> bool:
         try:
             return p.name() == "gcs_server"
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # ended, or not ours to read: stopped with the rest
             return False
 
     gcs = [p for p in procs if is_gcs(p)]

@@ -60,6 +60,8 @@ class Shift(BaseModel):
     repack_timeout_s: float = Field(480.0, gt=0, description="Longest wait for repack_done after the switch.")
     shape_window_s: float = Field(60.0, gt=0, description="The policy's shape_window_s: the short prompts leave the "
                                   "live shape this long after the switch.")
+    shape_min_requests: int = Field(4, ge=1, description="The policy's shape_min_requests: long requests that must "
+                                    "finish within the window before the policy trusts the new shape.")
     ready_timeout_s: float = Field(900.0, gt=0, description="Longest wait for both models to answer.")
     dtype: str = Field("float32", description="Engine dtype (fp32: SmolLM2's bf16 output degenerates on CPU).")
     plan_shape: tuple[int, int] = Field((128, 64), description="Prompt/output tokens the profile is planned for.")
@@ -178,7 +180,7 @@ def write_config(path: Path, model: str, device_memory: int, cfg: Shift, http_po
             "autoscaling_policy": {"policy_function": "deployments.autoscale:PlateauAutoscaler"},
             "args": {
                 "device_memory": device_memory,
-                "policy": {"repack_sustain_s": 5, "drain_grace_s": 2, "shape_min_requests": 4,
+                "policy": {"repack_sustain_s": 5, "drain_grace_s": 2, "shape_min_requests": cfg.shape_min_requests,
                            "shape_window_s": cfg.shape_window_s,
                            "downscale_after_s": 600, "repack_cooldown_s": 600,
                            "repack_min_gain": MEMORY_ONLY_MIN_GAIN},

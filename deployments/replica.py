@@ -45,10 +45,10 @@ _GAUGES = {
     "mean_context_tokens": "Mean prompt+generated tokens of ongoing requests.",
     "kv_usage": "Share of the replica's KV pool in use (0..1).",
     "preemptions_total": "Sequences preempted by the engine since start.",
-    "recent_requests": "Requests finished in the last 60 s.",
-    "recent_prompt_tokens": "Mean prompt tokens of requests finished in the last 60 s.",
-    "recent_output_tokens": "Mean generated tokens of requests finished in the last 60 s.",
-    "recent_output_tokens_sq": "Mean squared generated tokens of requests finished in the last 60 s (length spread).",
+    "recent_requests": "Requests finished in the shape window (policy.shape_window_s, 60 s by default).",
+    "recent_prompt_tokens": "Mean prompt tokens of requests finished in the shape window.",
+    "recent_output_tokens": "Mean generated tokens of requests finished in the shape window.",
+    "recent_output_tokens_sq": "Mean squared generated tokens of requests finished in the shape window (length spread).",
     "decode_steps": "Engine steps that only decoded (10 s window).",
     "decode_batch": "Mean sequences per decode-only engine step (10 s window).",
     "decode_step_ms": "Mean duration of a decode-only engine step, ms (10 s window).",
@@ -72,13 +72,18 @@ class ReplicaInfo(BaseModel):
     vllm_version: str
 
 
+def replica_stats(spec: ReplicaSpec) -> ReplicaStats:
+    """The replica's load and shape readings, its live shape over the policy's window (in the spec)."""
+    return ReplicaStats(shape_window_s=spec.shape_window_s)
+
+
 class LLMReplica:
     """Serve deployment class; `deployments/app.py` binds it with the options `engine.deployment_options` makes from the spec."""
 
     async def __init__(self, spec: ReplicaSpec):
         path = await asyncio.to_thread(resolve_on_node, spec.model_path, ray.util.get_node_ip_address())
         self.spec = spec.model_copy(update={"model_path": str(path)})
-        self.stats = ReplicaStats(shape_window_s=spec.shape_window_s)
+        self.stats = replica_stats(spec)
         self.cores: Optional[list[int]] = None
         if spec.device_kind == "cpu":
             # a slice of the node's cores no other engine on the node holds (any model, any variant)

@@ -86,8 +86,9 @@ def _started_under(default_tmp: str) -> list[psutil.Process]:
             if (p.info["environ"] or {}).get("RAY_TMPDIR") == default_tmp and p.pid != os.getpid()]
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# runs a command with SIGINT at its default (Ctrl-C as in a terminal): a test run in the background (CI,
+# nohup) ignores SIGINT, a child inherits that, and Python then never installs its KeyboardInterrupt handler
+WITH_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 def _env(default_tmp: str) -> dict:
@@ -215,10 +216,8 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     # `serve run config.yaml` as `make run` starts it: a local Ray instance, the app submitted
     log = tmp_path / "serve-run.log"
     with open(log, "w") as sink:
-        # Ctrl-C as in a terminal: a test run in the background (CI, nohup) ignores SIGINT, and a child
-        # would inherit that and never see the signal
-        serve = subprocess.Popen([_bin("serve"), "run", "config.yaml"], cwd=ROOT, env=_env(default_tmp), stdout=sink,
-                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
+        serve = subprocess.Popen([sys.executable, "-c", WITH_SIGINT, _bin("serve"), "run", "config.yaml"], cwd=ROOT,
+                                 env=_env(default_tmp), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     stopped_by_itself = False
     try:
         wait_until(lambda: _logged(log, serve, "Started a local Ray instance"), 180, "serve run to start Ray")
@@ -233,3 +232,11 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
             serve.kill()
             serve.wait()
     assert stopped_by_itself and "Got KeyboardInterrupt, shutting down" in log.read_text(), log.read_text()[-3000:]
+    # ... and its local Ray instance with it: nothing started here is left but the user's cluster
+
+    def left_by_serve_run() -> list[psutil.Process]:
+        users = {p.pid for p in processes_of(temp_dir=users_temp)}  # its idle workers come and go
+        return [p for p in _started_under(default_tmp) if p.pid not in users]
+
+    wait_until(lambda: not left_by_serve_run(), 60, "serve run's local Ray instance to stop",
+               detail=lambda: "\n".join(_describe(p)[:160] for p in left_by_serve_run()))

@@ -31,8 +31,8 @@ from tests.ray.conftest import ROOT, wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
 # a short first phase and window: the policy sees the switch ~30 s after it instead of ~60 (the benchmark's own
-# phases are a minute each)
-CFG = Shift(workers=4, short_phase_s=15, after_phase_s=10, shape_window_s=30)
+# phases are a minute each); 2 finished long requests in a window suffice (a slower machine finishes fewer)
+CFG = Shift(workers=4, short_phase_s=15, after_phase_s=10, shape_window_s=30, shape_min_requests=2)
 
 
 @pytest.fixture(scope="module")

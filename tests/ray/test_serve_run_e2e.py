@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -183,3 +184,31 @@ def test_fuzzing_with_vllms_schema_finds_no_server_error(served, tmp_path):
     ok = httpx.post(f"{served.base_url}/v1/completions", timeout=60,
                     json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+REPLICA = """
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deployments = serve.status().applications["plateau"].deployments
+name = next(d for d, s in deployments.items() if d.startswith("LLM:") and s.replica_states.get("RUNNING"))
+info = serve.get_deployment_handle(name, app_name="plateau").info.remote().result(timeout_s=60)
+print(json.dumps({"pid": info.pid, "engine_pids": info.engine_pids}))
+"""
+
+
+def test_a_killed_replica_leaves_no_engine_process_behind(served):
+    """SIGKILL of a replica actor (what `ray stop --force` or a node-manager restart does): its
+    reaper ends the engine processes within seconds (Serve then starts a new replica). Last in the
+    module: the cluster stops while that replica starts (Serve's own shutdown would wait out the
+    replica's 30 s graceful-shutdown timeout on it)."""
+    from deployments.reaper import alive
+
+    out = subprocess.run([sys.executable, "-c", REPLICA, served.address], capture_output=True, text=True, timeout=180,
+                         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    victim = json.loads(out.stdout.strip().splitlines()[-1])
+    engines = [psutil.Process(pid) for pid in victim["engine_pids"]]
+    assert engines and all(alive(p) for p in engines)
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in engines), 20, "the killed replica's engine processes to end")

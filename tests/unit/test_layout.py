@@ -256,6 +256,14 @@ def test_each_replica_reports_the_live_shape_over_the_policys_window():
     (spec,) = build(default, CLUSTER, typed_inventory())._bound_deployment.init_args[0]["m"]["LLM:m@n2"]._bound_deployment.init_args
     assert spec.shape_window_s == 60
 
+    from deployments.replica import replica_stats  # what the replica reads its live shape with
+
+    stats = replica_stats(spec.model_copy(update={"shape_window_s": 20}))
+    stats.on_start("r", prompt_tokens=100)
+    stats.on_finish("r", now=0.0, output_tokens=16)
+    assert stats.snapshot(19.0).recent_requests == 1
+    assert stats.snapshot(21.0).recent_requests == 0  # gone after 20 s, not the default 60
+
 
 def test_device_types_are_checked():
     with pytest.raises(AppConfigError, match="set device_type .* or device_types .*, not both"):
