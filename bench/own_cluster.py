@@ -153,7 +153,8 @@ class OwnClusterConfig(BaseModel):
     autoscaled: list[AutoscaledNodeType] = Field(default_factory=list, description="Node types Ray's autoscaler may "
                                                  "add (none at start); empty: no autoscaler runs.")
     include_dashboard: bool = Field(False, description="Start the dashboard (on its own port).")
-    stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL.")
+    stop_grace_s: float = Field(10.0, gt=0, description="Wait after SIGTERM before SIGKILL, once for the "
+                               "cluster's other processes and once more for its GCS (stop_ray_processes).")
     stop_rounds: int = Field(3, ge=1, description="Look for processes again this often (teardown may spawn some).")
     keep_temp_dir: bool = Field(False, description="Keep the temp dir (Ray's session logs) after the stop.")
     start_attempts: int = Field(2, ge=1, description="`ray start` tries: on a loaded machine the raylet may miss "

@@ -81,6 +81,7 @@ class LLMReplica:
     """Serve deployment class; `deployments/app.py` binds it with the options `engine.deployment_options` makes from the spec."""
 
     async def __init__(self, spec: ReplicaSpec):
+        self._stopping = False  # set by Serve's graceful stop: the engine's shutdown is then no death
         path = await asyncio.to_thread(resolve_on_node, spec.model_path, ray.util.get_node_ip_address())
         self.spec = spec.model_copy(update={"model_path": str(path)})
         self.stats = replica_stats(spec)
@@ -205,9 +206,13 @@ class LLMReplica:
         so Serve's routers favour it until three failed health checks (~6 s) retire it, and requests
         retried elsewhere keep landing on it. It ends its own process instead: routers drop a dead
         actor on their next call and the controller replaces it at once. The grace lets in-flight
-        streams send their error events first."""
+        streams send their error events first. An engine stopped by Serve's graceful stop (`__del__`)
+        is no death: the replica then lets Serve finish the stop (it used to log the engine dead and
+        exit with status 1 in the middle of every scale-down, re-pack drain and shutdown)."""
         while not self.engine.errored:
             await asyncio.sleep(ENGINE_WATCH_S)
+        if self._stopping:
+            return
         logger.error("vLLM engine of %s died: this replica exits in %.0f s so Serve routes around it and replaces "
                      "it", self.spec.served_name, DEAD_ENGINE_EXIT_GRACE_S)
         await asyncio.sleep(DEAD_ENGINE_EXIT_GRACE_S)
@@ -252,6 +257,8 @@ class LLMReplica:
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     def __del__(self):
+        """Serve's graceful stop (scale-down, re-pack drain, `serve shutdown`): the engine stops with it."""
+        self._stopping = True
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -214,6 +214,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     assert (current_file.read_text() if current_file.exists() else None) == before
 
     # `serve run config.yaml` as `make run` starts it: a local Ray instance, the app submitted
+    users_before = {p.pid for p in _started_under(default_tmp)}  # e.g. its Ray client server, named by address only
     log = tmp_path / "serve-run.log"
     with open(log, "w") as sink:
         serve = subprocess.Popen([sys.executable, "-c", WITH_SIGINT, _bin("serve"), "run", "config.yaml"], cwd=ROOT,
@@ -235,7 +236,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     # ... and its local Ray instance with it: nothing started here is left but the user's cluster
 
     def left_by_serve_run() -> list[psutil.Process]:
-        users = {p.pid for p in processes_of(temp_dir=users_temp)}  # its idle workers come and go
+        users = users_before | {p.pid for p in processes_of(temp_dir=users_temp)}  # its idle workers come and go
         return [p for p in _started_under(default_tmp) if p.pid not in users]
 
     wait_until(lambda: not left_by_serve_run(), 60, "serve run's local Ray instance to stop",

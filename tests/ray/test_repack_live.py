@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psutil
@@ -26,7 +28,7 @@ from bench.own_cluster import OwnCluster, OwnClusterConfig, processes_of
 from bench.prometheus import INSTALL_HINT, Prometheus, prometheus_binary
 from bench.repack import (Shift, board_status, ensure_profile, plan_scenario, run_shift,
                           shift_failure, wait_ready, write_config)
-from tests.ray.conftest import ROOT, wait_until
+from tests.ray.conftest import ROOT, ray_session_logs, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -240,3 +242,20 @@ def test_every_metric_the_readme_names_is_scraped(shifted, prometheus):
     assert len(names) >= 20, names  # the README lists the board's, the replicas' and the counter
     with httpx.Client(timeout=30) as client:
         assert missing_series(client, prom.url, names, since, time.time()) == []
+
+
+def test_the_drained_replica_stopped_gracefully(shifted, app):
+    """The re-pack stops alpha's N=2 replica through Serve's graceful stop (its `__del__` shuts the
+    engine down). That is no engine death: the replica finishes the stop instead of logging its engine
+    dead and exiting, and Serve never has to force-kill it."""
+    cluster, _ = app
+
+    def controller() -> str:
+        logs = Path(cluster.temp_dir).glob("session_*/logs/serve/controller_*.log")
+        return "".join(p.read_text(errors="replace") for p in logs)
+
+    stopped = re.compile(r"Replica\(id='[^']+', deployment='LLM:alpha@n2', app='[^']+'\) is stopped")
+    wait_until(lambda: stopped.search(controller()), 90, "Serve to report alpha's N=2 replica stopped",
+               every_s=2, detail=lambda: controller()[-3000:])
+    assert "did not shut down after grace period" not in controller(), controller()[-3000:]
+    assert "this replica exits" not in ray_session_logs(cluster.temp_dir)  # deployments/replica.py's engine-death exit

@@ -11,7 +11,7 @@ def test_a_replica_whose_engine_died_ends_its_own_process_and_not_before(monkeyp
     monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
     monkeypatch.setattr(mod, "ENGINE_WATCH_S", 0.01)
     monkeypatch.setattr(mod, "DEAD_ENGINE_EXIT_GRACE_S", 0.05)
-    fake = SimpleNamespace(engine=SimpleNamespace(errored=False), spec=SimpleNamespace(served_name="m"))
+    fake = SimpleNamespace(engine=SimpleNamespace(errored=False), spec=SimpleNamespace(served_name="m"), _stopping=False)
 
     async def run():
         watch = asyncio.ensure_future(mod.LLMReplica._exit_when_engine_dies(fake))
@@ -24,6 +24,34 @@ def test_a_replica_whose_engine_died_ends_its_own_process_and_not_before(monkeyp
 
     asyncio.run(run())
     assert ended == [True]
+
+
+def test_an_engine_stopped_by_serves_graceful_stop_does_not_end_the_process(monkeypatch):
+    """Serve stops a replica (scale-down, re-pack drain, `serve shutdown`) by calling its `__del__`,
+    which shuts the engine down: the watch lets Serve finish its stop instead of logging an engine
+    death and exiting with status 1."""
+    ended = []
+    monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
+    monkeypatch.setattr(mod, "ENGINE_WATCH_S", 0.01)
+    monkeypatch.setattr(mod, "DEAD_ENGINE_EXIT_GRACE_S", 0.01)
+
+    class Engine:  # vLLM's AsyncLLM: `errored` once shut down
+        errored = False
+
+        def shutdown(self):
+            self.errored = True
+
+    replica = mod.LLMReplica.__new__(mod.LLMReplica)  # the deployment class itself, without an engine start
+    replica._stopping, replica.engine, replica.spec = False, Engine(), SimpleNamespace(served_name="m")
+
+    async def run():
+        watch = asyncio.ensure_future(replica._exit_when_engine_dies())
+        await asyncio.sleep(0.05)
+        replica.__del__()  # what Serve's graceful stop calls (`call_destructor`)
+        await asyncio.wait_for(watch, 2)
+
+    asyncio.run(run())
+    assert replica.engine.errored and ended == []
 
 
 def test_a_python_call_on_a_dead_engine_is_refused_as_engine_dead_so_the_ingress_sends_it_elsewhere():
