@@ -200,8 +200,8 @@ print(json.dumps({"pid": info.pid, "engine_pids": info.engine_pids}))
 def test_a_killed_replica_leaves_no_engine_process_behind(served):
     """SIGKILL of a replica actor (what `ray stop --force` or a node-manager restart does): its
     reaper ends the engine processes within seconds (Serve then starts a new replica). Last in the
-    module: the cluster stops while that replica starts (Serve's own shutdown would wait out the
-    replica's 30 s graceful-shutdown timeout on it)."""
+    module: the tests before it count on every planned replica running, and the cluster is stopped
+    by its processes (OwnCluster) while the new replica starts."""
     from deployments.reaper import alive
 
     out = subprocess.run([sys.executable, "-c", REPLICA, served.address], capture_output=True, text=True, timeout=180,
