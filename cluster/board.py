@@ -19,10 +19,12 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.niceness import undo_worker_niceness
 from cluster.autoscaler import ADDED_PREFIX, ResourceRequest, describe
 from cluster.inventory import Device, device_changes
 from cluster.packing import DeviceCapacity, PackResult
 from cluster.policy import Decision, LiveModel, Route
+from cluster.routing import REPORT_STALE_S, ReplicaReport
 from cluster.state_store import RayInternalKV, StateStore, board_key
 
 BOARD_NAME = "plateau-status"
@@ -57,6 +59,14 @@ class AppStatus(BaseModel):
     devices: Optional[list[DeviceCapacity]] = Field(
         None, description="The devices the policy grows onto, as it last read them (a fixed cluster: nodes that "
                           "joined or left since the deploy); None: the start placement's.")
+
+
+class DataPlane(BaseModel):
+    """What a router needs to pin a request: the variants that take requests, and the replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    routes: dict[str, list[Route]] = Field(description="The policy's routes per model (empty: none published).")
+    replicas: list[ReplicaReport] = Field(description="Each replica's latest report, the stale ones left out.")
 
 
 class BoardMetrics:
@@ -115,9 +125,12 @@ class StatusBoard:
                  apps: tuple[str, ...] = ()):
         """Reads back the saved status of every app it knew (`apps` limits that, for tests); `store`
         and `metrics` default to Ray's internal KV and the Ray metrics, tests inject fakes."""
+        undo_worker_niceness()  # the routers read it under load: not below the engines (Ray starts it at nice 15)
         self._store: StateStore = store if store is not None else RayInternalKV()
         self._metrics = metrics if metrics is not None else BoardMetrics()
         self._apps: dict[str, AppStatus] = {}
+        # replica reports live in memory only: every replica reports again within a second or two
+        self._replicas: dict[str, dict[str, ReplicaReport]] = {}
         for app in apps or self._known_apps():
             saved = self._load(app)
             if saved is not None:
@@ -183,7 +196,24 @@ class StatusBoard:
         self._apps[app] = status.model_copy(update={"policy_errors": status.policy_errors + 1,
                                                     "last_policy_error": message})
 
+    def report_replica(self, app: str, report: ReplicaReport) -> None:
+        """A replica's latest reading of itself (fire-and-forget from the replicas)."""
+        self._replicas.setdefault(app, {})[report.replica_id] = report
+
+    def forget_replica(self, app: str, replica_id: str) -> None:
+        self._replicas.get(app, {}).pop(replica_id, None)
+
     # ---- readers ------------------------------------------------------------------------------
+    def data_plane(self, app: str, now: Optional[float] = None) -> DataPlane:
+        """The app's routes and its replicas' latest reports (reports older than `REPORT_STALE_S`
+        are dropped: their replica is gone)."""
+        now = time.time() if now is None else now
+        reports = self._replicas.get(app, {})
+        for replica_id in [k for k, r in reports.items() if now - r.at > REPORT_STALE_S]:
+            del reports[replica_id]
+        status = self._apps.get(app)
+        return DataPlane(routes=status.routes if status is not None else {}, replicas=list(reports.values()))
+
     def routes(self, app: str) -> Optional[dict[str, list[Route]]]:
         """The app's routes (after a board restart: the saved ones); None if the board never heard of it."""
         status = self._apps.get(app)

@@ -24,10 +24,14 @@ from cluster.policy import Route
 from deployments.autoscale import POLICY_FUNCTION, policy_kwargs, request_resources
 from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppArgs, AppConfigError, parse_args
+from cluster.routing import ServedModel
+from deployments.direct_path import haproxy_enabled, missing_env, slow_path_warning
 from deployments.engine import deployment_options, vllm_version
-from deployments.ingress import OpenAIIngress, ServedModel
+from deployments.ingress import OpenAIIngress
 from deployments.layout import apply_plan, ask_plan, cluster_for, layout_model, place
 from deployments.replica import LLMReplica
+from deployments.replica_front import FrontSettings
+from deployments.router import PlateauRouter
 from deployments.vllm_api import openai_schema
 
 logger = logging.getLogger("ray.serve")
@@ -65,6 +69,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     # the policy packs onto the devices there are and those requested from the autoscaler
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
+    front = FrontSettings(api_key=args.resolved_api_key(), default_model=args.models[0].served_name)
     handles: dict[str, dict[str, object]] = {}  # served name -> variant deployment -> its bound deployment
     routes = {}  # by the policy's model (the layout key)
     for lay in layouts:
@@ -89,7 +94,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                                                                 args.cluster_autoscaling, read)},
             }
             opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment)
-            handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec)
+            handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec, front)
             routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
     served = []  # one per served name, over the layouts of all its device types
@@ -108,7 +113,17 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     )
     first = layouts[0]
     schema = openai_schema(first.specs[first.active_n])
-    return ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+    app = ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+    missing = missing_env(models=len(served))
+    if missing:
+        logger.warning(slow_path_warning(missing))
+    if not haproxy_enabled():
+        return app
+    # the direct data path: HAProxy asks the router which LLM replica takes each POST and sends it there
+    # (Ray runs one router replica per proxy node and refuses an autoscaling_config for it)
+    router = serve.deployment(PlateauRouter).options(
+        name="PlateauRouter", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+    return app._with_ingress_request_router(router.bind(served, routes))
 
 
 def ask_autoscaler(needed: NeededDevices,

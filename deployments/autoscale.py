@@ -355,7 +355,9 @@ def observe(ctx) -> VariantObservation:
     kv = per_replica("kv_usage")
     return VariantObservation(
         running=int(ctx.current_num_replicas), target=int(ctx.target_num_replicas),
-        requests=max(0.0, float(ctx.total_num_requests or 0.0)),
+        # Serve counts only the requests its handles sent (the Python path); those that HAProxy sent
+        # to a replica's own server (the direct path) the replicas count themselves
+        requests=max(0.0, float(ctx.total_num_requests or 0.0), sum(per_replica("ongoing_requests").values())),
         tokens_per_s=sum(per_replica("tokens_per_s").values()),
         kv_usage=(sum(kv.values()) / len(kv)) if kv else 0.0,
         recent_requests=total_done, recent_prompt_tokens=weighted("recent_prompt_tokens"),

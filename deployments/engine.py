@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from advisor.locks import file_lock
+from advisor.niceness import undo_worker_niceness
 from deployments.spec import ReplicaSpec
 
 if TYPE_CHECKING:  # vLLM is heavy; only the replica process imports it for real
@@ -283,39 +284,6 @@ def device_start_lock(key: str, lock_dir: Optional[Path] = None,
     with held:
         path.write_text(f"{os.getpid()}\n")
         yield
-
-
-def undo_worker_niceness(pid: Optional[int] = None) -> Optional[str]:
-    """Ray starts worker processes at nice 15 (`RAY_worker_niceness`); an engine, and the
-    processes that relay its tokens, must not be.
-
-    Niceness is per thread on Linux: every thread of process `pid` (default: this one) is
-    raised, so the engine processes (which inherit the starting thread's) and the threads that
-    carry results back through Ray run at the same priority. Returns a warning when it cannot
-    be raised (lowering niceness needs CAP_SYS_NICE), else None.
-    """
-    current = os.getpriority(os.PRIO_PROCESS, pid or 0)
-    if current <= 0:
-        return None
-    try:
-        for tid in _thread_ids(pid):
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, 0)
-            except ProcessLookupError:  # the thread ended meanwhile
-                pass
-        return None
-    except PermissionError:
-        return (
-            f"process {pid or os.getpid()} runs at nice {current} (Ray's worker niceness), so the "
-            "engines it serves preempt it; start Ray with RAY_worker_niceness=0 in its environment"
-        )
-
-
-def _thread_ids(pid: Optional[int] = None) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid or 'self'}/task")]
-    except OSError:
-        return [pid or 0]
 
 
 @contextmanager

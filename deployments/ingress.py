@@ -1,30 +1,33 @@
-"""The HTTP ingress: authentication, model -> packing-variant routing, retries, and the endpoints
-that span all models. Everything else is vLLM's own server, running in the replicas.
+"""The ingress: the app's endpoints that span all models, and the Python path for requests.
 
-`POST /v1/completions`, `/v1/chat/completions`, `/tokenize` and `/detokenize` are forwarded,
-body untouched, to a replica of the model the body names, where vLLM's OpenAI app answers them
-(`deployments/replica.py`): validation, error bodies, status codes and SSE are vLLM's. The
-ingress answers `GET /health`, `/version`, `/v1/models` and `/openapi.json` (vLLM's schema for
-these paths), and 401 for a missing or wrong key (every path but `/health`) and 404 for a model
-it does not serve, in vLLM's error format.
+With Ray's HAProxy on (`make run`), requests vLLM answers (`POST /v1/completions`,
+`/v1/chat/completions`, `/tokenize`, `/detokenize`) do not come here: the router pins each to an LLM
+replica's own server (`deployments/router.py`, `deployments/replica_front.py`). The ingress then
+answers what HAProxy balances over the app's servers and what replicas hand over (`http`): `GET
+/health`, `/version`, `/v1/models`, `/openapi.json` (vLLM's schema for these paths), 401 for a
+missing or wrong key (every path but `/health`), 404 for a model it does not serve, in vLLM's error
+format, and the requests the router could not pin (no replica of the model up yet, several models
+and no body to tell them apart).
 
+Without HAProxy (a plain `serve run`), and for the Python API, every request comes here and is
+forwarded, body untouched, to a replica of the model the body names, where vLLM's OpenAI app
+answers it (`deployments/replica.py`: validation, error bodies, status codes and SSE are vLLM's).
 A model has one deployment per packing variant (`LLM:<model>@n<N>`; `LLM:<model>_<type>@n<N>` per
 device type when it runs on several). The routes (which variants take requests, how many replicas
-each runs, their batch) come from the status board, refreshed
-every `ROUTE_REFRESH_S`; each request goes to the accepting variant with the most free capacity
-(running replicas x batch, minus what this ingress already has in flight there). A draining
-variant gets no new requests, which is what lets the policy stop it without failing any.
-A request whose replica died, or whose engine was dead, before anything was produced is sent to
-another replica (`retry`); one still waiting at a variant that stopped taking requests is sent
-where the model now runs; one that waits past `retry.first_byte_timeout_s` gets a 504. Once bytes
-reached the client the stream ends as vLLM ends it. The Python API (`completions`, `chat` and
-their `_stream` forms on vLLM's request types) is routed, retried and timed the same way.
+each runs, their batch) come from the status board, refreshed every `ROUTE_REFRESH_S`; each request
+goes to the accepting variant with the most free capacity (running replicas x batch, minus what
+this ingress already has in flight there). A draining variant gets no new requests, which is what
+lets the policy stop it without failing any. A request whose replica died, or whose engine was
+dead, before anything was produced is sent to another replica (`retry`); one still waiting at a
+variant that stopped taking requests is sent where the model now runs; one that waits past
+`retry.first_byte_timeout_s` gets a 504. Once bytes reached the client the stream ends as vLLM ends
+it. The Python API (`completions`, `chat` and their `_stream` forms on vLLM's request types) is
+routed, retried and timed the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -42,35 +45,17 @@ from starlette.background import BackgroundTask
 
 from cluster.board import AppPlacement, ensure_routes, get_or_create_board
 from cluster.policy import Route
-from deployments.asgi import HttpRequest, HttpStart
-from deployments.engine import EngineDead, undo_worker_niceness
+from cluster.routing import ReplicaReport, ServedModel, choose_variant, merge_routes, model_of, should_reroute
+from deployments.asgi import HttpItem, HttpRequest, HttpStart
+from advisor.niceness import undo_worker_niceness
+from deployments.engine import EngineDead
+from deployments.replica_front import key_error
+from deployments.vllm_api import FORWARDED_PATHS
 
 logger = logging.getLogger("ray.serve")
 ROUTE_REFRESH_S = 0.5
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 app = FastAPI(title="plateau-serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-class ServedModel(BaseModel):
-    """A model the ingress routes to (shown by GET /v1/models)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    max_model_len: Optional[int]
-    replicas: int
-    keys: list[str] = Field(default_factory=list, description="The policy's models that serve it: one per device "
-                                                              "type it runs on (empty: just `name`).")
-
-    @property
-    def policy_models(self) -> list[str]:
-        return self.keys or [self.name]
-
-
-def merge_routes(routes: dict[str, list[Route]], models: list[ServedModel]) -> dict[str, list[Route]]:
-    """The policy's routes (keyed by its models) by served name: a model served on several device
-    types gets the variants of every type."""
-    return {m.name: [r for key in m.policy_models for r in routes.get(key, [])] for m in models
-            if any(key in routes for key in m.policy_models)}
 
 
 class RetryPolicy(BaseModel):
@@ -91,37 +76,17 @@ def error_response(status: int, message: str, err_type: str, param: Optional[str
                         status_code=status)
 
 
-def choose_variant(routes: list[Route], inflight: dict[str, int]) -> Optional[str]:
-    """The deployment of the accepting variant with the most free capacity (running replicas x
-    batch minus this ingress's requests in flight there; `inflight` by deployment). A variant with
-    no running replica, or one that drains, only when nothing else can take the request: the
-    request then waits there instead of failing."""
-    live = [r for r in routes if r.accepting and r.running > 0]
-    pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
-    if not pool:
-        return None
-    best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - inflight.get(r.deployment, 0), -r.n))
-    return best.deployment
+async def _http_request(request: Request) -> HttpRequest:
+    return HttpRequest(method=request.method, path=request.url.path, query_string=request.url.query,
+                       headers=list(request.headers.items()), body=await request.body())
 
 
-def should_reroute(routes: list[Route], deployment: str) -> bool:
-    """A request still waiting for its first answer at a variant (`deployment`) goes elsewhere when
-    that variant stopped taking requests (it drains, or lost every replica) while another runs and
-    accepts: a request queued at a variant that is scaled to zero would otherwise wait for good."""
-    mine = next((r for r in routes if r.deployment == deployment), None)
-    if mine is not None and mine.accepting and mine.running > 0:
-        return False
-    return any(r.deployment != deployment and r.accepting and r.running > 0 for r in routes)
-
-
-def model_of(body: bytes) -> Optional[str]:
-    """The `model` a JSON request body names, or None (not JSON, not an object, no model)."""
+def _replica_actor_name() -> str:
+    """This replica's Serve actor name: what HAProxy's server map and the routers call it."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    return model if isinstance(model, str) else None
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # constructed outside Serve
+        return ""
 
 
 def _app_name() -> str:
@@ -196,7 +161,7 @@ class _Flight:
 # routes call must already exist above this line.
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(
+    async def __init__(
         self,
         handles: dict[str, dict[str, DeploymentHandle]],
         models: list[ServedModel],
@@ -216,6 +181,8 @@ class OpenAIIngress:
         self.routes: dict[str, list[Route]] = merge_routes(placement.routes, models)  # by served name
         self.placement = placement
         self.inflight: dict[tuple[str, str], int] = {}  # (served name, deployment) -> requests
+        self.data_requests = 0  # requests vLLM answers that went through this process
+        self.handed_over = 0  # requests LLM replicas' own servers handed over
         self._board = None
         self._refresher: Optional[asyncio.Task] = None
         self.app_name = _app_name()
@@ -231,6 +198,8 @@ class OpenAIIngress:
             self._board.set_placement.remote(self.placement)
         except Exception as exc:  # routing still works from the build-time routes
             logger.warning("no status board (%s): routing by the start placement only", exc)
+        self.replica_id = _replica_actor_name()
+        self._ensure_refresher()  # the routers learn from the board where the Python path is
 
     # ---- variant choice -------------------------------------------------------------------
     def _choose(self, model: str) -> tuple[str, DeploymentHandle]:
@@ -252,13 +221,84 @@ class OpenAIIngress:
                 routes = await ensure_routes(self._board, self.placement)
                 if routes:
                     self.routes = merge_routes(routes, list(self.models.values()))
+                self._board.report_replica.remote(self.app_name, ReplicaReport(
+                    replica_id=self.replica_id, role="ingress", at=time.time()))
             except Exception as exc:  # board restarting: keep the last routes
                 logger.debug("route refresh failed: %s", exc)
             await asyncio.sleep(ROUTE_REFRESH_S)
 
-    # ---- endpoints the ingress answers ----------------------------------------------------
+    # ---- HTTP: the routes, and the requests LLM replicas hand over ---------------------------
     @app.get("/health")
-    async def health(self) -> Response:
+    async def health_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.get("/version")
+    async def version_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.get("/openapi.json")
+    async def openapi_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.get("/v1/models")
+    async def models_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.post("/v1/completions")
+    async def completions_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.post("/tokenize")
+    async def tokenize_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    @app.post("/detokenize")
+    async def detokenize_http(self, request: Request) -> Response:
+        return await self._respond(await _http_request(request))
+
+    async def http(self, req: HttpRequest) -> AsyncIterator[HttpItem]:
+        """A request an LLM replica's own server handed over (another model's, one its dead engine
+        could not answer, an app-wide endpoint), answered as if it had come here: an `HttpStart`,
+        then the body."""
+        self.handed_over += 1
+        response = await self._respond(req)
+        try:
+            yield HttpStart(status=response.status_code,
+                            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers])
+            if isinstance(response, StreamingResponse):
+                async for chunk in response.body_iterator:
+                    yield chunk if isinstance(chunk, bytes) else chunk.encode()
+            elif response.body:
+                yield response.body
+        finally:
+            if response.background is not None:
+                await response.background()
+
+    def path_counts(self) -> dict[str, int]:
+        """Requests vLLM answers that went through this process (`data_requests`: on the direct path
+        only what the router could not pin), and those LLM replicas handed over (`handed_over`)."""
+        return {"data_requests": self.data_requests, "handed_over": self.handed_over}
+
+    async def _respond(self, req: HttpRequest) -> Response:
+        if req.method == "GET" and req.path == "/health":
+            return self._health()
+        if (denied := self._auth(req.headers)) is not None:
+            return denied
+        if req.method == "POST" and req.path in FORWARDED_PATHS:
+            return await self._forward(req)
+        if req.method == "GET" and req.path == "/version":
+            return JSONResponse({"version": self.engine_version})
+        if req.method == "GET" and req.path == "/openapi.json":
+            return JSONResponse(self.openapi)
+        if req.method == "GET" and req.path == "/v1/models":
+            return self._models()
+        return error_response(404, f"{req.method} {req.path} is not served here", "NotFoundError")
+
+    def _health(self) -> Response:
         """200 when every model has a running replica (what load balancers and benchmark clients probe)."""
         self._ensure_refresher()  # probes may come before any request: running counts are the board's
         down = [m for m in self.models if self._replicas(m) == 0]
@@ -266,22 +306,7 @@ class OpenAIIngress:
             return error_response(503, f"no running replica for: {', '.join(down)}", "ServiceUnavailableError")
         return Response(status_code=200)
 
-    @app.get("/version")
-    async def version(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        return JSONResponse({"version": self.engine_version})
-
-    @app.get("/openapi.json")
-    async def openapi_json(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        return JSONResponse(self.openapi)
-
-    @app.get("/v1/models")
-    async def list_models(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
+    def _models(self) -> Response:
         self._ensure_refresher()
         data = [{"id": m.name, "object": "model", "created": int(time.time()), "owned_by": "plateau-serve",
                  "root": m.name, "parent": None, "max_model_len": m.max_model_len, "replicas": self._replicas(m.name)}
@@ -292,33 +317,14 @@ class OpenAIIngress:
         routes = self.routes.get(model)
         return sum(r.running for r in routes) if routes else self.models[model].replicas
 
-    # ---- endpoints vLLM answers -----------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions_http(self, request: Request) -> Response:
-        return await self._forward(request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_http(self, request: Request) -> Response:
-        return await self._forward(request)
-
-    @app.post("/tokenize")
-    async def tokenize_http(self, request: Request) -> Response:
-        return await self._forward(request)
-
-    @app.post("/detokenize")
-    async def detokenize_http(self, request: Request) -> Response:
-        return await self._forward(request)
-
-    async def _forward(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        body = await request.body()
-        model = model_of(body)
+    async def _forward(self, req: HttpRequest) -> Response:
+        """A request vLLM answers, sent to a replica of the model its body names."""
+        model = model_of(req.body)
         if model is not None and model not in self.handles:
             return error_response(404, f"The model `{model}` does not exist. Served models: "
                                        f"{', '.join(sorted(self.handles))}", "NotFoundError", param="model")
-        req = HttpRequest(method=request.method, path=request.url.path, query_string=request.url.query,
-                          headers=[(k, v) for k, v in request.headers.items() if k != "authorization"], body=body)
+        self.data_requests += 1
+        req = req.model_copy(update={"headers": [(k, v) for k, v in req.headers if k != "authorization"]})
         return await self._send(model or self.default_model, req)
 
     async def _send(self, model: str, req: HttpRequest) -> Response:
@@ -407,16 +413,12 @@ class OpenAIIngress:
         if attempt + 1 < self.retry.attempts:
             await asyncio.sleep(min(4.0, self.retry.backoff_s * (2 ** attempt)))
 
-    def _auth(self, request: Request) -> Optional[Response]:
-        if not self.api_key:
+    def _auth(self, headers: list[tuple[str, str]]) -> Optional[Response]:
+        denied = key_error(self.api_key, next((v for k, v in headers if k == "authorization"), ""))
+        if denied is None:
             return None
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not token:
-            return error_response(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return error_response(401, "invalid API key", "authentication_error")
-        return None
+        status, body = denied
+        return Response(body, status_code=status, media_type="application/json")
 
     # ---- Python API (DeploymentHandle) ----------------------------------------------------
     async def completions(self, request):

@@ -1,13 +1,15 @@
 """The LLM replica deployment: one vLLM `AsyncLLM` engine behind a Ray Serve replica.
 
 Requests are answered by vLLM's own OpenAI serving layer over the replica's engine
-(`deployments/vllm_api.py`): HTTP requests forwarded by the ingress (`http`), and the same
-serving calls from Python (`completions`, `chat`, their `*_stream` forms) on vLLM's request
-types. The replica owns what vLLM's server does not: the engine's cores and memory share, the
-health check (fails once the engine process is gone), a dead engine reported as retryable (and
-the replica ending its own process a second later, so routers stop choosing it at once), and the
-load signals (`record_autoscaling_stats()` plus the same values as `ray.serve.metrics`
-gauges).
+(`deployments/vllm_api.py`). With Ray's HAProxy on, the replica runs its own HTTP server
+(`deployments/replica_front.py`) that HAProxy sends requests to directly, and tells the routers
+what it holds (`ReplicaReport`, through the status board); its stop drains that server first.
+Without it, and for the Python API, requests come through the ingress: HTTP requests (`http`) and
+the same serving calls on vLLM's request types (`completions`, `chat`, their `*_stream` forms).
+The replica owns what vLLM's server does not: the engine's cores and memory share, the health
+check (fails once the engine process is gone), a dead engine reported as retryable (and the replica
+ending its own process a second later, so routers stop choosing it at once), and the load signals
+(`record_autoscaling_stats()` plus the same values as `ray.serve.metrics` gauges).
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.metrics import Gauge
 
+from cluster.board import get_or_create_board
+from cluster.routing import ReplicaReport
 from deployments.cores import claim_cores
+from deployments.direct_path import ReplicaPort, haproxy_enabled
 from deployments.engine import EngineDead, engine_core_pids, serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import descendants, engine_processes, start_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
+from deployments.replica_front import FrontServer, FrontSettings, ReplicaFront
 from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory, track_requests
 from deployments.vllm_api import build_openai_app
 from deployments.spec import ReplicaSpec
@@ -37,6 +43,15 @@ logger = logging.getLogger("ray.serve")
 GAUGE_PERIOD_S = 2.0
 ENGINE_WATCH_S = 0.5  # how often the replica checks that its engine lives
 DEAD_ENGINE_EXIT_GRACE_S = 1.0  # in-flight streams end with their error events, then the replica exits
+REPORT_EVERY_S = 0.25  # at most this often a replica tells the routers what it holds
+REPORT_KEEPALIVE_S = 2.0  # and at least this often (a report older than REPORT_STALE_S drops it from routing)
+# A stopping replica's own server keeps answering for this long after the routers were told, so
+# HAProxy has reloaded without it before it closes (Ray's ingress replicas wait the same way:
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S).
+FRONT_DRAIN_MIN_S = 2.0
+# Serve kills a replica `graceful_shutdown_timeout_s` (engine.deployment_options: 30 s) after its stop
+# began: its streams get up to this long to finish first.
+FRONT_DRAIN_MAX_S = 25.0
 _GAUGES = {
     "running_requests": "Sequences the vLLM engine is decoding now.",
     "waiting_requests": "Requests queued inside the vLLM engine.",
@@ -80,8 +95,11 @@ def replica_stats(spec: ReplicaSpec) -> ReplicaStats:
 class LLMReplica:
     """Serve deployment class; `deployments/app.py` binds it with the options `engine.deployment_options` makes from the spec."""
 
-    async def __init__(self, spec: ReplicaSpec):
+    async def __init__(self, spec: ReplicaSpec, front: Optional[FrontSettings] = None):
+        """`front`: the app's API key and default model, for the replica's own HTTP server (started
+        when Ray runs HAProxy: the direct data path)."""
         self._stopping = False  # set by Serve's graceful stop: the engine's shutdown is then no death
+        self.front: Optional[ReplicaFront] = None
         path = await asyncio.to_thread(resolve_on_node, spec.model_path, ray.util.get_node_ip_address())
         self.spec = spec.model_copy(update={"model_path": str(path)})
         self.stats = replica_stats(spec)
@@ -116,7 +134,73 @@ class LLMReplica:
             self._sampler.start()
         self._gauge_task = asyncio.get_running_loop().create_task(self._publish_gauges())
         self._engine_watch = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
-        logger.info("replica of %s ready: cores=%s max_model_len=%d", spec.served_name, self.cores, self.max_model_len)
+        port = await self._start_front(front) if front is not None and haproxy_enabled() else None
+        logger.info("replica of %s ready: cores=%s max_model_len=%d%s", spec.served_name, self.cores,
+                    self.max_model_len, f", own HTTP server on port {port}" if port else "")
+
+    # ---- the direct data path: the replica's own HTTP server ---------------------------------
+    async def _start_front(self, settings: FrontSettings) -> int:
+        ctx = serve.get_replica_context()
+        self._identity = (ctx.app_name, ctx.deployment, ctx.replica_id.to_full_id_str())
+        self._ingress = None  # the ingress's handle, for what this server hands over (made on first use)
+        self.front = ReplicaFront(self.app, self.spec.served_name, settings.default_model, settings.api_key,
+                                  relay=lambda req: self._hand_over(settings.ingress, req),
+                                  engine_dead=lambda: self.engine.errored)
+        self._front_server = FrontServer(ReplicaPort(ctx.replica_id.unique_id, ray.get_runtime_context().get_node_id()))
+        port = await self._front_server.start(self.front)
+        self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+        return port
+
+    def _hand_over(self, ingress: str, req: HttpRequest):
+        if self._ingress is None:
+            self._ingress = serve.get_deployment_handle(ingress, app_name=self._identity[0])
+        return self._ingress.options(stream=True).http.remote(req)
+
+    def _report(self) -> ReplicaReport:
+        app, deployment, replica_id = self._identity
+        return ReplicaReport(replica_id=replica_id, model=self.spec.served_name, deployment=deployment,
+                             max_num_seqs=self.spec.max_num_seqs, ongoing=self.front.ongoing,
+                             received=self.front.received, engine_running=self.stats.running,
+                             stopping=not self.front.healthy(), at=time.time())
+
+    async def _report_forever(self) -> None:
+        """Tell the routers (through the board) what this replica holds: when it changes, at most
+        every REPORT_EVERY_S, and every REPORT_KEEPALIVE_S regardless."""
+        board = None
+        while True:
+            try:
+                await asyncio.wait_for(self.front.changed.wait(), timeout=REPORT_KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                pass
+            self.front.changed.clear()
+            try:
+                board = board or get_or_create_board()
+                board.report_replica.remote(self._identity[0], self._report())
+            except Exception as exc:  # the board restarts: the next report reaches the new one
+                board = None
+                logger.debug("replica report failed: %s", exc)
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    async def _drain_front(self) -> None:
+        """Stop taking requests on the replica's own server and let the ones under way finish: the
+        routers hear it at once, HAProxy's health check within a second, its reload drops the
+        server; the server closes once it holds nothing (at most FRONT_DRAIN_MAX_S)."""
+        self.front.stopping = True
+        self.front.changed.set()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(FRONT_DRAIN_MIN_S)
+        while self.front.ongoing > 0 and loop.time() - start < FRONT_DRAIN_MAX_S:
+            await asyncio.sleep(0.2)
+        if self.front.ongoing > 0:
+            logger.warning("replica of %s stops with %d requests still streaming after %.0f s",
+                           self.spec.served_name, self.front.ongoing, FRONT_DRAIN_MAX_S)
+        self._reporter.cancel()
+        await self._front_server.stop()
+        try:
+            get_or_create_board().forget_replica.remote(self._identity[0], self._identity[2])
+        except Exception:
+            pass
 
     # ---- requests -------------------------------------------------------------------------
     async def http(self, request: HttpRequest) -> AsyncIterator[HttpItem]:
@@ -225,6 +309,13 @@ class LLMReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         return self.stats.snapshot(time.monotonic()).as_metrics()
 
+    def front_counts(self) -> dict[str, int]:
+        """Requests the replica's own server gave vLLM's app (`received`), holds now (`ongoing`) and
+        handed to the ingress (`relayed`); empty without the direct path."""
+        if self.front is None:
+            return {}
+        return {"received": self.front.received, "ongoing": self.front.ongoing, "relayed": self.front.relayed}
+
     def get_stats(self) -> ReplicaStatsSnapshot:
         return self.stats.snapshot(time.monotonic())
 
@@ -256,9 +347,12 @@ class LLMReplica:
                     self._gauges["device_dram_bw_util"].set(sample.dram_bw_util)
             await asyncio.sleep(GAUGE_PERIOD_S)
 
-    def __del__(self):
-        """Serve's graceful stop (scale-down, re-pack drain, `serve shutdown`): the engine stops with it."""
+    async def __del__(self):
+        """Serve's graceful stop (scale-down, re-pack drain, `serve shutdown`): the replica's own
+        server drains, then the engine stops."""
         self._stopping = True
+        if getattr(self, "front", None) is not None:
+            await self._drain_front()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

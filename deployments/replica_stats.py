@@ -62,6 +62,11 @@ class ReplicaStats:
         self._kv_usage = 0.0
         self._preemptions = 0
 
+    @property
+    def running(self) -> int:
+        """Sequences the engine decodes now (its scheduler's last reading)."""
+        return self._running
+
     def on_scheduler(self, running: int, waiting: int, kv_usage: float, preempted: int = 0) -> None:
         with self._lock:
             self._running, self._waiting, self._kv_usage = running, waiting, kv_usage

@@ -104,6 +104,107 @@ def test_serve_runs_throughput_optimized_with_replica_logs_on_stderr_as_make_run
     assert "replica of smollm2-135m ready" in served.log.read_text(errors="replace")
 
 
+PATH_COUNTS = """
+import json, sys, ray
+from ray import serve
+from cluster.board import find_board
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+ingress = serve.get_deployment_handle("OpenAIIngress", app_name="plateau").path_counts.remote().result(timeout_s=60)
+router = serve.get_deployment_handle("PlateauRouter", app_name="plateau").counts.remote().result(timeout_s=60)
+view = ray.get(find_board().data_plane.remote("plateau"), timeout=60)
+print(json.dumps({"ingress": ingress, "router": router,
+                  "replicas": {r.replica_id: r.model_dump() for r in view.replicas if r.role == "llm"}}))
+"""
+
+
+def _path_counts(served: Served) -> dict:
+    """Where requests went: through the ingress, pinned by the router, taken by each LLM replica's server."""
+    out = subprocess.run([sys.executable, "-c", PATH_COUNTS, served.address], capture_output=True, text=True,
+                         timeout=180, cwd=ROOT, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_streamed_tokens_reach_the_client_from_the_llm_replicas_own_servers(served):
+    """The direct data path: HAProxy asks the router, then sends each request to an LLM replica's own
+    server, and its chunks come straight back; the ingress replica handles none of them."""
+    wait_until(lambda: len(_path_counts(served)["replicas"]) >= 1, 60, "the LLM replicas to report to the routers")
+    before = _path_counts(served)
+    sent = 6
+    for i in range(sent):
+        chunks = []
+        with httpx.stream("POST", f"{served.base_url}/v1/completions", timeout=120,
+                          json={"model": "smollm2-135m", "prompt": f"{i} apples and", "max_tokens": 5,
+                                "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(chunks) == 5, chunks
+
+    def taken() -> int:
+        after = _path_counts(served)["replicas"]
+        return sum(r["received"] - before["replicas"].get(rid, {}).get("received", 0) for rid, r in after.items())
+
+    wait_until(lambda: taken() >= sent, 30, f"the replicas' servers to have taken the {sent} requests",
+               detail=lambda: json.dumps(_path_counts(served)))
+    after = _path_counts(served)
+    assert after["ingress"]["data_requests"] == before["ingress"]["data_requests"], (before, after)
+    assert after["router"]["pinned"] - before["router"]["pinned"] >= sent, (before, after)
+
+
+FULL_BATCH = """
+import asyncio, json, sys, time
+import httpx, ray
+from cluster.board import find_board
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+base, tokens = sys.argv[2], int(sys.argv[3])
+board = find_board()
+replicas = {r.replica_id: r for r in ray.get(board.data_plane.remote("plateau")).replicas if r.role == "llm"}
+capacity = sum(r.max_num_seqs for r in replicas.values())
+peak = {rid: 0 for rid in replicas}
+
+async def one(client):
+    body = {"model": "smollm2-135m", "prompt": "Count: 1, 2, 3,", "max_tokens": tokens, "ignore_eos": True,
+            "stream": True}
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.status_code
+        async for _ in r.aiter_lines():
+            pass
+
+async def sample(stop):
+    while not stop.is_set():
+        view = await board.data_plane.remote("plateau")
+        for r in view.replicas:
+            if r.replica_id in peak:
+                peak[r.replica_id] = max(peak[r.replica_id], r.engine_running)
+        await asyncio.sleep(0.2)
+
+async def main():
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(sample(stop))
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+        await asyncio.gather(*(one(client) for _ in range(capacity)))
+    stop.set()
+    await sampler
+
+asyncio.run(main())
+print(json.dumps({"capacity": capacity, "max_num_seqs": {k: r.max_num_seqs for k, r in replicas.items()},
+                  "peak": peak}))
+"""
+
+
+def test_at_the_plans_capacity_every_engine_decodes_a_full_batch(served):
+    """As many streams as the running replicas' batches add up to: none waits outside an engine that
+    has room (the router spreads them by what each replica holds), so every engine's running batch
+    reaches its max_num_seqs."""
+    out = subprocess.run([sys.executable, "-c", FULL_BATCH, served.address, served.base_url, "48"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["capacity"] >= 2 and seen["peak"], seen
+    assert all(seen["peak"][rid] == b for rid, b in seen["max_num_seqs"].items()), seen
+
+
 def _status(served: Served) -> dict:
     out = subprocess.run([_serve_bin(), "status", "--address", served.dashboard], capture_output=True, text=True,
                          timeout=60, env=dict(os.environ, RAY_AUTH_MODE="disabled"))

@@ -43,6 +43,15 @@ def test_observe_sums_rates_and_weights_the_shape_by_finished_requests():
     assert o.recent_output_tokens_sq == (3 * 256 + 512) / 4
 
 
+def test_requests_sent_straight_to_the_replicas_count_as_load():
+    """HAProxy sends requests to the replicas' own servers (the direct path), past Serve's handles:
+    Serve counts none of them, the replicas count them all."""
+    metrics = {"ongoing_requests": {"r1": 20.0, "r2": 12.0}}
+    assert observe(context("LLM:alpha@n2", None, running=2, target=2, requests=0.0, metrics=metrics)).requests == 32.0
+    # through Serve's handles (the Python path) both count the same requests: no double count
+    assert observe(context("LLM:alpha@n2", None, running=2, target=2, requests=40.0, metrics=metrics)).requests == 40.0
+
+
 def test_observe_takes_live_samples_from_replicas_keyed_as_serve_keys_them():
     """Serve keys aggregated metrics by ReplicaID, which has no order (sorting them raised
     TypeError in the policy on every tick once a variant ran two replicas)."""

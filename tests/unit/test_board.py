@@ -175,3 +175,21 @@ def test_devices_that_joined_or_left_since_the_deploy_are_shown_from_the_policys
             "left: b/gpu0") in render_status("p", status)
     board.publish("p", {}, [], [], 50, None, now[:1] + [DeviceCapacity(name="b/gpu0", memory_bytes=8 * GiB)])
     assert "grows onto" not in render_status("p", board.status("p")["p"])  # the deploy's devices: nothing to say
+
+
+def test_the_routers_get_the_routes_and_each_replicas_latest_fresh_report():
+    from cluster.board import StatusBoard
+    from cluster.routing import ReplicaReport
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    routes = {"a": [Route(n=2, deployment="LLM:a@n2", accepting=True, running=2, max_num_seqs=32)]}
+    board.publish("plateau", routes, [], [])
+    for replica_id, ongoing, at in (("r1", 1, 100.0), ("r2", 1, 100.0), ("r1", 2, 101.0), ("old", 3, 90.0)):
+        board.report_replica("plateau", ReplicaReport(replica_id=replica_id, model="a", deployment="LLM:a@n2",
+                                                      max_num_seqs=32, ongoing=ongoing, received=5, at=at))
+    view = board.data_plane("plateau", now=101.5)
+    assert view.routes == routes
+    assert {r.replica_id: r.ongoing for r in view.replicas} == {"r1": 2, "r2": 1}  # latest of r1; "old" is gone
+    board.forget_replica("plateau", "r2")  # a replica that stopped says so
+    assert [r.replica_id for r in board.data_plane("plateau", now=101.5).replicas] == ["r1"]
+    assert board.data_plane("other", now=101.5).replicas == []

@@ -1,5 +1,5 @@
 from cluster.policy import Route
-from deployments.ingress import choose_variant
+from cluster.routing import choose_variant
 
 
 def route(n, running, accepting=True, b=32):
@@ -100,12 +100,24 @@ class _Remote:
         return call()
 
 
+class _Fired:
+    """A fire-and-forget actor method: it runs when called; nobody awaits it."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args):
+        self._fn(*args)
+
+
 class _Board:
-    """The status board's two methods the ingress's route refresh calls."""
+    """The status board's methods the ingress's route refresh calls."""
 
     def __init__(self, routes):
         self.routes = _Remote(lambda app: routes)
         self.set_placement = _Remote(lambda placement: None)
+        self.reports = []
+        self.report_replica = _Fired(lambda app, report: self.reports.append(report))
 
 
 def test_health_and_models_follow_the_board_before_any_request_was_routed():
@@ -121,16 +133,20 @@ def test_health_and_models_follow_the_board_before_any_request_was_routed():
     ingress.routes = {"m": [route(2, 2)]}  # the start placement: both replicas running
     ingress.placement = type("P", (), {"app": "plateau"})()
     ingress._board, ingress._refresher = _Board({"m": [route(2, 0)]}), None  # the board: none running now
+    ingress.app_name, ingress.replica_id = "plateau", "SERVE_REPLICA::plateau#OpenAIIngress#a"
 
     async def probe_twice():
-        first = await OpenAIIngress.health(ingress)
+        first = ingress._health()
         await asyncio.sleep(0.05)  # one refresh
-        second = await OpenAIIngress.health(ingress)
+        second = ingress._health()
         ingress._refresher.cancel()
         return first.status_code, second.status_code
 
     assert asyncio.run(probe_twice()) == (200, 503)
     assert ingress._replicas("m") == 0
+    # each refresh also tells the routers where the Python path is
+    assert ingress._board.reports and ingress._board.reports[0].role == "ingress"
+    assert ingress._board.reports[0].replica_id == "SERVE_REPLICA::plateau#OpenAIIngress#a"
 
 
 def test_a_request_waits_only_where_the_model_still_runs():

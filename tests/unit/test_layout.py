@@ -250,10 +250,11 @@ def test_each_replica_reports_the_live_shape_over_the_policys_window():
     args = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB"}],
                        "policy": {"shape_window_s": 20}})
     handles = build(args, CLUSTER, typed_inventory())._bound_deployment.init_args[0]
-    (spec,) = handles["m"]["LLM:m@n2"]._bound_deployment.init_args
+    spec, front = handles["m"]["LLM:m@n2"]._bound_deployment.init_args
     assert spec.shape_window_s == 20
+    assert front.default_model == "m" and front.api_key is None
     default = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB"}]})
-    (spec,) = build(default, CLUSTER, typed_inventory())._bound_deployment.init_args[0]["m"]["LLM:m@n2"]._bound_deployment.init_args
+    spec, _ = build(default, CLUSTER, typed_inventory())._bound_deployment.init_args[0]["m"]["LLM:m@n2"]._bound_deployment.init_args
     assert spec.shape_window_s == 60
 
     from deployments.replica import replica_stats  # what the replica reads its live shape with

@@ -82,17 +82,22 @@ def test_variant_sides_run_right_after_the_start_they_vary():
         with_variants(["vllm", "plateau"], ["plateau-reuse-before"])
 
 
-def test_each_side_is_compared_with_vllm_point_by_point():
+def test_each_side_is_compared_with_each_vllm_side_point_by_point():
     from bench.vs_vllm import ratios
 
-    def row(tok, ttft, failed=0):
+    def row(tok, ttft, itl=None, failed=0):
         return {"concurrency": 16, "prompt_tokens": 128, "output_tokens_per_s": tok, "ttft_p99_ms": ttft,
-                "failed": failed}
+                "itl_p50_ms": itl, "failed": failed}
 
-    got = ratios({"vllm": [row(100.0, 200.0)], "plateau": [row(150.0, 100.0, failed=1)]})
-    assert got == {"plateau": [{"concurrency": 16, "prompt_tokens": 128, "tokens_per_s_ratio": 1.5,
-                                "ttft_p99_ratio": 0.5, "failed": 1, "vllm_failed": 0}]}
+    got = ratios({"vllm": [row(100.0, 200.0, 20.0)], "vllm-tuned": [row(120.0, 150.0, 10.0, failed=2)],
+                  "plateau": [row(150.0, 100.0, 20.0, failed=1)]})
+    assert got == {"plateau": [{"concurrency": 16, "prompt_tokens": 128, "failed": 1, "against": {
+        "vllm": {"tokens_per_s_ratio": 1.5, "ttft_p99_ratio": 0.5, "itl_p50_ratio": 1.0, "failed": 0},
+        "vllm-tuned": {"tokens_per_s_ratio": 1.25, "ttft_p99_ratio": 0.667, "itl_p50_ratio": 2.0, "failed": 2}}}]}
     assert ratios({"plateau": [row(150.0, 100.0)]}) == {}
+    # vLLM's client gives no ITL for a side where it failed: the ratio says so instead of failing
+    assert ratios({"vllm": [row(100.0, 200.0)], "p": [row(50.0, 100.0)]})["p"][0]["against"]["vllm"]["itl_p50_ratio"] \
+        is None
 
 
 def test_the_one_core_side_sets_up_vllms_engine_as_the_first_replica_of_two_on_this_node():

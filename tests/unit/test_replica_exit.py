@@ -47,7 +47,7 @@ def test_an_engine_stopped_by_serves_graceful_stop_does_not_end_the_process(monk
     async def run():
         watch = asyncio.ensure_future(replica._exit_when_engine_dies())
         await asyncio.sleep(0.05)
-        replica.__del__()  # what Serve's graceful stop calls (`call_destructor`)
+        await replica.__del__()  # what Serve's graceful stop awaits (`call_destructor`)
         await asyncio.wait_for(watch, 2)
 
     asyncio.run(run())
@@ -85,3 +85,48 @@ def test_a_python_call_on_a_dead_engine_is_refused_as_engine_dead_so_the_ingress
     vllm_500 = SimpleNamespace(error=SimpleNamespace(code=500))
     assert asyncio.run(call(replica(False, vllm_500), "openai_serving_completion", "create_completion", None)) \
         is vllm_500  # a live engine's own 500 is the answer
+
+
+def test_a_stopping_replica_serves_its_streams_to_the_end_before_its_engine_stops(monkeypatch):
+    """Serve's graceful stop counts only the requests its handles sent; those HAProxy sent to the
+    replica's own server are the replica's to wait for: the routers hear it stops, its server
+    closes once it holds none, and only then the engine stops."""
+    monkeypatch.setattr(mod, "FRONT_DRAIN_MIN_S", 0.05)
+    events = []
+
+    class Engine:
+        errored = False
+
+        def shutdown(self):
+            events.append(("engine stopped", front.ongoing))
+
+    class Server:
+        async def stop(self):
+            events.append(("server closed", front.ongoing))
+
+    class Board:
+        def __init__(self):
+            self.forget_replica = SimpleNamespace(remote=lambda app, rid: events.append(("forgotten", rid)))
+
+    from deployments.replica_front import ReplicaFront
+
+    front = ReplicaFront(app=None, served_name="m", default_model="m", api_key=None, relay=None,
+                         engine_dead=lambda: False)
+    front.ongoing = 2  # two streams under way
+    monkeypatch.setattr(mod, "get_or_create_board", lambda: Board())
+    replica = mod.LLMReplica.__new__(mod.LLMReplica)
+    replica._stopping, replica.engine, replica.spec = False, Engine(), SimpleNamespace(served_name="m")
+    replica.front, replica._front_server = front, Server()
+    replica._identity = ("plateau", "LLM:m@n2", "SERVE_REPLICA::plateau#LLM:m@n2#a")
+
+    async def run():
+        replica._reporter = asyncio.ensure_future(asyncio.sleep(3600))
+        stop = asyncio.ensure_future(replica.__del__())
+        await asyncio.sleep(0.1)
+        assert front.stopping and not front.healthy() and events == []  # told the routers; still serving
+        front.ongoing = 0  # the streams ended
+        await asyncio.wait_for(stop, 5)
+
+    asyncio.run(run())
+    assert events == [("server closed", 0), ("forgotten", "SERVE_REPLICA::plateau#LLM:m@n2#a"),
+                      ("engine stopped", 0)]

@@ -1,0 +1,162 @@
+"""Which variant and which replica take a request: the pure part of routing.
+
+A model runs as packing variants (`Route`: which take requests, how many replicas, their batch);
+the policy publishes them on the status board. Two callers route with them:
+- the HTTP router (`deployments/router.py`), which Ray's HAProxy asks for every POST and which pins
+  the request to one LLM replica's own HTTP server (`choose_replica`), from what each replica
+  reports about itself (`ReplicaReport`: where HAProxy knows it, its batch, the requests it holds)
+  plus the requests the router sent it that its last report did not count yet (`Assignments`);
+- the Python ingress (`deployments/ingress.py`), which sends a request to a variant's Serve handle
+  (`choose_variant`) and waits while its variant still accepts (`should_reroute`).
+Both put a request where the most room is free: a replica's room is its `max_num_seqs` minus what
+it holds; a variant's, its running replicas times their batch minus what is in flight there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.policy import Route
+
+# A router's pending count for a replica that never reported the request (the client went away
+# before HAProxy forwarded it, or HAProxy sent it elsewhere) is forgotten after this long.
+ASSIGNMENT_TTL_S = 5.0
+# A replica that has not reported for this long is gone (its process died, or the board restarted
+# and it has not reported again yet): no request is pinned to it.
+REPORT_STALE_S = 5.0
+
+
+class ReplicaReport(BaseModel):
+    """What one replica tells the routers about itself (through the status board)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    replica_id: str = Field(description="Serve's actor name of the replica: the key of HAProxy's server map.")
+    role: Literal["llm", "ingress"] = Field(
+        "llm", description="An LLM replica with its own HTTP server, or the ingress (the Python path).")
+    model: str = Field("", description="Served name of the replica's model (empty for the ingress).")
+    deployment: str = Field("", description="The replica's deployment, i.e. its packing variant.")
+    max_num_seqs: int = Field(0, ge=0, description="Sequences its engine decodes at once.")
+    ongoing: int = Field(0, ge=0, description="HTTP requests it holds now.")
+    received: int = Field(0, ge=0, description="HTTP requests it took since it started.")
+    engine_running: int = Field(0, ge=0, description="Sequences its engine decodes now (vLLM's scheduler).")
+    stopping: bool = Field(False, description="It is stopping (or its engine died): pin nothing more to it.")
+    at: float = Field(description="When it took this reading (unix s).")
+
+
+class Assignments:
+    """Requests this router pinned to each replica that the replica's last report did not count.
+
+    A report counts every request the replica took (`received`); the difference to the last report
+    takes that many of the oldest pins off the pending list, and pins older than `ttl_s` are
+    dropped (they never arrived). A replica's load is then `ongoing + pending`: a burst pinned
+    between two reports spreads instead of landing on the replica that looked emptiest."""
+
+    def __init__(self, ttl_s: float = ASSIGNMENT_TTL_S):
+        self.ttl_s = ttl_s
+        self._sent: dict[str, deque[float]] = {}
+        self._received: dict[str, int] = {}
+
+    def sent(self, replica_id: str, now: float) -> None:
+        self._sent.setdefault(replica_id, deque()).append(now)
+
+    def observe(self, report: ReplicaReport) -> None:
+        last = self._received.get(report.replica_id)
+        self._received[report.replica_id] = report.received
+        if last is None or report.received < last:  # first report, or a new replica under the same id
+            return
+        sent = self._sent.get(report.replica_id)
+        for _ in range(min(report.received - last, len(sent or ()))):
+            sent.popleft()
+
+    def pending(self, replica_id: str, now: float) -> int:
+        sent = self._sent.get(replica_id)
+        if not sent:
+            return 0
+        while sent and now - sent[0] > self.ttl_s:
+            sent.popleft()
+        return len(sent)
+
+    def forget_except(self, replica_ids: set[str]) -> None:
+        for gone in set(self._sent) - replica_ids:
+            del self._sent[gone]
+        for gone in set(self._received) - replica_ids:
+            del self._received[gone]
+
+
+def choose_replica(model: str, routes: list[Route], reports: list[ReplicaReport], pending: dict[str, int],
+                   now: float, stale_after_s: float = REPORT_STALE_S) -> Optional[ReplicaReport]:
+    """The LLM replica of `model` with the most free room, among the fresh, not stopping replicas of
+    the variants that take requests (`routes`, the model's); `pending` by replica id (`Assignments`).
+    None when there is none: the caller sends the request the Python way (the ingress), which
+    waits for a replica or answers the client."""
+    accepting = {r.deployment for r in routes if r.accepting}
+    live = [r for r in reports if r.role == "llm" and r.model == model and not r.stopping
+            and r.deployment in accepting and now - r.at <= stale_after_s]
+    if not live:
+        return None
+
+    def room(r: ReplicaReport) -> tuple[int, int, str]:
+        load = r.ongoing + pending.get(r.replica_id, 0)
+        return (r.max_num_seqs - load, -load, r.replica_id)
+
+    return max(live, key=room)
+
+
+def choose_variant(routes: list[Route], inflight: dict[str, int]) -> Optional[str]:
+    """The deployment of the accepting variant with the most free capacity (running replicas x
+    batch minus this ingress's requests in flight there; `inflight` by deployment). A variant with
+    no running replica, or one that drains, only when nothing else can take the request: the
+    request then waits there instead of failing."""
+    live = [r for r in routes if r.accepting and r.running > 0]
+    pool = live or [r for r in routes if r.running > 0] or [r for r in routes if r.accepting] or routes
+    if not pool:
+        return None
+    best = max(pool, key=lambda r: (max(1, r.running) * r.max_num_seqs - inflight.get(r.deployment, 0), -r.n))
+    return best.deployment
+
+
+def should_reroute(routes: list[Route], deployment: str) -> bool:
+    """A request still waiting for its first answer at a variant (`deployment`) goes elsewhere when
+    that variant stopped taking requests (it drains, or lost every replica) while another runs and
+    accepts: a request queued at a variant that is scaled to zero would otherwise wait for good."""
+    mine = next((r for r in routes if r.deployment == deployment), None)
+    if mine is not None and mine.accepting and mine.running > 0:
+        return False
+    return any(r.deployment != deployment and r.accepting and r.running > 0 for r in routes)
+
+
+def model_of(body: bytes) -> Optional[str]:
+    """The `model` a JSON request body names, or None (not JSON, not an object, no model, or nested
+    deeper than Python's parser allows)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class ServedModel(BaseModel):
+    """A model the app serves under one name (shown by GET /v1/models)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    max_model_len: Optional[int]
+    replicas: int
+    keys: list[str] = Field(default_factory=list, description="The policy's models that serve it: one per device "
+                                                              "type it runs on (empty: just `name`).")
+
+    @property
+    def policy_models(self) -> list[str]:
+        return self.keys or [self.name]
+
+
+def merge_routes(routes: dict[str, list[Route]], models: list[ServedModel]) -> dict[str, list[Route]]:
+    """The policy's routes (keyed by its models) by served name: a model served on several device
+    types gets the variants of every type."""
+    return {m.name: [r for key in m.policy_models for r in routes.get(key, [])] for m in models
+            if any(key in routes for key in m.policy_models)}

@@ -1,0 +1,147 @@
+"""The direct data path: Ray's HAProxy sends each OpenAI request straight to one LLM replica's own
+HTTP server, where vLLM's app answers it over the replica's engine, so no other Python process
+handles its tokens.
+
+Ray 2.60's HAProxy ingress (`ray/serve/_private/haproxy.py`) forwards an app's requests to the
+replicas of its *ingress* deployment only: they are the app's targets in the controller
+(`ServeController._get_target_groups_for_app`), and an ingress request router
+(`Application._with_ingress_request_router`, HAProxy's `POST /internal/route`) can pin a request
+to one of them by its actor name. Ray Serve LLM's direct streaming stops there: one model, whose
+LLM deployment is the app's ingress. A plateau app has one deployment per model and packing
+variant, so this module adds the running replicas of the app's LLM deployments (`LLM:` names)
+to the app's targets. Their HTTP ports come from the controller's own allocator
+(`allocate_replica_port`, as Ray's ingress replicas get theirs), so HAProxy's server map, its health
+checks and the port bookkeeping stay Ray's. The extension is put into the running controller with
+the actor's `__ray_call__` (nothing to set before Ray starts) by the router when it starts, and
+again after a controller restart (`ensure_controller_extended`).
+
+What must be set before Ray starts is HAProxy itself (`RAY_SERVE_ENABLE_HA_PROXY=1`) and, for the
+router to see each request's `model`, `RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1`
+(`DIRECT_PATH_ENV`): `make run` sets both, and `serve run` without them warns once at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from typing import Mapping, Optional
+
+logger = logging.getLogger("ray.serve")
+
+DATA_DEPLOYMENT_PREFIX = "LLM:"  # deployments.engine.replica_deployment_name
+DIRECT_PATH_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+}
+_EXTENDED = "_plateau_data_apps"  # on the controller: app name -> prefix of its data deployments
+
+
+def haproxy_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Ray's HAProxy ingress is on in the processes that inherit `env` (Ray's own test: == "1")."""
+    return env.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+
+
+def body_forwarded(env: Mapping[str, str] = os.environ) -> bool:
+    """HAProxy hands the router each POST's body (Ray's `get_env_bool` test)."""
+    return env.get("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "0").lower() in ("1", "true")
+
+
+def missing_env(env: Mapping[str, str] = os.environ, models: int = 1) -> list[str]:
+    """The variables of the direct path that `env` lacks; the body is needed only to tell models
+    apart (one model: every request goes to it)."""
+    missing = [] if haproxy_enabled(env) else ["RAY_SERVE_ENABLE_HA_PROXY=1"]
+    if models > 1 and not body_forwarded(env):
+        missing.append("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1")
+    return missing
+
+
+def slow_path_warning(missing: list[str]) -> str:
+    return (
+        f"serving without the direct data path: Ray was started without {' '.join(missing)}, so every "
+        "streamed token crosses Serve's proxy and the ingress replica (about 0.4x of vLLM's own server's "
+        "tokens/s on a fast engine, bench/path_cost.py). These variables must be set before Ray starts: "
+        f"stop it and run `{' '.join(missing)} serve run config.yaml` (what `make run` does)"
+    )
+
+
+# ---- inside the Serve controller (run there through `__ray_call__`) ---------------------------
+def add_data_targets(controller, app_name: str, prefix: str = DATA_DEPLOYMENT_PREFIX) -> str:
+    """Make the controller give HAProxy, for `app_name`, the replicas of its deployments named
+    `prefix...` that have an HTTP port, next to the app's ingress replicas. Idempotent; returns
+    "added" or "present"."""
+    apps = getattr(controller, _EXTENDED, None)
+    if apps is None:
+        apps = {}
+        setattr(controller, _EXTENDED, apps)
+        original = controller._get_target_groups_for_app
+        controller._get_target_groups_for_app = types.MethodType(
+            lambda self, app, route_prefix: with_data_targets(self, original(app, route_prefix), app), controller)
+    present = apps.get(app_name) == prefix
+    apps[app_name] = prefix
+    return "present" if present else "added"
+
+
+def with_data_targets(controller, groups: list, app_name: str) -> list:
+    """`groups` (the app's target groups as Ray made them) with the app's data replicas added to its
+    HTTP group. An app without a running ingress replica keeps Ray's answer (its requests then go
+    to Serve's fallback proxy)."""
+    from ray.serve._private.common import RequestProtocol
+
+    prefix = getattr(controller, _EXTENDED, {}).get(app_name)
+    if prefix is None or not groups:
+        return groups
+    details = [d for name in controller.application_state_manager.get_deployments(app_name) if name.startswith(prefix)
+               for d in controller._get_running_replica_details_for_deployment(app_name, name)]
+    extra = controller._get_targets_for_protocol(details, RequestProtocol.HTTP)
+    if not extra:
+        return groups
+    return [g.model_copy(update={"targets": [*g.targets, *extra]}) if g.protocol == RequestProtocol.HTTP else g
+            for g in groups]
+
+
+# ---- callers --------------------------------------------------------------------------------
+def serve_controller():
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    import ray
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+async def ensure_controller_extended(app_name: str, controller: Optional[object] = None) -> str:
+    """Put the extension into the running controller (again, after a restart)."""
+    controller = controller or serve_controller()
+    return await controller.__ray_call__.remote(add_data_targets, app_name)
+
+
+class ReplicaPort:
+    """An HTTP port for one LLM replica, from the controller's allocator (so HAProxy learns it with
+    the replica), released when the replica stops."""
+
+    def __init__(self, replica_unique_id: str, node_id: str, controller: Optional[object] = None):
+        self.replica_unique_id, self.node_id = replica_unique_id, node_id
+        self._controller = controller
+        self.port: Optional[int] = None
+
+    @property
+    def controller(self):
+        if self._controller is None:
+            self._controller = serve_controller()
+        return self._controller
+
+    async def allocate(self) -> int:
+        from ray.serve._private.common import RequestProtocol
+
+        self.port = await self.controller.allocate_replica_port.remote(
+            self.node_id, self.replica_unique_id, RequestProtocol.HTTP)
+        return self.port
+
+    async def release(self, in_use_by_another: bool = False) -> None:
+        """`in_use_by_another`: the port could not be bound; the allocator skips it from now on."""
+        from ray.serve._private.common import RequestProtocol
+
+        if self.port is None:
+            return
+        port, self.port = self.port, None
+        await self.controller.release_replica_port.remote(
+            self.node_id, self.replica_unique_id, port, RequestProtocol.HTTP, block_port=in_use_by_another)
