@@ -66,7 +66,9 @@ class DataPlane(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     routes: dict[str, list[Route]] = Field(description="The policy's routes per model (empty: none published).")
-    replicas: list[ReplicaReport] = Field(description="Each replica's latest report, the stale ones left out.")
+    replicas: list[ReplicaReport] = Field(description="Each replica's latest report, the stale ones left out; "
+                                                      "`at` is when the board got it, on the board's clock.")
+    now: float = Field(description="The board's clock when it answered (reports' ages are `now - at`).")
 
 
 class BoardMetrics:
@@ -196,9 +198,11 @@ class StatusBoard:
         self._apps[app] = status.model_copy(update={"policy_errors": status.policy_errors + 1,
                                                     "last_policy_error": message})
 
-    def report_replica(self, app: str, report: ReplicaReport) -> None:
-        """A replica's latest reading of itself (fire-and-forget from the replicas)."""
-        self._replicas.setdefault(app, {})[report.replica_id] = report
+    def report_replica(self, app: str, report: ReplicaReport, now: Optional[float] = None) -> None:
+        """A replica's latest reading of itself (fire-and-forget from the replicas), stamped with the
+        board's clock (the replicas' clocks may be another node's)."""
+        at = time.time() if now is None else now
+        self._replicas.setdefault(app, {})[report.replica_id] = report.model_copy(update={"at": at})
 
     def forget_replica(self, app: str, replica_id: str) -> None:
         self._replicas.get(app, {}).pop(replica_id, None)
@@ -212,7 +216,7 @@ class StatusBoard:
         for replica_id in [k for k, r in reports.items() if now - r.at > REPORT_STALE_S]:
             del reports[replica_id]
         status = self._apps.get(app)
-        return DataPlane(routes=status.routes if status is not None else {}, replicas=list(reports.values()))
+        return DataPlane(routes=status.routes if status is not None else {}, replicas=list(reports.values()), now=now)
 
     def routes(self, app: str) -> Optional[dict[str, list[Route]]]:
         """The app's routes (after a board restart: the saved ones); None if the board never heard of it."""

@@ -27,7 +27,7 @@ from cluster.policy import Route
 ASSIGNMENT_TTL_S = 5.0
 # A replica that has not reported for this long is gone (its process died, or the board restarted
 # and it has not reported again yet): no request is pinned to it.
-REPORT_STALE_S = 5.0
+REPORT_STALE_S = 8.0
 
 
 class ReplicaReport(BaseModel):
@@ -44,6 +44,9 @@ class ReplicaReport(BaseModel):
     received: int = Field(0, ge=0, description="HTTP requests it took since it started.")
     engine_running: int = Field(0, ge=0, description="Sequences its engine decodes now (vLLM's scheduler).")
     stopping: bool = Field(False, description="It is stopping (or its engine died): pin nothing more to it.")
+    node_id: str = Field("", description="Ray node it runs on.")
+    unique_id: str = Field("", description="Serve's short replica id (the key of the controller's port book).")
+    http_port: Optional[int] = Field(None, description="Port of its own HTTP server (None: it has none).")
     at: float = Field(description="When it took this reading (unix s).")
 
 

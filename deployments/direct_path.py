@@ -66,38 +66,73 @@ def slow_path_warning(missing: list[str]) -> str:
 
 
 # ---- inside the Serve controller (run there through `__ray_call__`) ---------------------------
-def add_data_targets(controller, app_name: str, prefix: str = DATA_DEPLOYMENT_PREFIX) -> str:
-    """Make the controller give HAProxy, for `app_name`, the replicas of its deployments named
-    `prefix...` that have an HTTP port, next to the app's ingress replicas. Idempotent; returns
+def add_data_targets(controller, app_name: str, ports: list[tuple[str, str, int]] = (),
+                     prefix: str = DATA_DEPLOYMENT_PREFIX, port_book=None) -> str:
+    """Make the controller give HAProxy, for `app_name`, the running replicas of its deployments
+    named `prefix...` that have an HTTP port, next to the app's ingress replicas. `ports` (node id,
+    replica unique id, port) are the LLM replicas' ports as they report them: a restarted controller
+    rebuilds its port book from the ingress replicas only, so they are put back (Ray's own recovery
+    call, additive). `port_book` is Ray's `NodePortManager` (tests pass a fake). Idempotent; returns
     "added" or "present"."""
+    if port_book is None:
+        from ray.serve._private.node_port_manager import NodePortManager as port_book
+    port_book.update_ports([(node, replica, port, None) for node, replica, port in ports])
     apps = getattr(controller, _EXTENDED, None)
     if apps is None:
         apps = {}
         setattr(controller, _EXTENDED, apps)
         original = controller._get_target_groups_for_app
-        controller._get_target_groups_for_app = types.MethodType(
-            lambda self, app, route_prefix: with_data_targets(self, original(app, route_prefix), app), controller)
+
+        def extended(self, app, route_prefix):
+            return with_data_targets(self, original(app, route_prefix), app, port_book)
+
+        controller._get_target_groups_for_app = types.MethodType(extended, controller)
     present = apps.get(app_name) == prefix
     apps[app_name] = prefix
     return "present" if present else "added"
 
 
-def with_data_targets(controller, groups: list, app_name: str) -> list:
+def with_data_targets(controller, groups: list, app_name: str, port_book) -> list:
     """`groups` (the app's target groups as Ray made them) with the app's data replicas added to its
     HTTP group. An app without a running ingress replica keeps Ray's answer (its requests then go
-    to Serve's fallback proxy)."""
+    to Serve's fallback proxy), and so does every app if this fails: it runs in the controller's
+    loop, where an exception would stop HAProxy's updates for all apps."""
     from ray.serve._private.common import RequestProtocol
 
     prefix = getattr(controller, _EXTENDED, {}).get(app_name)
     if prefix is None or not groups:
         return groups
-    details = [d for name in controller.application_state_manager.get_deployments(app_name) if name.startswith(prefix)
-               for d in controller._get_running_replica_details_for_deployment(app_name, name)]
-    extra = controller._get_targets_for_protocol(details, RequestProtocol.HTTP)
+    try:
+        extra = data_targets(controller.deployment_state_manager.get_running_replica_infos(), app_name, prefix,
+                             port_book)
+    except Exception:  # keep Ray's targets: the app is still served, the Python way
+        logger.exception("could not add the LLM replicas of %s to HAProxy's targets", app_name)
+        return groups
     if not extra:
         return groups
     return [g.model_copy(update={"targets": [*g.targets, *extra]}) if g.protocol == RequestProtocol.HTTP else g
             for g in groups]
+
+
+def data_targets(running: dict, app_name: str, prefix: str, port_book) -> list:
+    """HAProxy targets for the running replicas (`running`: DeploymentID -> RunningReplicaInfo list,
+    the controller's own view, which a redeploy's build does not empty) of `app_name`'s deployments
+    named `prefix...` that have an HTTP port in `port_book`."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.schema import Target
+
+    targets = []
+    for dep_id, infos in sorted(running.items(), key=lambda item: item[0].name):
+        if dep_id.app_name != app_name or not dep_id.name.startswith(prefix):
+            continue
+        for info in infos:
+            if info.node_id is None or info.node_ip is None:
+                continue
+            book = port_book.get_node_manager(info.node_id)
+            if book.is_port_allocated(info.replica_id.unique_id, RequestProtocol.HTTP):
+                targets.append(Target(ip=info.node_ip, port=book.get_port(info.replica_id.unique_id, RequestProtocol.HTTP),
+                                      instance_id="", name=info.actor_name))
+    return targets
 
 
 # ---- callers --------------------------------------------------------------------------------
@@ -108,10 +143,22 @@ def serve_controller():
     return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
-async def ensure_controller_extended(app_name: str, controller: Optional[object] = None) -> str:
-    """Put the extension into the running controller (again, after a restart)."""
+async def ensure_controller_extended(app_name: str, ports: list[tuple[str, str, int]] = (),
+                                     controller: Optional[object] = None) -> str:
+    """Put the extension into the running controller (again, after a restart), with the LLM
+    replicas' ports. The functions travel by value: the controller may not import this package."""
+    import sys
+
+    from ray import cloudpickle
+
     controller = controller or serve_controller()
-    return await controller.__ray_call__.remote(add_data_targets, app_name)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        call = controller.__ray_call__.remote(add_data_targets, app_name, list(ports))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    return await call
 
 
 class ReplicaPort:
@@ -137,11 +184,15 @@ class ReplicaPort:
         return self.port
 
     async def release(self, in_use_by_another: bool = False) -> None:
-        """`in_use_by_another`: the port could not be bound; the allocator skips it from now on."""
+        """`in_use_by_another`: the port could not be bound; the allocator skips it from now on. A
+        controller that restarted may no longer know the port: nothing to release then."""
         from ray.serve._private.common import RequestProtocol
 
         if self.port is None:
             return
         port, self.port = self.port, None
-        await self.controller.release_replica_port.remote(
-            self.node_id, self.replica_unique_id, port, RequestProtocol.HTTP, block_port=in_use_by_another)
+        try:
+            await self.controller.release_replica_port.remote(
+                self.node_id, self.replica_unique_id, port, RequestProtocol.HTTP, block_port=in_use_by_another)
+        except Exception as exc:
+            logger.warning("could not release HTTP port %d of this replica: %s", port, exc)

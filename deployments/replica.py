@@ -43,6 +43,7 @@ logger = logging.getLogger("ray.serve")
 GAUGE_PERIOD_S = 2.0
 ENGINE_WATCH_S = 0.5  # how often the replica checks that its engine lives
 DEAD_ENGINE_EXIT_GRACE_S = 1.0  # in-flight streams end with their error events, then the replica exits
+DEAD_ENGINE_HAND_OVER_S = 60.0  # longest wait for requests a dead engine's replica handed over to finish
 REPORT_EVERY_S = 0.25  # at most this often a replica tells the routers what it holds
 REPORT_KEEPALIVE_S = 2.0  # and at least this often (a report older than REPORT_STALE_S drops it from routing)
 # A stopping replica's own server keeps answering for this long after the routers were told, so
@@ -50,8 +51,8 @@ REPORT_KEEPALIVE_S = 2.0  # and at least this often (a report older than REPORT_
 # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S).
 FRONT_DRAIN_MIN_S = 2.0
 # Serve kills a replica `graceful_shutdown_timeout_s` (engine.deployment_options: 30 s) after its stop
-# began: its streams get up to this long to finish first.
-FRONT_DRAIN_MAX_S = 25.0
+# began, and spends a few of them on its own requests first: the replica's streams get up to this long.
+FRONT_DRAIN_MAX_S = 20.0
 _GAUGES = {
     "running_requests": "Sequences the vLLM engine is decoding now.",
     "waiting_requests": "Requests queued inside the vLLM engine.",
@@ -141,13 +142,15 @@ class LLMReplica:
     # ---- the direct data path: the replica's own HTTP server ---------------------------------
     async def _start_front(self, settings: FrontSettings) -> int:
         ctx = serve.get_replica_context()
+        node_id = ray.get_runtime_context().get_node_id()
         self._identity = (ctx.app_name, ctx.deployment, ctx.replica_id.to_full_id_str())
         self._ingress = None  # the ingress's handle, for what this server hands over (made on first use)
         self.front = ReplicaFront(self.app, self.spec.served_name, settings.default_model, settings.api_key,
                                   relay=lambda req: self._hand_over(settings.ingress, req),
                                   engine_dead=lambda: self.engine.errored)
-        self._front_server = FrontServer(ReplicaPort(ctx.replica_id.unique_id, ray.get_runtime_context().get_node_id()))
+        self._front_server = FrontServer(ReplicaPort(ctx.replica_id.unique_id, node_id))
         port = await self._front_server.start(self.front)
+        self._where = (node_id, ctx.replica_id.unique_id, port)
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
         return port
 
@@ -158,10 +161,12 @@ class LLMReplica:
 
     def _report(self) -> ReplicaReport:
         app, deployment, replica_id = self._identity
+        node_id, unique_id, port = self._where
         return ReplicaReport(replica_id=replica_id, model=self.spec.served_name, deployment=deployment,
                              max_num_seqs=self.spec.max_num_seqs, ongoing=self.front.ongoing,
                              received=self.front.received, engine_running=self.stats.running,
-                             stopping=not self.front.healthy(), at=time.time())
+                             stopping=not self.front.healthy(), node_id=node_id, unique_id=unique_id, http_port=port,
+                             at=time.time())
 
     async def _report_forever(self) -> None:
         """Tell the routers (through the board) what this replica holds: when it changes, at most
@@ -182,25 +187,31 @@ class LLMReplica:
             await asyncio.sleep(REPORT_EVERY_S)
 
     async def _drain_front(self) -> None:
-        """Stop taking requests on the replica's own server and let the ones under way finish: the
-        routers hear it at once, HAProxy's health check within a second, its reload drops the
-        server; the server closes once it holds nothing (at most FRONT_DRAIN_MAX_S)."""
-        self.front.stopping = True
-        self.front.changed.set()
+        """Stop taking requests on the replica's own server and let the ones under way finish (those
+        vLLM answers and those handed to the ingress): the routers hear it at once, HAProxy drops the
+        server when Serve marks the replica stopping (and its health check fails), and the server
+        closes once it holds nothing, at most FRONT_DRAIN_MAX_S after the stop began."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        await asyncio.sleep(FRONT_DRAIN_MIN_S)
-        while self.front.ongoing > 0 and loop.time() - start < FRONT_DRAIN_MAX_S:
-            await asyncio.sleep(0.2)
-        if self.front.ongoing > 0:
-            logger.warning("replica of %s stops with %d requests still streaming after %.0f s",
-                           self.spec.served_name, self.front.ongoing, FRONT_DRAIN_MAX_S)
-        self._reporter.cancel()
-        await self._front_server.stop()
+        self.front.stopping = True
+        self.front.changed.set()
         try:
-            get_or_create_board().forget_replica.remote(self._identity[0], self._identity[2])
-        except Exception:
-            pass
+            await asyncio.sleep(FRONT_DRAIN_MIN_S)
+            while self.front.busy() and loop.time() - start < FRONT_DRAIN_MAX_S:
+                await asyncio.sleep(0.2)
+            if self.front.busy():
+                logger.warning("replica of %s stops with %d requests still streaming after %.0f s",
+                               self.spec.served_name, self.front.ongoing + self.front.relaying, FRONT_DRAIN_MAX_S)
+        finally:
+            if getattr(self, "_reporter", None) is not None:
+                self._reporter.cancel()
+            try:
+                await self._front_server.stop(timeout_s=2.0)
+            finally:
+                try:
+                    get_or_create_board().forget_replica.remote(self._identity[0], self._identity[2])
+                except Exception:  # the board restarts: the report goes stale instead
+                    pass
 
     # ---- requests -------------------------------------------------------------------------
     async def http(self, request: HttpRequest) -> AsyncIterator[HttpItem]:
@@ -299,7 +310,13 @@ class LLMReplica:
             return
         logger.error("vLLM engine of %s died: this replica exits in %.0f s so Serve routes around it and replaces "
                      "it", self.spec.served_name, DEAD_ENGINE_EXIT_GRACE_S)
+        front = getattr(self, "front", None)
+        if front is not None:  # the routers hear it now; its own server takes no new connection
+            front.changed.set()
+            self._front_server.stop_accepting()
         await asyncio.sleep(DEAD_ENGINE_EXIT_GRACE_S)
+        if front is not None:  # requests it handed to the ingress stream through this process: let them end
+            await self._front_server.wait_closed(DEAD_ENGINE_HAND_OVER_S)
         _end_process()
 
     async def check_health(self) -> None:
@@ -347,12 +364,29 @@ class LLMReplica:
                     self._gauges["device_dram_bw_util"].set(sample.dram_bw_util)
             await asyncio.sleep(GAUGE_PERIOD_S)
 
-    async def __del__(self):
+    def __del__(self):
         """Serve's graceful stop (scale-down, re-pack drain, `serve shutdown`): the replica's own
-        server drains, then the engine stops."""
-        self._stopping = True
-        if getattr(self, "front", None) is not None:
-            await self._drain_front()
+        server drains, then the engine stops. Serve awaits what this returns; the garbage collector,
+        which calls it again later, gets nothing to await (and outside an event loop, where nothing
+        could drain, the engine stops at once)."""
+        if getattr(self, "_stopped", False):
+            return None
+        self._stopped = self._stopping = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._stop_engine()
+            return None
+        return self._graceful_stop()
+
+    async def _graceful_stop(self) -> None:
+        try:
+            if getattr(self, "front", None) is not None:
+                await self._drain_front()
+        finally:
+            self._stop_engine()
+
+    def _stop_engine(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

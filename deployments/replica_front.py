@@ -29,12 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.routing import model_of
 from deployments.asgi import HttpItem, HttpRequest, HttpStart
+from deployments.vllm_api import FORWARDED_PATHS as DATA_PATHS  # what vLLM answers here
 
 logger = logging.getLogger("ray.serve")
 
 HEALTH_CHECK_PATH = "/-/healthz"  # what Ray's HAProxy asks every server of an app (HAProxyConfig)
 OPEN_PATHS = ("/health", HEALTH_CHECK_PATH)  # answered without the API key
-DATA_PATHS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")  # vLLM answers them here
 
 Relay = Callable[[HttpRequest], AsyncIterator[HttpItem]]
 
@@ -71,16 +71,16 @@ async def _send_whole(send, status: int, body: bytes, content_type: bytes = b"ap
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(receive) -> bytes:
+async def _read_body(receive) -> Optional[bytes]:
+    """The whole request body; None when the client went away before sending all of it."""
     parts = []
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
+        if message["type"] != "http.request":
+            return None
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(parts)
+            return b"".join(parts)
 
 
 class ReplicaFront:
@@ -93,11 +93,16 @@ class ReplicaFront:
         self.ongoing = 0  # requests inside vLLM's app now
         self.received = 0  # requests given to vLLM's app since start
         self.relayed = 0  # requests sent the Python way
+        self.relaying = 0  # of those, the ones still streaming through this process
         self.stopping = False
         self.changed = asyncio.Event()  # set whenever `ongoing` moves: the reporter wakes up
 
     def healthy(self) -> bool:
         return not self.stopping and not self.engine_dead()
+
+    def busy(self) -> bool:
+        """Requests are under way here: vLLM's or handed over."""
+        return self.ongoing > 0 or self.relaying > 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # uvicorn runs it with lifespan off; websockets are not served
@@ -114,10 +119,12 @@ class ReplicaFront:
                 await _send_whole(send, *denied)
                 return
         body = await _read_body(receive)
+        if body is None:  # nothing to answer
+            return
         req = HttpRequest(method=method, path=path, query_string=scope.get("query_string", b"").decode("latin-1"),
                           headers=headers, body=body)
         if method != "POST" or path not in DATA_PATHS or not self._mine(body) or self.engine_dead():
-            await self._relay(req, send)
+            await self._relay(req, receive, send)
             return
         self.ongoing += 1
         self.received += 1
@@ -128,7 +135,7 @@ class ReplicaFront:
             self.ongoing -= 1
             self.changed.set()
         if not produced:  # the engine died before answering: the ingress tries another replica
-            await self._relay(req, send)
+            await self._relay(req, receive, send)
 
     def _mine(self, body: bytes) -> bool:
         return (model_of(body) or self.default_model) == self.served_name
@@ -169,9 +176,24 @@ class ReplicaFront:
         await self.app(scope, receive_once, send_checked)
         return not state["dead"]
 
-    async def _relay(self, req: HttpRequest, send) -> None:
-        """The request the Python way: the ingress answers it (routes, waits, retries, 404s)."""
+    async def _relay(self, req: HttpRequest, receive, send) -> None:
+        """The request the Python way: the ingress answers it (routes, waits, retries, 404s). A client
+        that goes away ends the relay (and so the ingress's request)."""
         self.relayed += 1
+        self.relaying += 1
+        relay = asyncio.ensure_future(self._relay_to(req, send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, gone):
+                task.cancel()
+            await asyncio.gather(relay, gone, return_exceptions=True)
+            self.relaying -= 1
+        if relay.done() and not relay.cancelled() and relay.exception() is not None:
+            raise relay.exception()
+
+    async def _relay_to(self, req: HttpRequest, send) -> None:
         items = self.relay(req)
         try:
             start = await anext(items)
@@ -190,6 +212,12 @@ class ReplicaFront:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await _close(items)
+
+
+async def _disconnected(receive) -> None:
+    """Returns once the client went away (the body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _close(items) -> None:
@@ -231,9 +259,17 @@ class FrontServer:
                 await self._port.release(in_use_by_another=True)
         raise RuntimeError(f"could not start the replica's HTTP server on {self.BIND_TRIES} ports: {last}")
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
+    def stop_accepting(self) -> None:
+        """Close the listening socket (HAProxy's next connection fails and goes to another server);
+        the connections open now are served to their end."""
         if self._server is not None:
             self._server.should_exit = True
-            if self._task is not None:
-                await asyncio.wait({self._task}, timeout=timeout_s)
+
+    async def wait_closed(self, timeout_s: float) -> None:
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=timeout_s)
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        self.stop_accepting()
+        await self.wait_closed(timeout_s)
         await self._port.release()

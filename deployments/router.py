@@ -34,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 REFRESH_S = 0.25  # how often the routes and the replicas' reports are read from the board while requests come
 IDLE_REFRESH_S = 2.0  # and how often once none came for IDLE_AFTER_S (a 2-core node feels every wakeup)
 IDLE_AFTER_S = 5.0
-EXTEND_CHECK_S = 10.0  # how often the controller extension is checked (a restarted controller lost it)
+EXTEND_CHECK_S = 5.0  # how often the controller extension is checked (a restarted controller lost it)
 # Not a replica HAProxy knows: its Lua then sends the request to Serve's fallback proxy, which hands
 # it to the ingress (the Python path). Used only until the ingress has reported where it is.
 PYTHON_PATH = "plateau:python-path"
@@ -129,7 +129,10 @@ class PlateauRouter:
                 for report in view.replicas:
                     self.assignments.observe(report)
                 self.assignments.forget_except({r.replica_id for r in view.replicas})
-                self.reports = [r for r in view.replicas if r.role == "llm"]
+                # ages on this clock: the board stamps reports with its own, maybe another node's
+                local = time.time()
+                self.reports = [r.model_copy(update={"at": local - (view.now - r.at)})
+                                for r in view.replicas if r.role == "llm"]
                 ingress = [r for r in view.replicas if r.role == "ingress"]
                 self.ingress_id = max(ingress, key=lambda r: r.at).replica_id if ingress else None
             except Exception as exc:  # the board restarts: keep the last view
@@ -147,7 +150,8 @@ class PlateauRouter:
         while True:
             await asyncio.sleep(EXTEND_CHECK_S)
             try:
-                if await ensure_controller_extended(self.app_name) == "added":
+                ports = [(r.node_id, r.unique_id, r.http_port) for r in self.reports if r.http_port is not None]
+                if await ensure_controller_extended(self.app_name, ports) == "added":
                     logger.warning("the Serve controller had restarted: extended it again for app %r", self.app_name)
             except Exception as exc:  # the controller is restarting: try again next time
                 logger.debug("controller extension check failed: %s", exc)

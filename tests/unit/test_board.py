@@ -186,10 +186,11 @@ def test_the_routers_get_the_routes_and_each_replicas_latest_fresh_report():
     board.publish("plateau", routes, [], [])
     for replica_id, ongoing, at in (("r1", 1, 100.0), ("r2", 1, 100.0), ("r1", 2, 101.0), ("old", 3, 90.0)):
         board.report_replica("plateau", ReplicaReport(replica_id=replica_id, model="a", deployment="LLM:a@n2",
-                                                      max_num_seqs=32, ongoing=ongoing, received=5, at=at))
+                                                      max_num_seqs=32, ongoing=ongoing, received=5, at=0.0), now=at)
     view = board.data_plane("plateau", now=101.5)
     assert view.routes == routes
     assert {r.replica_id: r.ongoing for r in view.replicas} == {"r1": 2, "r2": 1}  # latest of r1; "old" is gone
+    assert {r.replica_id: r.at for r in view.replicas} == {"r1": 101.0, "r2": 100.0} and view.now == 101.5
     board.forget_replica("plateau", "r2")  # a replica that stopped says so
     assert [r.replica_id for r in board.data_plane("plateau", now=101.5).replicas] == ["r1"]
     assert board.data_plane("other", now=101.5).replicas == []

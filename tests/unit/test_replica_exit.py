@@ -101,7 +101,7 @@ def test_a_stopping_replica_serves_its_streams_to_the_end_before_its_engine_stop
             events.append(("engine stopped", front.ongoing))
 
     class Server:
-        async def stop(self):
+        async def stop(self, timeout_s):
             events.append(("server closed", front.ongoing))
 
     class Board:
@@ -124,9 +124,41 @@ def test_a_stopping_replica_serves_its_streams_to_the_end_before_its_engine_stop
         stop = asyncio.ensure_future(replica.__del__())
         await asyncio.sleep(0.1)
         assert front.stopping and not front.healthy() and events == []  # told the routers; still serving
-        front.ongoing = 0  # the streams ended
+        front.ongoing, front.relaying = 0, 1  # vLLM's streams ended; one handed to the ingress still streams
+        await asyncio.sleep(0.3)
+        assert events == []
+        front.relaying = 0
         await asyncio.wait_for(stop, 5)
 
     asyncio.run(run())
     assert events == [("server closed", 0), ("forgotten", "SERVE_REPLICA::plateau#LLM:m@n2#a"),
                       ("engine stopped", 0)]
+
+
+def test_a_failed_drain_still_stops_the_engine(monkeypatch):
+    """Whatever goes wrong while the replica's own server drains (an unreachable controller, a board
+    that restarts), the engine stops: it holds a device."""
+    import pytest
+
+    monkeypatch.setattr(mod, "FRONT_DRAIN_MIN_S", 0.0)
+    stopped = []
+
+    class Server:
+        async def stop(self, timeout_s):
+            raise RuntimeError("controller unreachable")
+
+    from deployments.replica_front import ReplicaFront
+
+    replica = mod.LLMReplica.__new__(mod.LLMReplica)
+    replica._stopping, replica.spec = False, SimpleNamespace(served_name="m")
+    replica.engine = SimpleNamespace(errored=False, shutdown=lambda: stopped.append(True))
+    replica.front = ReplicaFront(app=None, served_name="m", default_model="m", api_key=None, relay=None,
+                                 engine_dead=lambda: False)
+    replica._front_server, replica._identity = Server(), ("plateau", "LLM:m@n2", "r")
+    async def stop():
+        await replica.__del__()  # as Serve's graceful stop awaits it
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(stop())
+    assert stopped == [True]
+    assert replica.__del__() is None and stopped == [True]  # the garbage collector's later call: nothing more

@@ -48,9 +48,13 @@ def front(app=None, api_key=None, dead=lambda: False):
 def call(f, method, path, body=b"", headers=()):
     """One request through the ASGI app: (status, headers, body)."""
     sent = []
+    read = []
 
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
+    async def receive():  # the body once; then, as uvicorn does, nothing until the client goes away
+        if not read:
+            read.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
 
     async def send(message):
         sent.append(message)
@@ -140,3 +144,64 @@ def test_an_unreachable_ingress_is_a_503_in_vllms_format():
     f = ReplicaFront(FakeVllm(), "m", "m", None, relay=broken, engine_dead=lambda: False)
     status, _, body = call(f, "GET", "/v1/models")
     assert status == 503 and json.loads(body)["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_a_relay_ends_when_the_client_goes_away_and_is_counted_while_it_streams():
+    started, cancelled = asyncio.Event(), []
+
+    def slow_ingress(req):
+        async def items():
+            yield HttpStart(status=200, headers=[])
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+                yield b"never"
+            finally:
+                cancelled.append(True)
+        return items()
+
+    f = ReplicaFront(FakeVllm(), "m", "m", None, relay=slow_ingress, engine_dead=lambda: False)
+    gone = asyncio.Event()
+
+    async def run():
+        messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+        async def receive():
+            try:
+                return next(messages)
+            except StopIteration:
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "query_string": b"", "headers": []}
+        call = asyncio.ensure_future(f(scope, receive, send))
+        await asyncio.wait_for(started.wait(), 5)
+        assert f.relaying == 1 and f.busy()  # a stopping replica waits for it
+        gone.set()
+        await asyncio.wait_for(call, 5)
+
+    asyncio.run(run())
+    assert cancelled == [True] and f.relaying == 0 and not f.busy()
+
+
+def test_a_client_that_leaves_before_its_body_arrived_gets_nothing_run():
+    f, ingress = front()
+
+    async def run():
+        messages = iter([{"type": "http.request", "body": b'{"model": "m", ', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            raise AssertionError("nothing is sent to a client that went away")
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": []}
+        await f(scope, receive, send)
+
+    asyncio.run(run())
+    assert f.app.bodies == [] and ingress.requests == [] and f.received == 0
