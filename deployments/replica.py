@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.metrics import Gauge
 
-from cluster.board import get_or_create_board
+from cluster.board import find_board, get_or_create_board
 from cluster.routing import ReplicaReport
 from deployments.cores import claim_cores
 from deployments.direct_path import ReplicaPort, haproxy_enabled
@@ -208,8 +208,10 @@ class LLMReplica:
             try:
                 await self._front_server.stop(timeout_s=2.0)
             finally:
-                try:
-                    get_or_create_board().forget_replica.remote(self._identity[0], self._identity[2])
+                try:  # never creates a board (or starts Ray): a stopping replica only withdraws its report
+                    board = find_board()
+                    if board is not None:
+                        board.forget_replica.remote(self._identity[0], self._identity[2])
                 except Exception:  # the board restarts: the report goes stale instead
                     pass
 

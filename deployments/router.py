@@ -8,7 +8,8 @@ on the status board, refreshed every `REFRESH_S` while requests come (`IDLE_REFR
 spell), and the pins it made since (`Assignments`). What
 it cannot pin goes to the ingress replica, the Python path, which answers, waits or retries as it
 always did: a model the app does not serve (its 404), no replica of the model running and taking
-requests yet, a body that is missing, truncated or not JSON while several models are served. It
+requests yet, a body HAProxy did not forward or forwarded cut while several models are served (a
+body without a `model`, or not JSON, goes to the default model's replica, where vLLM answers it). It
 also keeps the Serve controller extended, so HAProxy knows the LLM replicas' servers.
 """
 

@@ -216,7 +216,9 @@ def test_what_benchmarks_and_tests_set_for_serve_run_is_what_make_run_sets():
     lines = (ROOT / "Makefile").read_text().splitlines()
     recipe = lines[lines.index("run: setup") + 1]
     assert "serve run $(CONFIG)" in recipe
-    assert all(f"{k}={v} " in recipe for k, v in SHIPPED_ENV.items()), recipe
+    import shlex
+
+    assert all(f"{k}={v}" in shlex.split(recipe) for k, v in SHIPPED_ENV.items()), recipe
 
 
 def test_ports_are_distinct_and_free():

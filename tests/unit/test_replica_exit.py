@@ -113,7 +113,7 @@ def test_a_stopping_replica_serves_its_streams_to_the_end_before_its_engine_stop
     front = ReplicaFront(app=None, served_name="m", default_model="m", api_key=None, relay=None,
                          engine_dead=lambda: False)
     front.ongoing = 2  # two streams under way
-    monkeypatch.setattr(mod, "get_or_create_board", lambda: Board())
+    monkeypatch.setattr(mod, "find_board", lambda: Board())
     replica = mod.LLMReplica.__new__(mod.LLMReplica)
     replica._stopping, replica.engine, replica.spec = False, Engine(), SimpleNamespace(served_name="m")
     replica.front, replica._front_server = front, Server()
@@ -141,6 +141,7 @@ def test_a_failed_drain_still_stops_the_engine(monkeypatch):
     import pytest
 
     monkeypatch.setattr(mod, "FRONT_DRAIN_MIN_S", 0.0)
+    monkeypatch.setattr(mod, "find_board", lambda: None)  # no board to withdraw from
     stopped = []
 
     class Server:
