@@ -25,8 +25,8 @@ from deployments.autoscale import POLICY_FUNCTION, policy_kwargs, request_resour
 from deployments.cluster_view import ClusterView, uses_gpus
 from deployments.config import AppArgs, AppConfigError, parse_args
 from cluster.routing import ServedModel
-from deployments.direct_path import haproxy_enabled, missing_env, slow_path_warning
-from deployments.engine import deployment_options, vllm_version
+from deployments.direct_path import haproxy_enabled, missing_env, replica_env, slow_path_warning
+from deployments.engine import actor_options, deployment_options, vllm_version
 from deployments.ingress import OpenAIIngress
 from deployments.layout import apply_plan, ask_plan, cluster_for, layout_model, place
 from deployments.replica import LLMReplica
@@ -70,6 +70,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
     front = FrontSettings(api_key=args.resolved_api_key(), default_model=args.models[0].served_name)
+    same_loop = replica_env()  # Serve's same-loop settings for the replicas of a Ray without its throughput mode
     handles: dict[str, dict[str, object]] = {}  # served name -> variant deployment -> its bound deployment
     routes = {}  # by the policy's model (the layout key)
     for lay in layouts:
@@ -93,7 +94,8 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                 "policy": {"policy_kwargs": policy_kwargs(lay.policy_input, k, args.policy, capacities, deploy_id,
                                                                 args.cluster_autoscaling, read)},
             }
-            opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment)
+            opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment,
+                                      env_vars=same_loop)
             handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec, front)
             routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
@@ -107,7 +109,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
                              requested=requested)
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+        name="OpenAIIngress", ray_actor_options=actor_options(0, same_loop), max_ongoing_requests=4096,
         # an application-level policy needs every deployment to autoscale; the ingress stays at one
         autoscaling_config={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
     )

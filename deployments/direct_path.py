@@ -56,6 +56,24 @@ def missing_env(env: Mapping[str, str] = os.environ, models: int = 1) -> list[st
     return missing
 
 
+# Serve's throughput mode, per replica process: user code and its handles' router on the replica's
+# own event loop (`ray/serve/_private/constants.py`). Read when a replica's process imports Serve,
+# so a runtime_env can give them to the replicas of a Ray that was started without the mode.
+SAME_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def replica_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables the app's replicas get in their runtime_env: Serve's same-loop settings when
+    Ray runs without its throughput mode (which sets them) and the user set none of them. The rest
+    of the mode (gRPC between replicas, direct ingress) must be set for the whole cluster."""
+    if env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0").lower() in ("1", "true"):
+        return {}
+    return {k: v for k, v in SAME_LOOP_ENV.items() if k not in env}
+
+
 def slow_path_warning(missing: list[str]) -> str:
     return (
         f"serving without the direct data path: Ray was started without {' '.join(missing)}, so every "

@@ -18,7 +18,7 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from advisor.locks import file_lock
 from advisor.niceness import undo_worker_niceness
@@ -219,19 +219,29 @@ def _core_list(cores: Sequence[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
+def actor_options(num_cpus: float, env_vars: Optional[Mapping[str, str]] = None) -> dict[str, object]:
+    """`ray_actor_options` with `num_cpus` and, if any, environment variables for the replica processes
+    (Ray merges them over the application's runtime_env)."""
+    options: dict[str, object] = {"num_cpus": num_cpus}
+    if env_vars:
+        options["runtime_env"] = {"env_vars": dict(env_vars)}
+    return options
+
+
 def deployment_options(spec: ReplicaSpec, num_replicas: int, autoscaling: Optional[dict[str, object]] = None,
-                       name: Optional[str] = None) -> dict[str, object]:
+                       name: Optional[str] = None,
+                       env_vars: Optional[Mapping[str, str]] = None) -> dict[str, object]:
     """Ray Serve `.options(...)` for the replica deployment of `spec` (a fixed count, or autoscaling),
-    named `name` (default `LLM:<served name>@n<N>`)."""
-    actor_options: dict[str, object] = {"num_cpus": spec.resources.num_cpus}
+    named `name` (default `LLM:<served name>@n<N>`); `env_vars` for its processes."""
+    actor_options_ = actor_options(spec.resources.num_cpus, env_vars)
     if spec.resources.num_gpus > 0:
-        actor_options["num_gpus"] = spec.resources.num_gpus
+        actor_options_["num_gpus"] = spec.resources.num_gpus
     if spec.resources.accelerator_type:  # Ray turns it into the node resource accelerator_type:<T>
-        actor_options["accelerator_type"] = spec.resources.accelerator_type
+        actor_options_["accelerator_type"] = spec.resources.accelerator_type
     return {
         "name": name or replica_deployment_name(spec.served_name, spec.replicas_per_device),
         **({"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": num_replicas}),
-        "ray_actor_options": actor_options,
+        "ray_actor_options": actor_options_,
         # Admit about one batch per replica: keeps each engine near its planned B and lets the
         # router spread a burst instead of queueing it all on one replica.
         "max_ongoing_requests": spec.max_num_seqs,

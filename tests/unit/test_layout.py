@@ -275,3 +275,27 @@ def test_device_types_are_checked():
     # m@small's variants are LLM:m_small@n<N>: a model named m_small would take the same deployments
     with pytest.raises(AppConfigError, match="'m@small' and 'm_small' would name the same variant deployments"):
         parse_args({"models": [{"name": "m", "device_types": ["small", "large"]}, {"name": "m_small"}]})
+
+
+def test_without_serves_throughput_mode_the_replicas_get_its_same_loop_settings(monkeypatch):
+    """A plain `serve run` (Ray started without RAY_SERVE_THROUGHPUT_OPTIMIZED): the ingress and LLM
+    replicas still run their code and their handles' router on their own event loop, through their
+    runtime_env; with the mode on (make run) the cluster's settings stand and no runtime_env is added."""
+    from deployments.app import build
+    from deployments.direct_path import SAME_LOOP_ENV
+
+    args = parse_args({"models": [{"name": "m", "replicas_per_device": 2, "kv_cache_bytes": "256MiB"}]})
+
+    def actor_envs() -> list[object]:
+        app = build(args, CLUSTER, typed_inventory())
+        llm = app._bound_deployment.init_args[0]["m"]["LLM:m@n2"]._bound_deployment
+        return [d.ray_actor_options.get("runtime_env") for d in (app._bound_deployment, llm)]
+
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    for k in SAME_LOOP_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert actor_envs() == [{"env_vars": SAME_LOOP_ENV}] * 2
+    monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")  # the user's own choice stands
+    assert actor_envs() == [{"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}] * 2
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    assert actor_envs() == [None, None]
