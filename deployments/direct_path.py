@@ -77,8 +77,8 @@ def replica_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 def slow_path_warning(missing: list[str]) -> str:
     return (
         f"serving without the direct data path: Ray was started without {' '.join(missing)}, so every "
-        "streamed token crosses Serve's proxy and the ingress replica (about 0.4x of vLLM's own server's "
-        "tokens/s on a fast engine, bench/path_cost.py). These variables must be set before Ray starts: "
+        "streamed token crosses the ingress replica's Python process (on a fast engine about half the "
+        "tokens/s of the direct path, bench/path_cost.py). These variables must be set before Ray starts: "
         f"stop it and run `{' '.join(missing)} serve run config.yaml` (what `make run` does)"
     )
 
