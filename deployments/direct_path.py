@@ -42,9 +42,14 @@ def haproxy_enabled(env: Mapping[str, str] = os.environ) -> bool:
     return env.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
 
 
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    """A Ray boolean variable set on ("1" or "true")."""
+    return env.get(name, "0").lower() in ("1", "true")
+
+
 def body_forwarded(env: Mapping[str, str] = os.environ) -> bool:
-    """HAProxy hands the router each POST's body (Ray's `get_env_bool` test)."""
-    return env.get("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "0").lower() in ("1", "true")
+    """HAProxy hands the router each POST's body."""
+    return _env_flag(env, "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY")
 
 
 def missing_env(env: Mapping[str, str] = os.environ, models: int = 1) -> list[str]:
@@ -69,7 +74,7 @@ def replica_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The variables the app's replicas get in their runtime_env: Serve's same-loop settings when
     Ray runs without its throughput mode (which sets them) and the user set none of them. The rest
     of the mode (gRPC between replicas, direct ingress) must be set for the whole cluster."""
-    if env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0").lower() in ("1", "true"):
+    if _env_flag(env, "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
         return {}
     return {k: v for k, v in SAME_LOOP_ENV.items() if k not in env}
 
