@@ -9,7 +9,8 @@ prefix of a GPU UUID) into the NVML handle of the same device, as vLLM's own
 Everything here talks to NVML only: it never initialises CUDA in the calling process, so a
 process that uses it can still fork a CUDA engine.
 
-On Hopper and newer, NVML GPM gives DRAM bandwidth utilisation (% of peak) and SM utilisation
+On Hopper and newer, NVML GPM gives DRAM bandwidth utilisation (% of peak), SM utilisation and
+graphics activity (the share of time any kernel ran: what engines that time-slice cannot overlap)
 between two samples; elsewhere only the coarse `nvmlDeviceGetUtilizationRates` (its `.memory` is
 the share of time memory was busy, NOT bandwidth, so it is never reported as dram_bw_util).
 GPM is probed once per sampler; a sample or metric that fails at run time (vGPU guests, MIG) is
@@ -32,6 +33,7 @@ from advisor.profiler import DeviceSample
 logger = logging.getLogger(__name__)
 
 NVML_SUCCESS = 0
+GPM_GRAPHICS_UTIL = 1  # share of time any kernel ran
 GPM_SM_UTIL = 2
 GPM_DRAM_BW_UTIL = 10
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -148,6 +150,28 @@ def cuda_device(device: str = "cuda", env: Optional[Mapping[str, str]] = None, n
         return None
 
 
+def gpu_uuid(device: str = "cuda", env: Optional[Mapping[str, str]] = None, nvml: Any = None) -> Optional[str]:
+    """NVML's UUID of `cuda:N` as a process with `env` sees it: one string for one device whether
+    `CUDA_VISIBLE_DEVICES` names it by index, UUID or UUID prefix, or is unset (a MIG instance,
+    with memory of its own, has its own MIG- UUID). None where NVML is unavailable or does not
+    know the entry's index (the engine's own start then says so).
+
+    NVML is shut down again afterwards, as `cuda_device_count` does."""
+    env = os.environ if env is None else env
+    entry = physical_entry(cuda_index(device), env.get(CUDA_VISIBLE_DEVICES))
+    try:
+        nvml = nvml if nvml is not None else _load_nvml()
+        nvml.nvmlInit()
+    except Exception:  # no NVML library or driver
+        return None
+    try:
+        return _text(nvml.nvmlDeviceGetUUID(nvml_handle(nvml, entry)))
+    except nvml.NVMLError:
+        return None
+    finally:
+        nvml.nvmlShutdown()
+
+
 def cuda_device_count(env: Optional[Mapping[str, str]] = None, nvml: Any = None) -> int:
     """CUDA devices this process would see, from NVML alone (no CUDA initialisation).
 
@@ -170,6 +194,46 @@ def cuda_device_count(env: Optional[Mapping[str, str]] = None, nvml: Any = None)
     return count if entries is None else min(count, len(entries))
 
 
+# ---- processes on a device ------------------------------------------------------------------
+MPS_SERVER = "nvidia-cuda-mps-server"
+
+
+class GpuProcess(BaseModel):
+    """One process NVML lists on a device (compute or graphics)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pid: int = Field(description="NVML's pid: the host's pid namespace, not a container's.")
+    name: Optional[str] = Field(None, description="NVML's name for the pid (`nvmlSystemGetProcessName`); None "
+                                                  "where NVML cannot resolve it (a pid of another pid namespace).")
+    used_bytes: Optional[int] = Field(None, description="Device memory it holds; None where NVML does not say.")
+
+
+def is_mps_server(process: GpuProcess) -> bool:
+    """An MPS control server holds the GPU on behalf of its clients: it is never a tenant itself."""
+    return process.name is not None and process.name.rsplit("/", 1)[-1] == MPS_SERVER
+
+
+def foreign_gpu_processes(processes: list[GpuProcess], ours: set[int], our_engines: int) -> int:
+    """Processes on the GPU that belong to someone else.
+
+    MPS servers are left out. When any of `ours` appears among NVML's pids, this process and NVML
+    share a pid namespace and pids identify our processes. When none does, NVML lists pids of
+    another namespace (a container sees its own pids, NVML the host's), so our `our_engines`
+    engine processes on the device are there under pids we cannot match: every process beyond
+    that many is foreign."""
+    tenants = {p.pid for p in processes if not is_mps_server(p)}
+    if tenants & ours:
+        return len(tenants - ours)
+    return max(0, len(tenants) - our_engines)
+
+
+def _process_name(nvml: Any, pid: int) -> Optional[str]:
+    try:
+        return _text(nvml.nvmlSystemGetProcessName(pid))
+    except Exception:  # NVMLError (not found: another pid namespace), or older bindings without it
+        return None
+
+
 # ---- counters -------------------------------------------------------------------------------
 class NvmlSampler:
     """`DeviceSampler` over NVML: start() begins sampling, stop() returns the means."""
@@ -188,6 +252,7 @@ class NvmlSampler:
         self._thread: Optional[threading.Thread] = None
         self._bw: list[float] = []
         self._sm: list[float] = []
+        self._busy: list[float] = []
         self._mem: list[int] = []
 
     def _probe_gpm(self) -> bool:
@@ -213,7 +278,7 @@ class NvmlSampler:
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return  # the last loop is still inside an NVML call: it owns the GPM sample
-        self._bw, self._sm, self._mem = [], [], []
+        self._bw, self._sm, self._busy, self._mem = [], [], [], []
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
         self._thread.start()
@@ -229,6 +294,7 @@ class NvmlSampler:
         return DeviceSample(
             dram_bw_util=statistics.fmean(self._bw) if self._bw else None,
             sm_util=statistics.fmean(self._sm) if self._sm else None,
+            gpu_busy=statistics.fmean(self._busy) if self._busy else None,
             memory_used_bytes=max(self._mem) if self._mem else None,
         )
 
@@ -239,16 +305,22 @@ class NvmlSampler:
         finally:
             self.release()
 
-    def other_processes(self, ours: set[int]) -> int:
-        """Processes other than `ours` holding this GPU (compute or graphics), for the noise checks."""
+    def gpu_processes(self) -> list[GpuProcess]:
+        """Processes holding this GPU (compute and graphics), named where NVML can name them."""
         nv = self._nvml
-        pids = set()
+        out = []
         for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
             try:
-                pids |= {p.pid for p in query(self.device.handle)}
+                infos = query(self.device.handle)
             except Exception:  # not supported on this device/driver
                 continue
-        return len(pids - ours)
+            out += [GpuProcess(pid=int(p.pid), name=_process_name(nv, int(p.pid)),
+                               used_bytes=getattr(p, "usedGpuMemory", None)) for p in infos]
+        return out
+
+    def other_processes(self, ours: set[int], our_engines: int = 0) -> int:
+        """Processes on this GPU that are not `ours` (`our_engines` of which hold it), for the noise checks."""
+        return foreign_gpu_processes(self.gpu_processes(), ours, our_engines)
 
     def release(self) -> None:
         """Free the GPM sample held between ticks (the loop does this when it ends)."""
@@ -281,11 +353,10 @@ class NvmlSampler:
             nv.nvmlGpmSampleGet(self.device.handle, cur)
             ok = True
             if self._prev is not None:
-                bw, sm = self._gpm_metrics(self._prev, cur)
-                if bw is not None:
-                    self._bw.append(bw)
-                if sm is not None:
-                    self._sm.append(sm)
+                bw, sm, busy = self._gpm_metrics(self._prev, cur)
+                for values, value in ((self._bw, bw), (self._sm, sm), (self._busy, busy)):
+                    if value is not None:
+                        values.append(value)
                 ok = bw is not None and sm is not None
             self._free(self._prev)
             self._prev, cur = cur, None
@@ -309,19 +380,21 @@ class NvmlSampler:
             return
         self._skip = min(self.config.gpm_max_backoff_periods, 2 ** (self._failures - 1))
 
-    def _gpm_metrics(self, s1, s2) -> tuple[Optional[float], Optional[float]]:
-        """(DRAM bandwidth %, SM %) between two samples; None for a metric whose own return
-        code is an error (the call as a whole can succeed while one metric fails)."""
+    def _gpm_metrics(self, s1, s2) -> tuple[Optional[float], Optional[float], Optional[float]]:
+        """(DRAM bandwidth %, SM %, graphics activity %) between two samples; None for a metric
+        whose own return code is an error (the call as a whole can succeed while one metric fails)."""
         nv = self._nvml
+        ids = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL, GPM_GRAPHICS_UTIL)
         req = nv.c_nvmlGpmMetricsGet_t()
         req.version = nv.NVML_GPM_METRICS_GET_VERSION
-        req.numMetrics = 2
+        req.numMetrics = len(ids)
         req.sample1, req.sample2 = s1, s2
-        req.metrics[0].metricId = GPM_DRAM_BW_UTIL
-        req.metrics[1].metricId = GPM_SM_UTIL
+        for i, metric in enumerate(ids):
+            req.metrics[i].metricId = metric
         nv.nvmlGpmMetricsGet(req)
         return tuple(  # type: ignore[return-value]
-            float(m.value) if int(m.nvmlReturn) == NVML_SUCCESS else None for m in (req.metrics[0], req.metrics[1])
+            float(req.metrics[i].value) if int(req.metrics[i].nvmlReturn) == NVML_SUCCESS else None
+            for i in range(len(ids))
         )
 
     def _free(self, sample) -> None:

@@ -37,6 +37,7 @@ from advisor.memory import KV_BLOCK_TOKENS, MemoryModel
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee, fit_step_model
 from advisor.planner import DeviceSpec, PlannerConfig, ReplicaPlan, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, SharePoint, WorkloadShape
+from advisor.sharing import Sharing
 from advisor.store import ProfileStore, StoreKey
 
 CONSTANTS_FILE = Path(__file__).resolve().with_name("perf_constants.json")
@@ -378,7 +379,20 @@ class Prediction(BaseModel):
     replica_batch: Optional[int] = Field(None, description="Batch per replica of the best N-replica configuration.")
     aggregate_tokens_per_s: Optional[float] = None
     replication_gain: Optional[float] = Field(None, description="aggregate / best single engine - 1.")
+    sharing: Optional[Sharing] = Field(None, description="How the N engines share the GPU (GPUs only).")
     notes: list[str] = Field(default_factory=list)
+
+
+SHARING_NOTES: dict[str, str] = {
+    "mps": ("MPS: N engines take turns on the device's bandwidth and overlap their CPU work, calibrated on the BCA "
+            "paper's MPS runs (gains within 8 points); where one engine's kernels leave bandwidth unused, concurrent "
+            "kernels under MPS can gain more than predicted (the paper's 4 x 96)"),
+    "time-slice": ("time-slicing: kernels of different engines never run at once, as this model assumes, and each "
+                   "switch between the engines' contexts costs time NVIDIA does not publish and the model does not "
+                   "count: an upper bound; vLLM's async scheduling already overlaps most CPU work within one engine. "
+                   "The two-engine run on the device decides"),
+    "exclusive": "exclusive-process compute mode without MPS: one engine per GPU, no N-engine prediction",
+}
 
 
 def predict_points(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, shape: WorkloadShape,
@@ -401,14 +415,16 @@ def _profile_point(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, b
         batch=batch, context_tokens=shape.context_tokens, tokens_per_s=s.tokens_per_s,
         e2e_tokens_per_s=step(mem, dev, eng, batch, shape, share=share).tokens_per_s,
         tpot_p50_ms=s.step_s * 1e3, tpot_p99_ms=s.step_s * 1e3, ttft_ms=prefill_ms + s.step_s * 1e3, kv_usage=0.0,
-        # The device's busy share: the planner's GPU rule N <= 1/u then equals this model's N*B/max(Z+D, N*D).
+        # The device's busy share: the planner's GPU rules N <= 1/u (MPS) and N <= 1/busy (time-slicing)
+        # then equal this model's N*B/max(Z+D, N*D).
         dram_bw_util=100.0 * s.device_s / s.step_s if dev.kind == "cuda" else None,
+        gpu_busy=100.0 * s.device_s / s.step_s if dev.kind == "cuda" else None,
     )
 
 
 def predicted_profile(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, eng: EngineConstants,
                       shape: WorkloadShape, batches: list[int], rules: PlateauRules = PlateauRules(),
-                      fit_context_factor: float = 4.0) -> Profile:
+                      fit_context_factor: float = 4.0, sharing: Sharing = "mps") -> Profile:
     """A `Profile` built from predicted points, for the planner (engine_version 'predicted')."""
     usable = [b for b in batches if fits(mem, dev, eng, b, shape)]
     if not usable:
@@ -430,14 +446,15 @@ def predicted_profile(model: str, mem: MemoryModel, device_name: str, dev: Devic
         model=model, device_name=device_name, engine_version=PREDICTED_ENGINE_VERSION, dtype=mem.dtype, shape=shape,
         rules=rules, points=points, fit_points=extra, knee=knee, step_model=fit_step_model(points + extra),
         weight_bytes=mem.weight_bytes, kv_bytes_per_token=mem.kv_bytes_per_token, overhead_bytes=eng.overhead_bytes,
-        seconds=0.0, cores=cores, share_points=shares,
+        seconds=0.0, cores=cores, share_points=shares, sharing=sharing if dev.kind == "cuda" else None,
     )
 
 
 def predict(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, eng: EngineConstants,
             shape: WorkloadShape, batches: Sequence[int] = DEFAULT_BATCHES, replicas: Optional[int] = None,
-            rules: PlateauRules = PlateauRules()) -> Prediction:
-    """The curve, its knee, the planner's memory per replica, and optionally N replicas' aggregate."""
+            rules: PlateauRules = PlateauRules(), sharing: Sharing = "mps") -> Prediction:
+    """The curve, its knee, the planner's memory per replica, and optionally N replicas' aggregate
+    on a GPU shared as `sharing` (`SHARING_NOTES`: what each mode's number rests on)."""
     from advisor.planner import evaluate_shape
 
     notes = []
@@ -453,7 +470,13 @@ def predict(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, 
     out = dict(model=model, device=device_name, dtype=mem.dtype, memory_bytes=dev.memory_bytes,
                dram_bandwidth_bytes_per_s=dev.dram_bandwidth_bytes_per_s, peak_flops=dev.peak_flops, shape=shape,
                engine=eng, points=points, b_star=ev.b_star, knee_reason=profile.knee.reason,
-               memory_per_replica_bytes=ev.memory_per_replica_bytes, notes=notes)
+               memory_per_replica_bytes=ev.memory_per_replica_bytes, notes=notes,
+               sharing=sharing if dev.kind == "cuda" else None)
+    if replicas is not None and dev.kind == "cuda":
+        notes.append(SHARING_NOTES[sharing])
+    if replicas is not None and replicas > 1 and dev.kind == "cuda" and sharing == "exclusive":
+        out.update(notes=notes)
+        return Prediction(**out)
     if replicas is not None:
         best_single = max(p.tokens_per_s for p in points)
         options = [(aggregate_tokens_per_s(mem, dev, eng, b, shape, replicas), b) for b in usable

@@ -4,8 +4,12 @@ Memory per replica = weights + the engine's measured overhead + a KV pool that h
 sequences at their full length (prompt + output) plus headroom, so the planned batch never
 preempts. N is the count with the best predicted aggregate throughput that fits the device's
 memory and, where measured, its DRAM bandwidth and cores:
-- GPU: one engine at B* uses a share u of the DRAM bandwidth (NVML GPM); N replicas can add up
-  to at most 1/u of it. Without a bandwidth reading no gain is predicted beyond one engine.
+- GPU, by how engines share it (`advisor/sharing.py`): under MPS one engine at B* uses a share u
+  of the DRAM bandwidth (NVML GPM) and N replicas add up to at most 1/u of it; time-slicing
+  engines never run kernels at once, so N replicas add at most 1/busy (GPM graphics activity)
+  and 1/u; an exclusive-process GPU holds one engine. Without the readings no gain is predicted.
+  A gain measured on the device (N engines against one, `Profile.measured_gain`) overrides the
+  model: the measurement decides.
 - CPU: replicas split the cores. The profile's share point (B* on half the cores) gives the
   scaling exponent g of throughput with cores, T(k) ~ k^g; N replicas then give
   T_all * N^(1-g). Without it, scaling is taken as linear (no gain).
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.memory import KV_BLOCK_TOKENS
 from advisor.plateau import plateau_batches
 from advisor.profiler import Profile, WorkloadShape
+from advisor.sharing import Sharing, mps_thread_percentage
 
 
 class PlanError(ValueError):
@@ -89,6 +94,12 @@ class ReplicaPlan(BaseModel):
     reasons: list[str]
     validation: Optional[Validation] = Field(None, description="Set by `plateau plan --validate`.")
     provisional: bool = Field(False, description="Made from a profile flagged as noisy: used once, never cached.")
+    sharing: Optional[Sharing] = Field(None, description="How the replicas share their GPU (None on CPUs or where "
+                                       "the profile did not record it).")
+    mps_thread_percentage: Optional[int] = Field(None, description="Each replica's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
+                                                 "(MPS, N > 1).")
+    warnings: list[str] = Field(default_factory=list, description="Reasons an operator should act on (no GPM "
+                                "readings, no MPS), logged as warnings and shown by `plateau status`.")
 
 
 class ReplicaOption(BaseModel):
@@ -112,6 +123,7 @@ class ShapeEvaluation(BaseModel):
     context_tokens: int
     options: list[ReplicaOption] = Field(description="N = 1 .. the replica cap, fitting or not.")
     reasons: list[str]
+    warnings: list[str] = Field(default_factory=list, description="The reasons an operator should act on.")
 
     def option(self, n: int) -> Optional[ReplicaOption]:
         return next((o for o in self.options if o.replicas_per_device == n), None)
@@ -164,13 +176,17 @@ def evaluate_shape(profile: Profile, device: DeviceSpec, shape: Optional[Workloa
     limits = {"memory": int(usable // per_replica), "max_replicas": cfg.max_replicas}
     if device.kind == "cpu":
         limits["cores"] = max(1, device.cores)
+    if device.kind == "cuda" and profile.sharing == "exclusive":
+        limits["exclusive-process GPU"] = 1
     n_cap = min(limits.values())
     reasons.append("replica limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
-    predict = _aggregate_model(profile, device, t_star, reasons)
+    warnings: list[str] = []
+    predict = _aggregate_model(profile, device, t_star, reasons, warnings)
     options = [ReplicaOption(replicas_per_device=n, fits=n <= n_cap, predicted_aggregate_tokens_per_s=predict(n))
                for n in range(1, cfg.max_replicas + 1)]
     return ShapeEvaluation(shape=shape, b_star=b_star, kv_cache_bytes=kv, memory_per_replica_bytes=per_replica,
-                           usable_memory_bytes=usable, context_tokens=context, options=options, reasons=reasons)
+                           usable_memory_bytes=usable, context_tokens=context, options=options, reasons=reasons,
+                           warnings=warnings)
 
 
 def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[WorkloadShape] = None,
@@ -207,7 +223,38 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
         predicted_aggregate_tokens_per_s=best_t,
         single_engine_tokens_per_s=max(p.tokens_per_s for p in profile.points),
         memory_freed_bytes=max(0, default_engine - used), reasons=reasons,
+        sharing=profile.sharing if device.kind == "cuda" else None,
+        mps_thread_percentage=mps_thread_percentage(best_n) if profile.sharing == "mps" and best_n > 1 else None,
+        warnings=ev.warnings,
     )
+
+
+class GainCheck(BaseModel):
+    """What to measure on a GPU before the plan is trusted: `replicas` engines at `batch` each,
+    each with a `kv_cache_bytes` pool, against one engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    replicas: int = Field(ge=2)
+    batch: int = Field(ge=1)
+    kv_cache_bytes: int = Field(gt=0)
+
+
+def gain_check(profile: Profile, device: DeviceSpec, plan: ReplicaPlan, shape: Optional[WorkloadShape] = None,
+               cfg: PlannerConfig = PlannerConfig()) -> Optional[GainCheck]:
+    """The measurement a GPU plan still needs, or None: on a GPU whose profile has no measured gain
+    yet (the gain model rests on readings and a sharing mode nothing else confirms), the planned N
+    (at least 2, so a plan of one engine is checked too) at B*; none on CPUs, on an
+    exclusive-process GPU, or where two replicas do not fit."""
+    if device.kind != "cuda" or profile.measured_gain is not None or profile.sharing == "exclusive":
+        return None
+    ev = evaluate_shape(profile, device, shape, cfg)
+    n = max(2, plan.replicas_per_device)
+    option = ev.option(n)
+    if option is None or not option.fits:
+        return None
+    if n == plan.replicas_per_device:
+        return GainCheck(replicas=n, batch=plan.max_num_seqs, kv_cache_bytes=plan.kv_cache_bytes)
+    return GainCheck(replicas=n, batch=ev.b_star, kv_cache_bytes=ev.kv_cache_bytes)
 
 
 def _admission_batch(profile: Profile, device: DeviceSpec, ev: ShapeEvaluation, n: int, cfg: PlannerConfig,
@@ -275,15 +322,10 @@ def _workload(shape: WorkloadShape) -> str:
     return shape.bucket + (f" (output spread cv {shape.output_tokens_cv:.2f})" if shape.output_tokens_cv else "")
 
 
-def _aggregate_model(profile: Profile, device: DeviceSpec, t_star: float, reasons: list[str]):
-    at_knee = next((p for p in profile.points if p.batch == profile.knee.b_star), None)
+def _aggregate_model(profile: Profile, device: DeviceSpec, t_star: float, reasons: list[str], warnings: list[str]):
     if device.kind == "cuda":
-        if at_knee is not None and at_knee.dram_bw_util:
-            u = min(1.0, at_knee.dram_bw_util / 100.0)
-            reasons.append(f"one engine at B* uses {u:.0%} of DRAM bandwidth (GPM): N replicas add up to {1 / u:.2f}x")
-            return lambda n: t_star * min(n, 1.0 / u)
-        reasons.append("no DRAM bandwidth reading: no gain predicted beyond one engine (run --validate to measure)")
-        return lambda n: t_star
+        ratio = _gpu_ratio(profile, reasons, warnings)
+        return lambda n: t_star * ratio(n)
     g = profile.cpu_scaling_exponent
     if g is None:
         reasons.append("no CPU share point in the profile: throughput assumed linear in cores (no gain)")
@@ -291,6 +333,76 @@ def _aggregate_model(profile: Profile, device: DeviceSpec, t_star: float, reason
     else:
         reasons.append(f"throughput scales with cores as k^{g:.2f} (share point): N replicas give N^{1 - g:.2f}x")
     return lambda n: t_star * n ** (1.0 - g)
+
+
+NO_GPM = ("NVML GPM gave no readings on this GPU (it needs a Hopper or newer GPU and, in a container, the "
+          "profiling capability; `plateau doctor` checks both)")
+
+
+def _gpu_ratio(profile: Profile, reasons: list[str], warnings: list[str]):
+    """N engines' aggregate over one engine's on a GPU: the sharing mode's bound, then the gain
+    measured on the device where there is one."""
+    bound = _gpu_gain_bound(profile, reasons, warnings)
+    measured = profile.measured_gain
+    if measured is None:
+        if bound is None:
+            return lambda n: 1.0
+        return lambda n: min(n, bound)
+    m, r = measured.replicas, max(1.0, 1.0 + measured.gain)
+    mode = profile.sharing or "sharing not recorded"
+    reasons.append(
+        f"measured on the device ({mode}): {m} engines at batch {measured.batch} decoded "
+        f"{measured.aggregate_tokens_per_s:.0f} tok/s against one engine's {measured.single_tokens_per_s:.0f} "
+        f"({measured.gain:+.0%}); the measurement decides: no N gains more than it, no N beyond {m} is predicted to "
+        "gain further"
+    )
+    if r == 1.0:
+        return lambda n: 1.0
+
+    def ratio(n: int) -> float:
+        if n >= m:
+            return r
+        line = 1.0 + (r - 1.0) * (n - 1) / (m - 1)
+        return min(r, line if bound is None else min(n, bound))
+    return ratio
+
+
+def _gpu_gain_bound(profile: Profile, reasons: list[str], warnings: list[str]) -> Optional[float]:
+    """The most N engines can give over one (x), from the profile's GPM readings at B* under its
+    sharing mode; None where the readings it needs are missing (no gain is then predicted). What
+    an operator can fix (no readings, no MPS) also goes to `warnings`."""
+    at_knee = next((p for p in profile.points if p.batch == profile.knee.b_star), None)
+    u = at_knee.dram_bw_util / 100.0 if at_knee is not None and at_knee.dram_bw_util else None
+    busy = at_knee.gpu_busy / 100.0 if at_knee is not None and at_knee.gpu_busy else None
+    sharing = profile.sharing
+    if sharing == "exclusive":
+        reasons.append("the GPU's compute mode is EXCLUSIVE_PROCESS without MPS: one engine per GPU")
+        warnings.append(reasons[-1] + "; start MPS (README: Running on GPUs) to pack several")
+        return 1.0
+    if sharing == "time-slice":
+        if busy is None:
+            reasons.append(
+                f"time-slicing (no MPS) and no GPU busy reading: {NO_GPM}; no gain predicted from the model: a "
+                "measured run of two engines against one decides")
+            warnings.append(reasons[-1])
+            return None
+        bound = 1.0 / min(1.0, max(busy, u or 0.0))
+        reasons.append(
+            f"time-slicing (no MPS): kernels of different engines never run at once; one engine at B* keeps the GPU "
+            f"busy {busy:.0%} of the time (GPM graphics activity"
+            + (f", DRAM bandwidth {u:.0%}" if u is not None else "") + f"): N replicas add up to {bound:.2f}x; "
+            "start MPS for concurrent kernels")
+        warnings.append(reasons[-1])
+        return bound
+    where = "MPS" if sharing == "mps" else "sharing mode not recorded with this profile, taken as MPS"
+    if u is None:
+        reasons.append(f"{where}: no DRAM bandwidth reading: {NO_GPM}; no gain predicted from the model: a measured "
+                       "run of two engines against one decides")
+        warnings.append(reasons[-1])
+        return None
+    u = min(1.0, u)
+    reasons.append(f"{where}: one engine at B* uses {u:.0%} of DRAM bandwidth (GPM): N replicas add up to {1 / u:.2f}x")
+    return 1.0 / u
 
 
 def _gib(n: float) -> str:

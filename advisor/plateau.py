@@ -32,6 +32,8 @@ class ProfilePoint(BaseModel):
     kv_usage: float = Field(description="Peak share of the KV pool in use.")
     dram_bw_util: Optional[float] = Field(None, description="Mean DRAM bandwidth use, % of peak (NVML GPM).")
     sm_util: Optional[float] = Field(None, description="Mean SM utilisation, % (NVML).")
+    gpu_busy: Optional[float] = Field(None, description="Mean share of time any kernel ran on the GPU, % (NVML GPM "
+                                      "graphics activity): what time-slicing engines cannot overlap.")
     gpu_memory_used_bytes: Optional[int] = Field(None, description="Device memory used (NVML).")
     noise: Optional[PointNoise] = Field(None, description="Spread of its repeated rounds and the background load.")
 

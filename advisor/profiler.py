@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.noise import (LoadProbe, NoiseConfig, PointNoise, ProfileNoise, QuietWait, coefficient_of_variation,
                            judge_try, summarize)
+from advisor.sharing import Sharing
 from advisor.plateau import Knee, PlateauRules, ProfilePoint, StepModel, find_knee, fit_step_model
 
 
@@ -94,6 +95,7 @@ class DeviceSample(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     dram_bw_util: Optional[float] = None
     sm_util: Optional[float] = None
+    gpu_busy: Optional[float] = None
     memory_used_bytes: Optional[int] = None
 
 
@@ -125,6 +127,20 @@ class SharePoint(BaseModel):
     point: ProfilePoint
 
 
+class MeasuredGain(BaseModel):
+    """N engines decoding at once on one device against one engine on all of it, same workload."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    replicas: int = Field(ge=2)
+    batch: int = Field(ge=1, description="Batch of each of the N engines.")
+    single_tokens_per_s: float = Field(gt=0, description="One engine at its knee, on the whole device.")
+    aggregate_tokens_per_s: float = Field(ge=0, description="The N engines together.")
+
+    @property
+    def gain(self) -> float:
+        return self.aggregate_tokens_per_s / self.single_tokens_per_s - 1.0
+
+
 class Profile(BaseModel):
     """A model's throughput curve on one device, its knee and its step-time fit."""
 
@@ -149,6 +165,10 @@ class Profile(BaseModel):
                                 "enforce_eager; graphs: CUDA graphs / torch.compile). Older profiles: eager.")
     noise: Optional[ProfileNoise] = Field(None, description="The profile's own noise; None: measured before noise "
                                                             "was recorded (not trusted for reuse).")
+    sharing: Optional[Sharing] = Field(None, description="How engines share the GPU it was measured on (CUDA: mps, "
+                                       "time-slice or exclusive; None on CPUs).")
+    measured_gain: Optional[MeasuredGain] = Field(None, description="N engines at once against one, measured on the "
+                                                  "device (CUDA); the planner's gain model yields to it.")
 
     @property
     def trusted(self) -> bool:
@@ -190,6 +210,7 @@ def to_point(m: BatchMeasurement, shape: WorkloadShape, sample: Optional[DeviceS
         kv_usage=m.kv_usage_peak,
         dram_bw_util=sample.dram_bw_util if sample else None,
         sm_util=sample.sm_util if sample else None,
+        gpu_busy=sample.gpu_busy if sample else None,
         gpu_memory_used_bytes=sample.memory_used_bytes if sample else None,
     )
 

@@ -1,11 +1,12 @@
 """Profiles and plans on disk: pandas DataFrames stored as parquet, reloaded after a restart.
 
-One row per stored object, keyed by model, device name, engine version, dtype, workload bucket
-and execution mode (eager or CUDA graphs: a profile measured in one says little about the
-other); the full object is kept as JSON in the `body` column, the key columns make lookups and
+One row per stored object, keyed by model, device name, engine version, dtype, workload bucket,
+execution mode (eager or CUDA graphs: a profile measured in one says little about the other)
+and how engines share the GPU (MPS, time-slicing: the measured gain of N engines depends on it;
+empty on CPUs); the full object is kept as JSON in the `body` column, the key columns make lookups and
 `pandas` analysis easy. The tables live in a folder or under an fsspec URL (`advisor/storage.py`:
-whole-file replacement, one writer at a time). Tables written before the mode column existed are
-read as eager (every profile then was).
+whole-file replacement, one writer at a time). Tables written before the mode or sharing
+columns existed are read as eager and without sharing (every profile then was).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from advisor.profiler import ExecutionMode, Profile
 from advisor.storage import Location, location
 
-KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket", "mode"]
+KEY_COLUMNS = ["model", "device_name", "engine_version", "dtype", "bucket", "mode", "sharing"]
 LEGACY_MODE: ExecutionMode = "eager"  # the mode of rows stored before the `mode` column
 T = TypeVar("T", bound=BaseModel)
 
@@ -34,11 +35,12 @@ class StoreKey(BaseModel):
     dtype: str
     bucket: str
     mode: ExecutionMode = LEGACY_MODE
+    sharing: str = ""  # advisor/sharing.py's mode; "" on CPUs
 
     @classmethod
     def of(cls, profile: Profile) -> "StoreKey":
         return cls(model=profile.model, device_name=profile.device_name, engine_version=profile.engine_version,
-                   dtype=profile.dtype, bucket=profile.shape.bucket, mode=profile.mode)
+                   dtype=profile.dtype, bucket=profile.shape.bucket, mode=profile.mode, sharing=profile.sharing or "")
 
 
 class ProfileStore:
@@ -56,6 +58,8 @@ class ProfileStore:
         df = pd.read_parquet(io.BytesIO(data))
         if "mode" not in df.columns:
             df["mode"] = LEGACY_MODE
+        if "sharing" not in df.columns:
+            df["sharing"] = ""
         return df
 
     def _put(self, kind: str, key: StoreKey, body: BaseModel) -> str:
@@ -87,16 +91,16 @@ class ProfileStore:
         return self._get("profiles", key, Profile)
 
     def find(self, model: str, device_name: str, engine_version: str, dtype: str, bucket: str,
-             mode: ExecutionMode = LEGACY_MODE) -> Optional[Profile]:
-        """The profile for this bucket, else the newest for the same model/device/engine/dtype/mode
-        (the step model predicts other workload shapes), else None."""
+             mode: ExecutionMode = LEGACY_MODE, sharing: Optional[str] = None) -> Optional[Profile]:
+        """The profile for this bucket, else the newest for the same model/device/engine/dtype/mode/
+        sharing (the step model predicts other workload shapes), else None."""
         exact = self.get_profile(StoreKey(model=model, device_name=device_name, engine_version=engine_version,
-                                          dtype=dtype, bucket=bucket, mode=mode))
+                                          dtype=dtype, bucket=bucket, mode=mode, sharing=sharing or ""))
         if exact is not None:
             return exact
         df = self._read("profiles")
         df = df[(df.model == model) & (df.device_name == device_name) & (df.engine_version == engine_version)
-                & (df.dtype == dtype) & (df["mode"] == mode)]
+                & (df.dtype == dtype) & (df["mode"] == mode) & (df["sharing"] == (sharing or ""))]
         if df.empty:
             return None
         return Profile.model_validate_json(df.sort_values("stored_at").iloc[-1]["body"])

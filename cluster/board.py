@@ -40,7 +40,8 @@ class AppPlacement(BaseModel):
     packing: PackResult = Field(description="Packer result for the initial replicas (deployment -> device).")
     requested: Optional[ResourceRequest] = Field(None, description="What was asked of Ray's autoscaler, if anything.")
     routes: dict[str, list[Route]] = Field(description="Initial routes per model.")
-    plans: dict[str, list[str]] = Field(default_factory=dict, description="Model -> the plan's reasons.")
+    plans: dict[str, list[str]] = Field(default_factory=dict, description="Model -> its Advisor plan in short (N, "
+                                        "batch, GPU sharing) and the plan's warnings; models with a fixed N: none.")
 
 
 class AppStatus(BaseModel):
@@ -321,6 +322,8 @@ def render_status(app: str, status: AppStatus, now: Optional[float] = None) -> s
         m = live.get(model)
         variants = "  ".join(f"n{r.n}: {r.running} running{'' if r.accepting else ' (not accepting)'}" for r in routes)
         lines.append(f"  {model}: {variants}")
+        for line in (p.plans.get(model, []) if p is not None else []):
+            lines.append(f"    plan: {line}")
         if m is not None:
             shape = f"prompt {m.shape.prompt_tokens} / output {m.shape.output_tokens}" if m.shape else "not enough traffic"
             planned = f"{m.planned_tokens_per_s:.0f}" if m.planned_tokens_per_s is not None else "-"

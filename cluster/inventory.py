@@ -13,10 +13,12 @@ functions below it read Ray and NVML.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+import os
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.nvml import CUDA_VISIBLE_DEVICES, GpuSelectionError, nvml_handle, physical_entry, visible_entries
 from cluster.packing import DeviceCapacity
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,8 @@ class GpuReading(BaseModel):
     """What NVML says about one GPU."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    index: int
+    index: int = Field(description="Ray's GPU id on the node (its raylet's index-th visible device), not NVML's "
+                                   "physical index.")
     name: str
     memory_bytes: int = Field(gt=0)
     bandwidth_bytes_per_s: Optional[float] = Field(None, description="Peak DRAM bandwidth (bus width x clock).")
@@ -152,27 +155,61 @@ class NodeReadError(RuntimeError):
     """A node of a running cluster did not answer for its GPUs: the read is not to be used."""
 
 
-def read_gpus() -> list[GpuReading]:
-    """NVML's view of this node's GPUs; empty where NVML is missing (CPU machines)."""
+def gpu_readings(nvml: Any, cuda_visible_devices: Optional[str]) -> list[GpuReading]:
+    """NVML's reading of each GPU Ray counts on this node, indexed by Ray's GPU id.
+
+    Ray counts min(NVML's devices, the raylet's `CUDA_VISIBLE_DEVICES` entries) GPUs and its GPU id
+    i is the raylet's i-th entry (`ray.get_gpu_ids()` maps ids through the entries the worker
+    started with, and a replica's `CUDA_VISIBLE_DEVICES` is that entry), in the order the entries
+    are written, not NVML's physical order; NVML's device i where the variable is unset. An entry
+    is an index or a GPU-/MIG- UUID, so each is mapped to its NVML handle. An entry NVML does not
+    know is left out (that GPU keeps its logical memory) and logged."""
+    entries = visible_entries(cuda_visible_devices)
+    count = int(nvml.nvmlDeviceGetCount())
+    out = []
+    for ray_id in range(count if entries is None else min(count, len(entries))):
+        entry = physical_entry(ray_id, cuda_visible_devices)
+        try:
+            h = nvml_handle(nvml, entry)
+            name = nvml.nvmlDeviceGetName(h)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h).total
+        except (GpuSelectionError, nvml.NVMLError) as exc:
+            logger.warning("Ray GPU %d (CUDA_VISIBLE_DEVICES entry %r) has no NVML reading: %s", ray_id, entry, exc)
+            continue
+        out.append(GpuReading(index=ray_id, name=name.decode() if isinstance(name, bytes) else name,
+                              memory_bytes=int(mem), bandwidth_bytes_per_s=_peak_bandwidth(nvml, h)))
+    return out
+
+
+def raylet_visible_devices() -> Optional[str]:
+    """`CUDA_VISIBLE_DEVICES` as this node's raylet has it (its entries are what Ray's GPU ids index).
+
+    A Ray worker records it when it starts (`original_visible_accelerator_ids`, through which
+    `ray.get_gpu_ids()` maps ids); a task without GPUs usually sees the same value in its
+    environment, but not with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1, which blanks it. Outside a
+    worker, or if Ray no longer records it, the environment is all there is."""
     try:
-        import pynvml
-    except ImportError:
+        from ray._private.worker import global_worker
+
+        ids = global_worker.original_visible_accelerator_ids.get("GPU")
+    except (ImportError, AttributeError):
+        return os.environ.get(CUDA_VISIBLE_DEVICES)
+    return None if ids is None else ",".join(str(i) for i in ids)
+
+
+def read_gpus(nvml: Any = None) -> list[GpuReading]:
+    """NVML's view of this node's GPUs by Ray GPU id (`gpu_readings`); empty where NVML is missing
+    (CPU machines)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+    except Exception:  # no pynvml, NVMLError_LibraryNotFound / DriverNotLoaded on machines without GPUs
         return []
     try:
-        pynvml.nvmlInit()
-    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without GPUs
-        return []
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
-            out.append(GpuReading(index=i, name=name.decode() if isinstance(name, bytes) else name,
-                                  memory_bytes=int(mem), bandwidth_bytes_per_s=_peak_bandwidth(pynvml, h)))
-        return out
+        return gpu_readings(nvml, raylet_visible_devices())
     finally:
-        pynvml.nvmlShutdown()
+        nvml.nvmlShutdown()
 
 
 def _peak_bandwidth(pynvml, handle) -> Optional[float]:

@@ -28,7 +28,7 @@ from cluster.routing import ServedModel
 from deployments.direct_path import haproxy_enabled, missing_env, replica_env, slow_path_warning
 from deployments.engine import actor_options, deployment_options, vllm_version
 from deployments.ingress import OpenAIIngress
-from deployments.layout import apply_plan, ask_plan, cluster_for, layout_model, place
+from deployments.layout import apply_plan, ask_plan, cluster_for, layout_model, place, plan_summary
 from deployments.replica import LLMReplica
 from deployments.replica_front import FrontSettings
 from deployments.router import PlateauRouter
@@ -57,11 +57,12 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     views = {key: cluster_for(m, cluster, devices[key]) for key, m in entries}
     pending = {key: ask_plan(m, views[key], args.device, devices[key], args.profile_store)
                for key, m in entries if m.replicas_per_device == "auto"}
-    layouts = []
+    layouts, plans = [], {}
     for key, m in entries:
         profile = None
         if key in pending:
-            m, profile = apply_plan(pending[key])
+            m, profile, plan = apply_plan(pending[key])
+            plans[key] = plan_summary(plan)
         layouts.append(layout_model(m, views[key], devices[key], args.device, profile, key=key))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
     # with an autoscaler the request is made on every deploy: it replaces the last one (a target, not a delta)
@@ -107,7 +108,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                                   replicas=sum(lay.initial_replicas for lay in lays),
                                   keys=[] if keys == [served_name] else keys))
     placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
-                             requested=requested)
+                             requested=requested, plans=plans)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", ray_actor_options=actor_options(0, same_loop), max_ongoing_requests=4096,
         # an application-level policy needs every deployment to autoscale; the ingress stays at one

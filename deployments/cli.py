@@ -10,6 +10,7 @@
   plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
   plateau pack INPUT.json           place replicas of many models on devices (capacity planning)
   plateau status                    a running app's placement, variants, live readings, last decisions
+  plateau doctor                    GPU first-hour checks: driver, NVML mapping, GPM, MPS, engines (PASS/FAIL/SKIP)
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def _status(ns: argparse.Namespace) -> int:
     else:
         print("\n\n".join(render_status(name, st) for name, st in apps.items()))
     return 0
+
+
+def _doctor(ns: argparse.Namespace) -> int:
+    from advisor.nvml import GpuSelectionError, cuda_index
+    from deployments.doctor import DoctorOptions, exit_code, run_doctor
+
+    try:
+        cuda_index(ns.device)
+    except GpuSelectionError as exc:
+        raise CliError(str(exc)) from None
+    options = DoctorOptions(device=ns.device, quick=ns.quick, **({"model": ns.model} if ns.model else {}))
+    results = run_doctor(options, emit=None if ns.json else lambda r: print(r.line(), flush=True))
+    if ns.json:
+        print(json.dumps([r.model_dump(mode="json") for r in results], indent=2), flush=True)
+    return exit_code(results)
 
 
 class CliError(Exception):
@@ -235,7 +251,7 @@ def _predict(ns: argparse.Namespace) -> int:
                        f"0 to 10 (0: every request generates --output-tokens)") from None
     try:
         out = predict(ns.model, mem, ns.device, dev, eng, shape, **({"batches": batches} if batches else {}),
-                      replicas=ns.replicas)
+                      replicas=ns.replicas, sharing=ns.sharing)
     except PerfModelError as exc:
         raise CliError(str(exc)) from None
     print(out.model_dump_json(indent=2), flush=True)
@@ -426,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "chat traffic such as ShareGPT ~1.2): long requests fill the running batch, raising its KV reads")
     pred.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,2,4,...,512)")
     pred.add_argument("--replicas", type=int, default=None, help="also predict N engines at once on the device")
+    pred.add_argument("--sharing", choices=["mps", "time-slice", "exclusive"], default="mps",
+                      help="how the N engines share a GPU: mps (an MPS daemon serves it), time-slice (no MPS), "
+                      "exclusive (compute mode EXCLUSIVE_PROCESS: one engine); the notes say what each number rests on")
     pred.add_argument("--dtype", default="auto")
     pred.add_argument("--store", default=None, help="profile store whose calibrations.json recalibrates the device")
     pred.set_defaults(func=_predict)
@@ -446,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--app", default=None, help="only this application")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+
+    doctor = sub.add_parser("doctor", help="check a GPU machine for plateau-serve (PASS/FAIL/SKIP per check; exit 1 on "
+                            "any FAIL); paste its output into bug reports")
+    doctor.add_argument("--device", default="cuda:0", help="cuda[:INDEX] (INDEX counts the GPUs CUDA_VISIBLE_DEVICES "
+                        "makes visible)")
+    doctor.add_argument("--model", default=None, help="model of the engine checks: embedded name, folder or hub id "
+                        "(default smollm2-135m)")
+    doctor.add_argument("--json", action="store_true", help="a JSON list of {name, status, detail, fix}")
+    doctor.add_argument("--quick", action="store_true", help="skip the engine checks (engine_memory, profile, "
+                        "two_engines): under a minute")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 

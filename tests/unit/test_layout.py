@@ -199,10 +199,10 @@ def test_the_builder_reads_the_profile_of_the_device_the_plan_was_made_on(monkey
 
     plan = plan_replicas(PROFILE, DeviceSpec(kind="cuda", name="cuda:NVIDIA L4", memory_bytes=24 * GiB))
     asked = []
-    monkeypatch.setattr(profiling, "stored_profile", lambda req, device=None: asked.append(device) or PROFILE)
+    monkeypatch.setattr(profiling, "stored_profile", lambda req, device=None, sharing=None: asked.append(device) or PROFILE)
     m = model(name="m", device_type="L4")
     pending = PendingPlan(model=m, request=advisor_request(m, CLUSTER, typed_inventory().of_type("small")), ref="ref")
-    resolved, profile = apply_plan(pending, wait=lambda ref: plan)
+    resolved, profile, _ = apply_plan(pending, wait=lambda ref, timeout: plan)
     assert asked == ["cuda:NVIDIA L4"] and profile is PROFILE
     assert (resolved.replicas_per_device, resolved.max_num_seqs) == (plan.replicas_per_device, plan.max_num_seqs)
 

@@ -94,6 +94,7 @@ def test_gpm_readings_are_means_between_samples_and_every_sample_is_freed():
     reading = sampler.reading()
     assert reading.dram_bw_util == pytest.approx(61.5)
     assert reading.sm_util == pytest.approx(42.0)
+    assert reading.gpu_busy == pytest.approx(88.0)  # GPM graphics activity, the time-slicing bound
     assert reading.memory_used_bytes == 10 * GIB
     assert not nvml.live
 
@@ -105,6 +106,7 @@ def test_gpm_flag_without_working_samples_is_probed_off_without_a_leak():
     assert not nvml.live
     sampler.sample_once()
     assert sampler.reading().dram_bw_util is None
+    assert sampler.reading().gpu_busy is None
     assert sampler.reading().sm_util == 37.0  # the coarse utilisation instead
 
 

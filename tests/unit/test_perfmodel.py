@@ -7,12 +7,12 @@ import pytest
 
 from advisor.memory import memory_model
 from advisor.perfmodel import (
-    CalibrationFile, DeviceFigures, EngineConstants, MeasuredPoint, PerfModelError, aggregate_tokens_per_s,
+    DEFAULT_BATCHES, CalibrationFile, DeviceFigures, EngineConstants, MeasuredPoint, PerfModelError, aggregate_tokens_per_s,
     fit_engine, fit_output_cv, fits, load_constants, measured_points, plan_on_named_device, predict,
     predicted_profile, step,
 )
 from advisor.plateau import PlateauRules, find_knee
-from advisor.planner import DeviceSpec, PlannerConfig, evaluate_shape
+from advisor.planner import DeviceSpec, PlannerConfig, evaluate_shape, plan_replicas
 from advisor.profiler import WorkloadShape
 from advisor.store import ProfileStore
 from tests.factories import make_profile
@@ -411,3 +411,43 @@ def test_engine_for_a_named_device_prefers_measurements(opt13, tmp_path):
     assert CalibrationFile(ProfileStore(tmp_path)).read()["h100-sxm"] == eng
     # A profile on another GPU does not recalibrate this one.
     assert engine_for_named_device(c, "a100-80gb", store, lambda ref, dtype: opt13)[0] == c.engine_for(c.device("a100-80gb"))
+
+
+BCA_MPS_GAINS = [("opt-1.3b", 2, 256, 0.337), ("opt-1.3b", 4, 96, 0.20), ("opt-1.3b", 2, 96, 0.12),
+                 ("opt-2.7b", 2, 128, 0.128)]  # N x batch under MPS: the BCA paper's measured gains
+
+
+@pytest.mark.parametrize("model,replicas,batch,measured", BCA_MPS_GAINS)
+def test_the_shipped_gpu_model_predicts_the_bca_mps_gains_within_ten_points(model, replicas, batch, measured):
+    c = load_constants()
+    dev, eng = c.devices["h100-64gb"], c.engines[c.engine_for_kind["cuda"]]
+    mem = memory_model(CONFIGS / model)
+    sharegpt = WorkloadShape(prompt_tokens=111, output_tokens=292, output_tokens_cv=1.34)  # the fitted spread
+    whole = WorkloadShape(prompt_tokens=111, output_tokens=292)  # the paper's engines admitted whole requests
+    paper = PlannerConfig(device_memory_fraction=0.9, kv_headroom=0.0)
+    single = max(step(mem, dev, eng, b, sharegpt).tokens_per_s for b in (*DEFAULT_BATCHES, 640, 768)
+                 if fits(mem, dev, eng, b, whole, cfg=paper))
+    gain = aggregate_tokens_per_s(mem, dev, eng, batch, sharegpt, replicas) / single - 1
+    assert abs(gain - measured) <= 0.10
+
+
+def test_predict_names_the_sharing_mode_and_what_its_number_rests_on(opt13):
+    dev, eng = gpu(), engine(t_fixed_s=0.002)
+    mps = predict("opt", opt13, "g", dev, eng, SHAPE, batches=[16, 64], replicas=2, sharing="mps")
+    sliced = predict("opt", opt13, "g", dev, eng, SHAPE, batches=[16, 64], replicas=2, sharing="time-slice")
+    assert mps.sharing == "mps" and any(n.startswith("MPS:") and "BCA" in n for n in mps.notes)
+    assert sliced.sharing == "time-slice" and any("upper bound" in n for n in sliced.notes)
+    exclusive = predict("opt", opt13, "g", dev, eng, SHAPE, batches=[16, 64], replicas=2, sharing="exclusive")
+    assert exclusive.aggregate_tokens_per_s is None and any("one engine per GPU" in n for n in exclusive.notes)
+    cpu_pred = predict("opt", opt13, "c", cpu(), engine(), SHAPE, batches=[16], replicas=2)
+    assert cpu_pred.sharing is None
+
+
+def test_predicted_gpu_profiles_plan_the_same_n_in_either_mode(opt13):
+    dev, eng = gpu(), engine(t_fixed_s=0.002)
+    plans = {}
+    for mode in ("mps", "time-slice"):
+        profile = predicted_profile("opt", opt13, "g", dev, eng, SHAPE, [1, 8, 32, 64, 128], sharing=mode)
+        assert profile.sharing == mode and all(p.gpu_busy == p.dram_bw_util for p in profile.points)
+        plans[mode] = plan_replicas(profile, DeviceSpec(kind="cuda", name="g", memory_bytes=dev.memory_bytes))
+    assert plans["mps"].replicas_per_device == plans["time-slice"].replicas_per_device

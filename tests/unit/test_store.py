@@ -285,3 +285,22 @@ def test_calibrations_live_beside_the_profiles_under_a_url(where):
     stored = CalibrationFile(ProfileStore(where)).put("l40s", eng)
     assert stored == f"{where}/calibrations.json"
     assert CalibrationFile(ProfileStore(where)).read() == {"l40s": eng}
+
+
+def test_profiles_of_each_gpu_sharing_mode_are_found_apart_and_older_tables_read_without_one(tmp_path):
+    import pandas as pd
+
+    store = ProfileStore(tmp_path)
+    plain = make_profile()
+    store.put_profile(plain)
+    mps = make_profile().model_copy(update={"sharing": "mps", "seconds": 9.0})
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", sharing="mps") is None  # never the other mode's
+    store.put_profile(mps)
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", sharing="mps").seconds == 9.0
+    assert store.find("m", "dev", "0.0", "bfloat16", "p1024-o64", sharing="mps").sharing == "mps"  # other bucket
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64", sharing="time-slice") is None
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64").sharing is None
+    table = tmp_path / "profiles.parquet"
+    old = pd.read_parquet(table)
+    old[old["sharing"] == ""].drop(columns=["sharing"]).to_parquet(table, index=False)  # an older table
+    assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64").seconds == plain.seconds
