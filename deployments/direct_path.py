@@ -37,14 +37,15 @@ DIRECT_PATH_ENV = {
 _EXTENDED = "_plateau_data_apps"  # on the controller: app name -> prefix of its data deployments
 
 
-def haproxy_enabled(env: Mapping[str, str] = os.environ) -> bool:
-    """Ray's HAProxy ingress is on in the processes that inherit `env` (Ray's own test: == "1")."""
-    return env.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
-
-
 def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    """A Ray boolean variable set on ("1" or "true")."""
-    return env.get(name, "0").lower() in ("1", "true")
+    """A Ray Serve boolean variable as Ray reads it (`constants_utils.get_env_bool`: on only when "1";
+    "true" is off to Ray, so it must be off here too)."""
+    return env.get(name, "0") == "1"
+
+
+def haproxy_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Ray's HAProxy ingress is on in the processes that inherit `env`."""
+    return _env_flag(env, "RAY_SERVE_ENABLE_HA_PROXY")
 
 
 def body_forwarded(env: Mapping[str, str] = os.environ) -> bool:

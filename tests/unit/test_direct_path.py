@@ -119,7 +119,11 @@ def test_serve_run_without_the_variables_is_told_which_to_set():
     assert missing_env({}) == ["RAY_SERVE_ENABLE_HA_PROXY=1"]
     assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "1"}) == []  # one model: no body needed
     assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, models=2) == ["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1"]
-    assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "true"},
+    assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"},
                        models=2) == []
+    # Ray reads its booleans as "1" only: "true" leaves the body unforwarded, so it is still missing
+    assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "true"},
+                       models=2) == ["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1"]
+    assert missing_env({"RAY_SERVE_ENABLE_HA_PROXY": "true"}) == ["RAY_SERVE_ENABLE_HA_PROXY=1"]
     text = slow_path_warning(["RAY_SERVE_ENABLE_HA_PROXY=1"])
     assert "RAY_SERVE_ENABLE_HA_PROXY=1 serve run config.yaml" in text and "make run" in text
