@@ -6,8 +6,9 @@ profile holds the whole device, because a profile must not share its device with
 where serving replicas hold every device of the type (a redeploy of a running app), the task holds
 none of it, runs beside them on a node of that type and plans only from a stored profile. Every
 wait on a task is bounded: it must start within `schedule_timeout_s` and finish within
-`run_timeout_s`, or it is cancelled and the error says what it waited for. Plans are cached in memory
-(a provisional plan, made from a profile flagged as noisy, is not: the next start profiles again);
+`run_timeout_s`, or it is cancelled and the error says what it waited for. CPU plans are cached in memory
+(not a provisional plan, made from a profile flagged as noisy: the next start profiles again; nor
+a GPU plan, which rests on how the GPU is shared at the time: `cacheable`);
 profiles persist in the parquet store, so a restarted Advisor re-plans from them without
 starting an engine. `observe()` keeps live replica samples for refining the fit later.
 """
@@ -15,12 +16,15 @@ starting an engine. `observe()` keeps live replica samples for refining the fit 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from typing import Any, Callable, Optional
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.nvml import restore_raylet_devices
 from advisor.planner import ReplicaPlan
 
 ADVISOR_NAME = "plateau-advisor"
@@ -43,6 +47,9 @@ class DeviceResources(BaseModel):
     schedule_timeout_s: float = Field(900.0, gt=0, description="How long the task may wait for Ray to start it "
                                       "(a whole device to come free, or the autoscaler to add a node).")
     run_timeout_s: float = Field(3600.0, gt=0, description="How long it may run once started (a profile).")
+    parallel: int = Field(1, ge=1, description="Device tasks of this accelerator type that may hold a device at "
+                                               "once (the devices of the type): the others wait their turn in "
+                                               "the Advisor, before their start limit runs.")
 
     def task_options(self) -> dict[str, object]:
         """Ray task options (`accelerator_type` becomes the node resource accelerator_type:<T>; `node_id` a hard
@@ -74,6 +81,14 @@ def plan_key(request: BaseModel, resources: DeviceResources) -> str:
     device (whole or beside replicas, which node) and its limits are not part of it: a plan from the
     same stored profile is the same plan."""
     return request.model_dump_json() + (resources.accelerator_type or "")
+
+
+def cacheable(plan: Any) -> bool:
+    """Whether the Advisor may hand `plan` out again without a device task. Not a plan from a noisy
+    profile (it serves one start; the next profiles again), nor a GPU plan: it rests on how the GPU
+    is shared now (MPS may have started or stopped since) and possibly on a gain not measured yet,
+    so it is made again, from the stored profile (seconds, no engine)."""
+    return not plan.provisional and getattr(plan, "device_kind", "cpu") != "cuda"
 
 
 def plan_wait_s(resources: DeviceResources, margin_s: float = 60.0) -> float:
@@ -166,6 +181,7 @@ class Advisor:
         self._profile_fn = profile_fn
         self._plans: dict[str, ReplicaPlan] = {}
         self._planning: dict[str, asyncio.Future] = {}  # request -> the device task under way
+        self._turns: dict[str, asyncio.Semaphore] = {}  # accelerator type -> devices free for a whole-device task
         self._observations: list[Observation] = []
         self._max_observations = max_observations
 
@@ -181,10 +197,11 @@ class Advisor:
 
     async def _plan(self, key: str, request: BaseModel, resources: DeviceResources) -> ReplicaPlan:
         try:
-            plan = await self._on_device(self._plan_fn, request, resources)
+            async with self._turn(resources):
+                plan = await self._on_device(self._plan_fn, request, resources)
         finally:
             del self._planning[key]
-        if not plan.provisional:  # a plan from a noisy profile serves one start; the next one profiles again
+        if cacheable(plan):
             self._plans[key] = plan
         return plan
 
@@ -193,7 +210,8 @@ class Advisor:
             raise RuntimeError("this Advisor was created without a profile function")
         if not resources.whole_device:
             raise DeviceShared(f"a profile of {_subject(request)} needs a whole device: ask with whole_device=True")
-        return await self._on_device(self._profile_fn, request, resources)
+        async with self._turn(resources):
+            return await self._on_device(self._profile_fn, request, resources)
 
     def observe(self, samples: list[Observation]) -> int:
         self._observations.extend(samples)
@@ -206,10 +224,23 @@ class Advisor:
     def plans(self) -> list[ReplicaPlan]:
         return list(self._plans.values())
 
+    def _turn(self, resources: DeviceResources):
+        """Wait for a device of the type: a task that holds a whole device starts only when fewer than
+        `parallel` of its type run, so time spent queued behind the Advisor's own tasks (several
+        models profiled on one device) never counts against its start limit. Beside replicas no wait."""
+        if not resources.whole_device:
+            return contextlib.nullcontext()
+        key = f"{resources.accelerator_type or ''}/{'gpu' if resources.num_gpus > 0 else 'cpu'}"
+        if key not in self._turns:
+            self._turns[key] = asyncio.Semaphore(resources.parallel)
+        return self._turns[key]
+
     @staticmethod
     async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources):
         stream = device_task().options(**resources.task_options()).remote(fn, request, resources.whole_device)
-        return await await_device_task(stream, lambda: ray.cancel(stream), request, resources)
+        # force: a task stuck in a C call never sees a KeyboardInterrupt; its worker is killed, and the
+        # engines it started die with it (their reaper, deployments/profiling.py VllmBatchRunner)
+        return await await_device_task(stream, lambda: ray.cancel(stream, force=True), request, resources)
 
 
 DEVICE_TASK_STARTED = "plateau-device-task-started"
@@ -220,6 +251,8 @@ def _call(fn: Callable, request: BaseModel, whole_device: bool = True):
     that runs long), then `fn`'s result. Beside serving replicas `fn` gets a profiler that refuses
     and starts no engine to measure a gain."""
     yield DEVICE_TASK_STARTED
+    if not whole_device:
+        restore_raylet_devices(os.environ)
     started = time.monotonic()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = fn(request, log) if whole_device else \

@@ -24,7 +24,7 @@ import logging
 import os
 import statistics
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, MutableMapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +61,35 @@ def visible_entries(cuda_visible_devices: Optional[str]) -> Optional[list[str]]:
     if value in ("", "NoDevFiles"):  # Ray writes NoDevFiles for a GPU-less task on a GPU node
         return []
     return [e.strip() for e in value.split(",") if e.strip()]
+
+
+def raylet_visible_devices() -> Optional[str]:
+    """`CUDA_VISIBLE_DEVICES` as this node's raylet has it (its entries are what Ray's GPU ids index).
+
+    A Ray worker records it when it starts (`original_visible_accelerator_ids`, through which
+    `ray.get_gpu_ids()` maps ids); a task without GPUs usually sees the same value in its
+    environment, but not with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1, which blanks it. Outside a
+    worker, or if Ray no longer records it, the environment is all there is."""
+    try:
+        from ray._private.worker import global_worker
+
+        ids = global_worker.original_visible_accelerator_ids.get("GPU")
+    except (ImportError, AttributeError):
+        return os.environ.get(CUDA_VISIBLE_DEVICES)
+    return None if ids is None else ",".join(str(i) for i in ids)
+
+
+def restore_raylet_devices(environ: MutableMapping[str, str]) -> None:
+    """Give a Ray task that holds no GPU the node's visible devices back: with
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 Ray blanks its `CUDA_VISIBLE_DEVICES`, and every NVML
+    reading of the node's GPUs (device name, memory) would then find none."""
+    if environ.get(CUDA_VISIBLE_DEVICES) != "":
+        return
+    value = raylet_visible_devices()
+    if value:
+        environ[CUDA_VISIBLE_DEVICES] = value
+    else:  # the raylet had it unset: every GPU visible
+        environ.pop(CUDA_VISIBLE_DEVICES, None)
 
 
 def cuda_index(device: str) -> int:
@@ -306,13 +335,17 @@ class NvmlSampler:
             self.release()
 
     def gpu_processes(self) -> list[GpuProcess]:
-        """Processes holding this GPU (compute and graphics), named where NVML can name them."""
+        """Processes holding this GPU (compute, graphics and MPS clients), named where NVML can name
+        them. Under MPS the compute list shows only the MPS server; its clients (engines, other
+        tenants) are NVML's MPS list."""
         nv = self._nvml
         out = []
-        for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
+        queries = ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses",
+                   "nvmlDeviceGetMPSComputeRunningProcesses")
+        for name in queries:
             try:
-                infos = query(self.device.handle)
-            except Exception:  # not supported on this device/driver
+                infos = getattr(nv, name)(self.device.handle)
+            except Exception:  # not supported on this device/driver/bindings
                 continue
             out += [GpuProcess(pid=int(p.pid), name=_process_name(nv, int(p.pid)),
                                used_bytes=getattr(p, "usedGpuMemory", None)) for p in infos]

@@ -424,7 +424,7 @@ def _profile_point(mem: MemoryModel, dev: DeviceFigures, eng: EngineConstants, b
 
 def predicted_profile(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, eng: EngineConstants,
                       shape: WorkloadShape, batches: list[int], rules: PlateauRules = PlateauRules(),
-                      fit_context_factor: float = 4.0, sharing: Sharing = "mps") -> Profile:
+                      fit_context_factor: float = 4.0, sharing: Optional[Sharing] = None) -> Profile:
     """A `Profile` built from predicted points, for the planner (engine_version 'predicted')."""
     usable = [b for b in batches if fits(mem, dev, eng, b, shape)]
     if not usable:

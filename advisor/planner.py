@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.memory import KV_BLOCK_TOKENS
 from advisor.plateau import plateau_batches
-from advisor.profiler import Profile, WorkloadShape
+from advisor.profiler import MeasuredGain, Profile, WorkloadShape
 from advisor.sharing import Sharing, mps_thread_percentage
 
 
@@ -98,6 +98,8 @@ class ReplicaPlan(BaseModel):
                                        "the profile did not record it).")
     mps_thread_percentage: Optional[int] = Field(None, description="Each replica's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
                                                  "(MPS, N > 1).")
+    measured_gain: Optional[MeasuredGain] = Field(None, description="N engines against one, measured on the GPU "
+                                                  "(the profile's); it decided N.")
     warnings: list[str] = Field(default_factory=list, description="Reasons an operator should act on (no GPM "
                                 "readings, no MPS), logged as warnings and shown by `plateau status`.")
 
@@ -225,7 +227,7 @@ def plan_replicas(profile: Profile, device: DeviceSpec, shape: Optional[Workload
         memory_freed_bytes=max(0, default_engine - used), reasons=reasons,
         sharing=profile.sharing if device.kind == "cuda" else None,
         mps_thread_percentage=mps_thread_percentage(best_n) if profile.sharing == "mps" and best_n > 1 else None,
-        warnings=ev.warnings,
+        measured_gain=profile.measured_gain if device.kind == "cuda" else None, warnings=ev.warnings,
     )
 
 
@@ -353,18 +355,10 @@ def _gpu_ratio(profile: Profile, reasons: list[str], warnings: list[str]):
     reasons.append(
         f"measured on the device ({mode}): {m} engines at batch {measured.batch} decoded "
         f"{measured.aggregate_tokens_per_s:.0f} tok/s against one engine's {measured.single_tokens_per_s:.0f} "
-        f"({measured.gain:+.0%}); the measurement decides: no N gains more than it, no N beyond {m} is predicted to "
-        "gain further"
+        f"({measured.gain:+.0%}); the measurement decides: only N=1 and N={m} are measured, so no other N is "
+        "credited with more than the one below it"
     )
-    if r == 1.0:
-        return lambda n: 1.0
-
-    def ratio(n: int) -> float:
-        if n >= m:
-            return r
-        line = 1.0 + (r - 1.0) * (n - 1) / (m - 1)
-        return min(r, line if bound is None else min(n, bound))
-    return ratio
+    return lambda n: r if n >= m else 1.0
 
 
 def _gpu_gain_bound(profile: Profile, reasons: list[str], warnings: list[str]) -> Optional[float]:

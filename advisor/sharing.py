@@ -10,7 +10,7 @@
 - `exclusive`: the GPU's compute mode admits one process (EXCLUSIVE_PROCESS without MPS): one
   engine per GPU.
 
-The CUDA driver connects a process to MPS when it finds the control daemon's pipe under
+The CUDA driver connects a process to MPS when the control daemon answers on its socket under
 `CUDA_MPS_PIPE_DIRECTORY` (default /tmp/nvidia-mps); otherwise it runs without MPS, silently.
 Detection therefore looks where an engine started from this process's environment would look.
 Everything here is pure over a `SharingProbe`; `probe_sharing` reads the host.
@@ -18,8 +18,10 @@ Everything here is pure over a `SharingProbe`; `probe_sharing` reads the host.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Sharing = Literal["mps", "time-slice", "exclusive"]
 MPS_PIPE_DIRECTORY_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 MPS_DEFAULT_PIPE_DIRECTORY = "/tmp/nvidia-mps"
-MPS_CONTROL_PIPE = "control"  # the control daemon's named pipe inside the pipe directory
+MPS_CONTROL_PIPE = "control"  # the control daemon's UNIX socket inside the pipe directory
 MPS_SERVER_PROCESS = "nvidia-cuda-mps-server"
 MPS_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
@@ -42,7 +44,9 @@ class SharingProbe(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     pipe_directory: str = Field(description="CUDA_MPS_PIPE_DIRECTORY, or the default the driver uses.")
-    control_pipe: bool = Field(description="The MPS control daemon's pipe exists in the pipe directory.")
+    control_pipe: bool = Field(description="The MPS control daemon's socket exists in the pipe directory.")
+    control_answers: Optional[bool] = Field(None, description="A connection to that socket was accepted (False: a "
+                                            "socket left by a daemon that is gone; None: not tried).")
     mps_server_on_device: bool = Field(False, description="NVML lists an nvidia-cuda-mps-server on the GPU.")
     compute_mode: Optional[int] = Field(None, description="NVML compute mode (0 default, 2 prohibited, "
                                         "3 exclusive process); None where unreadable.")
@@ -61,6 +65,11 @@ def mps_pipe_directory(env: Mapping[str, str]) -> str:
 def detect_sharing(probe: SharingProbe) -> SharingDetection:
     """The sharing mode engines started with the probed environment get, and why."""
     pipes = probe.pipe_directory
+    if probe.control_pipe and probe.control_answers is False:
+        return SharingDetection(mode="time-slice", reason=(
+            f"time-slicing: {pipes}/{MPS_CONTROL_PIPE} is there but no MPS control daemon answers on it (it "
+            "stopped or crashed), and CUDA then runs without MPS; restart it (`nvidia-cuda-mps-control -d`) or "
+            "remove the directory"))
     if probe.control_pipe:
         return SharingDetection(mode="mps", reason=(
             f"MPS: the control daemon's pipe is in {pipes}, so engines started here run under MPS "
@@ -92,7 +101,9 @@ def probe_sharing(env: Optional[Mapping[str, str]] = None, nvml: Any = None, han
     compute mode and whether an MPS server holds it. NVML failures leave those fields unknown."""
     env = os.environ if env is None else env
     pipes = mps_pipe_directory(env)
-    control = Path(pipes, MPS_CONTROL_PIPE).exists()
+    path = Path(pipes, MPS_CONTROL_PIPE)
+    control = path.exists()
+    answers = control_socket_answers(path) if control else None
     server, mode = False, None
     if nvml is not None and handle is not None:
         try:
@@ -100,7 +111,24 @@ def probe_sharing(env: Optional[Mapping[str, str]] = None, nvml: Any = None, han
         except Exception:  # not supported on this device or driver
             mode = None
         server = any(name == MPS_SERVER_PROCESS for name in gpu_process_names(nvml, handle))
-    return SharingProbe(pipe_directory=pipes, control_pipe=control, mps_server_on_device=server, compute_mode=mode)
+    return SharingProbe(pipe_directory=pipes, control_pipe=control, control_answers=answers,
+                        mps_server_on_device=server, compute_mode=mode)
+
+
+def control_socket_answers(path: Path, timeout_s: float = 1.0) -> bool:
+    """Whether the MPS control daemon accepts a connection on its socket (a connect and close,
+    what its own client does first). A socket nobody listens on refuses (ECONNREFUSED)."""
+    for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(str(path))
+                return True
+        except OSError as exc:
+            if exc.errno == errno.EPROTOTYPE:  # the other socket type
+                continue
+            return False
+    return False
 
 
 def gpu_process_names(nvml: Any, handle: Any) -> list[str]:

@@ -1,14 +1,16 @@
 """Where the profile store's files live: a folder on this machine (or one every node mounts), or
-an object-storage URL (`s3://bucket/prefix`, `gs://bucket/prefix`) read through fsspec.
+an object-storage URL (`s3://bucket/prefix`) read through fsspec.
 
 Both give the store the same three things: read a whole file (None if absent), replace a whole
 file so that readers see the old or the new one and never half of it, and one writer at a time.
 - A folder: writes go to a temporary file renamed into place; writers hold `flock` (this
   machine) and an exclusively created lock file (`O_EXCL` holds across machines on NFS).
-- A URL: an object write becomes visible whole (S3 and GCS, also when uploaded in parts); writers
-  hold a lock object created with fsspec's exclusive create (`pipe_file(mode="create")`: S3's
-  `If-None-Match: *`, GCS's `ifGenerationMatch=0`), which fails while another writer holds it.
-  Filesystems without an atomic exclusive create are refused.
+- A URL: an object write becomes visible whole (also when uploaded in parts); writers hold a lock
+  object created with fsspec's exclusive create (`pipe_file(mode="create")`: S3's
+  `If-None-Match: *`, s3fs 2024.12 or later), which fails while another writer holds it.
+  Filesystems without a dependable atomic exclusive create are refused, GCS among them: gcsfs
+  calls its `mode="create"` experimental and untested against its emulator, and on zonal buckets
+  it overwrites (gcsfs/extended_gcsfs.py), so two writers could both hold the lock.
 A lock older than `stale_s` by its holder's clock (the holder died) is taken over, as the folder's
 is: the lock is read again just before it is deleted and only deleted if unchanged, and a holder
 releases only its own, so a takeover races only within the time of one delete request (and clocks
@@ -33,8 +35,15 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".write-lock"
 # fsspec filesystems whose `pipe_file(mode="create")` is one atomic request: s3fs (`If-None-Match: *`;
-# S3-compatible servers must honour it), gcsfs (`ifGenerationMatch=0`), and the in-memory one (tests)
-EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "memory"}
+# S3-compatible servers must honour it) and the in-memory one (tests)
+EXCLUSIVE_CREATE = {"s3", "s3a", "memory"}
+# The first release of each filesystem package whose `pipe_file` takes mode="create" (s3fs PR 917)
+MIN_PACKAGE = {"s3": ("s3fs", "2024.12.0"), "s3a": ("s3fs", "2024.12.0")}
+REFUSED = {
+    "gs": "gcsfs's exclusive create is experimental and overwrites on zonal buckets, so two writers could "
+          "both hold the store's lock",
+}
+REFUSED["gcs"] = REFUSED["gs"]
 
 
 class StoreMissing(FileNotFoundError):
@@ -58,6 +67,9 @@ def check_url(url: str, need_package: bool = False) -> None:
     protocol, _, rest = url.partition("://")
     if "::" in url:
         raise StoreUrlError(f"{url}: chained URLs (caching layers) are not supported for the profile store")
+    if protocol in REFUSED:
+        raise StoreUrlError(f"{url}: {protocol}:// is not supported: {REFUSED[protocol]}; use s3:// (S3, or a "
+                            f"server that honours If-None-Match: *) or a folder every node mounts (NFS)")
     if protocol not in EXCLUSIVE_CREATE:
         raise StoreUrlError(f"{url}: {protocol}:// is not supported: the store's writers need an atomic exclusive "
                             f"create, which fsspec gives on {', '.join(sorted(EXCLUSIVE_CREATE - {'memory'}))}; "
@@ -70,8 +82,32 @@ def check_url(url: str, need_package: bool = False) -> None:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:  # fsspec's message names the package, e.g. "Install s3fs to access S3"
         raise StoreUrlError(f"{url}: {exc} on {socket.gethostname()}; every node that profiles or plans needs it "
-                            f"(pip install \"plateau-serve[s3]\" there, or add s3fs/gcsfs to the app's runtime_env "
+                            f"(pip install \"plateau-serve[s3]\" there, or add s3fs to the app's runtime_env "
                             f"pip list)") from None
+    if protocol in MIN_PACKAGE:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            old = package_too_old(protocol, version(MIN_PACKAGE[protocol][0]))
+        except PackageNotFoundError:
+            old = None
+        if old:
+            raise StoreUrlError(f"{url}: {old} on {socket.gethostname()}")
+
+
+def package_too_old(protocol: str, installed: str) -> Optional[str]:
+    """Why the installed filesystem package for `protocol` cannot make the store's lock (its
+    `pipe_file` has no exclusive create yet), naming the fix; None when it can."""
+    from packaging.version import InvalidVersion, Version
+
+    package, minimum = MIN_PACKAGE[protocol]
+    try:
+        if Version(installed) >= Version(minimum):
+            return None
+    except InvalidVersion:
+        return None
+    return (f"{package} {installed} has no exclusive create (pipe_file mode=\"create\"), which the store's lock "
+            f"needs: pip install \"{package}>={minimum}\" there")
 
 
 def check_where(where: str) -> None:
@@ -120,7 +156,7 @@ class LocalFolder:
 
 
 class UrlFolder:
-    """A prefix in object storage whose exclusive create is atomic (S3, GCS; fsspec's in-memory
+    """A prefix in object storage whose exclusive create is atomic (S3; fsspec's in-memory
     filesystem for tests)."""
 
     def __init__(self, url: str, create: bool = True, timeout_s: float = 600.0, stale_s: float = 120.0):
@@ -193,7 +229,7 @@ class UrlFolder:
         try:
             self.fs.pipe_file(lock, stamp, mode="create")
             return True
-        except FileExistsError:  # S3 412 on If-None-Match, GCS 412 on ifGenerationMatch=0
+        except FileExistsError:  # S3 412 on If-None-Match
             return False
         except OSError as exc:  # S3 answers a create racing another with 409, which s3fs does not map
             if "ConditionalRequestConflict" in str(exc):

@@ -13,12 +13,11 @@ functions below it read Ray and NVML.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from advisor.nvml import CUDA_VISIBLE_DEVICES, GpuSelectionError, nvml_handle, physical_entry, visible_entries
+from advisor.nvml import GpuSelectionError, nvml_handle, physical_entry, raylet_visible_devices, visible_entries
 from cluster.packing import DeviceCapacity
 
 logger = logging.getLogger(__name__)
@@ -179,22 +178,6 @@ def gpu_readings(nvml: Any, cuda_visible_devices: Optional[str]) -> list[GpuRead
         out.append(GpuReading(index=ray_id, name=name.decode() if isinstance(name, bytes) else name,
                               memory_bytes=int(mem), bandwidth_bytes_per_s=_peak_bandwidth(nvml, h)))
     return out
-
-
-def raylet_visible_devices() -> Optional[str]:
-    """`CUDA_VISIBLE_DEVICES` as this node's raylet has it (its entries are what Ray's GPU ids index).
-
-    A Ray worker records it when it starts (`original_visible_accelerator_ids`, through which
-    `ray.get_gpu_ids()` maps ids); a task without GPUs usually sees the same value in its
-    environment, but not with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1, which blanks it. Outside a
-    worker, or if Ray no longer records it, the environment is all there is."""
-    try:
-        from ray._private.worker import global_worker
-
-        ids = global_worker.original_visible_accelerator_ids.get("GPU")
-    except (ImportError, AttributeError):
-        return os.environ.get(CUDA_VISIBLE_DEVICES)
-    return None if ids is None else ",".join(str(i) for i in ids)
 
 
 def read_gpus(nvml: Any = None) -> list[GpuReading]:

@@ -10,15 +10,20 @@ the policy publishes them on the status board. Two callers route with them:
   (`choose_variant`) and waits while its variant still accepts (`should_reroute`).
 Both put a request where the most room is free: a replica's room is its `max_num_seqs` minus what
 it holds; a variant's, its running replicas times their batch minus what is in flight there.
+Before either, a body is held to `RequestLimits` (`body_refusal`): the router, the one ingress and a
+replica's front each read and parse whole bodies, so one huge or absurdly nested body would cost
+them memory, time or a RecursionError; such a body goes to no replica and gets vLLM's error format.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 from cluster.policy import Route
 
@@ -130,6 +135,72 @@ def should_reroute(routes: list[Route], deployment: str) -> bool:
     if mine is not None and mine.accepting and mine.running > 0:
         return False
     return any(r.deployment != deployment and r.accepting and r.running > 0 for r in routes)
+
+
+class RequestLimits(BaseModel):
+    """What one request body may be. Neither vLLM's server nor FastAPI/Starlette (`max_body_size`
+    None) nor uvicorn bounds a body, and all of them hold it whole: the defaults are far above what
+    a client sends and bound what one request can cost the processes that read it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_body_bytes: ByteSize = Field(
+        32 * 2**20, ge=2**10, le=2**30,
+        description="largest request body, e.g. 32MiB (1KiB..1GiB); a larger one gets 413 unread. The default holds "
+                    "vLLM's largest completions batch (1024 prompts) of token ids at a 2048-token context (~13 MiB) "
+                    "and several base64 images; raise it for more")
+    max_json_depth: int = Field(
+        128, ge=16, le=512,
+        description="deepest nesting of JSON objects and arrays in a request body, 16..512; deeper gets 400. The "
+                    "default is above what vLLM accepts (a structured-output schema of 64 levels, 80 in a structural "
+                    "tag, inside a request's own few), and below Python's parser limit (about 1000)")
+
+
+class Refusal(NamedTuple):
+    """A request answered without a replica, in vLLM's error format."""
+
+    status: int
+    message: str
+    err_type: str
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_DEPTH_PIECE = 2**20
+
+
+def json_nesting_exceeds(body: bytes, limit: int) -> bool:
+    """True when JSON objects and arrays in `body` nest deeper than `limit`, found without parsing it
+    (a parser recurses once per level: Python's stops with a RecursionError near 1000). Brackets in
+    strings are text; the common body, with at most `limit` brackets in all, costs two counts."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    level = 0  # in pieces: a few MiB of memory at a time, and an early end
+    for start in range(0, len(brackets), _DEPTH_PIECE):
+        piece = np.frombuffer(brackets, np.uint8, count=min(_DEPTH_PIECE, len(brackets) - start), offset=start)
+        depth = np.cumsum(_BRACKET_STEP[piece], dtype=np.int32)
+        if level + int(depth.max()) > limit:
+            return True
+        level += int(depth[-1])
+    return False
+
+
+def body_refusal(body: bytes, limits: RequestLimits, parsed: bool) -> Optional[Refusal]:
+    """413 for a body over `limits.max_body_bytes` (a reader stops one byte past it, so a body that
+    long was cut: it is never served); for a body that is parsed (`parsed`: vLLM's POSTs), 400 when
+    it nests deeper than `limits.max_json_depth`. None: the body may go on."""
+    if len(body) > limits.max_body_bytes:
+        return Refusal(413, f"the request body is larger than {limits.max_body_bytes} bytes, this server's limit "
+                            f"(limits.max_body_bytes in the application's args): send a smaller body, e.g. fewer "
+                            f"prompts or images per request", "RequestEntityTooLargeError")
+    if parsed and json_nesting_exceeds(body, limits.max_json_depth):
+        return Refusal(400, f"the request body nests JSON objects and arrays deeper than {limits.max_json_depth} "
+                            f"levels, this server's limit (limits.max_json_depth in the application's args)",
+                       "BadRequestError")
+    return None
 
 
 def model_of(body: bytes) -> Optional[str]:

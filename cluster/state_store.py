@@ -2,7 +2,10 @@
 
 The status board (placement, routes) and the autoscaling policy (re-pack phase, clocks,
 cooldowns) write their state here as JSON and read it back when their process restarts. The
-store is two methods, so tests inject a dict-backed fake by constructor.
+store is two methods, so tests inject a dict-backed fake by constructor. `get` returns None only
+for a key never written; a read that cannot tell (no connection to the KV, a GCS error) raises,
+so that a reader never takes "could not read" for "nothing saved" and writes a fresh state over
+the saved one.
 """
 
 from __future__ import annotations
@@ -12,8 +15,14 @@ from typing import Optional, Protocol
 KV_NAMESPACE = "plateau"
 
 
+class StateStoreUnavailable(RuntimeError):
+    """The state store cannot be read or written from this process now."""
+
+
 class StateStore(Protocol):
-    def get(self, key: str) -> Optional[bytes]: ...
+    def get(self, key: str) -> Optional[bytes]:
+        """The value saved under `key`; None if none was; raises when that cannot be told."""
+        ...
 
     def put(self, key: str, value: bytes) -> None: ...
 
@@ -28,14 +37,15 @@ class RayInternalKV:
         from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
         if not _internal_kv_initialized():
-            return None
+            raise StateStoreUnavailable(f"Ray's internal KV is not connected in this process: cannot read {key!r}")
         return _internal_kv_get(key, namespace=self.namespace)
 
     def put(self, key: str, value: bytes) -> None:
         from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
 
-        if _internal_kv_initialized():
-            _internal_kv_put(key, value, overwrite=True, namespace=self.namespace)
+        if not _internal_kv_initialized():
+            raise StateStoreUnavailable(f"Ray's internal KV is not connected in this process: cannot write {key!r}")
+        _internal_kv_put(key, value, overwrite=True, namespace=self.namespace)
 
 
 def board_key(app: str) -> str:

@@ -23,7 +23,7 @@ from cluster.inventory import DeviceRead, Inventory
 from cluster.policy import Route
 from deployments.autoscale import POLICY_FUNCTION, policy_kwargs, request_resources
 from deployments.cluster_view import ClusterView, uses_gpus
-from deployments.config import AppArgs, AppConfigError, parse_args
+from deployments.config import AppArgs, AppConfigError, open_access_warning, parse_args
 from cluster.routing import ServedModel
 from deployments.direct_path import haproxy_enabled, missing_env, replica_env, slow_path_warning
 from deployments.engine import actor_options, deployment_options, vllm_version
@@ -59,18 +59,19 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
                for key, m in entries if m.replicas_per_device == "auto"}
     layouts, plans = [], {}
     for key, m in entries:
-        profile = None
+        profile, sharing = None, None
         if key in pending:
             m, profile, plan = apply_plan(pending[key])
-            plans[key] = plan_summary(plan)
-        layouts.append(layout_model(m, views[key], devices[key], args.device, profile, key=key))
+            plans[key], sharing = plan_summary(plan), plan.sharing
+        layouts.append(layout_model(m, views[key], devices[key], args.device, profile, key=key, sharing=sharing))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
     # with an autoscaler the request is made on every deploy: it replaces the last one (a target, not a delta)
     requested = ask_autoscaler(needed) if args.cluster_autoscaling else None
     # the policy packs onto the devices there are and those requested from the autoscaler
     capacities = needed.capacities()
     deploy_id = uuid.uuid4().hex  # saved policy state is read back into this build only
-    front = FrontSettings(api_key=args.resolved_api_key(), default_model=args.models[0].served_name)
+    front = FrontSettings(api_key=args.resolved_api_key(), default_model=args.models[0].served_name,
+                          limits=args.limits)
     same_loop = replica_env()  # Serve's same-loop settings for the replicas of a Ray without its throughput mode
     handles: dict[str, dict[str, object]] = {}  # served name -> variant deployment -> its bound deployment
     routes = {}  # by the policy's model (the layout key)
@@ -116,7 +117,8 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     )
     first = layouts[0]
     schema = openai_schema(first.specs[first.active_n])
-    app = ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version())
+    app = ingress.bind(handles, served, args.resolved_api_key(), args.retry, placement, schema, vllm_version(),
+                       args.limits)
     missing = missing_env(models=len(served))
     if missing:
         logger.warning(slow_path_warning(missing))
@@ -126,7 +128,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
     # (Ray runs one router replica per proxy node and refuses an autoscaling_config for it)
     router = serve.deployment(PlateauRouter).options(
         name="PlateauRouter", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
-    return app._with_ingress_request_router(router.bind(served, routes))
+    return app._with_ingress_request_router(router.bind(served, routes, args.limits))
 
 
 def ask_autoscaler(needed: NeededDevices,
@@ -150,7 +152,9 @@ def build_app(raw_args: Optional[dict] = None) -> Application:
 
     check_install()  # a broken torchvision says what to run, not "Could not import module 'LlamaConfig'"
     args = parse_args(raw_args)
-    args.resolved_api_key()  # an unset api_key_env fails here, before anything starts
+    # an unset api_key_env fails here, before anything starts; an empty key starts an open server, said aloud
+    if (warning := open_access_warning(args)) is not None:
+        logger.warning(warning)
     check_policy_configured(args, raw_args, _serve_app_configs())
     return build(args, ClusterView.from_ray())
 

@@ -24,7 +24,9 @@ the deploy, and stops counting on one that left.
 
 The policy's state (re-pack phase, clocks, cooldowns) is written to Ray's internal KV store
 whenever it changes and read back on the first tick after a controller restart, so a restart
-neither starts a re-pack over nor loses a drain.
+neither starts a re-pack over nor loses a drain. A read that fails is not "nothing saved": until
+the state can be read, every tick keeps the current replica targets and writes nothing (a fresh
+state saved over a re-pack would scale its warming variant to zero), and the next tick reads again.
 """
 
 from __future__ import annotations
@@ -74,6 +76,25 @@ class SavedPolicyState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     deploy_id: str = Field(description="The build the state belongs to.")
     state: PolicyState
+
+
+class PolicyStateUnreadable(RuntimeError):
+    """The saved policy state could not be read: the targets are held until it can be."""
+
+
+def saved_state(raw: Optional[bytes], deploy_id: str) -> tuple[Optional[PolicyState], str]:
+    """The state to resume from, read back from the store's bytes `raw` (None: nothing saved), with
+    why: only a state saved by this same build is resumed. Bytes that are no saved state are not
+    resumed either: reading them again would not change them, so a fresh state replaces them."""
+    if not raw:
+        return None, "nothing saved"
+    try:
+        saved = SavedPolicyState.model_validate_json(raw)
+    except ValueError as exc:
+        return None, f"not a saved policy state ({str(exc).splitlines()[0]})"
+    if saved.deploy_id != deploy_id:
+        return None, f"saved by another deploy ({saved.deploy_id})"
+    return saved.state, "read back"
 
 
 def policy_kwargs(inp: ModelPolicyInput, n: int, policy: PolicyConfig, devices: list[DeviceCapacity],
@@ -280,22 +301,26 @@ class PlateauAutoscaler:
 
     def _restore(self, app: str, deploy_id: str) -> None:
         """First tick for `app` (after a start or a controller restart): read back the state saved by
-        this same build of the app; a new deploy starts fresh."""
+        this same build of the app; a new deploy starts fresh. A read that fails raises
+        PolicyStateUnreadable (the tick keeps the targets, see `__call__`) and is tried again on
+        the next tick."""
         if self._restored_for == (app, deploy_id):
             return
-        self._restored_for = (app, deploy_id)
-        self.state, self._saved = PolicyState(), None
         try:
             raw = self._store.get(policy_key(app))
-            saved = SavedPolicyState.model_validate_json(raw) if raw else None
-            if saved is not None and saved.deploy_id == deploy_id:
-                self.state = saved.state
-                self._saved = self.state
-                logger.info("plateau policy: state of app %s read back (%s)", app, ", ".join(
-                    f"{m}: N={s.active_n}{f', re-pack {s.repack.phase}' if s.repack else ''}"
-                    for m, s in self.state.models.items()) or "no models")
-        except Exception:  # a state we cannot read must not stop scaling: start fresh
-            logger.exception("plateau policy: saved state of app %s unreadable; starting fresh", app)
+        except Exception as exc:
+            raise PolicyStateUnreadable(
+                f"saved state of app {app} could not be read ({type(exc).__name__}: {exc}); replica targets "
+                f"are held and nothing is saved until it can be, read again on the next tick") from exc
+        self._restored_for = (app, deploy_id)
+        state, why = saved_state(raw, deploy_id)
+        self.state, self._saved = (state if state is not None else PolicyState()), state
+        if state is not None:
+            logger.info("plateau policy: state of app %s read back (%s)", app, ", ".join(
+                f"{m}: N={s.active_n}{f', re-pack {s.repack.phase}' if s.repack else ''}"
+                for m, s in self.state.models.items()) or "no models")
+        elif raw:
+            logger.warning("plateau policy: saved state of app %s not resumed: %s; starting fresh", app, why)
 
     def _save(self, app: str, deploy_id: str) -> None:
         if self.state == self._saved:

@@ -49,7 +49,7 @@ def _models_pull(ns: argparse.Namespace) -> int:
 def _config_check(ns: argparse.Namespace) -> int:
     import yaml
 
-    from deployments.config import AppConfigError, parse_args
+    from deployments.config import AppConfigError, open_access_warning, parse_args
     from deployments.autoscale import POLICY_FUNCTION
 
     path = Path(ns.file)
@@ -67,13 +67,15 @@ def _config_check(ns: argparse.Namespace) -> int:
         except AppConfigError as exc:
             print(f"{path}: application {app.get('name')!r}: {exc}", file=sys.stderr)
             return 1
-        # args.model_dump shows api_key as ********** (a SecretStr): the key is never printed
+        # args.model_dump shows api_key as ********** (a SecretStr), and api_key_env holds only a variable's
+        # name (parse_args refuses anything else): the key is never printed
         print(json.dumps({"application": app.get("name"), "args": args.model_dump(mode="json")}, indent=2))
         try:
-            args.resolved_api_key()
+            warning = open_access_warning(args)
         except AppConfigError as exc:
-            print(f"{path}: application {app.get('name')!r}: warning: {exc} (the server refuses to start without it)",
-                  file=sys.stderr)
+            warning = f"{exc} (the server refuses to start without it)"
+        if warning is not None:
+            print(f"{path}: application {app.get('name')!r}: warning: {warning}", file=sys.stderr)
         policy = (app.get("autoscaling_policy") or {}).get("policy_function", "")
         elastic = [m.served_name for m in args.models if m.elastic]
         if elastic and policy != POLICY_FUNCTION:
@@ -391,7 +393,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="TPOT p99 limit that caps B*")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--dummy", action="store_true", help="random weights (load_format=dummy), token-id prompts")
-    p.add_argument("--store", default=None, help="profile store folder or s3:// / gs:// URL (default $PLATEAU_HOME/profiles)")
+    p.add_argument("--store", default=None, help="profile store folder or s3:// URL (default $PLATEAU_HOME/profiles)")
     p.add_argument("--no-share-point", dest="share_point", action="store_false",
                    help="CPU: skip measuring B* on half the cores (the planner then predicts no gain from N>1)")
 

@@ -3,13 +3,16 @@
 `AppArgs` (with one `ModelConfig` per served model) is what `serve run config.yaml` passes to the
 builder and what `plateau config check` reads. `parse_args` validates raw args and raises
 `AppConfigError` with one line per problem: the field's path, its value, what is wrong and what
-the field expects. API keys never appear in these messages.
+the field expects. API keys never appear in these messages: the values of `api_key` and
+`api_key_env` (a key pasted there by mistake) and of unknown fields (perhaps a misspelled
+`api_key`) are not shown.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
@@ -17,6 +20,7 @@ from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, Validat
 
 from advisor.storage import StoreUrlError, check_where
 from cluster.policy import PolicyConfig
+from cluster.routing import RequestLimits
 from deployments.engine import EngineConfigError, check_engine_kwargs, check_server_kwargs, replica_deployment_name
 from deployments.ingress import RetryPolicy
 from deployments.spec import EngineKwargValue
@@ -27,6 +31,8 @@ class AppConfigError(ValueError):
 
 
 REDACTED = "**********"  # how an API key appears wherever args are printed or logged
+SECRET_FIELDS = ("api_key", "api_key_env")  # whose values no error message shows
+_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ModelConfig(BaseModel):
@@ -139,9 +145,14 @@ class AppArgs(BaseModel):
         "auto", description="auto (GPUs when Ray has them, else CPUs), cuda or cpu"
     )
     api_key: Optional[SecretStr] = Field(
-        None, description="bearer token clients must send; omit for none (never printed: shown as **********)")
-    api_key_env: Optional[str] = Field(None, description="name of an environment variable holding the API key")
+        None, description="bearer token clients must send, written into the config file; prefer api_key_env; omit "
+                          "both for none (never printed: shown as **********)")
+    api_key_env: Optional[str] = Field(
+        None, description="name of an environment variable holding the API key (letters, digits and _, e.g. "
+                          "PLATEAU_API_KEY); the way to set a key: it keeps the key out of the config file")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="retries of requests that hit a dead replica")
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits, description="largest request body and deepest JSON nesting accepted")
     device_memory: Optional[ByteSize] = Field(
         None, description="memory of each GPU when NVML cannot read it (logical GPUs on a CPU machine), e.g. 8GiB"
     )
@@ -149,12 +160,22 @@ class AppArgs(BaseModel):
     profile_store: Optional[str] = Field(
         None, description="where every node reads and writes profiles on a cluster of several machines: an "
                           "absolute folder path every node mounts (NFS, a shared disk) or an object-storage URL "
-                          "(s3://bucket/prefix, gs://bucket/prefix, with its package, s3fs or gcsfs, on every node); "
+                          "(s3://bucket/prefix, with s3fs on every node); "
                           "default: $PLATEAU_HOME/profiles of the node that profiles")
     cluster_autoscaling: bool = Field(
         False, description="true on a Ray cluster whose autoscaler adds nodes (cluster launcher, KubeRay): devices the "
                            "placement lacks are requested (ray.autoscaler.sdk.request_resources) and the replicas wait "
                            "for them; false: a placement that does not fit fails the start")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_var_name(cls, v: Optional[str]) -> Optional[str]:
+        # a value that is no variable name is most likely the key itself: the message never repeats it
+        if v is not None and not _ENV_VAR_NAME.fullmatch(v):
+            raise ValueError("not the name of an environment variable (letters, digits and _, not starting with a "
+                             "digit); if this is the key itself, export it as a variable, e.g. PLATEAU_API_KEY, set "
+                             "api_key_env: PLATEAU_API_KEY, and take the key out of the config file")
+        return v
 
     @field_validator("profile_store")
     @classmethod
@@ -201,6 +222,17 @@ class AppArgs(BaseModel):
         return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
+def open_access_warning(args: AppArgs) -> Optional[str]:
+    """The warning for a key that was asked for but is empty (`api_key: ""`, perhaps as the fallback
+    of an unset `api_key_env`): the server then accepts every request, while the config looks like it
+    has a key. None when a key is set, or when none was asked for (open on purpose)."""
+    if args.resolved_api_key() != "":
+        return None
+    return ("api_key is empty, so the server accepts requests without an API key: put the key in an environment "
+            "variable and set api_key_env to its name (e.g. api_key_env: PLATEAU_API_KEY), or remove api_key to "
+            "serve without a key on purpose")
+
+
 def parse_args(raw: Optional[dict]) -> AppArgs:
     """Validate application args into `AppArgs`, or raise `AppConfigError` naming every problem."""
     try:
@@ -224,16 +256,24 @@ def _explain(exc: ValidationError) -> str:
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         msgs = seen.setdefault(loc, [])
         if not msgs:
-            lines.append((loc, err.get("input")))
+            lines.append((loc, _shown_value(loc, err)))
         msgs.append(err["msg"])
     out = [lines[0]]
     for loc, value in lines[1:]:
-        if any(part == "api_key" for part in loc):
-            value = REDACTED
         fix = _field_hint(loc)
-        out.append(f"  {_dotted(loc)} = {value!r}: {' or '.join(dict.fromkeys(seen[loc]))}"
-                   + (f" (expected: {fix})" if fix else ""))
+        out.append(f"  {_dotted(loc)}{'' if value is None else f' = {value}'}: "
+                   f"{' or '.join(dict.fromkeys(seen[loc]))}" + (f" (expected: {fix})" if fix else ""))
     return "\n".join(out)
+
+
+def _shown_value(loc, err) -> Optional[str]:
+    """How an error shows the value it is about: redacted for `SECRET_FIELDS`, and not at all for an
+    unknown field (its name and the closest known one are the fix; it may be a misspelled api_key)."""
+    if err.get("type") == "extra_forbidden":
+        return None
+    if any(part in SECRET_FIELDS for part in loc):
+        return repr(REDACTED)
+    return repr(err.get("input"))
 
 
 def _is_union_tag(part) -> bool:

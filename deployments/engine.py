@@ -14,13 +14,12 @@ import dataclasses
 import difflib
 import logging
 import os
-import tempfile
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, MutableMapping, Optional, Sequence
 
-from advisor.locks import file_lock
+from advisor.locks import file_lock, lock_holder, node_lock_dir
 from advisor.niceness import undo_worker_niceness
 from advisor.nvml import gpu_uuid
 from advisor.sharing import MPS_THREAD_PERCENTAGE_ENV
@@ -193,6 +192,15 @@ def engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]]) -> dict[str, s
     return env
 
 
+def apply_engine_env(spec: ReplicaSpec, cores: Optional[Sequence[int]], environ: MutableMapping[str, str]) -> None:
+    """Set `engine_env` in `environ` (the engine processes inherit it) and take back the MPS SM cap
+    where this spec has none: a process that starts several engines (a profile, then a measured
+    gain) must not pass an earlier engine's cap on to an uncapped one."""
+    environ.update(engine_env(spec, cores))
+    if spec.mps_thread_percentage is None:
+        environ.pop(MPS_THREAD_PERCENTAGE_ENV, None)
+
+
 def cuda_process_env() -> dict[str, str]:
     """How a CUDA engine's processes must start.
 
@@ -286,22 +294,22 @@ def device_start_lock(key: str, lock_dir: Optional[Path] = None,
                       timeout_s: float = ENGINE_START_LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the node-local start lock of one device while another engine starts, at most `timeout_s`.
 
-    The holder writes its pid into the lock file, so a start that waited too long names the process
-    whose start hangs instead of blocking every replica of the device for good (a dead holder's
-    lock is released by the kernel: `flock` ends with its process)."""
-    path = (lock_dir or Path(tempfile.gettempdir()) / "plateau-locks") / f"{key}.lock"
+    The holder's pid is in the lock file (`file_lock` writes it), so a start that waited too long
+    names the process whose start hangs instead of blocking every replica of the device for good (a
+    dead holder's lock is released by the kernel: `flock` ends with its process). The lock lives in
+    this user's private lock folder (`node_lock_dir`)."""
+    path = (lock_dir or node_lock_dir()) / f"{key}.lock"
     held = ExitStack()
     try:  # only the wait for the lock: a TimeoutError from the start itself is not ours to rename
         held.enter_context(file_lock(path, timeout_s=timeout_s))
     except TimeoutError:
-        holder = (path.read_text().strip() if path.exists() else "") or "unknown"
+        holder = lock_holder(path) or "unknown"
         raise EngineStartTimeout(
             f"engine start on device {key!r} waited {timeout_s:g} s for its start lock ({path}), held by process "
             f"{holder}, which has been starting an engine all that time; if that start hangs, end it (`kill "
             f"{holder}`: Serve restarts its replica) and this replica's start is retried by Serve"
         ) from None
     with held:
-        path.write_text(f"{os.getpid()}\n")
         yield
 
 
@@ -332,7 +340,7 @@ def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_
     warning = undo_worker_niceness()
     if warning:
         logger.warning(warning)
-    os.environ.update(engine_env(spec, cores))
+    apply_engine_env(spec, cores, os.environ)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -5,7 +5,8 @@ With Ray's HAProxy on (`make run`), requests vLLM answers (`POST /v1/completions
 replica's own server (`deployments/router.py`, `deployments/replica_front.py`). The ingress then
 answers what HAProxy balances over the app's servers and what replicas hand over (`http`): `GET
 /health`, `/version`, `/v1/models`, `/openapi.json` (vLLM's schema for these paths), 401 for a
-missing or wrong key (every path but `/health`), 404 for a model it does not serve, in vLLM's error
+missing or wrong key (every path but `/health`), 404 for a model it does not serve, 413 / 400 for a
+body over the app's `RequestLimits` (read no further than the limit, never parsed), in vLLM's error
 format, and the requests the router could not pin (no replica of the model up yet, several models
 and no body to tell them apart).
 
@@ -45,7 +46,8 @@ from starlette.background import BackgroundTask
 
 from cluster.board import AppPlacement, ensure_routes, get_or_create_board
 from cluster.policy import Route
-from cluster.routing import ReplicaReport, ServedModel, choose_variant, merge_routes, model_of, should_reroute
+from cluster.routing import (ReplicaReport, RequestLimits, ServedModel, body_refusal, choose_variant, merge_routes,
+                             model_of, should_reroute)
 from deployments.asgi import HttpItem, HttpRequest, HttpStart
 from advisor.niceness import undo_worker_niceness
 from deployments.engine import EngineDead
@@ -76,9 +78,18 @@ def error_response(status: int, message: str, err_type: str, param: Optional[str
                         status_code=status)
 
 
-async def _http_request(request: Request) -> HttpRequest:
+async def _http_request(request: Request, max_bytes: Optional[int] = None) -> HttpRequest:
+    """The request with its body, or, once the body runs past `max_bytes`, what was read so far
+    (longer than `max_bytes`, so it is refused): this one process reads every Python-path body, and
+    reading an oversized one whole would hold it all in memory."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        parts.append(chunk)
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            break
     return HttpRequest(method=request.method, path=request.url.path, query_string=request.url.query,
-                       headers=list(request.headers.items()), body=await request.body())
+                       headers=list(request.headers.items()), body=b"".join(parts))
 
 
 def _replica_actor_name() -> str:
@@ -157,6 +168,23 @@ class _Flight:
             stream.cancel()  # a no-op once the replica's generator has finished
 
 
+class _FlightResponse(StreamingResponse):
+    """A replica's answer relayed to the client, its flight released however the response ends.
+    When sending the status line fails or is cancelled (the client or the proxy went away), neither
+    the body iterator nor the background task ever runs: the request would stay counted in flight on
+    its variant for good and every later choice would see that variant fuller than it is."""
+
+    def __init__(self, stream, flight: _Flight, **kwargs):
+        super().__init__(**kwargs)
+        self._stream, self._flight = stream, flight
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._flight.release(self._stream)
+
+
 # Serve pickles the ingress class with the FastAPI app when this decorator runs: helpers the
 # routes call must already exist above this line.
 @serve.ingress(app)
@@ -170,12 +198,14 @@ class OpenAIIngress:
         placement: AppPlacement,
         openapi: dict,
         engine_version: str,
+        limits: RequestLimits = RequestLimits(),
     ):
         self.handles = handles  # served name -> variant deployment -> its handle
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
         self.api_key = api_key
         self.retry = retry
+        self.limits = limits
         self.openapi = openapi
         self.engine_version = engine_version
         self.routes: dict[str, list[Route]] = merge_routes(placement.routes, models)  # by served name
@@ -230,35 +260,35 @@ class OpenAIIngress:
     # ---- HTTP: the routes, and the requests LLM replicas hand over ---------------------------
     @app.get("/health")
     async def health_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.get("/version")
     async def version_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.get("/openapi.json")
     async def openapi_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.get("/v1/models")
     async def models_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.post("/v1/completions")
     async def completions_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.post("/v1/chat/completions")
     async def chat_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.post("/tokenize")
     async def tokenize_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     @app.post("/detokenize")
     async def detokenize_http(self, request: Request) -> Response:
-        return await self._respond(await _http_request(request))
+        return await self._respond(await _http_request(request, self.limits.max_body_bytes))
 
     async def http(self, req: HttpRequest) -> AsyncIterator[HttpItem]:
         """A request an LLM replica's own server handed over (another model's, one its dead engine
@@ -288,7 +318,10 @@ class OpenAIIngress:
             return self._health()
         if (denied := self._auth(req.headers)) is not None:
             return denied
-        if req.method == "POST" and req.path in FORWARDED_PATHS:
+        data = req.method == "POST" and req.path in FORWARDED_PATHS
+        if (refused := body_refusal(req.body, self.limits, parsed=data)) is not None:
+            return error_response(*refused)
+        if data:
             return await self._forward(req)
         if req.method == "GET" and req.path == "/version":
             return JSONResponse({"version": self.engine_version})
@@ -335,8 +368,8 @@ class OpenAIIngress:
                 dead=lambda start: not isinstance(start, HttpStart) or start.retryable)
         except _Unanswered as no:
             return error_response(no.status, str(no), no.err_type)
-        return StreamingResponse(self._relay(stream, flight), status_code=start.status, headers=dict(start.headers),
-                                 background=BackgroundTask(flight.release, stream))
+        return _FlightResponse(stream, flight, content=self._relay(stream, flight), status_code=start.status,
+                               headers=dict(start.headers), background=BackgroundTask(flight.release, stream))
 
     async def _open(self, model: str, call: Callable[[DeploymentHandle], object],
                     dead: Callable[[object], bool] = lambda first: False) -> tuple[object, object, "_Flight"]:

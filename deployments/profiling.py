@@ -46,7 +46,9 @@ from advisor.profiler import (
 from advisor.sharing import SharingDetection, detect_sharing, mps_thread_percentage, probe_sharing
 from advisor.store import ProfileStore
 from advisor.storage import StoreMissing, StoreUrlError
+from deployments.cores import usable_cores
 from deployments.engine import cpu_cores_for, start_engine, vllm_version
+from deployments.reaper import descendants, engine_processes, start_reaper
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
@@ -213,12 +215,15 @@ class VllmBatchRunner:
         self.max_batch = spec.max_num_seqs
         self.stats = ReplicaStats()
         if spec.device_kind == "cpu" and cores is None:
-            cores = sorted(os.sched_getaffinity(0))
+            cores = usable_cores()
         self.cores = cores
         # The engine runs on cuda:0 as this process sees it; NVML reads that same device.
         self._device = cuda_device("cuda") if spec.device_kind == "cuda" else None
         self._used_before = self._device.memory_used() if self._device is not None else 0
+        before = descendants()
         self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
+        # the engine dies with this process, however it ends (a device task cancelled at its time limit)
+        self._reaper = start_reaper(engine_processes(before))
         self._loop = asyncio.new_event_loop()
         self._rng = random.Random(seed)
         self.num_kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks
@@ -430,7 +435,7 @@ def cpu_model_name() -> str:
 def device_name(req: AdvisorRequest) -> str:
     """Stable name of the device a profile is measured on (a key of the profile store)."""
     if req.kind == "cpu":
-        return f"cpu:{cpu_model_name()} x{len(os.sched_getaffinity(0))}"
+        return f"cpu:{cpu_model_name()} x{len(usable_cores())}"
     device = _nvml_device(req)
     return f"cuda:{device.name}" if device else req.device
 
@@ -540,7 +545,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     overhead = non_kv_overhead(peak, memory.weight_bytes, kv_allocated)
     profile = profile.model_copy(update={"mode": req.mode, "overhead_bytes": overhead})
     if req.kind == "cpu":
-        profile = profile.model_copy(update={"cores": len(os.sched_getaffinity(0))})
+        profile = profile.model_copy(update={"cores": len(usable_cores())})
         if req.share_point:
             profile = _with_share_point(profile, spec, req, sweep, progress, log)
     return profile
@@ -557,7 +562,7 @@ def _noise_note(p: ProfilePoint) -> str:
 def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, cfg: SweepConfig, progress,
                       log) -> Profile:
     """On CPU: B* again on half the cores, so the planner knows how throughput scales with cores."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_cores()
     if len(cores) < 2:
         return profile
     half = cores[: len(cores) // 2]
@@ -627,11 +632,19 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
     elif check is not None:
         log(f"[plan] the gain of several engines on this GPU is not measured yet: measuring {check.replicas} engines "
             f"at batch {check.batch} against one (once; kept with the profile)")
-        gain = measured_gain(req, folder, memory, profile, check, log)
-        profile = profile.model_copy(update={"measured_gain": gain})
-        if stored.trusted:
-            req.store().put_profile(stored.model_copy(update={"measured_gain": gain}))
-        plan = _plan(profile, device, req.shape, cfg)
+        try:
+            gain = measured_gain(req, folder, memory, profile, check, log)
+        except Exception as exc:  # an engine that does not start or fit: serve on the model's plan, say so
+            why = f"{type(exc).__name__}: {exc}"
+            log(f"[plan] WARNING: measuring {check.replicas} engines failed ({why}); planned from the model")
+            plan = plan.model_copy(update={"warnings": plan.warnings + [
+                f"the gain of {check.replicas} engines could not be measured ({why}): N comes from the model; the "
+                "next start measures again"]})
+        else:
+            profile = profile.model_copy(update={"measured_gain": gain})
+            if stored.trusted:
+                req.store().put_profile(stored.model_copy(update={"measured_gain": gain}))
+            plan = _plan(profile, device, req.shape, cfg)
     if profile.noise is not None:
         note = (f"profile noise: {profile.noise.reason}; this plan is provisional: used once, the next start "
                 f"profiles again" if profile.noise.flagged else f"profile noise: {profile.noise.reason}")
@@ -685,11 +698,12 @@ def _measure_replicas(req: AdvisorRequest, folder: Path, memory: MemoryModel, pr
         "device_memory_fraction": _replicas_share(req, memory, profile, kv_cache_bytes, n),
         "mps_thread_percentage": mps_thread_percentage(n) if profile.sharing == "mps" else None,
     })
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_cores()
     log(f"[validate] {n} replicas at batch {batch} each, decoding at once")
-    runners = [VllmBatchRunner(spec, seed=i, cores=cpu_cores_for(i, n, cores) if req.kind == "cpu" else None)
-               for i in range(n)]
+    runners: list[VllmBatchRunner] = []
     try:
+        for i in range(n):  # inside the try: engines already up are shut down when a later one fails to start
+            runners.append(VllmBatchRunner(spec, seed=i, cores=cpu_cores_for(i, n, cores) if req.kind == "cpu" else None))
         with ThreadPoolExecutor(max_workers=n) as pool:
             points = list(pool.map(lambda r: measure(r, batch, req.shape, None, cfg), runners))
     finally:
@@ -721,5 +735,5 @@ def _device_spec(req: AdvisorRequest, name: str) -> DeviceSpec:
         if device is None:
             raise AdvisorError("no NVIDIA GPU found through NVML; pass --device-memory BYTES")
         memory_bytes = device.memory_total
-    cores = len(os.sched_getaffinity(0)) if req.kind == "cpu" else 0
+    cores = len(usable_cores()) if req.kind == "cpu" else 0
     return DeviceSpec(kind=req.kind, name=name, memory_bytes=memory_bytes, cores=cores)

@@ -27,7 +27,7 @@ from ray.serve.metrics import Gauge
 
 from cluster.board import find_board, get_or_create_board
 from cluster.routing import ReplicaReport
-from deployments.cores import claim_cores
+from deployments.cores import claim_cores, usable_cores
 from deployments.direct_path import ReplicaPort, haproxy_enabled
 from deployments.engine import EngineDead, engine_core_pids, serve_log_targets_kept, start_engine, vllm_version
 from deployments.reaper import descendants, engine_processes, start_reaper
@@ -107,7 +107,8 @@ class LLMReplica:
         self.cores: Optional[list[int]] = None
         if spec.device_kind == "cpu":
             # a slice of the node's cores no other engine on the node holds (any model, any variant)
-            self.cores = claim_cores(max(1, len(os.sched_getaffinity(0)) // spec.replicas_per_device))
+            node = usable_cores()  # the affinity capped by a container's CPU quota
+            self.cores = claim_cores(max(1, len(node) // spec.replicas_per_device), node)
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         # our load signals, and vLLM's own engine metrics (`vllm:*`) in Ray's metrics export
@@ -147,7 +148,7 @@ class LLMReplica:
         self._ingress = None  # the ingress's handle, for what this server hands over (made on first use)
         self.front = ReplicaFront(self.app, self.spec.served_name, settings.default_model, settings.api_key,
                                   relay=lambda req: self._hand_over(settings.ingress, req),
-                                  engine_dead=lambda: self.engine.errored)
+                                  engine_dead=lambda: self.engine.errored, limits=settings.limits)
         self._front_server = FrontServer(ReplicaPort(ctx.replica_id.unique_id, node_id))
         port = await self._front_server.start(self.front)
         self._where = (node_id, ctx.replica_id.unique_id, port)

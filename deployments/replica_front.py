@@ -7,6 +7,9 @@ only Python process on the request's path, as in `vllm serve`. In front of vLLM'
 - HAProxy's health check of the server (`/-/healthz`): 200 while the engine lives and the replica
   is not stopping, else 503;
 - the API key, on every path but `/health` and the health check, before vLLM sees the request;
+- the app's `RequestLimits`, before vLLM's app parses a body (413 for one too large, read no
+  further; 400 for one nested too deep), in vLLM's error format: HAProxy hands the router at most
+  its buffer of a body, so only this front sees every byte of a request pinned here;
 - what is not this replica's goes the Python way, to the ingress (`relay`): a request for another
   model (HAProxy re-sends a request to any server of the app when its pinned one refused the
   connection), one that met a dead engine before anything was produced (the ingress tries another
@@ -27,7 +30,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.routing import model_of
+from cluster.routing import RequestLimits, body_refusal, model_of
 from deployments.asgi import HttpItem, HttpRequest, HttpStart
 from deployments.vllm_api import FORWARDED_PATHS as DATA_PATHS  # what vLLM answers here
 
@@ -46,6 +49,7 @@ class FrontSettings(BaseModel):
     api_key: Optional[str] = Field(None, description="The app's API key (None: open).")
     default_model: str = Field(description="The model a request without `model` goes to (the app's first).")
     ingress: str = Field("OpenAIIngress", description="The ingress deployment: where requests are handed over.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="What a request body may be.")
 
 
 def error_body(status: int, message: str, err_type: str) -> bytes:
@@ -71,15 +75,18 @@ async def _send_whole(send, status: int, body: bytes, content_type: bytes = b"ap
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(receive) -> Optional[bytes]:
-    """The whole request body; None when the client went away before sending all of it."""
-    parts = []
+async def _read_body(receive, max_bytes: Optional[int] = None) -> Optional[bytes]:
+    """The whole request body, or, once it runs past `max_bytes`, what was read so far (longer than
+    `max_bytes`: it is refused, and reading on would hold all of it in memory); None when the client
+    went away before sending all of it."""
+    parts, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             return None
         parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
+        size += len(parts[-1])
+        if not message.get("more_body", False) or (max_bytes is not None and size > max_bytes):
             return b"".join(parts)
 
 
@@ -87,9 +94,9 @@ class ReplicaFront:
     """The ASGI app of an LLM replica's own server: vLLM's `app` behind the checks above."""
 
     def __init__(self, app, served_name: str, default_model: str, api_key: Optional[str], relay: Relay,
-                 engine_dead: Callable[[], bool]):
+                 engine_dead: Callable[[], bool], limits: RequestLimits = RequestLimits()):
         self.app, self.served_name, self.default_model = app, served_name, default_model
-        self.api_key, self.relay, self.engine_dead = api_key, relay, engine_dead
+        self.api_key, self.relay, self.engine_dead, self.limits = api_key, relay, engine_dead, limits
         self.ongoing = 0  # requests inside vLLM's app now
         self.received = 0  # requests given to vLLM's app since start
         self.relayed = 0  # requests sent the Python way
@@ -118,8 +125,12 @@ class ReplicaFront:
             if denied is not None:
                 await _send_whole(send, *denied)
                 return
-        body = await _read_body(receive)
+        body = await _read_body(receive, self.limits.max_body_bytes)
         if body is None:  # nothing to answer
+            return
+        refused = body_refusal(body, self.limits, parsed=method == "POST" and path in DATA_PATHS)
+        if refused is not None:
+            await _send_whole(send, refused.status, error_body(*refused))
             return
         req = HttpRequest(method=method, path=path, query_string=scope.get("query_string", b"").decode("latin-1"),
                           headers=headers, body=body)

@@ -9,8 +9,10 @@ spell), and the pins it made since (`Assignments`). What
 it cannot pin goes to the ingress replica, the Python path, which answers, waits or retries as it
 always did: a model the app does not serve (its 404), no replica of the model running and taking
 requests yet, a body HAProxy did not forward or forwarded cut while several models are served (a
-body without a `model`, or not JSON, goes to the default model's replica, where vLLM answers it). It
-also keeps the Serve controller extended, so HAProxy knows the LLM replicas' servers.
+body without a `model`, or not JSON, goes to the default model's replica, where vLLM answers it), and
+a body over `RequestLimits` (too large, or nested too deep to parse safely), which the ingress
+refuses in vLLM's error format. It also keeps the Serve controller extended, so HAProxy knows the
+LLM replicas' servers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ray import serve
 from advisor.niceness import undo_worker_niceness
 from cluster.board import get_or_create_board
 from cluster.policy import Route
-from cluster.routing import Assignments, ReplicaReport, ServedModel, choose_replica, merge_routes, model_of
+from cluster.routing import (Assignments, ReplicaReport, RequestLimits, ServedModel, body_refusal, choose_replica,
+                             merge_routes, model_of)
 from deployments.direct_path import ensure_controller_extended
 
 logger = logging.getLogger("ray.serve")
@@ -45,11 +48,15 @@ router_app = FastAPI(title="plateau-serve router", docs_url=None, redoc_url=None
 
 def pick(body: bytes, truncated: bool, models: dict[str, ServedModel], default_model: str,
          routes: dict[str, list[Route]], reports: list[ReplicaReport], assignments: Assignments,
-         now: float) -> Optional[ReplicaReport]:
+         now: float, limits: RequestLimits = RequestLimits()) -> Optional[ReplicaReport]:
     """The LLM replica for a request body (None: the Python path). A body without a `model` goes to
     the default model, as the ingress sends it (vLLM answers what is wrong with it); a body HAProxy
     did not forward (not told to) or forwarded cut routes only where the app serves one model (its
-    replica reads the whole body and hands over another model's request)."""
+    replica reads the whole body and hands over another model's request). A body over `limits` goes
+    to the ingress, which answers the refusal: the router never parses it (a cut one is judged by its
+    size only, its nesting by the replica's front, which reads it whole)."""
+    if body and body_refusal(body, limits, parsed=not truncated) is not None:
+        return None
     if truncated or not body:
         if len(models) != 1:
             return None
@@ -65,8 +72,11 @@ def pick(body: bytes, truncated: bool, models: dict[str, ServedModel], default_m
 
 @serve.ingress(router_app)
 class PlateauRouter:
-    async def __init__(self, models: list[ServedModel], routes: dict[str, list[Route]]):
-        """`models` (the first is the default) and `routes` (the build's, by the policy's models)."""
+    async def __init__(self, models: list[ServedModel], routes: dict[str, list[Route]],
+                       limits: RequestLimits = RequestLimits()):
+        """`models` (the first is the default), `routes` (the build's, by the policy's models) and the
+        app's request `limits`."""
+        self.limits = limits
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
         self.start_routes = merge_routes(routes, models)  # by served name, until the board has the policy's
@@ -100,7 +110,7 @@ class PlateauRouter:
         body = await request.body()
         truncated = "x-body-truncated" in request.headers
         chosen = pick(body, truncated, self.models, self.default_model, self.routes, self.reports, self.assignments,
-                      time.time())
+                      time.time(), self.limits)
         if chosen is None:
             self.python_path += 1
             if not body and len(self.models) > 1 and not self._warned_no_body:

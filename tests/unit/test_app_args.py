@@ -128,3 +128,57 @@ def test_elastic_models_need_the_app_level_policy_in_the_serve_config():
     check_policy_configured(args, raw, [{**app, "autoscaling_policy": policy}])  # configured: fine
     fixed = {"models": [{"model": "m", "replicas_per_device": 2}]}
     check_policy_configured(parse_args(fixed), fixed, [])  # nothing elastic: no policy needed
+
+
+# ---- request limits; keys that must not leak; an empty key ---------------------------------------
+
+def test_request_limits_are_args_with_bounds_that_name_the_field():
+    args = parse_args({"limits": {"max_body_bytes": "16MiB", "max_json_depth": 64}})
+    assert (args.limits.max_body_bytes, args.limits.max_json_depth) == (16 * 2**20, 64)
+    assert parse_args(None).limits.max_body_bytes == 32 * 2**20
+    with pytest.raises(AppConfigError) as err:
+        parse_args({"limits": {"max_json_depth": 2000}})
+    assert "limits.max_json_depth = 2000" in str(err.value) and "16..512" in str(err.value)
+    with pytest.raises(AppConfigError) as err:
+        parse_args({"limits": {"max_body_bytes": "lots"}})
+    assert "limits.max_body_bytes" in str(err.value) and "32MiB" in str(err.value)
+
+
+def test_a_key_pasted_into_api_key_env_or_a_misspelled_field_is_never_echoed(capsys, tmp_path):
+    from deployments.cli import main
+
+    secret = "sk-proj-AbC123-very-secret"
+    with pytest.raises(AppConfigError) as err:
+        parse_args({"api_key_env": secret})
+    assert secret not in str(err.value)
+    assert "api_key_env" in str(err.value) and "environment variable" in str(err.value)
+    for misspelled in ({"apikey": secret}, {"api_keys": [secret]}, {"models": [{"api_key": secret}]}):
+        with pytest.raises(AppConfigError) as err:
+            parse_args(misspelled)
+        assert secret not in str(err.value) and "known field" in str(err.value)
+    assert "did you mean 'api_key'" in str(pytest.raises(AppConfigError, parse_args, {"apikey": secret}).value)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"applications": [
+        {"name": "p", "import_path": "deployments.app:build_app", "args": {"api_key_env": secret}}]}))
+    assert main(["config", "check", str(config)]) == 1
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err and "api_key_env" in out.err
+
+
+def test_an_empty_api_key_warns_that_the_server_is_open_and_names_api_key_env(capsys, tmp_path, monkeypatch):
+    from deployments.cli import main
+    from deployments.config import open_access_warning
+
+    warning = open_access_warning(parse_args({"api_key": ""}))
+    assert warning is not None and "api_key_env" in warning and "without an API key" in warning
+    monkeypatch.delenv("PLATEAU_TEST_KEY", raising=False)  # the empty fallback of an unset variable: open too
+    assert open_access_warning(parse_args({"api_key": "", "api_key_env": "PLATEAU_TEST_KEY"})) is not None
+    assert open_access_warning(parse_args({})) is None  # no key asked for: open on purpose
+    assert open_access_warning(parse_args({"api_key": "k"})) is None
+    monkeypatch.setenv("PLATEAU_TEST_KEY", "k")
+    assert open_access_warning(parse_args({"api_key_env": "PLATEAU_TEST_KEY"})) is None
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"applications": [
+        {"name": "p", "import_path": "deployments.app:build_app", "args": {"api_key": ""}}]}))
+    assert main(["config", "check", str(config)]) == 0
+    assert "api_key_env" in capsys.readouterr().err

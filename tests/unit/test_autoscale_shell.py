@@ -71,7 +71,7 @@ def test_the_shell_scales_variants_from_their_policy_kwargs_and_ignores_the_ingr
     kw = policy_kwargs(alpha_input(), 2, policy, DEVICES)
     variant = context("LLM:alpha@n2", kw, running=1, requests=60.0)
     ingress = context("OpenAIIngress", None)
-    shell = PlateauAutoscaler(evaluate_every_s=0)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore())
     shell({"v": variant, "i": ingress})  # the first tick notes the wish
     decisions, _ = shell({"v": variant, "i": ingress})
     assert decisions == {"v": 3}  # ceil(60 / (32 x 0.8)); the ingress is left alone
@@ -87,7 +87,7 @@ def test_an_exception_in_the_policy_keeps_the_targets_and_is_counted():
 
 def test_calls_between_evaluations_change_nothing():
     kw = policy_kwargs(alpha_input(), 2, PolicyConfig(upscale_after_s=0), DEVICES)
-    shell = PlateauAutoscaler(evaluate_every_s=3600)
+    shell = PlateauAutoscaler(evaluate_every_s=3600, store=DictStore())
     shell({"v": context("LLM:alpha@n2", kw, requests=60.0)})
     assert shell({"v": context("LLM:alpha@n2", kw, requests=60.0)}) == ({}, {})
 
@@ -159,6 +159,61 @@ def test_a_new_deploy_does_not_read_back_the_state_of_the_previous_one(monkeypat
     clock[0] += 1.0
     redeployed(repack_contexts(deploy_id="build-2"))
     assert redeployed.state.models["alpha"].repack is None and redeployed.state.decisions == []
+
+
+class FlakyStore(DictStore):
+    """A state store whose reads fail until `healed`."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data, self.healed, self.puts = data, False, 0
+
+    def get(self, key):
+        if not self.healed:
+            raise ConnectionError("GCS unreachable")
+        return super().get(key)
+
+    def put(self, key, value):
+        self.puts += 1
+        super().put(key, value)
+
+
+def test_a_saved_state_that_cannot_be_read_holds_the_targets_and_is_never_overwritten(monkeypatch):
+    """A read that fails is not "nothing saved": a fresh state written over the saved re-pack
+    would scale the warming variant to zero."""
+    store, clock = DictStore(), [1000.0]
+    monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
+    first = PlateauAutoscaler(evaluate_every_s=0, store=store, board=FakeBoard())
+    first(repack_contexts())
+    clock[0] += 11.0
+    first(repack_contexts())
+    saved = dict(store.data)
+    assert first.state.models["alpha"].repack is not None
+
+    flaky, board = FlakyStore(dict(saved)), FakeBoard()
+    restarted = PlateauAutoscaler(evaluate_every_s=0, store=flaky, board=board)
+    for _ in range(3):
+        clock[0] += 1.0
+        assert restarted(repack_contexts(n1_target=1)) == ({}, {})  # Serve keeps the current targets
+    assert flaky.puts == 0 and flaky.data == saved
+    assert "could not be read" in board.errors[-1][1]
+    flaky.healed = True  # read again on the next tick
+    clock[0] += 1.0
+    decisions, _ = restarted(repack_contexts(n1_target=1))
+    assert restarted.state.models["alpha"].repack == first.state.models["alpha"].repack
+    assert decisions["v1"] == 1
+
+
+def test_what_a_saved_state_reads_back_as():
+    from cluster.policy import PolicyState
+    from deployments.autoscale import SavedPolicyState, saved_state
+
+    mine = SavedPolicyState(deploy_id="b1", state=PolicyState()).model_dump_json().encode()
+    assert saved_state(None, "b1") == (None, "nothing saved")
+    assert saved_state(mine, "b1") == (PolicyState(), "read back")
+    assert saved_state(mine, "b2") == (None, "saved by another deploy (b1)")
+    state, why = saved_state(b"{cut sh", "b1")
+    assert state is None and why.startswith("not a saved policy state")
 
 
 def test_policy_errors_reach_the_board_before_any_successful_publish():

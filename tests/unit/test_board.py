@@ -210,3 +210,9 @@ def test_status_shows_each_planned_models_gpu_sharing_and_the_plans_warnings():
     text = render_status("p", AppStatus(placement=placement, routes=routes))
     assert f"plan: N=1, max_num_seqs {plan.max_num_seqs}, GPU sharing time-slice" in text
     assert "plan: warning: time-slicing (no MPS) and no GPU busy reading: NVML GPM gave no readings" in text
+    from advisor.profiler import MeasuredGain
+
+    gain = MeasuredGain(replicas=2, batch=32, single_tokens_per_s=1000.0, aggregate_tokens_per_s=1200.0)
+    measured = plan_replicas(profile.model_copy(update={"measured_gain": gain}),
+                             DeviceSpec(kind="cuda", name="H100", memory_bytes=80 * GiB))
+    assert plan_summary(measured)[0].startswith("N=2, ") and "measured +20% with 2 engines" in plan_summary(measured)[0]

@@ -137,7 +137,7 @@ def test_plans_are_cached_whatever_way_the_device_was_held():
         @staticmethod
         async def _on_device(fn, request, resources):
             made.append(resources)
-            return SimpleNamespace(provisional=False)
+            return SimpleNamespace(provisional=False, device_kind="cpu")
 
     req = advisor_request(model(), GPU_CLUSTER, gpus())
     whole = device_resources(model(), GPU_CLUSTER, "auto")
@@ -225,3 +225,61 @@ def test_a_device_task_timeout_reaches_the_user_as_a_config_error():
 
     with pytest.raises(AppConfigError, match="model 'm': no replica plan: waited 900 s for Ray to start it"):
         apply_plan(PendingPlan(model=model(), request=REQ, ref="ref"), wait=wait)
+
+
+def test_gpu_plans_are_made_again_each_time_so_a_change_of_sharing_or_an_unmeasured_gain_is_seen():
+    from types import SimpleNamespace
+
+    from advisor.actor import cacheable
+
+    assert cacheable(SimpleNamespace(provisional=False, device_kind="cpu"))
+    assert not cacheable(SimpleNamespace(provisional=True, device_kind="cpu"))
+    assert not cacheable(SimpleNamespace(provisional=False, device_kind="cuda"))
+    made = []
+
+    class LocalAdvisor(Advisor):
+        @staticmethod
+        async def _on_device(fn, request, resources):
+            made.append(resources)
+            return SimpleNamespace(provisional=False, device_kind="cuda")
+
+    req = advisor_request(model(), GPU_CLUSTER, gpus())
+    whole = device_resources(model(), GPU_CLUSTER, "auto")
+
+    async def twice():
+        advisor = LocalAdvisor(lambda r, log: None)
+        return [await advisor.get_plan(req, whole), await advisor.get_plan(req, whole)]
+
+    asyncio.run(twice())
+    assert made == [whole, whole]
+
+
+def test_models_queued_behind_each_other_on_one_device_wait_their_turn_before_their_start_limit():
+    from types import SimpleNamespace
+
+    running, most = [], []
+
+    class LocalAdvisor(Advisor):
+        @staticmethod
+        async def _on_device(fn, request, resources):
+            running.append(request.model)
+            most.append(len(running))
+            await asyncio.sleep(0.05)  # a profile
+            running.remove(request.model)
+            return SimpleNamespace(provisional=False, device_kind="cuda")
+
+    one_gpu = device_resources(model(), GPU_CLUSTER, "auto", parallel=1)
+    reqs = [advisor_request(model(name=n, model=f"/m/{n}"), GPU_CLUSTER, gpus()) for n in "abc"]
+
+    async def three(resources):
+        advisor = LocalAdvisor(lambda r, log: None)
+        await asyncio.gather(*(advisor.get_plan(r, resources) for r in reqs))
+
+    asyncio.run(three(one_gpu))
+    assert max(most) == 1  # one device: one whole-device task at a time, the others queued in the Advisor
+    most.clear()
+    asyncio.run(three(device_resources(model(), GPU_CLUSTER, "auto", parallel=2)))
+    assert max(most) == 2
+    most.clear()
+    asyncio.run(three(device_resources(model(), GPU_CLUSTER, "auto", shared_on="a")))
+    assert max(most) == 3  # beside replicas nothing is held: no turn to wait for

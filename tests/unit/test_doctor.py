@@ -369,8 +369,13 @@ def test_gpm_verdicts_on_readings():
 
 # ---- 4 MPS -------------------------------------------------------------------------------------------
 def test_mps_on_and_off(tmp_path):
-    (tmp_path / "control").touch()
+    import socket
+
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # the control daemon's socket, listening
+    daemon.bind(str(tmp_path / "control"))
+    daemon.listen(1)
     on = by_name(doctor(env={"CUDA_VISIBLE_DEVICES": "1", "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}).run())
+    daemon.close()
     assert on["sharing"].status == "PASS" and on["sharing"].detail.startswith("mps (MPS: ")
     off = by_name(doctor(env={"CUDA_VISIBLE_DEVICES": "1", "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "none")}).run())
     assert off["sharing"].status == "PASS" and "time-slicing" in off["sharing"].detail

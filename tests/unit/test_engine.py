@@ -207,3 +207,63 @@ def test_engine_core_pids_come_from_vllms_handle_on_its_processes_not_their_titl
     assert engine_core_pids(engine) == [41]
     in_process = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(engine_manager=None)))
     assert engine_core_pids(in_process) == []
+
+
+def test_the_node_lock_dir_is_this_users_own_and_private(tmp_path):
+    import stat
+
+    from advisor.locks import node_lock_dir
+
+    mine = node_lock_dir(base=tmp_path)
+    assert mine == tmp_path / f"plateau-{os.getuid()}"
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    cores = node_lock_dir("cores", base=tmp_path)
+    assert cores == mine / "cores" and stat.S_IMODE(cores.stat().st_mode) == 0o700
+    assert node_lock_dir(base=tmp_path) == mine  # there already, and ours: used as is
+
+
+@pytest.mark.parametrize("prepare,why", [
+    (lambda d: (d.mkdir(), d.chmod(0o777)), "writable by other users"),
+    (lambda d: (d.mkdir(), d.chmod(0o770)), "writable by other users"),
+    (lambda d: ((d.parent / "elsewhere").mkdir(), d.symlink_to(d.parent / "elsewhere")), "a symbolic link"),
+])
+def test_a_lock_dir_another_user_could_have_prepared_is_refused_naming_it_and_the_fix(tmp_path, prepare, why):
+    from advisor.locks import LockDirError, node_lock_dir
+
+    folder = tmp_path / f"plateau-{os.getuid()}"
+    prepare(folder)
+    with pytest.raises(LockDirError, match=rf"{folder}: {why}.*remove it"):
+        node_lock_dir(base=tmp_path)
+
+
+def test_a_lock_dir_owned_by_another_user_is_a_problem():
+    import stat
+
+    from advisor.locks import lock_dir_problem
+
+    assert lock_dir_problem(stat.S_IFDIR | 0o700, owner=1000, uid=1000) is None
+    assert "owned by uid 0" in lock_dir_problem(stat.S_IFDIR | 0o700, owner=0, uid=1000)
+    assert "writable by other users" in lock_dir_problem(stat.S_IFDIR | 0o755 | stat.S_IWOTH, owner=1000, uid=1000)
+    assert "not a folder" in lock_dir_problem(stat.S_IFREG | 0o600, owner=1000, uid=1000)
+    assert "symbolic link" in lock_dir_problem(stat.S_IFLNK | 0o777, owner=1000, uid=1000)
+
+
+def test_device_start_locks_are_taken_in_the_private_lock_dir(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with device_start_lock("cuda-0", timeout_s=1):
+        assert (tmp_path / f"plateau-{os.getuid()}" / "cuda-0.lock").is_file()
+    assert not (tmp_path / "plateau-locks").exists()
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_never_written_through(tmp_path):
+    from advisor.locks import LockPathError
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / "cuda-0.lock").symlink_to(victim)
+    with pytest.raises(LockPathError, match=r"cuda-0.lock: a symbolic link.*remove it"):
+        with device_start_lock("cuda-0", lock_dir=tmp_path, timeout_s=0.2):
+            pass
+    assert victim.read_text() == "keep\n"

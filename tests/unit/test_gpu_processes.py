@@ -94,3 +94,19 @@ def test_the_profiling_probe_tells_the_sampler_how_many_engines_are_ours(monkeyp
     assert profiling.gpu_others(sampler)({1, 57}) == 1  # only 50000 is someone else's
     monkeypatch.setattr(profiling, "engine_count", lambda: 0)
     assert profiling.gpu_others(sampler)({1}) == 2
+
+
+def test_under_mps_the_clients_are_read_from_nvmls_mps_list_not_hidden_behind_the_server():
+    class MpsNvml(ProcessNvml):
+        def __init__(self, clients):
+            super().__init__(compute=[7], names={7: MPS})
+            self.clients = clients
+
+        def nvmlDeviceGetMPSComputeRunningProcesses(self, handle):
+            return self._infos(self.clients)
+
+    # the compute list shows only the MPS server; our engine (pid 10) and a tenant (pid 99) are its clients
+    sampler = _sampler(MpsNvml(clients=[10, 99]))
+    assert {p.pid for p in sampler.gpu_processes()} == {7, 10, 99}
+    assert sampler.other_processes({1, 10}, our_engines=1) == 1
+    assert _sampler(MpsNvml(clients=[10])).other_processes({1, 10}, our_engines=1) == 0

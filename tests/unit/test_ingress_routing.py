@@ -390,3 +390,89 @@ def test_the_proxies_to_renice_are_the_proxy_actors_and_what_they_started():
                 c.kill()
             p.kill()
             p.wait()
+
+
+# ---- request body limits, and a response cancelled before its first byte -----------------------
+
+def test_a_relayed_response_cancelled_at_its_start_is_no_longer_counted_in_flight():
+    """The client went away (or the proxy cancelled the request) as the status line went out: the
+    body iterator and the background task never ran, and the request stayed counted on its variant."""
+    import asyncio
+
+    from deployments.asgi import HttpStart
+    from deployments.ingress import OpenAIIngress, RetryPolicy
+
+    for spec_version in ("2.4", "2.3"):  # Starlette streams the two ASGI versions differently
+        served = _Stream([HttpStart(status=200), b"data: {}\n\n"])
+        ingress = object.__new__(OpenAIIngress)
+        ingress.handles, ingress.inflight, ingress.retry = {"m": {"LLM:m@n1": _Handle(served)}}, {}, RetryPolicy()
+        ingress.routes, ingress._board, ingress._refresher = {"m": [route(1, 1)]}, None, None
+
+        async def respond_then_cancel():
+            response = await OpenAIIngress._send(ingress, "m", req=None)
+            assert ingress.inflight == {("m", "LLM:m@n1"): 1}
+
+            async def receive():
+                await asyncio.sleep(3600)
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    raise asyncio.CancelledError
+
+            scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+            try:
+                await response(scope, receive, send)
+            except asyncio.CancelledError:
+                pass
+
+        asyncio.run(respond_then_cancel())
+        assert ingress.inflight == {("m", "LLM:m@n1"): 0} and served.cancelled, spec_version
+
+
+def _limited_ingress(limits):
+    from deployments.ingress import OpenAIIngress
+
+    ingress = object.__new__(OpenAIIngress)
+    ingress.handles, ingress.inflight, ingress.api_key, ingress.limits = {"m": {}}, {}, None, limits
+    ingress.default_model, ingress.data_requests = "m", 0
+    return ingress
+
+
+def test_the_ingress_answers_a_body_too_big_or_too_deep_itself_in_vllms_format():
+    import asyncio
+    import json
+
+    from cluster.routing import RequestLimits
+    from deployments.asgi import HttpRequest
+    from deployments.ingress import OpenAIIngress
+
+    ingress = _limited_ingress(RequestLimits(max_body_bytes=2048, max_json_depth=16))
+
+    def answer(body, path="/v1/completions"):
+        response = asyncio.run(OpenAIIngress._respond(ingress, HttpRequest(method="POST", path=path, body=body)))
+        return response.status_code, json.loads(response.body)["error"]
+
+    status, error = answer(b'{"model": "m", "prompt": ' + b"[" * 17 + b"]" * 17 + b"}")
+    assert status == 400 and error["code"] == 400 and "limits.max_json_depth" in error["message"]
+    assert answer(b"[" * 2000)[0] == 400  # deeper than Python's parser goes: no RecursionError, no 500
+    status, error = answer(b"x" * 2049, path="/v1/anything")  # a cut body is never served, on any path
+    assert status == 413 and error["code"] == 413 and "limits.max_body_bytes" in error["message"]
+    assert ingress.data_requests == 0  # none was sent to a replica
+
+
+def test_the_ingress_reads_a_body_only_up_to_the_first_byte_over_the_limit():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from deployments.ingress import _http_request
+
+    reads = []
+
+    async def receive():  # an endless body in 1 KiB pieces
+        reads.append(True)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": []}
+    req = asyncio.run(asyncio.wait_for(_http_request(Request(scope, receive), max_bytes=2048), 5))
+    assert len(req.body) > 2048 and len(reads) == 3

@@ -181,11 +181,12 @@ def test_the_advisor_profiles_a_pinned_model_on_a_whole_device_of_its_type_and_p
 
 
 def test_the_profile_store_is_a_path_every_node_mounts_or_an_object_storage_url():
-    for good in ("/mnt/shared/profiles", "s3://bucket/profiles", "gs://bucket/profiles", "file:///mnt/profiles"):
+    for good in ("/mnt/shared/profiles", "s3://bucket/profiles", "file:///mnt/profiles"):
         assert parse_args({"profile_store": good}).profile_store == good  # s3fs is needed where it opens, not here
     for bad, why in [("profiles", "must be an absolute folder path that every node mounts"),
                      ("file://profiles", "must be an absolute folder path"),
-                     ("abfs://container/profiles", "abfs:// is not supported")]:
+                     ("abfs://container/profiles", "abfs:// is not supported"),
+                     ("gs://bucket/profiles", "gs:// is not supported")]:
         with pytest.raises(AppConfigError, match=f"profile_store = .*{why}"):
             parse_args({"profile_store": bad})
 

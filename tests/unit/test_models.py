@@ -72,3 +72,16 @@ def test_a_folder_missing_on_the_replicas_node_names_the_node_and_the_fix(tmp_pa
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     assert resolve_on_node(str(folder), node="10.0.0.7") == folder.resolve()
+
+
+def test_a_pull_that_waits_too_long_for_the_lock_names_the_lock_its_holder_and_the_fix(tmp_path, monkeypatch):
+    import os
+
+    from advisor.locks import file_lock
+
+    monkeypatch.setenv("PLATEAU_HOME", str(tmp_path))
+    lock = tmp_path / "models" / ".smollm2-135m.lock"
+    with file_lock(lock):  # another pull is converting (a second open file description conflicts)
+        with pytest.raises(models.ModelPullTimeout,
+                           match=rf"waited 0.2 s for {lock}, held by process {os.getpid()}.*kill {os.getpid()}"):
+            models.pull("smollm2-135m", progress=lambda m: None, lock_timeout_s=0.2)

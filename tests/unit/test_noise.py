@@ -168,7 +168,7 @@ def test_the_advisor_does_not_cache_a_provisional_plan():
     from advisor.planner import DeviceSpec, plan_replicas
     from advisor.profiler import WorkloadShape
 
-    plan = plan_replicas(make_profile(), DeviceSpec(kind="cuda", name="g", memory_bytes=8 << 30))
+    plan = plan_replicas(make_profile(), DeviceSpec(kind="cpu", name="c", memory_bytes=8 << 30, cores=2))
     made = []
 
     def plan_fn(request, log):

@@ -82,3 +82,19 @@ def test_the_raylets_devices_are_what_the_worker_recorded_when_it_started(monkey
     assert raylet_visible_devices() == "2,0"
     monkeypatch.setattr(global_worker, "original_visible_accelerator_ids", {"GPU": None}, raising=False)
     assert raylet_visible_devices() is None
+
+
+def test_a_task_that_holds_no_gpu_gets_the_nodes_visible_devices_back(monkeypatch):
+    import advisor.nvml as nvml
+
+    monkeypatch.setattr(nvml, "raylet_visible_devices", lambda: "2,0")
+    blanked = {"CUDA_VISIBLE_DEVICES": ""}  # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1
+    nvml.restore_raylet_devices(blanked)
+    assert blanked == {"CUDA_VISIBLE_DEVICES": "2,0"}
+    kept = {"CUDA_VISIBLE_DEVICES": "1"}
+    nvml.restore_raylet_devices(kept)
+    assert kept == {"CUDA_VISIBLE_DEVICES": "1"}
+    monkeypatch.setattr(nvml, "raylet_visible_devices", lambda: None)  # the raylet saw every GPU
+    blanked = {"CUDA_VISIBLE_DEVICES": ""}
+    nvml.restore_raylet_devices(blanked)
+    assert blanked == {}

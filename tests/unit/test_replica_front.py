@@ -205,3 +205,53 @@ def test_a_client_that_leaves_before_its_body_arrived_gets_nothing_run():
 
     asyncio.run(run())
     assert f.app.bodies == [] and ingress.requests == [] and f.received == 0
+
+
+def test_a_body_over_the_size_limit_gets_413_unread_and_one_nested_too_deep_400_before_vllm():
+    from cluster.routing import RequestLimits
+
+    ingress = FakeIngress()
+    f = ReplicaFront(FakeVllm(), "m", "m", None, relay=ingress, engine_dead=lambda: False,
+                     limits=RequestLimits(max_body_bytes=2048, max_json_depth=16))
+    reads, sent = [], []
+
+    async def run():
+        async def receive():  # an endless body in 1 KiB pieces
+            reads.append(True)
+            return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": []}
+        await asyncio.wait_for(f(scope, receive, send), 5)
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 413 and len(reads) == 3  # read up to the first byte over the limit, no further
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == 413 and "limits.max_body_bytes" in error["message"]
+    status, _, body = call(f, "POST", "/v1/completions", b'{"model": "m", "prompt": ' + b"[" * 17 + b"]" * 17 + b"}")
+    assert status == 400 and "limits.max_json_depth" in json.loads(body)["error"]["message"]
+    assert f.app.bodies == [] and ingress.requests == [] and f.received == 0
+    assert call(f, "POST", "/v1/completions", completion())[0] == 200
+
+
+def test_a_response_cancelled_at_its_start_leaves_nothing_counted():
+    f, _ = front()
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": completion(), "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                raise asyncio.CancelledError
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": []}
+        try:
+            await f(scope, receive, send)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
+    assert (f.received, f.ongoing) == (1, 0) and not f.busy()

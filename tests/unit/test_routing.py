@@ -1,5 +1,7 @@
 """Which replica the router pins a request to, from the replicas' reports and its own pins."""
 
+import json
+
 from cluster.policy import Route
 from cluster.routing import Assignments, ReplicaReport, ServedModel, choose_replica, model_of
 from deployments.router import pick
@@ -90,3 +92,53 @@ def test_model_of_refuses_what_is_not_a_json_object_naming_a_model():
     assert model_of(b"[1, 2]") is None
     assert model_of(b"\xff") is None
     assert model_of(b"[" * 100000) is None  # deeper than the parser allows: no 500 from a RecursionError
+
+
+# ---- request body limits: what the router, the ingress and a replica's front refuse --------------
+
+def test_nesting_is_counted_outside_strings_up_to_the_limit():
+    from cluster.routing import json_nesting_exceeds
+
+    assert not json_nesting_exceeds(b"[" * 16 + b"]" * 16, 16)
+    assert json_nesting_exceeds(b"[" * 17 + b"]" * 17, 16)
+    assert json_nesting_exceeds(b'{"a":' * 17 + b"1" + b"}" * 17, 16)
+    assert json_nesting_exceeds(b"[" * 100000, 16)  # deeper than Python's parser allows
+    # brackets inside strings (escaped quotes included) are text, not nesting
+    text = json.dumps({"model": "m", "prompt": "[{" * 500 + '\\"[[' + '"' * 3}).encode()
+    assert not json_nesting_exceeds(text, 16)
+    wide = json.dumps({"model": "m", "prompt": [[1, 2]] * 5000}).encode()  # many lists, depth 3
+    assert not json_nesting_exceeds(wide, 16)
+    # counted in pieces of 2**20 brackets: the depth carries over from one piece to the next
+    assert json_nesting_exceeds(b"[" * 10 + b"[]" * 2**19 + b"[" * 7, 16)
+    assert not json_nesting_exceeds(b"[" * 10 + b"[]" * 2**19 + b"[" * 6, 16)
+
+
+def test_a_body_over_the_size_is_refused_with_413_and_one_nested_too_deep_with_400():
+    from cluster.routing import RequestLimits, body_refusal
+
+    limits = RequestLimits(max_body_bytes=2048, max_json_depth=16)
+    assert body_refusal(b'{"model": "m"}', limits, parsed=True) is None
+    big = body_refusal(b"x" * 2049, limits, parsed=False)
+    assert big.status == 413 and "2048" in big.message and "limits.max_body_bytes" in big.message
+    deep = body_refusal(b"[" * 17 + b"]" * 17, limits, parsed=True)
+    assert deep.status == 400 and deep.err_type == "BadRequestError" and "limits.max_json_depth" in deep.message
+    assert body_refusal(b"[" * 17 + b"]" * 17, limits, parsed=False) is None  # a body nobody parses
+
+
+def test_the_router_leaves_a_body_too_deep_or_too_big_to_the_ingress_which_answers_it():
+    from cluster.routing import RequestLimits
+
+    models = {"m": ServedModel(name="m", max_model_len=None, replicas=2)}
+    limits = RequestLimits(max_body_bytes=4096, max_json_depth=16)
+
+    def chosen(body, truncated=False):
+        r = pick(body, truncated, models, "m", {"m": [route(2)]}, [report("a")], Assignments(), NOW, limits)
+        return r.replica_id if r else None
+
+    assert chosen(b'{"model": "m", "prompt": "hi"}') == "a"
+    assert chosen(b'{"model": "m", "prompt": ' + b"[" * 17 + b"]" * 17 + b"}") is None
+    assert chosen(b"[" * 100000) is None  # no RecursionError in the router either
+    assert chosen(b'{"model": "m", "prompt": "' + b"x" * 5000 + b'"}') is None
+    # a cut body: only its size tells (its nesting is for the replica's front, which reads it whole)
+    assert chosen(b'{"model": "m", "prompt": "' + b"[" * 100, truncated=True) == "a"
+    assert chosen(b'{"model": "m", "prompt": "' + b"x" * 5000, truncated=True) is None

@@ -148,12 +148,14 @@ def test_a_measured_gain_without_readings_packs_and_caps_at_what_was_measured():
     assert plan.mps_thread_percentage == 50
 
 
-def test_a_measured_gain_below_the_model_wins_over_it():
+def test_a_measured_gain_decides_over_the_model_and_no_unmeasured_n_is_credited():
     plan = plan_replicas(gpu_profile("mps", bw=20.0, measured=_gain(4, 0.10)), H100)
     t = make_profile().knee.tokens_per_s_at_b_star
-    # the model says up to 5x; measured 4 engines gave 1.10x: 2 engines are capped at 1.10x too
-    assert plan.replicas_per_device == 2
+    # the model says up to 5x; measured, 4 engines gave 1.10x: N=4 at 1.10x, and N=2 or 3 (never measured) no gain
+    assert plan.replicas_per_device == 4
     assert plan.predicted_aggregate_tokens_per_s == pytest.approx(t * 1.10)
+    small = plan_replicas(gpu_profile("mps", bw=20.0, measured=_gain(4, 0.04)), H100)
+    assert small.replicas_per_device == 1  # below min_gain: one engine
 
 
 # ---- what a GPU plan still needs measured ---------------------------------------------------
@@ -229,6 +231,17 @@ def test_engines_under_mps_get_their_sm_share_through_the_seam():
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in engine_env(make_spec(device_kind="cuda"), None)
 
 
+def test_an_uncapped_engine_started_after_a_capped_one_in_the_same_process_is_not_capped():
+    from deployments.engine import apply_engine_env
+    from tests.factories import make_spec
+
+    environ = {"PATH": "/bin"}
+    apply_engine_env(make_spec(device_kind="cuda", mps_thread_percentage=50), None, environ)
+    assert environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    apply_engine_env(make_spec(device_kind="cuda"), None, environ)  # e.g. the one-engine baseline after
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in environ and environ["PATH"] == "/bin"
+
+
 def test_each_packing_variant_under_mps_caps_its_engines_at_its_share():
     from cluster.inventory import Device, Inventory
     from deployments.cluster_view import ClusterView
@@ -243,6 +256,9 @@ def test_each_packing_variant_under_mps_caps_its_engines_at_its_share():
     assert {n: s.mps_thread_percentage for n, s in lay.specs.items()} == {1: None, 2: 50, 4: 25}
     slicing = layout_model(m, cluster, inv, "cuda", gpu_profile("time-slice", bw=30.0, busy=50.0))
     assert all(s.mps_thread_percentage is None for s in slicing.specs.values())
+    # the plan says MPS but its profile is not readable on the node that builds the app
+    fixed = parse_args({"models": [{"replicas_per_device": 2}]}).models[0]
+    assert layout_model(fixed, cluster, inv, "cuda", None, sharing="mps").specs[2].mps_thread_percentage == 50
 
 
 def test_a_plan_made_beside_serving_replicas_measures_nothing_and_says_so(tmp_path, monkeypatch):
@@ -261,3 +277,47 @@ def test_a_plan_made_beside_serving_replicas_measures_nothing_and_says_so(tmp_pa
     monkeypatch.setattr(profiling, "_measure_replicas", lambda *a: pytest.fail("an engine started beside replicas"))
     plan = plan_model(req, lambda line: None, profiler=lambda r, log: pytest.fail("profiled"), measure_gain=False)
     assert any("not measured yet" in w and "beside serving replicas" in w for w in plan.warnings)
+
+
+def test_a_gain_that_cannot_be_measured_leaves_the_models_plan_with_a_warning_and_stores_nothing(tmp_path, monkeypatch):
+    from advisor.noise import NoiseConfig, ProfileNoise
+    from deployments import profiling
+    from deployments.engine import vllm_version
+    from deployments.profiling import AdvisorError, AdvisorRequest, _memory, device_name, plan_model
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps"))
+    req = AdvisorRequest(model="smollm2-135m", device="cuda", store_dir=str(tmp_path), device_memory=80 * GIB)
+    _, memory = _memory(req)
+    key = dict(model=req.model, device_name=device_name(req), engine_version=vllm_version(), dtype=memory.dtype)
+    quiet = ProfileNoise(limits=NoiseConfig(), worst_cv=0.0, flagged=False, reason="quiet")
+    profile = make_profile(**key).model_copy(update={"sharing": "time-slice", "noise": quiet, "mode": req.mode})
+    req.store().put_profile(profile)
+
+    def fails(*args):
+        raise AdvisorError("2 engine(s) of 40.0 GiB each need 80.0 GiB")
+
+    monkeypatch.setattr(profiling, "_measure_replicas", fails)
+    plan = plan_model(req, lambda line: None)
+    assert plan.replicas_per_device == 1 and any("could not be measured" in w and "80.0 GiB" in w for w in plan.warnings)
+    assert req.store().find(req.model, key["device_name"], vllm_version(), memory.dtype, req.shape.bucket,
+                            mode=req.mode, sharing="time-slice").measured_gain is None
+
+
+def test_a_control_socket_nobody_answers_on_is_a_crashed_daemon_not_mps(tmp_path):
+    import socket as so
+
+    from advisor.sharing import control_socket_answers
+
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    path = pipes / MPS_CONTROL_PIPE
+    listener = so.socket(so.AF_UNIX, so.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+    assert control_socket_answers(path)
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
+    assert detect_sharing(probe_sharing(env)).mode == "mps"
+    listener.close()  # the daemon is gone; its socket file stays
+    assert path.exists() and not control_socket_answers(path)
+    d = detect_sharing(probe_sharing(env))
+    assert d.mode == "time-slice" and "no MPS control daemon answers" in d.reason

@@ -304,3 +304,83 @@ def test_profiles_of_each_gpu_sharing_mode_are_found_apart_and_older_tables_read
     old = pd.read_parquet(table)
     old[old["sharing"] == ""].drop(columns=["sharing"]).to_parquet(table, index=False)  # an older table
     assert store.find("m", "dev", "0.0", "bfloat16", "p128-o64").seconds == plain.seconds
+
+
+def _stale(lock, text="dead-host 1 t0\n"):
+    import os
+    import time
+
+    lock.write_text(text)
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+
+
+def test_a_holder_taken_over_as_stale_never_removes_the_new_holders_lock(tmp_path):
+    """Two holders of the folder store's lock: the first held it past `stale_s`, the second took
+    it over; the first's release must leave the second's lock in place."""
+    from advisor.locks import create_lock
+
+    lock = tmp_path / ".write-lock"
+    first = create_lock(lock, stale_s=60)
+    first.__enter__()
+    _stale(lock, lock.read_text())  # the first holder stalled for an hour
+    with create_lock(lock, stale_s=60, timeout_s=1):
+        second = lock.read_text()
+        first.__exit__(None, None, None)  # the first holder wakes up and lets go
+        assert lock.read_text() == second  # the second one still holds it
+    assert not lock.exists()
+
+
+def test_two_waiters_that_judge_one_lock_stale_never_both_hold_it(tmp_path, monkeypatch):
+    """Both waiters read the same stale lock; the first takes it over and holds a fresh lock before
+    the second acts on its (now outdated) judgement: the second must keep waiting."""
+    import os
+
+    import pytest
+
+    from advisor.locks import create_lock
+
+    lock = tmp_path / ".write-lock"
+    _stale(lock)
+    real_stat, first, hooked = os.stat, create_lock(lock, stale_s=60), []
+
+    def stat(path, *a, **kw):
+        result = real_stat(path, *a, **kw)
+        if os.fspath(path) == os.fspath(lock) and not hooked:
+            hooked.append(True)
+            first.__enter__()  # between the second waiter's look at the lock and its takeover
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(TimeoutError, match="held by another writer"):
+        with create_lock(lock, stale_s=60, timeout_s=0.5):
+            pass
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert hooked and lock.exists()
+    held = lock.read_text()
+    assert not held.startswith("dead-host")
+    first.__exit__(None, None, None)
+    assert not lock.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no file set aside is left behind
+
+
+def test_gcs_urls_are_refused_naming_what_is_supported():
+    """gcsfs's exclusive create is experimental upstream and does not hold on zonal buckets: two
+    writers could both take the store's lock."""
+    import pytest
+
+    from advisor.storage import StoreUrlError, check_url
+
+    for url in ("gs://bucket/profiles", "gcs://bucket/profiles"):
+        with pytest.raises(StoreUrlError, match=r"not supported.*s3://.*folder every node mounts"):
+            check_url(url)
+
+
+@pytest.mark.parametrize("installed,ok", [("2024.12.0", True), ("2025.3.2", True), ("2024.10.0", False),
+                                          ("2023.1.0", False)])
+def test_an_s3fs_older_than_its_exclusive_create_is_refused(installed, ok):
+    from advisor.storage import package_too_old
+
+    assert (package_too_old("s3", installed) is None) == ok
+    if not ok:
+        assert "s3fs " + installed in package_too_old("s3", installed)
