@@ -13,14 +13,18 @@ it holds; a variant's, its running replicas times their batch minus what is in f
 Before either, a body is held to `RequestLimits` (`body_refusal`): the router, the one ingress and a
 replica's front each read and parse whole bodies, so one huge or absurdly nested body would cost
 them memory, time or a RecursionError; such a body goes to no replica and gets vLLM's error format.
+A request whose replica (or its engine) died while it had the request is sent again at most once:
+`retry_decision`, over the deaths that body met (`DeathLedger`, across a client's resends too).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections import deque
-from typing import Literal, NamedTuple, Optional
+import time
+from collections import OrderedDict, deque
+from typing import Callable, Literal, NamedTuple, Optional
 
 import numpy as np
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
@@ -33,6 +37,10 @@ ASSIGNMENT_TTL_S = 5.0
 # A replica that has not reported for this long is gone (its process died, or the board restarted
 # and it has not reported again yet): no request is pinned to it.
 REPORT_STALE_S = 8.0
+# Request bodies whose tries met a replica's or engine's death are remembered this long after the
+# last one, at most this many of them (the least recently dead go first).
+DEATHS_TTL_S = 600.0
+DEATHS_MAX_ENTRIES = 10_000
 
 
 class ReplicaReport(BaseModel):
@@ -135,6 +143,78 @@ def should_reroute(routes: list[Route], deployment: str) -> bool:
     if mine is not None and mine.accepting and mine.running > 0:
         return False
     return any(r.deployment != deployment and r.accepting and r.running > 0 for r in routes)
+
+
+RetryVerdict = Literal["retry", "unavailable", "refuse"]
+
+
+def retry_decision(deaths: int, tries: int, attempts: int, max_deaths: int) -> RetryVerdict:
+    """What becomes of a request none of whose `tries` was answered. `deaths`: the deaths of a
+    replica or its engine that had the request (delivered to it, queued or running: a replica cannot
+    tell which), counting its earlier sends of the same body (`DeathLedger`); a replica or engine that
+    was dead before the request reached it counts none. 'refuse' (answered with an error, sent
+    nowhere else) at `max_deaths`: a body that crashes every engine it reaches (in prefill, or out of
+    memory) would otherwise end one replica per try. 'unavailable' (503) after `attempts` tries;
+    else 'retry'."""
+    if deaths >= max_deaths:
+        return "refuse"
+    if tries >= attempts:
+        return "unavailable"
+    return "retry"
+
+
+def request_fingerprint(*parts: bytes) -> str:
+    """A request's identity for `DeathLedger`: a hash of what the replica gets (path, body)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class DeathLedger:
+    """The replica and engine deaths each request body (`request_fingerprint`) met while a replica
+    had it, kept after its request ended unanswered, so a client's resend of the same body starts
+    from them (`retry_decision`). A body that got an answer is forgotten at once; one with no new
+    death for `ttl_s`, too; at most `max_entries` bodies are kept (the least recently dead go first).
+    A request reads the ledger when it starts and writes it when it ends: concurrent requests with
+    the same body (a benchmark's, a prober's) do not count each other's deaths, which may be one."""
+
+    def __init__(self, max_entries: int = DEATHS_MAX_ENTRIES, ttl_s: float = DEATHS_TTL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_entries, self.ttl_s, self._clock = max_entries, ttl_s, clock
+        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (deaths, at), oldest first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def deaths(self, key: str) -> int:
+        self._expire()
+        entry = self._entries.get(key)
+        return entry[0] if entry is not None else 0
+
+    def settle(self, key: str, deaths: int) -> None:
+        """A request with this body ended unanswered after `deaths` deaths in all (its earlier sends'
+        included): the most the ledger knows of is kept."""
+        if deaths <= 0:
+            return
+        self._expire()
+        known = self._entries.pop(key, (0, 0.0))[0]
+        self._entries[key] = (max(known, deaths), self._clock())
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self, key: str) -> None:
+        """A request with this body was answered: its earlier deaths were not its doing."""
+        self._entries.pop(key, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._entries:
+            key, (_, at) = next(iter(self._entries.items()))
+            if now - at < self.ttl_s:
+                return
+            del self._entries[key]
 
 
 class RequestLimits(BaseModel):

@@ -25,6 +25,10 @@ class HttpRequest(BaseModel):
     query_string: str = Field("", description="Raw query string without '?'.")
     headers: list[tuple[str, str]] = Field(default_factory=list, description="Request headers, lower-case names.")
     body: bytes = Field(b"", description="The whole request body.")
+    engine_died: bool = Field(
+        False, description="Handed over by an LLM replica's own server whose engine died while it ran the request "
+                           "(before anything was produced): the ingress counts that death against the request."
+    )
 
 
 class HttpStart(BaseModel):
@@ -36,6 +40,10 @@ class HttpStart(BaseModel):
     retryable: bool = Field(
         False, description="The replica could not serve it (dead engine) and nothing was produced: "
                            "the ingress may send the same request to another replica."
+    )
+    ran: bool = Field(
+        True, description="With `retryable`: the engine had the request when it died (the ingress counts that "
+                          "death against the request); False when it was dead already when the request came."
     )
 
 

@@ -82,6 +82,12 @@ class ModelConfig(BaseModel):
     max_model_len: Optional[int] = Field(2048, ge=16, description="context length in tokens, >= 16, or null")
     dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
     enforce_eager: bool = Field(False, description="true skips torch.compile/CUDA graphs: faster start")
+    stall_timeout_s: float = Field(
+        60.0, ge=5.0, le=3600.0,
+        description="seconds a replica's engine may make no step while requests wait for it, 5..3600; then it counts "
+                    "as stalled (its requests end with an error, Serve replaces the replica); the replica stretches "
+                    "it to 10x the longest step it saw",
+    )
     engine_kwargs: dict[str, EngineKwargValue] = Field(
         default_factory=dict, description="extra vLLM EngineArgs by their vLLM names"
     )

@@ -282,7 +282,13 @@ def device_key(spec: ReplicaSpec, env: Optional[Mapping[str, str]] = None, nvml:
 
 
 class EngineDead(RuntimeError):
-    """A replica's vLLM engine is dead: a request it had not started may go to another replica."""
+    """A replica's vLLM engine is dead: a request it had not started may go to another replica.
+    `ran`: the engine had the request when it died (the ingress counts that death against the
+    request); False when it was dead already when the request came."""
+
+    def __init__(self, message: str = "", ran: bool = True):
+        super().__init__(message)
+        self.ran = ran
 
 
 class EngineStartTimeout(RuntimeError):

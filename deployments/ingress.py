@@ -21,9 +21,13 @@ this ingress already has in flight there). A draining variant gets no new reques
 lets the policy stop it without failing any. A request whose replica died, or whose engine was
 dead, before anything was produced is sent to another replica (`retry`); one still waiting at a
 variant that stopped taking requests is sent where the model now runs; one that waits past
-`retry.first_byte_timeout_s` gets a 504. Once bytes reached the client the stream ends as vLLM ends
-it. The Python API (`completions`, `chat` and their `_stream` forms on vLLM's request types) is
-routed, retried and timed the same way.
+`retry.first_byte_timeout_s` gets a 504. A replica or engine death while the replica had the
+request counts against its body (`cluster.routing.retry_decision`, `DeathLedger`): at
+`retry.max_deaths` (2: one retry) the request, and a resend of the same body, is answered 422
+instead of ending one more replica. Once bytes reached the client the stream ends as vLLM ends it,
+or with vLLM's error event when the replica sends nothing for `retry.idle_timeout_s`. The Python
+API (`completions`, `chat` and their `_stream` forms on vLLM's request types) is routed, retried
+and timed the same way.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from starlette.background import BackgroundTask
 
 from cluster.board import AppPlacement, ensure_routes, get_or_create_board
 from cluster.policy import Route
-from cluster.routing import (ReplicaReport, RequestLimits, ServedModel, body_refusal, choose_variant, merge_routes,
-                             model_of, should_reroute)
+from cluster.routing import (DeathLedger, ReplicaReport, RequestLimits, ServedModel, body_refusal, choose_variant,
+                             merge_routes, model_of, request_fingerprint, retry_decision, should_reroute)
 from deployments.asgi import HttpItem, HttpRequest, HttpStart
 from advisor.niceness import undo_worker_niceness
 from deployments.engine import EngineDead
@@ -69,6 +73,18 @@ class RetryPolicy(BaseModel):
     first_byte_timeout_s: float = Field(
         900.0, gt=0, description="Longest wait for a replica's first answer (the whole answer when not "
                                  "streaming); then 504, so no request waits forever."
+    )
+    max_deaths: int = Field(
+        2, ge=1, description="Deaths of a replica or its engine while it had a request, after which the request "
+                             "is answered 422 and sent nowhere else (its resends of the same body too, until one is "
+                             "answered or for 10 minutes): 2 sends it again once. A body that crashes its engine "
+                             "would otherwise end a replica per try."
+    )
+    idle_timeout_s: float = Field(
+        120.0, gt=0, description="Longest gap between two pieces of an answer once its first byte went out; then "
+                                 "the stream ends with vLLM's error event. A replica sends its first byte with the "
+                                 "first output (queueing and prefill fall under first_byte_timeout_s), so the gaps "
+                                 "after it are engine steps and a preempted sequence's wait for memory."
     )
 
 
@@ -133,6 +149,40 @@ def proxy_pids(siblings) -> list[int]:
 
 class _Rerouted(Exception):
     """The variant a request waited at stopped taking requests before it answered."""
+
+
+class _RelayIdle(Exception):
+    """A replica sent nothing for `retry.idle_timeout_s` after the first byte went out."""
+
+
+async def _next_chunk(stream, idle_s: Optional[float]):
+    """The stream's next item (StopAsyncIteration after its last); `_RelayIdle` when none came within
+    `idle_s`. (No sentinel object: Serve pickles the ingress class by value, and such an object
+    would not be the same one in its methods.)"""
+    try:
+        async with asyncio.timeout(idle_s) as idle:
+            return await anext(stream)
+    except TimeoutError:
+        if idle.expired():
+            raise _RelayIdle from None
+        raise
+
+
+def _sse_error(status: int, message: str, err_type: str) -> bytes:
+    """vLLM's end of a failed stream: an error event, then `data: [DONE]`."""
+    err = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    return f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+
+
+def _is_sse(headers: list[tuple[str, str]]) -> bool:
+    return any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers)
+
+
+def _python_fingerprint(request) -> str:
+    """A Python API request's identity for the death ledger: its type and fields, less vLLM's
+    per-object `request_id` (a resend is a new object)."""
+    return request_fingerprint(type(request).__name__.encode(),
+                               request.model_dump_json(exclude={"request_id"}).encode())
 
 
 class _Unanswered(Exception):
@@ -211,6 +261,7 @@ class OpenAIIngress:
         self.routes: dict[str, list[Route]] = merge_routes(placement.routes, models)  # by served name
         self.placement = placement
         self.inflight: dict[tuple[str, str], int] = {}  # (served name, deployment) -> requests
+        self.deaths = DeathLedger()  # replica and engine deaths request bodies met, across resends
         self.data_requests = 0  # requests vLLM answers that went through this process
         self.handed_over = 0  # requests LLM replicas' own servers handed over
         self._board = None
@@ -361,56 +412,98 @@ class OpenAIIngress:
         return await self._send(model or self.default_model, req)
 
     async def _send(self, model: str, req: HttpRequest) -> Response:
-        """Open the request on a replica (`_open`), then relay it."""
+        """Open the request on a replica (`_open`), then relay it. One a replica's server handed
+        over after its engine died running it (`engine_died`) starts with that death counted."""
         try:
             start, stream, flight = await self._open(
                 model, lambda handle: handle.options(stream=True).http.remote(req),
-                dead=lambda start: not isinstance(start, HttpStart) or start.retryable)
+                dead=lambda start: not isinstance(start, HttpStart) or start.retryable,
+                fingerprint=lambda: request_fingerprint(req.path.encode(), req.body), deaths=int(req.engine_died))
         except _Unanswered as no:
             return error_response(no.status, str(no), no.err_type)
-        return _FlightResponse(stream, flight, content=self._relay(stream, flight), status_code=start.status,
+        relay = self._relay(stream, flight, self.retry.idle_timeout_s, sse=_is_sse(start.headers))
+        return _FlightResponse(stream, flight, content=relay, status_code=start.status,
                                headers=dict(start.headers), background=BackgroundTask(flight.release, stream))
 
     async def _open(self, model: str, call: Callable[[DeploymentHandle], object],
-                    dead: Callable[[object], bool] = lambda first: False) -> tuple[object, object, "_Flight"]:
+                    dead: Callable[[object], bool] = lambda first: False, fingerprint: Callable[[], str] = lambda: "",
+                    deaths: int = 0) -> tuple[object, object, "_Flight"]:
         """Send a request to the variant with the most free room and wait for its first item (the
         whole answer when `call` is not a stream), retrying while nothing was produced: when the
         replica is gone, its engine is dead (`dead(first)`, or `EngineDead` raised), or its variant
-        stopped taking requests while the request waited there. Returns the first item, the call
-        and its flight (the caller releases it); raises `_Unanswered` (503 after the last try, 504
-        after `first_byte_timeout_s`)."""
-        reason = "no replica answered"
-        for attempt in range(self.retry.attempts):
-            deployment, handle = self._choose(model)
-            flight = _Flight(self, model, deployment)
-            pending = call(handle)
-            try:
-                first = await self._first_answer(pending, model, deployment)
-            except asyncio.TimeoutError:
-                flight.release(pending)
-                raise _Unanswered(504, f"no answer from a replica of {model!r} within "
-                                       f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError") from None
-            except _Rerouted:
-                flight.release(pending)
-                logger.info("request for %s waited at %s, which stopped taking requests: sent again", model, deployment)
-                continue  # the variant moved: send it again at once (it counts as a try, bounding the moves)
-            except _REPLICA_GONE as exc:
-                flight.release(pending)
-                reason = f"replica unavailable ({type(exc).__name__})"
-            except EngineDead:
-                flight.release(pending)
-                reason = "the replica's engine is dead"
-            except BaseException:
-                flight.release(pending)
-                raise
-            else:
-                if not dead(first):
-                    return first, pending, flight
-                flight.release(pending)
-                reason = "the replica's engine is dead"
-            await self._backoff(attempt)
-        raise _Unanswered(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
-                          "ServiceUnavailableError")
+        stopped taking requests while the request waited there. A replica that died, or an engine
+        that died with the request in it (`ran`; `deaths` before this call), counts against the
+        request's body (`fingerprint()`, hashed only when needed): `retry_decision` says whether it
+        goes on. Returns the first item, the call and its flight (the caller releases it); raises
+        `_Unanswered` (503 after the last try, 504 after `first_byte_timeout_s`, 422 at
+        `retry.max_deaths`)."""
+        key: Optional[str] = None
+
+        def body_key() -> str:
+            nonlocal key
+            if key is None:
+                key = fingerprint()
+            return key
+
+        prior = self.deaths.deaths(body_key()) if len(self.deaths) else 0  # its earlier sends' deaths
+        own, answered = deaths, False
+        try:
+            if retry_decision(prior + own, 0, self.retry.attempts, self.retry.max_deaths) == "refuse":
+                raise self._refusal(model, prior + own)
+            reason = "no replica answered"
+            for attempt in range(self.retry.attempts):
+                deployment, handle = self._choose(model)
+                flight = _Flight(self, model, deployment)
+                pending = call(handle)
+                try:
+                    first = await self._first_answer(pending, model, deployment)
+                except asyncio.TimeoutError:
+                    flight.release(pending)
+                    raise _Unanswered(504, f"no answer from a replica of {model!r} within "
+                                           f"{self.retry.first_byte_timeout_s:.0f} s", "GatewayTimeoutError") from None
+                except _Rerouted:
+                    flight.release(pending)
+                    logger.info("request for %s waited at %s, which stopped taking requests: sent again", model,
+                                deployment)
+                    continue  # the variant moved: send it again at once (it counts as a try, bounding the moves)
+                except _REPLICA_GONE as exc:  # it had the request: whether it ran yet, nobody can tell
+                    flight.release(pending)
+                    reason, ran = f"replica unavailable ({type(exc).__name__})", True
+                except EngineDead as exc:
+                    flight.release(pending)
+                    reason, ran = "the replica's engine is dead", getattr(exc, "ran", True)
+                except BaseException:
+                    flight.release(pending)
+                    raise
+                else:
+                    if not dead(first):
+                        answered = True
+                        return first, pending, flight
+                    flight.release(pending)
+                    reason, ran = "the replica's engine is dead", getattr(first, "ran", True)
+                own += bool(ran)
+                verdict = retry_decision(prior + own, attempt + 1, self.retry.attempts, self.retry.max_deaths)
+                if verdict == "refuse":
+                    raise self._refusal(model, prior + own)
+                if verdict == "unavailable":
+                    break
+                await self._backoff(attempt)
+            raise _Unanswered(503, f"{reason}; tried {self.retry.attempts} times, retry the request later",
+                              "ServiceUnavailableError")
+        finally:
+            if answered:
+                if len(self.deaths):
+                    self.deaths.clear(body_key())
+            elif own:
+                self.deaths.settle(body_key(), prior + own)
+
+    def _refusal(self, model: str, deaths: int) -> _Unanswered:
+        """The answer to a request that was in a replica or engine as it died `deaths` times."""
+        logger.error("a request for %s was in a replica or engine as it died %d times: it is answered 422 and sent "
+                     "to no other replica", model, deaths)
+        times = "twice" if deaths == 2 else f"{deaths} times"
+        return _Unanswered(422, f"this request ended its replica's engine {times}; it is not retried again",
+                           "UnprocessableEntityError")
 
     async def _first_answer(self, pending, model: str, deployment: str):
         """The first item of a replica's stream (or the answer of a non-streaming call); raises
@@ -431,14 +524,25 @@ class OpenAIIngress:
                 first.cancel()
                 raise _Rerouted
 
-    async def _relay(self, stream, flight: _Flight) -> AsyncIterator[bytes]:
+    async def _relay(self, stream, flight: _Flight, idle_s: Optional[float] = None,
+                     sse: bool = True) -> AsyncIterator[bytes]:
+        """The rest of a replica's answer. A replica that dies, or sends nothing for `idle_s`, ends
+        a stream (`sse`) the way vLLM ends a failed one; any other answer is cut off (an error)."""
         try:
-            async for chunk in stream:
+            while True:
+                try:
+                    chunk = await _next_chunk(stream, idle_s)
+                except StopAsyncIteration:
+                    break
                 yield chunk
         except _REPLICA_GONE as exc:  # the replica died mid-stream: end it the way vLLM ends a failed stream
-            err = {"error": {"message": f"replica failed mid-stream ({type(exc).__name__})",
-                             "type": "ServiceUnavailableError", "param": None, "code": 503}}
-            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+            yield _sse_error(503, f"replica failed mid-stream ({type(exc).__name__})", "ServiceUnavailableError")
+        except _RelayIdle:
+            logger.error("a replica sent nothing for %.0f s in the middle of an answer: it is ended", idle_s)
+            if not sse:
+                raise
+            yield _sse_error(504, f"the replica sent nothing for {idle_s:.0f} s (retry.idle_timeout_s); the stream "
+                                  f"was ended", "GatewayTimeoutError")
         finally:
             flight.release(stream)
 
@@ -478,10 +582,11 @@ class OpenAIIngress:
         return model
 
     async def _call(self, request, method: str):
-        """Routed, retried and timed like HTTP; no answer -> vLLM's `ErrorResponse` (503 or 504)."""
+        """Routed, retried and timed like HTTP; no answer -> vLLM's `ErrorResponse` (503, 504 or 422)."""
         model = self._python_model(request)
         try:
-            answer, _, flight = await self._open(model, lambda handle: getattr(handle, method).remote(request))
+            answer, _, flight = await self._open(model, lambda handle: getattr(handle, method).remote(request),
+                                                 fingerprint=lambda: _python_fingerprint(request))
         except _Unanswered as no:
             return no.as_error_response()
         flight.release()
@@ -493,13 +598,25 @@ class OpenAIIngress:
         model = self._python_model(request)
         try:
             first, stream, flight = await self._open(
-                model, lambda handle: getattr(handle.options(stream=True), method).remote(request))
+                model, lambda handle: getattr(handle.options(stream=True), method).remote(request),
+                fingerprint=lambda: _python_fingerprint(request))
         except _Unanswered as no:
             yield f"data: {no.as_error_response().model_dump_json()}\n\n"
             return
         try:
             yield first
-            async for line in stream:
+            while True:
+                try:
+                    line = await _next_chunk(stream, self.retry.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
                 yield line
+        except _RelayIdle:
+            logger.error("a replica sent nothing for %.0f s in the middle of a stream: it is ended",
+                         self.retry.idle_timeout_s)
+            idle = _Unanswered(504, f"the replica sent nothing for {self.retry.idle_timeout_s:.0f} s "
+                                    f"(retry.idle_timeout_s); the stream was ended", "GatewayTimeoutError")
+            yield f"data: {idle.as_error_response().model_dump_json()}\n\n"
         finally:
             flight.release(stream)
+

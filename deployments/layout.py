@@ -64,6 +64,7 @@ def replica_spec(m: ModelConfig, cluster: ClusterView, device: str) -> ReplicaSp
         max_model_len=m.max_model_len,
         dtype=m.dtype,
         enforce_eager=m.enforce_eager,
+        stall_timeout_s=m.stall_timeout_s,
         engine_kwargs=dict(m.engine_kwargs),
         server_kwargs=dict(m.server_kwargs),
     )

@@ -7,9 +7,13 @@ what it holds (`ReplicaReport`, through the status board); its stop drains that 
 Without it, and for the Python API, requests come through the ingress: HTTP requests (`http`) and
 the same serving calls on vLLM's request types (`completions`, `chat`, their `*_stream` forms).
 The replica owns what vLLM's server does not: the engine's cores and memory share, the health
-check (fails once the engine process is gone), a dead engine reported as retryable (and the replica
-ending its own process a second later, so routers stop choosing it at once), and the load signals
-(`record_autoscaling_stats()` plus the same values as `ray.serve.metrics` gauges).
+check (fails once the engine process is gone or stalled), a dead engine reported as retryable (and
+the replica ending its own process a second later, so routers stop choosing it at once), and the
+load signals (`record_autoscaling_stats()` plus the same values as `ray.serve.metrics` gauges).
+A stalled engine (requests wait for it and it made no step for the stall limit:
+`replica_stats.stall_verdict`; a stopped or hung EngineCore process, which vLLM never notices) is
+treated as dead: its requests end with vLLM's error (an SSE error event and `data: [DONE]` in a
+stream), those that had produced nothing are sent elsewhere, and the replica exits.
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ from deployments.reaper import descendants, engine_processes, start_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
 from deployments.replica_front import FrontServer, FrontSettings, ReplicaFront
-from deployments.replica_stats import ReplicaStats, ReplicaStatsSnapshot, stat_logger_factory, track_requests
+from deployments.replica_stats import (ReplicaStats, ReplicaStatsSnapshot, stalled_error, stat_logger_factory,
+                                      track_requests)
 from deployments.vllm_api import build_openai_app
 from deployments.spec import ReplicaSpec
 
 logger = logging.getLogger("ray.serve")
 
 GAUGE_PERIOD_S = 2.0
-ENGINE_WATCH_S = 0.5  # how often the replica checks that its engine lives
+ENGINE_WATCH_S = 0.5  # how often the replica checks that its engine lives and steps
 DEAD_ENGINE_EXIT_GRACE_S = 1.0  # in-flight streams end with their error events, then the replica exits
 DEAD_ENGINE_HAND_OVER_S = 60.0  # longest wait for requests a dead engine's replica handed over to finish
 REPORT_EVERY_S = 0.25  # at most this often a replica tells the routers what it holds
@@ -148,7 +153,7 @@ class LLMReplica:
         self._ingress = None  # the ingress's handle, for what this server hands over (made on first use)
         self.front = ReplicaFront(self.app, self.spec.served_name, settings.default_model, settings.api_key,
                                   relay=lambda req: self._hand_over(settings.ingress, req),
-                                  engine_dead=lambda: self.engine.errored, limits=settings.limits)
+                                  engine_dead=self._engine_gone, limits=settings.limits)
         self._front_server = FrontServer(ReplicaPort(ctx.replica_id.unique_id, node_id))
         port = await self._front_server.start(self.front)
         self._where = (node_id, ctx.replica_id.unique_id, port)
@@ -222,15 +227,15 @@ class LLMReplica:
 
         A request that meets a dead engine before any output comes back as a retryable 503, so
         the ingress can send it to another replica; a stream already under way ends the way
-        vLLM ends it (an error event)."""
-        if self.engine.errored:
-            yield _engine_dead()
+        vLLM ends it (an error event). A stalled engine counts as dead."""
+        if self._engine_gone():
+            yield _engine_dead(ran=False)  # dead before this request came: not its doing
             return
         items = call_asgi(self.app, request)
         try:
             start = await items.__anext__()
             first = await anext(items, None)
-            if self.engine.errored and (start.status >= 500 or (first is not None and b'"error"' in first)):
+            if self._engine_gone() and (start.status >= 500 or (first is not None and b'"error"' in first)):
                 yield _engine_dead()
                 return
             yield start
@@ -275,21 +280,21 @@ class LLMReplica:
 
     async def _serve_python(self, serving: str, method: str, request):
         """vLLM's serving call; `EngineDead` (the ingress sends the request elsewhere) when the engine
-        is dead before it produced anything."""
+        is dead (or stalled) before it produced anything."""
         from vllm.exceptions import VLLMClientError
 
-        if self.engine.errored:
-            raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} is dead")
+        if self._engine_gone():  # dead before this request came: not its doing
+            raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} is dead or stalled", ran=False)
         handler = getattr(self.app.state, serving)
         try:
             out = await getattr(handler, method)(request, raw_request=None)
         except (ValueError, VLLMClientError) as exc:  # as vLLM's exception handlers answer them
             return handler.create_error_response(exc)
         except Exception as exc:
-            if self.engine.errored:
-                raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} died") from exc
+            if self._engine_gone():
+                raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} died or stalled") from exc
             raise
-        if self.engine.errored and getattr(getattr(out, "error", None), "code", 0) >= 500:
+        if self._engine_gone() and getattr(getattr(out, "error", None), "code", 0) >= 500:
             raise EngineDead(f"the vLLM engine of {self.spec.served_name!r} died")  # vLLM's 500 for it
         return out
 
@@ -299,6 +304,29 @@ class LLMReplica:
         return ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", code=400))
 
     # ---- health, stats, info ----------------------------------------------------------------
+    def _engine_gone(self) -> bool:
+        """The engine can answer nothing: its process died, or it stalled."""
+        return self.engine.errored or self.stats.stalled is not None
+
+    def _engine_stalled(self, now: float) -> bool:
+        """Watch for a stall: a verdict that holds on two checks in a row (a replica event loop that
+        was blocked may run this check before the engine outputs that arrived meanwhile) is declared
+        (`stats.stalled`), and every request the engine holds fails with it."""
+        verdict = self.stats.stall(now, self.spec.stall_timeout_s)
+        seen, self._stall_seen = getattr(self, "_stall_seen", None), verdict
+        if verdict is None or seen is None:
+            return False
+        self.stats.stalled = verdict
+        self._fail_engine_requests()
+        return True
+
+    def _fail_engine_requests(self) -> None:
+        """End every request waiting on a stalled engine with `stalled_error`, through vLLM's own
+        per-request output queues (what vLLM does when its output handler fails)."""
+        processor = getattr(self.engine, "output_processor", None)
+        if processor is not None and self.stats.stalled is not None:
+            processor.propagate_error(stalled_error(self.stats.stalled))
+
     async def _exit_when_engine_dies(self) -> None:
         """A replica whose engine died can serve nothing, yet it answers at once (a retryable 503),
         so Serve's routers favour it until three failed health checks (~6 s) retire it, and requests
@@ -306,18 +334,25 @@ class LLMReplica:
         actor on their next call and the controller replaces it at once. The grace lets in-flight
         streams send their error events first. An engine stopped by Serve's graceful stop (`__del__`)
         is no death: the replica then lets Serve finish the stop (it used to log the engine dead and
-        exit with status 1 in the middle of every scale-down, re-pack drain and shutdown)."""
-        while not self.engine.errored:
+        exit with status 1 in the middle of every scale-down, re-pack drain and shutdown). A stalled
+        engine is a dead one: vLLM never notices a stopped or hung engine process, and its requests
+        would wait for good."""
+        while not self.engine.errored and not self._engine_stalled(time.monotonic()):
             await asyncio.sleep(ENGINE_WATCH_S)
+        stalled = self.stats.stalled
         if self._stopping:
+            if stalled is not None:
+                logger.error("vLLM engine of %s stalled while the replica stops: %s", self.spec.served_name, stalled)
             return
-        logger.error("vLLM engine of %s died: this replica exits in %.0f s so Serve routes around it and replaces "
-                     "it", self.spec.served_name, DEAD_ENGINE_EXIT_GRACE_S)
+        logger.error("vLLM engine of %s %s: this replica exits in %.0f s so Serve routes around it and replaces "
+                     "it", self.spec.served_name, "died" if stalled is None else f"stalled ({stalled}); its requests "
+                     "end with an error", DEAD_ENGINE_EXIT_GRACE_S)
         front = getattr(self, "front", None)
         if front is not None:  # the routers hear it now; its own server takes no new connection
             front.changed.set()
             self._front_server.stop_accepting()
         await asyncio.sleep(DEAD_ENGINE_EXIT_GRACE_S)
+        self._fail_engine_requests()  # those that reached the stalled engine after the first round
         if front is not None:  # requests it handed to the ingress stream through this process: let them end
             await self._front_server.wait_closed(DEAD_ENGINE_HAND_OVER_S)
         _end_process()
@@ -325,6 +360,9 @@ class LLMReplica:
     async def check_health(self) -> None:
         if self.engine.errored:
             raise RuntimeError(f"vLLM engine of {self.spec.served_name!r} is dead; Serve will replace this replica")
+        if self.stats.stalled is not None:
+            raise RuntimeError(f"vLLM engine of {self.spec.served_name!r} stalled: {self.stats.stalled}; Serve will "
+                               "replace this replica")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return self.stats.snapshot(time.monotonic()).as_metrics()
@@ -400,9 +438,10 @@ def _end_process() -> None:
     os._exit(1)
 
 
-def _engine_dead() -> HttpStart:
-    """Nothing was produced: the ingress retries elsewhere, or answers 503 itself."""
-    return HttpStart(status=503, retryable=True)
+def _engine_dead(ran: bool = True) -> HttpStart:
+    """Nothing was produced: the ingress retries elsewhere, or answers 503 itself; `ran`: the engine
+    had the request when it died (the ingress counts that death against the request's body)."""
+    return HttpStart(status=503, retryable=True, ran=ran)
 
 
 def _device_sampler():

@@ -145,8 +145,8 @@ class ReplicaFront:
         finally:
             self.ongoing -= 1
             self.changed.set()
-        if not produced:  # the engine died before answering: the ingress tries another replica
-            await self._relay(req, receive, send)
+        if not produced:  # the engine died running it before answering: the ingress tries another replica once
+            await self._relay(req.model_copy(update={"engine_died": True}), receive, send)
 
     def _mine(self, body: bytes) -> bool:
         return (model_of(body) or self.default_model) == self.served_name

@@ -9,16 +9,61 @@ steps that decoded and prefilled nothing count (the profile's step model is fitt
 timed by the engine core's own output timestamps. The token rate mixes in prefill time and the
 batch is an instant reading, so neither is a step time: at a load change (a wave of prompts
 arriving) they disagree with any step model.
+
+It also tells a stalled engine (`stall_verdict`): vLLM calls the stat logger from the replica's
+output handler once per engine step that had work, so the time of its last call is the engine's
+last step; an engine process that stopped (SIGSTOP, a hung kernel, a deadlock) makes none. The
+request wrapper counts the requests waiting for the engine's next output. Requests waiting and no
+step for the stall limit is a stall; an idle engine, or one whose requests all sit with slow
+clients, waits for nothing and is never stalled.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 from collections import deque
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+# A stall is no engine step for max(the model's `stall_timeout_s`, this many times the longest step
+# the engine took so far). The floor covers the steps there is no reading of yet (a first long
+# prefill: a 1500-token prompt's step takes several seconds for SmolLM2 on one core of the 2-core
+# VM, a step is at most vLLM's max_num_batched_tokens); the factor stretches the limit for a big
+# model on a slow device once it showed its long steps.
+STALL_STEP_FACTOR = 10.0
+
+
+def stall_limit(floor_s: float, longest_step_s: float) -> float:
+    """Seconds without an engine step that make a stall."""
+    return max(floor_s, STALL_STEP_FACTOR * longest_step_s)
+
+
+def stall_verdict(now: float, last_step_at: Optional[float], in_flight: int, started_at: Optional[float],
+                  limit_s: float) -> Optional[str]:
+    """Why the engine counts as stalled, or None. `in_flight`: requests waiting for the engine's
+    next output, the first of them since `started_at`; `last_step_at`: the engine's last step (None:
+    none yet). The quiet time runs from the later of the two: an engine idle for an hour is not
+    stalled the moment a request arrives."""
+    if in_flight <= 0 or started_at is None:
+        return None
+    since = started_at if last_step_at is None else max(last_step_at, started_at)
+    quiet = now - since
+    if quiet < limit_s:
+        return None
+    return (f"the vLLM engine made no step for {quiet:.0f} s while {in_flight} request(s) waited for it "
+            f"(stall limit {limit_s:.0f} s)")
+
+
+def stalled_error(verdict: str) -> Exception:
+    """What a request of a stalled engine ends with: vLLM's retryable 503, which its serving layer
+    turns into its error body, or into its SSE error event and `data: [DONE]` mid-stream."""
+    from vllm.exceptions import RetryableRequestError
+
+    return RetryableRequestError(f"{verdict}; this replica is being replaced, retry the request")
 
 
 class ReplicaStatsSnapshot(BaseModel):
@@ -61,11 +106,43 @@ class ReplicaStats:
         self._waiting = 0
         self._kv_usage = 0.0
         self._preemptions = 0
+        self._last_step_at: Optional[float] = None
+        self._busy_after_step = False  # the last step left work: the engine steps again at once
+        self._longest_step = 0.0
+        self._waits: dict[int, float] = {}  # requests waiting for the engine's next output -> since when
+        self._wait_ids = itertools.count()
+        self.stalled: Optional[str] = None  # the verdict, once the replica declared its engine stalled
 
     @property
     def running(self) -> int:
         """Sequences the engine decodes now (its scheduler's last reading)."""
         return self._running
+
+    def on_step(self, now: float, busy: bool) -> None:
+        """The engine made a step; `busy`: it left requests running or waiting, so the time to the
+        next step is one step's duration (after an idle engine's step it is idle time)."""
+        with self._lock:
+            if self._last_step_at is not None and self._busy_after_step:
+                self._longest_step = max(self._longest_step, now - self._last_step_at)
+            self._last_step_at, self._busy_after_step = now, busy
+
+    def wait_begins(self, now: float) -> int:
+        """A request waits for the engine's next output; returns the token for `wait_ends`."""
+        token = next(self._wait_ids)
+        with self._lock:
+            self._waits[token] = now
+        return token
+
+    def wait_ends(self, token: int) -> None:
+        with self._lock:
+            self._waits.pop(token, None)
+
+    def stall(self, now: float, floor_s: float) -> Optional[str]:
+        """`stall_verdict` of the engine now, with the limit `stall_limit(floor_s, longest step)`."""
+        with self._lock:
+            started = min(self._waits.values(), default=None)
+            return stall_verdict(now, self._last_step_at, len(self._waits), started,
+                                 stall_limit(floor_s, self._longest_step))
 
     def on_scheduler(self, running: int, waiting: int, kv_usage: float, preempted: int = 0) -> None:
         with self._lock:
@@ -163,6 +240,9 @@ def stat_logger_factory(stats: ReplicaStats, clock=None):
             self._stats = stats
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            # one call per engine step that had work; `busy`: it left some, so it steps again at once
+            busy = bool(scheduler_stats and scheduler_stats.num_running_reqs + scheduler_stats.num_waiting_reqs)
+            self._stats.on_step(clock(), busy)
             if (step := decode_step(iteration_stats)) is not None:
                 self._stats.on_decode_step(clock(), *step)
             if scheduler_stats is None:
@@ -183,7 +263,11 @@ def stat_logger_factory(stats: ReplicaStats, clock=None):
 
 def track_requests(engine, stats: ReplicaStats, clock=None) -> None:
     """Feed `stats` from every request `engine` runs: wraps the engine's `generate`, which vLLM's
-    serving layer calls for completions and chat alike (prompt length, new tokens, context, end)."""
+    serving layer calls for completions and chat alike (prompt length, new tokens, context, end,
+    and the time each waits for the engine's next output). Once the replica declared the engine
+    stalled (`stats.stalled`), a request fails with `stalled_error` instead: at once when it
+    arrives, and where vLLM's generate fails (the replica puts an error into every request's
+    output queue) with the verdict rather than vLLM's bare `EngineGenerateError`."""
     import time
 
     from vllm.sampling_params import RequestOutputKind
@@ -192,11 +276,25 @@ def track_requests(engine, stats: ReplicaStats, clock=None) -> None:
     inner = engine.generate
 
     async def generate(prompt, sampling_params, request_id, *args, **kwargs):
+        if stats.stalled is not None:
+            raise stalled_error(stats.stalled)
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         per_choice: dict[int, int] = {}
         prompt_len = None
+        outputs = inner(prompt, sampling_params, request_id, *args, **kwargs)
         try:
-            async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
+            while True:
+                wait = stats.wait_begins(clock())
+                try:
+                    out = await anext(outputs)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    if stats.stalled is not None:
+                        raise stalled_error(stats.stalled) from exc
+                    raise
+                finally:
+                    stats.wait_ends(wait)
                 if prompt_len is None:
                     prompt_len = len(out.prompt_token_ids or ())
                     stats.on_start(request_id, prompt_len)

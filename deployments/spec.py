@@ -55,3 +55,6 @@ class ReplicaSpec(BaseModel):
                                         "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); None: no cap.")
     shape_window_s: float = Field(60.0, gt=0, description="Seconds of finished requests the replica reports as the "
                                   "live workload shape (the app sets the policy's `shape_window_s`).")
+    stall_timeout_s: float = Field(60.0, gt=0, description="Seconds without an engine step, while requests wait for "
+                                   "it, after which the engine counts as stalled (at least 10x the longest step "
+                                   "seen: `replica_stats.stall_limit`).")

@@ -334,7 +334,7 @@ def test_a_restarted_serve_controller_keeps_every_replica_and_its_engine(app):
 
 
 def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
-    """Last in the module: it kills one engine. Requests keep flowing the whole time."""
+    """Near the end of the module: it kills one engine. Requests keep flowing the whole time."""
     infos = replica_infos(app)
     assert len(infos) == 2
     victim = next(iter(infos.values()))
@@ -426,5 +426,71 @@ def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
     # a Python call in flight at the kill is sent again (the replica refuses it as EngineDead)
     python = [s for _, _, kind, s in results if kind == "python"]
     assert python and set(python) == {200}, f"Python calls (status, -1 for an exception): {python}"
+    final = client().completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+    assert final.choices[0].text is not None
+
+
+def test_a_request_that_crashes_engines_ends_two_and_then_gets_422_without_reaching_a_replica(app):
+    """Issue 35: a body that crashes every engine it reaches (simulated: the test SIGKILLs the engine
+    that runs the marked request, the only one busy) used to be sent on to replica after replica.
+    Through the ingress it ends at most two engines and gets vLLM's error format with 422; sent again,
+    after Serve replaced both replicas, it gets the 422 at once and reaches no engine. Runs last: it
+    takes both replicas down."""
+    import psutil
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+
+    def watch(pids: list[int], killed: list[int], stop: threading.Event) -> None:
+        """SIGKILL each engine in `pids` that starts computing (more than half a core over 0.3 s)."""
+        procs = {pid: psutil.Process(pid) for pid in pids}
+        last = {pid: sum(p.cpu_times()[:2]) for pid, p in procs.items()}
+        while not stop.is_set():
+            time.sleep(0.3)
+            for pid, proc in procs.items():
+                if pid in killed:
+                    continue
+                try:
+                    now = sum(proc.cpu_times()[:2])
+                except psutil.Error:
+                    continue
+                if now - last[pid] > 0.15:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                last[pid] = now
+
+    def send_poison(killed: list[int]):
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=([i.engine_pids[0] for i in infos.values()], killed, stop))
+        time.sleep(2)  # the engines are idle
+        watcher.start()
+        try:
+            req = CompletionRequest(model=MODEL, prompt="POISON: count to a thousand", max_tokens=900,
+                                    ignore_eos=True, temperature=0)
+            sent = time.monotonic()
+            out = serve.get_app_handle(APP).completions.remote(req).result(timeout_s=180)
+            return out, time.monotonic() - sent
+        finally:
+            time.sleep(3)  # a replica that got it after the answer would be computing by now
+            stop.set()
+            watcher.join()
+
+    def replaced(dead: set[str]) -> bool:
+        try:
+            ids = set(replica_infos(app, tries=20))
+        except RayActorError:
+            return False
+        return len(ids) == 2 and not ids & dead
+
+    infos = replica_infos(app)
+    killed: list[int] = []
+    out, _ = send_poison(killed)
+    assert not isinstance(out, CompletionResponse) and out.error.code == 422, out
+    assert out.error.message == "this request ended its replica's engine twice; it is not retried again"
+    assert 1 <= len(killed) <= 2  # 1: its retry met the first replica's engine already dead (counted)
+    dead = {rid for rid, info in infos.items() if info.engine_pids[0] in killed}
+    wait_until(lambda: replaced(dead), 300, "Serve to replace the replicas whose engines died", every_s=2)
+    infos = replica_infos(app)
+    again: list[int] = []
+    out, took = send_poison(again)
+    assert out.error.code == 422 and took < 5 and again == [], "the resend reached a replica"
     final = client().completions.create(model=MODEL, prompt="Hi", max_tokens=4)
     assert final.choices[0].text is not None

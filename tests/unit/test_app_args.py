@@ -35,6 +35,7 @@ def test_defaults_serve_the_embedded_model():
         ([{"dtype": "fp8x"}], ["models[0].dtype", "'fp8x'", "float32"]),
         ([{"kv_cache_bytes": "lots"}], ["models[0].kv_cache_bytes", "'lots'", "512MiB"]),
         ([{"device_memory_fraction": 1.5}], ["models[0].device_memory_fraction", "1.5"]),
+        ([{"stall_timeout_s": 1}], ["models[0].stall_timeout_s", "= 1", "5..3600"]),
     ],
 )
 def test_invalid_args_name_field_value_and_fix(models, needles):
@@ -70,6 +71,14 @@ def test_cpu_cluster_splits_the_node_cpus():
     spec = replica_spec(m, ClusterView(gpus=0, cpus_per_node=16, engine_device="cpu"), device="auto")
     assert spec.resources.num_gpus == 0
     assert spec.resources.num_cpus == 4.0
+
+
+def test_each_replica_gets_its_models_stall_timeout():
+    cluster = ClusterView(gpus=0, cpus_per_node=2, engine_device="cpu")
+    m = parse_args({"models": [{"replicas_per_device": 1}]}).models[0]
+    assert replica_spec(m, cluster, device="auto").stall_timeout_s == 60.0
+    m = parse_args({"models": [{"replicas_per_device": 1, "stall_timeout_s": 300}]}).models[0]
+    assert replica_spec(m, cluster, device="auto").stall_timeout_s == 300.0
 
 
 def test_unresolved_auto_is_refused_by_the_spec_builder():

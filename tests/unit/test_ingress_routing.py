@@ -176,6 +176,15 @@ class _Queued:
         self.cancelled = True
 
 
+def _http(body: bytes = b'{"model": "m", "prompt": "hi"}', **kwargs):
+    from deployments.asgi import HttpRequest
+
+    return HttpRequest(method="POST", path="/v1/completions", body=body, **kwargs)
+
+
+_COMPLETION = _http()
+
+
 class _Handle:
     def __init__(self, stream):
         self.stream, self.calls = stream, 0
@@ -194,6 +203,7 @@ def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_r
     import asyncio
 
     from deployments import ingress as mod
+    from cluster.routing import DeathLedger
     from deployments.asgi import HttpStart
     from deployments.ingress import OpenAIIngress, RetryPolicy
 
@@ -203,10 +213,10 @@ def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_r
     ingress = object.__new__(OpenAIIngress)
     ingress.handles, ingress.inflight, ingress.retry = {"m": {"LLM:m@n1": new, "LLM:m@n2": old}}, {}, RetryPolicy(attempts=2)
     ingress.routes = {"m": [route(1, 0), route(2, 1)]}  # N=1 warms, N=2 serves
-    ingress._board, ingress._refresher = None, None
+    ingress._board, ingress._refresher, ingress.deaths = None, None, DeathLedger()
 
     async def send_then_drain():
-        sent = asyncio.ensure_future(OpenAIIngress._send(ingress, "m", req=None))
+        sent = asyncio.ensure_future(OpenAIIngress._send(ingress, "m", req=_COMPLETION))
         await asyncio.sleep(0.1)
         assert not sent.done() and old.calls == 1  # waiting in N=2's queue
         ingress.routes = {"m": [route(1, 1), route(2, 1, accepting=False)]}  # the policy drains N=2
@@ -258,18 +268,25 @@ class _PyHandle:
 
 
 def _python_ingress(handles, routes, **retry):
+    from cluster.routing import DeathLedger
     from deployments.ingress import OpenAIIngress, RetryPolicy
 
     ingress = object.__new__(OpenAIIngress)
     ingress.handles, ingress.inflight, ingress.default_model = {"m": handles}, {}, "m"
     ingress.retry = RetryPolicy(**{"attempts": 3, "backoff_s": 0.0, **retry})
     ingress.routes = {"m": routes}
-    ingress._board, ingress._refresher = None, None
+    ingress._board, ingress._refresher, ingress.deaths = None, None, DeathLedger()
     return ingress
 
 
 class _Req:
     model = "m"
+
+    def __init__(self, prompt: str = "hi"):
+        self.prompt = prompt
+
+    def model_dump_json(self, exclude=()):
+        return f'{{"model": "m", "prompt": "{self.prompt}"}}'
 
 
 def test_a_python_call_queued_at_a_variant_that_drains_is_sent_where_the_model_now_runs(monkeypatch):
@@ -302,12 +319,13 @@ def test_a_python_call_that_met_a_dead_engine_or_replica_is_sent_again():
     from deployments.engine import EngineDead
     from deployments.ingress import OpenAIIngress
 
-    handle = _PyHandle(_Answer(EngineDead("dead")), _Answer(RayActorError()), _Answer("the answer"))
+    # dead when it came (not counted against it), then its replica died with it: sent a third time
+    handle = _PyHandle(_Answer(EngineDead("dead", ran=False)), _Answer(RayActorError()), _Answer("the answer"))
     ingress = _python_ingress({"LLM:m@n1": handle}, [route(1, 1)])
     assert asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions")) == "the answer"
     assert handle.calls == 3 and ingress.inflight == {("m", "LLM:m@n1"): 0}
 
-    gone = _PyHandle(*[_Answer(EngineDead("dead")) for _ in range(3)])
+    gone = _PyHandle(*[_Answer(EngineDead("dead", ran=False)) for _ in range(3)])
     ingress = _python_ingress({"LLM:m@n1": gone}, [route(1, 1)])
     out = asyncio.run(OpenAIIngress._call(ingress, _Req(), "completions"))  # vLLM's ErrorResponse, not a raise
     assert out.error.code == 503 and "engine is dead" in out.error.message and gone.calls == 3
@@ -399,6 +417,7 @@ def test_a_relayed_response_cancelled_at_its_start_is_no_longer_counted_in_fligh
     body iterator and the background task never ran, and the request stayed counted on its variant."""
     import asyncio
 
+    from cluster.routing import DeathLedger
     from deployments.asgi import HttpStart
     from deployments.ingress import OpenAIIngress, RetryPolicy
 
@@ -407,9 +426,10 @@ def test_a_relayed_response_cancelled_at_its_start_is_no_longer_counted_in_fligh
         ingress = object.__new__(OpenAIIngress)
         ingress.handles, ingress.inflight, ingress.retry = {"m": {"LLM:m@n1": _Handle(served)}}, {}, RetryPolicy()
         ingress.routes, ingress._board, ingress._refresher = {"m": [route(1, 1)]}, None, None
+        ingress.deaths = DeathLedger()
 
         async def respond_then_cancel():
-            response = await OpenAIIngress._send(ingress, "m", req=None)
+            response = await OpenAIIngress._send(ingress, "m", req=_COMPLETION)
             assert ingress.inflight == {("m", "LLM:m@n1"): 1}
 
             async def receive():

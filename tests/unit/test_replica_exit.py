@@ -4,6 +4,7 @@ import asyncio
 from types import SimpleNamespace
 
 from deployments import replica as mod
+from deployments.replica_stats import ReplicaStats
 
 
 def test_a_replica_whose_engine_died_ends_its_own_process_and_not_before(monkeypatch):
@@ -11,7 +12,9 @@ def test_a_replica_whose_engine_died_ends_its_own_process_and_not_before(monkeyp
     monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
     monkeypatch.setattr(mod, "ENGINE_WATCH_S", 0.01)
     monkeypatch.setattr(mod, "DEAD_ENGINE_EXIT_GRACE_S", 0.05)
-    fake = SimpleNamespace(engine=SimpleNamespace(errored=False), spec=SimpleNamespace(served_name="m"), _stopping=False)
+    fake = SimpleNamespace(engine=SimpleNamespace(errored=False), spec=SimpleNamespace(served_name="m"),
+                           _stopping=False, stats=ReplicaStats(), _engine_stalled=lambda now: False,
+                           _fail_engine_requests=lambda: None)
 
     async def run():
         watch = asyncio.ensure_future(mod.LLMReplica._exit_when_engine_dies(fake))
@@ -42,7 +45,8 @@ def test_an_engine_stopped_by_serves_graceful_stop_does_not_end_the_process(monk
             self.errored = True
 
     replica = mod.LLMReplica.__new__(mod.LLMReplica)  # the deployment class itself, without an engine start
-    replica._stopping, replica.engine, replica.spec = False, Engine(), SimpleNamespace(served_name="m")
+    replica._stopping, replica.engine, replica.stats = False, Engine(), ReplicaStats()
+    replica.spec = SimpleNamespace(served_name="m", stall_timeout_s=60)
 
     async def run():
         watch = asyncio.ensure_future(replica._exit_when_engine_dies())
@@ -72,6 +76,7 @@ def test_a_python_call_on_a_dead_engine_is_refused_as_engine_dead_so_the_ingress
     def replica(errored, answer):
         engine = SimpleNamespace(errored=errored)
         return SimpleNamespace(engine=engine, spec=SimpleNamespace(served_name="m"),
+                               _engine_gone=lambda: engine.errored,
                                app=SimpleNamespace(state=SimpleNamespace(
                                    openai_serving_completion=Serving(engine, answer))))
 
@@ -163,3 +168,62 @@ def test_a_failed_drain_still_stops_the_engine(monkeypatch):
         asyncio.run(stop())
     assert stopped == [True]
     assert replica.__del__() is None and stopped == [True]  # the garbage collector's later call: nothing more
+
+
+def _stall_replica(limit_s: float):
+    """The deployment class over a `StoppableEngine`, its requests tracked as the replica tracks them."""
+    import time
+
+    from deployments.replica_stats import track_requests
+    from tests.unit.test_replica_stats import StoppableEngine
+
+    replica = mod.LLMReplica.__new__(mod.LLMReplica)
+    replica._stopping, replica.stats = False, ReplicaStats()
+    replica.spec = SimpleNamespace(served_name="m", stall_timeout_s=limit_s)
+    replica.engine = StoppableEngine(replica.stats, time.monotonic)
+    track_requests(replica.engine, replica.stats)
+    return replica
+
+
+def test_a_replica_whose_engine_stalled_ends_its_streams_fails_its_health_check_and_exits(monkeypatch):
+    """An EngineCore process stopped with SIGSTOP: vLLM notices nothing (no error, no output), so
+    without a stall watch the replica stayed healthy and its streams waited for good."""
+    import pytest
+    from vllm.exceptions import GenerationError
+
+    from deployments.engine import EngineDead
+    from tests.unit.test_replica_stats import _delta
+
+    ended = []
+    monkeypatch.setattr(mod, "_end_process", lambda: ended.append(True))
+    monkeypatch.setattr(mod, "ENGINE_WATCH_S", 0.01)
+    monkeypatch.setattr(mod, "DEAD_ENGINE_EXIT_GRACE_S", 0.05)
+    replica = _stall_replica(limit_s=0.5)  # over 10x its steps below, so the floor is the limit
+
+    async def run():
+        watch = asyncio.ensure_future(replica._exit_when_engine_dies())
+        await asyncio.sleep(0.7)  # idle past the limit: nothing waits, no stall
+        stream = replica.engine.generate("p", _delta(), "a")
+        tokens = 0
+        for _ in range(40):  # 0.8 s of a live engine, a step every 0.02 s: no stall either
+            nxt = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.02)
+            replica.engine.step()
+            await nxt
+            tokens += 1
+        assert not watch.done() and replica.stats.stalled is None
+        await replica.check_health()
+        stopped_at = asyncio.get_running_loop().time()  # SIGSTOP: no more steps
+        with pytest.raises(GenerationError) as failed:
+            await asyncio.wait_for(anext(stream), 5)
+        took = asyncio.get_running_loop().time() - stopped_at
+        assert 0.5 <= took < 3 and "no step" in str(failed.value) and failed.value.status_code == 503
+        with pytest.raises(RuntimeError, match="stalled: the vLLM engine made no step"):
+            await replica.check_health()  # Serve replaces it...
+        with pytest.raises(EngineDead):  # ...and a Python call that reaches it meanwhile goes elsewhere
+            await replica._serve_python("openai_serving_completion", "create_completion", None)
+        await asyncio.wait_for(watch, 2)  # ...and it ends its own process, as with a dead engine
+        return tokens
+
+    assert asyncio.run(run()) == 40
+    assert ended == [True]

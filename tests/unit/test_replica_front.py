@@ -117,7 +117,7 @@ def test_a_request_that_meets_a_dead_engine_before_any_output_goes_to_the_ingres
     dead = [True]
     f, ingress = front(dead=lambda: dead[0])
     assert call(f, "POST", "/v1/completions", completion())[2] == b'{"from": "ingress"}'  # dead before: not tried
-    assert f.app.bodies == []
+    assert f.app.bodies == [] and not ingress.requests[0].engine_died  # not this request's doing
 
     # the engine dies while vLLM takes the request: its error event is not sent, the ingress retries elsewhere
     dead[0] = False
@@ -126,6 +126,7 @@ def test_a_request_that_meets_a_dead_engine_before_any_output_goes_to_the_ingres
     f, ingress = front(app=died, dead=lambda: dead[0])
     status, _, body = call(f, "POST", "/v1/completions", completion())
     assert body == b'{"from": "ingress"}' and len(ingress.requests) == 1 and f.ongoing == 0
+    assert ingress.requests[0].engine_died  # the ingress counts this death against the request's body
 
 
 def test_a_live_engines_own_errors_are_the_answer():

@@ -107,3 +107,180 @@ def test_every_snapshot_field_has_its_gauge():
     from deployments.replica_stats import ReplicaStatsSnapshot
 
     assert set(_GAUGES) == set(ReplicaStatsSnapshot.model_fields)
+
+
+
+# ---- a stalled engine --------------------------------------------------------------------------
+
+class StoppableEngine:
+    """vLLM's AsyncLLM as the replica sees it: `generate` yields what `step` hands a request (one
+    token each), and raises vLLM's `EngineGenerateError` from whatever `output_processor.
+    propagate_error` puts in its queue (what AsyncLLM does). An engine nobody calls `step` on is
+    a stopped EngineCore process (SIGSTOP): no outputs, no stat-logger calls."""
+
+    def __init__(self, stats: ReplicaStats, clock):
+        self.errored = False
+        self.stats, self.clock = stats, clock
+        self.queues: dict = {}
+        from types import SimpleNamespace
+
+        self.output_processor = SimpleNamespace(propagate_error=self._propagate)
+
+    def _propagate(self, exc):
+        for q in self.queues.values():
+            q.put_nowait(exc)
+
+    async def generate(self, prompt, sampling_params, request_id):
+        import asyncio
+
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        q = self.queues[request_id] = asyncio.Queue()
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, Exception):
+                    raise EngineGenerateError() from out
+                yield out
+        finally:
+            del self.queues[request_id]
+
+    def shutdown(self):
+        pass
+
+    def step(self):
+        """One engine step: a token for every request, then the stat logger's call."""
+        from types import SimpleNamespace
+
+        for q in self.queues.values():
+            q.put_nowait(SimpleNamespace(prompt_token_ids=[1, 2, 3], finished=False,
+                                         outputs=[SimpleNamespace(index=0, token_ids=[7])]))
+        self.stats.on_step(self.clock(), busy=bool(self.queues))
+
+
+def _delta():
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import RequestOutputKind
+
+    return SimpleNamespace(output_kind=RequestOutputKind.DELTA)
+
+
+def test_a_stall_is_requests_waiting_and_no_engine_step_for_the_limit():
+    from deployments.replica_stats import stall_verdict
+
+    assert stall_verdict(1000.0, 10.0, 0, None, 60) is None  # idle: nothing waits, however long since a step
+    assert stall_verdict(1000.0, 10.0, 2, 990.0, 60) is None  # idle for long, then requests came 10 s ago
+    assert stall_verdict(1000.0, 980.0, 2, 900.0, 60) is None  # it stepped 20 s ago
+    verdict = stall_verdict(1000.0, 930.0, 2, 900.0, 60)
+    assert verdict is not None and "no step for 70 s" in verdict and "2 request(s)" in verdict
+    assert stall_verdict(1000.0, None, 1, 939.0, 60) is not None  # never a step since the request came
+    assert stall_verdict(1000.0, None, 1, 941.0, 60) is None
+
+
+def test_the_stall_limit_is_the_floor_or_ten_times_the_longest_step():
+    s = ReplicaStats()
+    s.on_step(0.0, busy=True)
+    s.on_step(3.0, busy=False)  # a 3 s step (a long prefill) that left the engine idle
+    s.on_step(500.0, busy=True)  # 497 s after an idle engine's step: idle time, no step's duration
+    s.on_step(500.1, busy=True)
+    s.wait_begins(500.1)
+    assert s.stall(559.0, floor_s=60.0) is None  # 10 x 3 s is under the 60 s floor
+    assert s.stall(561.0, floor_s=60.0) is not None
+
+    slow = ReplicaStats()  # a big model on a slow device: 9 s steps
+    slow.on_step(0.0, busy=True)
+    slow.on_step(9.0, busy=True)
+    slow.wait_begins(9.0)
+    assert slow.stall(95.0, floor_s=60.0) is None  # 86 s quiet, limit 90 s
+    assert "stall limit 90 s" in slow.stall(100.0, floor_s=60.0)
+
+
+def test_the_stat_logger_marks_each_engine_step():
+    from types import SimpleNamespace
+
+    from deployments.replica_stats import stat_logger_factory
+
+    now = [1.0]
+    s = ReplicaStats()
+    logger = stat_logger_factory(s, clock=lambda: now[0])(vllm_config=None)
+    logger.record(SimpleNamespace(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1), None)
+    now[0] = 6.0
+    logger.record(SimpleNamespace(num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.0), None)
+    s.wait_begins(6.0)
+    assert s.stall(55.0, floor_s=5.0) is None  # 49 s since the last step: the limit is 10 x the 5 s step
+    assert "stall limit 50 s" in s.stall(56.5, floor_s=5.0)
+
+
+def test_only_requests_waiting_for_the_engine_count_never_an_idle_engine_or_a_slow_client():
+    """A request whose client reads slowly holds nothing of the engine: the engine, done or idle,
+    makes no step and must not look stalled. One that waits for the engine's output does count."""
+    import asyncio
+
+    from deployments.replica_stats import track_requests
+
+    now = [0.0]
+    s = ReplicaStats()
+    engine = StoppableEngine(s, lambda: now[0])
+    track_requests(engine, s, clock=lambda: now[0])
+
+    async def run():
+        assert s.stall(now[0], 60.0) is None
+        now[0] = 5000.0
+        assert s.stall(now[0], 60.0) is None  # idle for long: nothing waits
+        slow = engine.generate("p", _delta(), "slow")
+        first = asyncio.ensure_future(anext(slow))
+        await asyncio.sleep(0)
+        engine.step()
+        await first  # its client has one token and reads no further: the wrapper sits at its yield
+        now[0] = 9000.0
+        assert s.stall(now[0], 60.0) is None  # no step for an hour, yet nothing waits for the engine
+        waiting = engine.generate("p", _delta(), "waiting")
+        task = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0)
+        now[0] = 9059.0
+        assert s.stall(now[0], 60.0) is None
+        now[0] = 9061.0
+        assert "1 request(s)" in s.stall(now[0], 60.0)  # this one waits: the stopped engine is stalled
+        engine.step()
+        await task
+        assert s.stall(now[0], 60.0) is None  # a step, and the request has its token
+        await slow.aclose()
+        await waiting.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_stalled_engines_requests_end_with_the_verdict_as_vllms_retryable_503():
+    """Once the replica declared the stall and put the error into vLLM's request queues, a waiting
+    request fails with the verdict (vLLM's serving layer makes it its error body, or its SSE error
+    event and `data: [DONE]` mid-stream) and a new one fails at once."""
+    import asyncio
+
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import GenerationError
+
+    from deployments.replica_stats import stalled_error, track_requests
+
+    s = ReplicaStats()
+    engine = StoppableEngine(s, lambda: 0.0)
+    track_requests(engine, s, clock=lambda: 0.0)
+    verdict = "the vLLM engine made no step for 61 s while 1 request(s) waited for it (stall limit 60 s)"
+
+    async def run():
+        stream = engine.generate("p", _delta(), "a")
+        task = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        s.stalled = verdict
+        engine.output_processor.propagate_error(stalled_error(verdict))
+        with pytest.raises(GenerationError) as failed:
+            await asyncio.wait_for(task, 2)
+        with pytest.raises(GenerationError) as refused:
+            await anext(engine.generate("p", _delta(), "b"))
+        return failed.value, refused.value
+
+    failed, refused = asyncio.run(run())
+    for exc in (failed, refused):
+        assert exc.status_code == 503 and verdict in str(exc)
+        err = create_error_response(exc).error
+        assert (err.code, err.type) == (503, "ServiceUnavailableError") and verdict in err.message
