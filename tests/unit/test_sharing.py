@@ -261,11 +261,11 @@ def test_each_packing_variant_under_mps_caps_its_engines_at_its_share():
     assert layout_model(fixed, cluster, inv, "cuda", None, sharing="mps").specs[2].mps_thread_percentage == 50
 
 
-def test_a_plan_made_beside_serving_replicas_measures_nothing_and_says_so(tmp_path, monkeypatch):
+def gpu_request(tmp_path, monkeypatch):
+    """A CUDA plan request on a GPU without MPS whose trusted profile (no measured gain) is stored."""
     from advisor.noise import NoiseConfig, ProfileNoise
-    from deployments import profiling
     from deployments.engine import vllm_version
-    from deployments.profiling import AdvisorRequest, _memory, device_name, plan_model
+    from deployments.profiling import AdvisorRequest, _memory, device_name
 
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps"))
     req = AdvisorRequest(model="smollm2-135m", device="cuda", store_dir=str(tmp_path), device_memory=80 * GIB)
@@ -274,24 +274,24 @@ def test_a_plan_made_beside_serving_replicas_measures_nothing_and_says_so(tmp_pa
     quiet = ProfileNoise(limits=NoiseConfig(), worst_cv=0.0, flagged=False, reason="quiet")
     profile = make_profile(**key).model_copy(update={"sharing": "time-slice", "noise": quiet, "mode": req.mode})
     req.store().put_profile(profile)
+    return req, profile
+
+
+def test_a_plan_made_beside_serving_replicas_measures_nothing_and_says_so(tmp_path, monkeypatch):
+    from deployments import profiling
+    from deployments.profiling import plan_model
+
+    req, _ = gpu_request(tmp_path, monkeypatch)
     monkeypatch.setattr(profiling, "_measure_replicas", lambda *a: pytest.fail("an engine started beside replicas"))
     plan = plan_model(req, lambda line: None, profiler=lambda r, log: pytest.fail("profiled"), measure_gain=False)
     assert any("not measured yet" in w and "beside serving replicas" in w for w in plan.warnings)
 
 
 def test_a_gain_that_cannot_be_measured_leaves_the_models_plan_with_a_warning_and_stores_nothing(tmp_path, monkeypatch):
-    from advisor.noise import NoiseConfig, ProfileNoise
     from deployments import profiling
-    from deployments.engine import vllm_version
-    from deployments.profiling import AdvisorError, AdvisorRequest, _memory, device_name, plan_model
+    from deployments.profiling import AdvisorError, plan_model
 
-    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps"))
-    req = AdvisorRequest(model="smollm2-135m", device="cuda", store_dir=str(tmp_path), device_memory=80 * GIB)
-    _, memory = _memory(req)
-    key = dict(model=req.model, device_name=device_name(req), engine_version=vllm_version(), dtype=memory.dtype)
-    quiet = ProfileNoise(limits=NoiseConfig(), worst_cv=0.0, flagged=False, reason="quiet")
-    profile = make_profile(**key).model_copy(update={"sharing": "time-slice", "noise": quiet, "mode": req.mode})
-    req.store().put_profile(profile)
+    req, profile = gpu_request(tmp_path, monkeypatch)
 
     def fails(*args):
         raise AdvisorError("2 engine(s) of 40.0 GiB each need 80.0 GiB")
@@ -299,8 +299,8 @@ def test_a_gain_that_cannot_be_measured_leaves_the_models_plan_with_a_warning_an
     monkeypatch.setattr(profiling, "_measure_replicas", fails)
     plan = plan_model(req, lambda line: None)
     assert plan.replicas_per_device == 1 and any("could not be measured" in w and "80.0 GiB" in w for w in plan.warnings)
-    assert req.store().find(req.model, key["device_name"], vllm_version(), memory.dtype, req.shape.bucket,
-                            mode=req.mode, sharing="time-slice").measured_gain is None
+    assert req.store().find(profile.model, profile.device_name, profile.engine_version, profile.dtype,
+                            req.shape.bucket, mode=req.mode, sharing="time-slice").measured_gain is None
 
 
 def test_a_control_socket_nobody_answers_on_is_a_crashed_daemon_not_mps(tmp_path):
