@@ -79,7 +79,7 @@ def served(profile_store):
             (plan,) = [p for p in ray.get(advisor.plans.remote(), timeout=60) if p.model == MODEL]
             n = plan.replicas_per_device
             handle = serve.get_deployment_handle(replica_deployment_name(MODEL, n), app_name=APP)
-            infos = list(replica_infos(handle, want=n, tries=40 * n).values())
+            infos = list(replica_infos(handle, want=n, within_s=60).values())
             yield Served(plan=plan, profile=profile, infos=infos, used_before=used_before)
         finally:
             serve.shutdown()

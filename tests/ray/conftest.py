@@ -95,16 +95,17 @@ for a in ray.util.list_named_actors(all_namespaces=True):
     if a["name"].startswith("SERVE_REPLICA::plateau#LLM:"):
         actor = ray.get_actor(a["name"], namespace=a["namespace"])
         out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
-                                 timeout=60)
+                                 timeout=600)
 print(json.dumps(out))
 """
 
 
 def replica_nodes(address: str) -> dict[str, str]:
     """The app `plateau`'s LLM replica actors on the cluster at `address` -> the node id each runs on
-    (each replica asked where it is, from a driver of its own)."""
+    (each replica asked where it is, from a driver of its own). A replica still starting answers once
+    its constructor, which starts its engine, returned: minutes on a busy 2-core machine."""
     out = subprocess.run([sys.executable, "-c", NODE_OF_REPLICAS, address], capture_output=True, text=True,
-                         timeout=180, env=cluster_client_env())
+                         timeout=900, env=cluster_client_env())
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -151,12 +152,16 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{seen}")
 
 
-def replica_infos(handle, want: int = 2, tries: int = 60) -> dict:
-    """ReplicaInfo by replica id, calling until `want` distinct replicas answered."""
+def replica_infos(handle, want: int = 2, within_s: float = 30.0) -> dict:
+    """ReplicaInfo by replica id, calling until `want` distinct replicas answered or `within_s` passed.
+    Serve's router sends a call to the replica whose queue it last read as shorter and keeps that
+    reading up to 10 s (`RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S`): quick calls in a row can all reach
+    one replica, so the calls are spread over longer than that."""
     seen = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + within_s
+    while True:
         info = handle.info.remote().result()
         seen[info.replica_id] = info
-        if len(seen) >= want:
-            break
-    return seen
+        if len(seen) >= want or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.25)

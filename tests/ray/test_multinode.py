@@ -190,7 +190,10 @@ def test_the_model_serves_text_by_its_one_name_from_the_replicas_of_both_types(a
             if r["running"] and r["deployment"].startswith("LLM:m_")}
     assert sorted(d.split("@")[0] for d in caps) == ["LLM:m_large", "LLM:m_small"], caps
     sent = min(sum(caps.values()), abs(max(caps.values()) - min(caps.values())) + 8)
-    before = _finished_requests(cluster.address, list(caps))
+    # the count is of a sliding window: the earlier requests leave it first, or they would leave it while
+    # these run and hide those that came
+    wait_until(lambda: not any(_finished_requests(cluster.address, list(caps)).values()), 120,
+               "the requests of earlier tests to leave the replicas' 60 s window", every_s=5)
 
     def one(i: int) -> int:
         return httpx.post(f"{base}/v1/completions", timeout=300, json={
@@ -199,7 +202,7 @@ def test_the_model_serves_text_by_its_one_name_from_the_replicas_of_both_types(a
     with ThreadPoolExecutor(sent) as pool:
         assert list(pool.map(one, range(sent))) == [200] * sent
     after = _finished_requests(cluster.address, list(caps))
-    assert all(after[d] - before[d] >= 2 for d in caps), (caps, before, after)
+    assert all(after[d] >= 2 for d in caps), (caps, after)
 
 
 def test_a_restarted_advisor_plans_from_the_shared_store_without_profiling(app):

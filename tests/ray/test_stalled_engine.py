@@ -53,7 +53,7 @@ def app(smollm2_path):
 
 
 def _only_replica(handle):
-    infos = replica_infos(handle, want=1, tries=5)
+    infos = replica_infos(handle, want=1)
     assert len(infos) == 1
     return next(iter(infos.values()))
 
@@ -85,7 +85,7 @@ def test_a_stalled_engines_stream_ends_with_an_error_event_and_the_replica_is_re
 
         def replaced() -> bool:
             try:
-                ids = set(replica_infos(app, want=1, tries=3))
+                ids = set(replica_infos(app, want=1))
             except RayActorError:  # a call that reached the replica while it ended itself
                 return False
             return bool(ids) and victim.replica_id not in ids
