@@ -36,6 +36,8 @@ class AppPlacement(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     app: str
+    deploy_id: str = Field("", description="One build of the app (`serve run`, a config change): routes the board "
+                                           "keeps for it are never handed to another build")
     devices: list[Device]
     packing: PackResult = Field(description="Packer result for the initial replicas (deployment -> device).")
     requested: Optional[ResourceRequest] = Field(None, description="What was asked of Ray's autoscaler, if anything.")
@@ -167,10 +169,13 @@ class StatusBoard:
 
     # ---- writers ------------------------------------------------------------------------------
     def set_placement(self, placement: AppPlacement) -> None:
-        """The ingress's start placement. Live routes for the same variants are kept (an ingress
-        restart must not reopen a draining variant)."""
+        """The ingress's start placement. Live routes of the same build are kept (an ingress restart
+        must not reopen a draining variant); a new build starts from its own routes, even where its
+        variants have the names of the last build's."""
         status = self._apps.get(placement.app)
-        same = status is not None and _variants(status.routes) == _variants(placement.routes)
+        same = (status is not None and status.placement is not None
+                and status.placement.deploy_id == placement.deploy_id
+                and _variants(status.routes) == _variants(placement.routes))
         routes = status.routes if same else placement.routes
         self._apps[placement.app] = self._status(placement.app).model_copy(
             update={"placement": placement, "routes": routes})

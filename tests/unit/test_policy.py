@@ -426,3 +426,61 @@ def test_a_launch_bound_profile_does_not_stop_the_policy():
     for t in (0.0, 10.0):  # a live shape outside the profiled bucket: B* comes from the fit
         out, st = run(t, st, view(inp, n2=obs(running=1, requests=70, prompt=1500)))
     assert out.targets == {"LLM:alpha@n2": 3} and out.live[0].b_star > 0
+
+
+# ---- the drain waits for streams that still produce tokens ---------------------------------
+
+def _long_model_input(max_model_len=2048):
+    from advisor.planner import PlannerConfig
+
+    return model_input().model_copy(update={"planner": PlannerConfig(max_model_len=max_model_len)})
+
+
+def test_the_longest_request_is_max_model_len_steps_at_the_full_batch_times_n():
+    from cluster.policy import longest_request_s
+
+    inp = _long_model_input()
+    n2 = inp.variant(2)
+    step_ms = PROFILE.step_model.step_ms(n2.max_num_seqs, 1024)
+    assert longest_request_s(inp, n2) == pytest.approx(2048 * step_ms * 2 / 1000)
+    assert longest_request_s(inp, inp.variant(1)) == pytest.approx(2048 * step_ms / 1000)
+    assert longest_request_s(model_input(), n2) is None  # no context length: nothing bounds a request
+    assert longest_request_s(model_input(profile=None), n2) is None
+
+
+def _drain_until(t_end, inp, cfg, tokens_per_s):
+    """A re-pack from N=2 to N=1 whose old replica keeps 4 requests that make `tokens_per_s`; the
+    policy runs every 5 s from 11 s on: the time the old variant's target went to 0 and the decisions."""
+    st = PolicyState()
+    for t in (0.0, 10.0):
+        out, st = run(t, st, view(inp, n1=obs(), n2=obs(running=1, requests=10, prompt=1500)), cfg=cfg)
+    busy = obs(running=1, requests=4, prompt=1500).model_copy(update={"tokens_per_s": tokens_per_s})
+    cut_at, decisions, t = None, [], 11.0
+    while t <= t_end:
+        out, st = run(t, st, view(inp, n1=obs(running=1), n2=busy), cfg=cfg)
+        decisions += out.new_decisions
+        if cut_at is None and out.targets["LLM:alpha@n2"] == 0:
+            cut_at = t
+        t += 5.0
+    return cut_at, decisions
+
+
+def test_the_drain_outwaits_its_timeout_while_the_old_replicas_still_make_tokens():
+    from cluster.policy import longest_request_s
+
+    inp, cfg = _long_model_input(), CFG.model_copy(update={"drain_timeout_s": 30.0})
+    longest = longest_request_s(inp, inp.variant(2))
+    assert longest > 2 * cfg.drain_timeout_s  # the case: long outputs at this step time outlast the timeout
+    cut_at, decisions = _drain_until(11.0 + longest + 20, inp, cfg, tokens_per_s=50.0)
+    assert cut_at is not None and 11.0 + longest <= cut_at < 11.0 + longest + 5.0
+    cuts = [d for d in decisions if d.action == "repack_drain" and "in flight" in d.reason]
+    assert len(cuts) == 1, decisions  # said once, not on every tick
+    assert "4 requests in flight" in cuts[0].reason and "longest request the model allows" in cuts[0].reason
+
+
+def test_requests_that_make_no_tokens_are_cut_at_the_drain_timeout_and_the_decision_says_so():
+    inp, cfg = _long_model_input(), CFG.model_copy(update={"drain_timeout_s": 30.0})
+    cut_at, decisions = _drain_until(80.0, inp, cfg, tokens_per_s=0.0)
+    assert cut_at == 41.0  # drain started at 11 s
+    (cut,) = [d for d in decisions if "in flight" in d.reason]
+    assert "made no tokens" in cut.reason and "drain_timeout_s (30 s)" in cut.reason
