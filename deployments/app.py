@@ -99,8 +99,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
             opts = deployment_options(spec, count, autoscaling, name=lay.policy_input.variant(k).deployment,
                                       env_vars=same_loop)
             handles.setdefault(served_name, {})[opts["name"]] = serve.deployment(LLMReplica).options(**opts).bind(spec, front)
-            # none runs yet: /health and /v1/models count what the policy reports running (its first publish)
-            routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=0,
+            routes[name].append(Route(n=k, deployment=opts["name"], accepting=k == lay.active_n, running=count,
                                       max_num_seqs=spec.max_num_seqs))
     served = []  # one per served name, over the layouts of all its device types
     for served_name in handles:

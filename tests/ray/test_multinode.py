@@ -100,7 +100,7 @@ def app(shipped_profile, suite_home, tmp_path_factory):
                 return False
 
         def all_running() -> bool:  # the first type's replica answers while the other engines may still start
-            if not (answers("m") and answers("m2")):
+            if not (answers("m") and answers("m2")):  # /v1/models counts build-time routes until the board has them
                 return False
             models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
             # m: one name, a replica per type; m2: one replica

@@ -382,9 +382,9 @@ def test_a_replica_killed_while_its_engine_starts_leaves_no_engine_behind(served
 
 def test_the_engines_end_with_their_nodes_raylet_and_gcs(served):
     """SIGKILL of the node's raylet and GCS (a node crash, an OOM kill of Ray, `ray stop --force`):
-    every process the LLM replicas started (engines and reapers) ends within seconds; on a GPU the
-    engines would hold its memory. Last in the module: it ends the cluster; a replica may still be
-    starting its engine."""
+    every engine process under the LLM replicas (vLLM's, by their titles here, and what they started)
+    ends within seconds; on a GPU they would hold its memory. Last in the module: it ends the
+    cluster; a replica may still be starting its engine."""
     from bench.own_cluster import processes_of
     from deployments.reaper import alive
 
@@ -393,11 +393,24 @@ def test_the_engines_end_with_their_nodes_raylet_and_gcs(served):
     started = []
 
     def an_engine_runs() -> bool:  # the replica killed above is being replaced: wait for its engine's start
-        started[:] = [p for w in _llm_replicas(ray_procs["raylet"]) for p in w.children(recursive=True)]
+        started[:] = []
+        for w in _llm_replicas(ray_procs["raylet"]):
+            for engine in [c for c in w.children() if "VLLM" in _title(c)]:
+                try:
+                    started.extend([engine, *engine.children(recursive=True)])
+                except psutil.Error:
+                    continue
         return any("EngineCore" in _title(p) for p in started)
 
     wait_until(an_engine_runs, 300, "an LLM replica with its engine")
     for p in ray_procs.values():
         p.send_signal(signal.SIGKILL)
     wait_until(lambda: not any(alive(p) for p in started), 30, "the engines of the node whose Ray processes died to end",
-               detail=lambda: "\n".join(f"{p.pid} {_title(p)}" for p in started if alive(p)))
+               detail=lambda: "\n".join(f"{p.pid} {_title(p)}: {_cmdline(p)}" for p in started if alive(p)))
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())[:300]
+    except psutil.Error:
+        return ""
