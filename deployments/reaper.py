@@ -137,14 +137,28 @@ def stop_processes(procs: list[psutil.Process], grace_s: float) -> list[psutil.P
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, left = psutil.wait_procs(procs, timeout=grace_s)
+    left = running_after(procs, grace_s)
     for p in left:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    _, left = psutil.wait_procs(left, timeout=5)
-    return [p for p in left if alive(p)]
+    return running_after(left, 5.0)
+
+
+def running_after(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still running after up to `timeout_s` (this process's own children that ended
+    are collected). One that exited but whose parent has not collected it yet (a zombie) has ended:
+    psutil's `wait_procs` alone would wait the whole timeout on it."""
+    deadline = time.monotonic() + timeout_s
+    left = [p for p in procs if alive(p)]
+    while left:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        _, left = psutil.wait_procs(left, timeout=min(0.2, deadline - now))
+        left = [p for p in left if alive(p)]
+    return left
 
 
 def main(argv: Sequence[str]) -> int:

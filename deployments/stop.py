@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Callable, Optional
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.reaper import alive, stop_processes
+from deployments.reaper import alive, running_after, stop_processes
 
 
 class Driver(BaseModel):
@@ -99,14 +98,14 @@ def end_drivers(drivers: list[Driver], timeout_s: float, grace_s: float = 10.0) 
             procs.append(p)
         except psutil.NoSuchProcess:
             continue
-    stuck = _running_after(procs, timeout_s)
+    stuck = running_after(procs, timeout_s)
     for p in stuck:
         try:
             trees[p.pid].update({c.pid: c for c in p.children(recursive=True)})
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    _running_after(stuck, 5.0)
+    running_after(stuck, 5.0)
     killed = {p.pid for p in stuck}
     ended = []
     for p in procs:
@@ -115,13 +114,3 @@ def end_drivers(drivers: list[Driver], timeout_s: float, grace_s: float = 10.0) 
                            left=sorted([c.pid for c in left] + ([p.pid] if alive(p) else []))))
     return ended
 
-
-def _running_after(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Those of `procs` still running after up to `timeout_s`. An exited process whose parent has
-    not collected it yet (a zombie) has ended: psutil's `wait_procs` would wait on it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = [p for p in procs if alive(p)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.2)

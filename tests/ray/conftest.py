@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
 import pytest
 import yaml
 
@@ -132,6 +133,13 @@ def ray_session_logs(temp_dir: str) -> str:
             if p.is_file() and p.suffix in (".log", ".err", ".out")]
     assert logs, f"no Ray session logs under {temp_dir}"
     return "".join(p.read_text(errors="replace") for p in logs)
+
+
+def started_under(ray_tmpdir: str) -> list[psutil.Process]:
+    """Every process a test started with RAY_TMPDIR=`ray_tmpdir` (Ray's default temp dir of its own):
+    they all inherit it (the test process does not have it)."""
+    return [p for p in psutil.process_iter(["environ"], ad_value=None)
+            if (p.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmpdir and p.pid != os.getpid()]
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5,

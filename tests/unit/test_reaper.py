@@ -60,11 +60,16 @@ def _kill(pids) -> None:
             pass
 
 
-@pytest.fixture
-def owner():
+def _start_owner(code: str) -> subprocess.Popen:
+    """An owner process running `code`, unmarked (as a replica is), its stdout readable."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop(MARK, None)
-    proc = subprocess.Popen([sys.executable, "-c", OWNER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def owner():
+    proc = _start_owner(OWNER)
     pids = json.loads(proc.stdout.readline())
     yield proc, pids
     _kill([proc.pid, pids["engine"], pids["worker"], pids["reaper"]])
@@ -94,9 +99,7 @@ def test_an_engine_started_just_before_the_owner_is_killed_is_ended():
     code = ("import subprocess, sys, os, signal\nfrom deployments.reaper import ensure_reaper\nensure_reaper()\n"
             "e = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
             "print(e.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop(MARK, None)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = _start_owner(code)
     engine = int(proc.stdout.readline())
     try:
         assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -111,9 +114,7 @@ def test_a_forked_engine_without_the_mark_is_ended_with_its_owner():
     code = ("import os, sys, time\nfrom deployments.reaper import ensure_reaper\nensure_reaper()\n"
             "pid = os.fork()\nif pid == 0:\n    time.sleep(300)\n    os._exit(0)\n"
             "print(pid, flush=True)\ntime.sleep(300)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop(MARK, None)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = _start_owner(code)
     forked = int(proc.stdout.readline())
     try:
         assert MARK not in psutil.Process(forked).environ()
