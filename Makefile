@@ -15,6 +15,7 @@ run: setup
 
 test: setup
 	bash scripts/test-tools.sh
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest tests/unit tests/ray tests/gpu -v -p no:cacheprovider --durations=30
 
 unit: setup

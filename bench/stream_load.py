@@ -20,7 +20,6 @@ import asyncio
 import json
 import random
 import sys
-import time
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field

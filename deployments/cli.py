@@ -345,7 +345,11 @@ def _report(ns: argparse.Namespace) -> int:
 
     from advisor.profiler import Profile
     from advisor.report import write_report
+    from deployments.install_check import missing_extra
 
+    missing = missing_extra(("matplotlib",), "report", "`plateau report`")
+    if missing:
+        raise CliError(missing)
     path = Path(ns.profile)
     if not path.is_file():
         raise CliError(f"{path}: no such file; save `plateau profile ... > profile.json` first")

@@ -328,7 +328,7 @@ def serve_log_targets_kept() -> Iterator[None]:
     its file target: from then on the replica's own log lines are lost, and `is_allocated()`, which
     a restarted Serve controller calls on every replica it recovers, fails on the missing target
     (`ray/serve/_private/logging_utils.py: get_component_logger_file_path`), so a controller
-    restart used to replace every replica, engines and all. The targets are put back afterwards
+    restart would replace every replica, engines and all. The targets are put back afterwards
     (a closed FileHandler reopens its file on the next record)."""
     from logging.handlers import MemoryHandler
 

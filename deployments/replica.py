@@ -77,7 +77,9 @@ _GAUGES = {
 
 
 class ReplicaInfo(BaseModel):
-    """What a replica is and where its engine runs (for status pages and fault tests)."""
+    """What a replica is, where its engine runs and what it is doing now (for status pages and fault
+    tests): one call, so the stats are this replica's own and not those of whichever replica Serve
+    routes the next call to."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     replica_id: str
@@ -91,6 +93,7 @@ class ReplicaInfo(BaseModel):
     kv_block_tokens: Optional[int]
     max_model_len: int
     vllm_version: str
+    stats: ReplicaStatsSnapshot
 
 
 def replica_stats(spec: ReplicaSpec) -> ReplicaStats:
@@ -331,8 +334,8 @@ class LLMReplica:
         retried elsewhere keep landing on it. It ends its own process instead: routers drop a dead
         actor on their next call and the controller replaces it at once. The grace lets in-flight
         streams send their error events first. An engine stopped by Serve's graceful stop (`__del__`)
-        is no death: the replica then lets Serve finish the stop (it used to log the engine dead and
-        exit with status 1 in the middle of every scale-down, re-pack drain and shutdown). A stalled
+        is no death: the replica then lets Serve finish the stop (logging the engine dead and exiting
+        with status 1 would break every scale-down, re-pack drain and shutdown). A stalled
         engine is a dead one: vLLM never notices a stopped or hung engine process, and its requests
         would wait for good."""
         while not self.engine.errored and not self._engine_stalled(time.monotonic()):
@@ -389,6 +392,7 @@ class LLMReplica:
             kv_block_tokens=cache.block_size,
             max_model_len=self.max_model_len,
             vllm_version=vllm_version(),
+            stats=self.stats.snapshot(time.monotonic()),
         )
 
     async def _publish_gauges(self) -> None:

@@ -178,7 +178,7 @@ def test_the_shape_shift_repacks_live_without_a_failed_request(shifted):
     assert result.failed_requests == 0, result.errors
     assert result.ok_requests > 20
     # a `refit` may come first: two engines share 2 real cores here, below the profile's per-replica
-    # prediction (issue 9's live refit); the re-pack's own sequence is what this test is about
+    # prediction (the live refit); the re-pack's own sequence is what this test is about
     actions = [d["action"] for d in result.decisions if d["model"] == "alpha" and d["action"].startswith("repack")]
     assert actions[:3] == ["repack_start", "repack_drain", "repack_done"], result.decisions
     start = next(d for d in result.decisions if d["action"] == "repack_start")

@@ -248,7 +248,7 @@ def _stats_per_replica(handle, replicas: int = 2) -> dict:
     seen = {}
     for _ in range(40):
         info = handle.info.remote().result()
-        seen[info.replica_id] = handle.get_stats.remote().result()
+        seen[info.replica_id] = info.stats
         if len(seen) >= replicas:
             break
     return seen
@@ -304,8 +304,8 @@ def _replica_names() -> set[str]:
 
 def test_a_restarted_serve_controller_keeps_every_replica_and_its_engine(app):
     """A controller that dies recovers the replicas it finds alive (it calls `is_allocated` on each).
-    vLLM's logging setup used to break that call in every replica, so the recovered controller
-    replaced them all, engines included."""
+    vLLM's logging setup breaks that call in every replica unless the replica repairs it, and the
+    recovered controller would then replace them all, engines included."""
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     before = _replica_names()
@@ -431,8 +431,8 @@ def test_engine_death_is_detected_replaced_and_other_replica_keeps_serving(app):
 
 
 def test_a_request_that_crashes_engines_ends_two_and_then_gets_422_without_reaching_a_replica(app):
-    """Issue 35: a body that crashes every engine it reaches (simulated: the test SIGKILLs the engine
-    that runs the marked request, the only one busy) used to be sent on to replica after replica.
+    """A body that crashes every engine it reaches (simulated: the test SIGKILLs the engine that runs
+    the marked request, the only one busy) must not be sent on to replica after replica.
     Through the ingress it ends at most two engines and gets vLLM's error format with 422; sent again,
     after Serve replaced both replicas, it gets the 422 at once and reaches no engine. Runs last: it
     takes both replicas down."""

@@ -83,7 +83,7 @@ def test_openai_client_gets_real_text(served):
 
 
 def test_the_port_is_served_by_rays_haproxy_as_make_run_starts_it(served):
-    """`make run` sets RAY_SERVE_ENABLE_HA_PROXY=1 (bench/README: Serve's Python proxy was the
+    """`make run` sets RAY_SERVE_ENABLE_HA_PROXY=1 (docs/benchmarks.md: Serve's Python proxy was the
     slowest ingress measured): the process listening on http_options.port is HAProxy."""
     port = int(served.base_url.rsplit(":", 1)[1])
     listeners = [c.pid for c in psutil.net_connections(kind="tcp")

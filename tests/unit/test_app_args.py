@@ -93,7 +93,7 @@ def test_device_cuda_without_gpus_is_a_clear_error():
         replica_spec(m, ClusterView(gpus=0, cpus_per_node=2, engine_device="cpu"), device="cuda")
 
 
-# ---- issue 11: API key, the app-level policy -------------------------------------------------
+# ---- API key, the app-level policy -------------------------------------------------
 
 def test_api_key_env_naming_an_unset_variable_is_a_startup_error_naming_it(monkeypatch):
     monkeypatch.delenv("PLATEAU_TEST_KEY", raising=False)

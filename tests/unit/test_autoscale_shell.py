@@ -93,7 +93,7 @@ def test_calls_between_evaluations_change_nothing():
     assert shell({"v": context("LLM:alpha@n2", kw, requests=60.0)}) == ({}, {})
 
 
-# ---- issue 11: state that survives a controller restart; errors before the first publish ----
+# ---- state that survives a controller restart; errors before the first publish ----
 
 class DictStore:
     """A fake of Ray's internal KV."""
@@ -227,7 +227,7 @@ def test_policy_errors_reach_the_board_before_any_successful_publish():
     assert app == "app" and "ValidationError" in message
 
 
-# ---- issue 14: growth asks Ray's autoscaler for the devices it needs ---------------------------
+# ---- growth asks Ray's autoscaler for the devices it needs ---------------------------
 
 def test_with_cluster_autoscaling_the_shell_asks_for_the_devices_its_targets_use_only_when_they_change(monkeypatch):
     clock, asked, board = [1000.0], [], FakeBoard()

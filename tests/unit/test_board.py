@@ -51,7 +51,7 @@ def test_status_groups_devices_and_their_start_replicas_by_node_and_device_type(
     assert lines[start + 3].endswith("(node-share): (empty)") and lines[start + 4].endswith("LLM:b@n1 x1 (share 1, 7.00 GiB)")
 
 
-# ---- issue 11: a restarted board gets its placement back; errors before the placement -------
+# ---- a restarted board gets its placement back; errors before the placement -------
 
 class DictStore:
     def __init__(self):
@@ -136,7 +136,7 @@ def test_ensure_routes_sends_the_placement_again_to_a_board_that_lost_it():
     assert routes == _placement().routes and board.routes("plateau") == _placement().routes
 
 
-# ---- issue 14: the policy's autoscaler request in plateau status ------------------------------
+# ---- the policy's autoscaler request in plateau status ------------------------------
 
 def test_the_policys_last_autoscaler_request_is_shown_and_cleared_when_it_asks_nothing():
     from cluster.autoscaler import MissingDevices, ResourceRequest

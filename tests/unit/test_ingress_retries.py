@@ -1,4 +1,4 @@
-"""Issue 35: a request whose replica (or engine) dies while it has it is sent again at most once, and
+"""A request whose replica (or engine) dies while it has it is sent again at most once, and
 a relayed answer whose replica goes silent is ended."""
 
 import asyncio
@@ -194,7 +194,7 @@ def test_a_python_call_that_crashes_engines_ends_two_and_gets_vllms_error_respon
     assert asyncio.run(OpenAIIngress._call(ingress, _Req("other"), "completions")) == "never"
 
 
-# ---- issue 35 item 8: a relayed answer whose replica goes silent ----------------------------
+# ---- a relayed answer whose replica goes silent ----------------------------
 
 class _Silent(_Stream):
     """Sends `chunks`, then nothing, ever."""

@@ -199,7 +199,8 @@ class _Handle:
 
 
 def test_a_request_queued_at_a_variant_that_drains_is_sent_where_the_model_now_runs(monkeypatch):
-    """Issue 11: a request queued at a variant scaled to zero waited for good (or 15 minutes)."""
+    """A request queued at a variant scaled to zero is sent where the model now runs, instead of waiting
+    for good (or 15 minutes)."""
     import asyncio
 
     from deployments import ingress as mod
@@ -363,7 +364,7 @@ def test_a_python_stream_is_retried_before_its_first_line_and_relayed_whole_afte
     assert asyncio.run(read()) == lines and handle.calls == 2 and ingress.inflight == {("m", "LLM:m@n1"): 0}
 
 
-# ---- issue 14: one model served on several device types ------------------------------------
+# ---- one model served on several device types ------------------------------------
 
 def test_a_model_on_two_device_types_routes_over_the_variants_of_both_by_free_capacity():
     from deployments.ingress import ServedModel, merge_routes

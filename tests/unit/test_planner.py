@@ -86,7 +86,7 @@ def test_impossible_slo_is_reported_before_planning():
         find_knee(profile.points, PlateauRules(tpot_p99_slo_ms=1.0))
 
 
-# ---- issue 11: a launch-bound fit (cost per sequence <= 0); the KV pool floor ----------------
+# ---- a launch-bound fit (cost per sequence <= 0); the KV pool floor ----------------
 
 def test_a_fit_without_cost_per_sequence_plans_with_a_reason_instead_of_crashing():
     profile = make_profile()
@@ -110,7 +110,7 @@ def test_the_kv_pool_holds_at_least_one_max_model_len_sequence_plus_a_block():
     assert any("one max_model_len 32768-token sequence" in r for r in plan.reasons)
 
 
-# ---- issue 9: replicas admit up to the end of the plateau ----------------------------------------
+# ---- replicas admit up to the end of the plateau ----------------------------------------
 
 CPU = DeviceSpec(kind="cpu", name="cpu", memory_bytes=24 * GIB, cores=2)
 

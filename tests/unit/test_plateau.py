@@ -58,14 +58,14 @@ def test_latency_rules_lower_b_star_and_impossible_slo_is_an_error():
         find_knee(pts, PlateauRules(tpot_p99_slo_ms=5.0))
 
 
-# ---- issue 9: the batches still on the plateau past B* ----------------------------------------
+# ---- the batches still on the plateau past B* ----------------------------------------
 
 def measured(batch, tps, tpot):
     return ProfilePoint(batch=batch, context_tokens=160, tokens_per_s=tps, tpot_p50_ms=tpot, tpot_p99_ms=tpot * 1.2,
                         ttft_ms=100, kv_usage=0.1)
 
 
-# This VM's profile of SmolLM2 on 2 cores (2026-12-03 19:56): flat from 24 to 64, batch 64 breaks the x5 TPOT rule.
+# A profile of SmolLM2 on a 2-core VM: flat from 24 to 64, batch 64 breaks the x5 TPOT rule.
 EVENING = [measured(1, 20.0, 49.9), measured(2, 38.9, 51.7), measured(4, 76.8, 51.8), measured(8, 133.9, 59.7),
            measured(16, 166.5, 95.4), measured(24, 239.0, 116.1), measured(32, 247.0, 130.1),
            measured(64, 249.1, 332.9)]

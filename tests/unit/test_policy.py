@@ -339,7 +339,7 @@ def test_if_the_new_replica_dies_while_the_old_drains_the_old_serves_again_until
     assert st.models["alpha"].active_n == 1 and out.new_decisions[0].action == "repack_done"
 
 
-# ---- issue 11: re-pack stall, hysteresis and capacity, drain clock --------------------------
+# ---- re-pack stall, hysteresis and capacity, drain clock --------------------------
 
 def test_warming_ends_when_the_replicas_the_room_allowed_run_instead_of_stalling_until_the_timeout():
     inp = model_input()
