@@ -11,6 +11,10 @@ wait on a task is bounded: it must start within `schedule_timeout_s` and finish 
 a GPU plan, which rests on how the GPU is shared at the time: `cacheable`);
 profiles persist in the parquet store, so a restarted Advisor re-plans from them without
 starting an engine. `observe()` keeps live replica samples for refining the fit later.
+
+A predicted plan (a first start that serves before its profile exists) is answered at once; the
+Advisor then measures that profile in a task of its own beside the serving replicas (holding none
+of the device, its engine below theirs), one such measurement at a time, a few rounds at most.
 """
 
 from __future__ import annotations
@@ -74,6 +78,16 @@ class DeviceTaskTimeout(TimeoutError):
 
 class DeviceShared(ValueError):
     """A profile asked of a device task that shares its device with serving replicas."""
+
+
+BESIDE_RUN_TIMEOUT_S = 3600.0  # a whole profile, its quiet wait and one retry, on a device that serves
+
+
+def beside_replicas(resources: DeviceResources) -> DeviceResources:
+    """What a profile measured beside a device's serving replicas asks Ray for: none of the device
+    (the replicas hold it), on the same node or accelerator type, for as long as a profile takes."""
+    return resources.model_copy(update={"num_gpus": 0.0, "num_cpus": 0.0,
+                                        "run_timeout_s": max(resources.run_timeout_s, BESIDE_RUN_TIMEOUT_S)})
 
 
 def plan_key(request: BaseModel, resources: DeviceResources) -> str:
@@ -176,11 +190,15 @@ class Advisor:
     (deployments/profiling.py's `plan_model` does)."""
 
     def __init__(self, plan_fn: Callable[[Any], ReplicaPlan], profile_fn: Optional[Callable[[Any], Any]] = None,
-                 max_observations: int = 10_000):
+                 max_observations: int = 10_000, measure_rounds: int = 3, measure_retry_s: float = 300.0):
         self._plan_fn = plan_fn
         self._profile_fn = profile_fn
         self._plans: dict[str, ReplicaPlan] = {}
         self._planning: dict[str, asyncio.Future] = {}  # request -> the device task under way
+        self._measuring: dict[str, asyncio.Future] = {}  # request -> a predicted plan's profile being measured
+        self._measure_turn = asyncio.Semaphore(1)
+        self._measure_rounds = measure_rounds
+        self._measure_retry_s = measure_retry_s
         self._turns: dict[str, asyncio.Semaphore] = {}  # accelerator type -> devices free for a whole-device task
         self._observations: list[Observation] = []
         self._max_observations = max_observations
@@ -203,7 +221,41 @@ class Advisor:
             del self._planning[key]
         if cacheable(plan):
             self._plans[key] = plan
+        if getattr(plan, "predicted", False) and self._profile_fn is not None and key not in self._measuring:
+            self._measuring[key] = asyncio.ensure_future(self._measure_beside(key, request, resources))
         return plan
+
+    async def _measure_beside(self, key: str, request: BaseModel, resources: DeviceResources) -> None:
+        """A predicted plan's profile, measured on a device the app's replicas now serve on: the task
+        holds none of the device (`beside_replicas`), its engine runs below theirs, and its profile
+        function stores the profile and hands a trusted one to the app's policy. One taken under too
+        much load is stored flagged (never reused); it is measured again after `measure_retry_s`, at
+        most `measure_rounds` times. Errors are printed: the app serves on its predicted plan."""
+        beside = beside_replicas(resources)
+        try:
+            for round_ in range(1, self._measure_rounds + 1):
+                try:
+                    async with self._measure_turn:  # one at a time: two would measure each other
+                        profile = await self._on_device(self._profile_fn, request, beside, beside=True)
+                except Exception as exc:  # an engine that did not start, a task past its limit
+                    print(f"[advisor] measuring {_subject(request)} beside its replicas failed: "
+                          f"{type(exc).__name__}: {exc}", flush=True)
+                    profile = None
+                trusted = getattr(profile[0] if isinstance(profile, tuple) else profile, "trusted", False)
+                if trusted:
+                    return
+                if round_ < self._measure_rounds:
+                    print(f"[advisor] {_subject(request)}: no trusted profile yet ({round_} of {self._measure_rounds} "
+                          f"rounds); measuring again in {self._measure_retry_s:g} s", flush=True)
+                    await asyncio.sleep(self._measure_retry_s)
+            print(f"[advisor] {_subject(request)}: no trusted profile after {self._measure_rounds} rounds; the app "
+                  "keeps its predicted plan (refitted from live samples); a quiet restart measures again", flush=True)
+        finally:
+            self._measuring.pop(key, None)
+
+    def measuring(self) -> list[str]:
+        """The requests whose profile is being measured beside their replicas (for status pages)."""
+        return list(self._measuring)
 
     async def profile(self, request: BaseModel, resources: DeviceResources):
         if self._profile_fn is None:
@@ -236,8 +288,8 @@ class Advisor:
         return self._turns[key]
 
     @staticmethod
-    async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources):
-        stream = device_task().options(**resources.task_options()).remote(fn, request, resources.whole_device)
+    async def _on_device(fn: Callable, request: BaseModel, resources: DeviceResources, beside: bool = False):
+        stream = device_task().options(**resources.task_options()).remote(fn, request, resources.whole_device, beside)
         # force: a task stuck in a C call never sees a KeyboardInterrupt; its worker is killed, and the
         # engines it started die with it (their reaper, deployments/profiling.py VllmBatchRunner)
         return await await_device_task(stream, lambda: ray.cancel(stream, force=True), request, resources)
@@ -246,17 +298,22 @@ class Advisor:
 DEVICE_TASK_STARTED = "plateau-device-task-started"
 
 
-def _call(fn: Callable, request: BaseModel, whole_device: bool = True):
+def _call(fn: Callable, request: BaseModel, whole_device: bool = True, beside: bool = False):
     """The device task: yields a start marker (so the Advisor tells a task Ray never started from one
-    that runs long), then `fn`'s result. Beside serving replicas `fn` gets a profiler that refuses
-    and starts no engine to measure a gain."""
+    that runs long), then `fn`'s result. A plan beside serving replicas (not `whole_device`) gets a
+    profiler that refuses and starts no engine to measure a gain; a profile measured `beside` them
+    (a first start's, once they serve) is told so (`fn(request, log, beside=True)`)."""
     yield DEVICE_TASK_STARTED
-    if not whole_device:
+    if not whole_device or beside:
         restore_raylet_devices(os.environ)
     started = time.monotonic()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    result = fn(request, log) if whole_device else \
-        fn(request, log, profiler=shared_device_profiler, measure_gain=False)
+    if beside:
+        result = fn(request, log, beside=True)
+    elif whole_device:
+        result = fn(request, log)
+    else:
+        result = fn(request, log, profiler=shared_device_profiler, measure_gain=False)
     print(f"[advisor] device task done in {time.monotonic() - started:.0f} s", flush=True)
     yield result
 

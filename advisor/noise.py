@@ -31,6 +31,9 @@ class NoiseConfig(BaseModel):
         0.15, ge=0, description="Largest share of the device's cores that other processes may keep busy while a "
                                 "point is measured (0.15 = 0.3 of 2 cores).")
     max_gpu_processes: int = Field(0, ge=0, description="Other processes allowed on the GPU while measuring.")
+    serving_cores: float = Field(0.0, ge=0, description="Cores other processes may keep busy on top of "
+                                 "max_background_share: the idle load of the serving stack (Ray, Serve, idle engines) "
+                                 "that a profile measured beside serving replicas always shares the device with.")
     quiet_window_s: float = Field(3.0, gt=0, description="Window over which the background load is read.")
     quiet_timeout_s: float = Field(180.0, ge=0, description="Longest wait for a quiet device before profiling.")
     quiet_log_every_s: float = Field(15.0, gt=0, description="Progress line interval while waiting.")
@@ -106,9 +109,11 @@ def too_busy(load: Optional[BackgroundLoad], cfg: NoiseConfig) -> Optional[str]:
     """Why `load` is too much background for a measurement, or None."""
     if load is None:
         return None
-    if load.cpu_share > cfg.max_background_share:
+    if (load.cpu_cores - cfg.serving_cores) / load.cores > cfg.max_background_share:
+        allowed = cfg.max_background_share * load.cores + cfg.serving_cores
+        serving = f", {cfg.serving_cores:.2f} of them allowed to the idle serving stack" if cfg.serving_cores else ""
         return (f"other processes kept {load.cpu_cores:.2f} of {load.cores} cores busy "
-                f"({load.cpu_share:.0%} > limit {cfg.max_background_share:.0%})")
+                f"({load.cpu_share:.0%} > limit {allowed / load.cores:.0%}{serving})")
     if load.gpu_processes > cfg.max_gpu_processes:
         return f"{load.gpu_processes} other process(es) on the GPU (limit {cfg.max_gpu_processes})"
     return None

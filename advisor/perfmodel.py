@@ -36,13 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.memory import KV_BLOCK_TOKENS, MemoryModel
 from advisor.plateau import PlateauRules, ProfilePoint, find_knee, fit_step_model
 from advisor.planner import DeviceSpec, PlannerConfig, ReplicaPlan, kv_pool_bytes, plan_replicas
-from advisor.profiler import Profile, SharePoint, WorkloadShape
+from advisor.profiler import PREDICTED_ENGINE_VERSION, Profile, SharePoint, WorkloadShape
 from advisor.sharing import Sharing
 from advisor.store import ProfileStore, StoreKey
 
 CONSTANTS_FILE = Path(__file__).resolve().with_name("perf_constants.json")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
-PREDICTED_ENGINE_VERSION = "predicted"
 # Peak FLOP/s of float32 against the FP16/BF16 figure: TF32 tensor cores on NVIDIA GPUs and
 # AVX-512 FP32 FMA against BF16 dot products on CPUs both run at half rate.
 FLOAT32_PEAK_RATIO = 0.5
@@ -600,14 +599,27 @@ def plan_on_named_device(model: str, mem: MemoryModel, device_name: str, constan
         why = f"measured profile of {model} on {own.device_name} found in the store: planned from it, not from the prediction"
         return plan.model_copy(update={"reasons": [why] + plan.reasons})
     eng, source = engine_for_named_device(constants, device_name, store, mem_for)
-    profile = predicted_profile(model, mem, device_name, dev, eng, shape, list(batches))
+    return predicted_plan(model, mem, device_name, dev, spec, eng, source, shape, batches, cfg)[0]
+
+
+def predicted_plan(model: str, mem: MemoryModel, device_name: str, dev: DeviceFigures, spec: DeviceSpec,
+                   eng: EngineConstants, source: str, shape: WorkloadShape, batches: Sequence[int] = DEFAULT_BATCHES,
+                   cfg: Optional[PlannerConfig] = None, sharing: Optional[Sharing] = None,
+                   rules: PlateauRules = PlateauRules()) -> tuple[ReplicaPlan, Profile]:
+    """The plan the predicted curve of `model` on `dev` gives (`predicted` set; its first reason says
+    where the figures and constants come from), and that predicted profile."""
+    cfg = cfg or PlannerConfig()
+    profile = predicted_profile(model, mem, device_name, dev, eng, shape, list(batches), rules=rules, sharing=sharing)
     # a predicted curve plans B*: only a measured batch past the knee sets the cap (PlannerConfig.admit_plateau)
     plan = plan_replicas(profile, spec, shape, cfg.model_copy(update={"admit_plateau": False}))
     bound = step(mem, dev, eng, profile.b_star, shape).bound
+    figures = (f"{dev.dram_bandwidth_bytes_per_s / 1e9:.1f} GB/s" if dev.kind == "cpu" else
+               f"{dev.dram_bandwidth_bytes_per_s / 1e12:.2f} TB/s, {dev.peak_flops / 1e12:.0f} TFLOP/s")
     why = (f"predicted, not measured: no profile of {model} on a {device_name} here; curve from the performance "
-           f"model with {dev.source.split(':')[0]} figures ({dev.dram_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
-           f"{dev.peak_flops / 1e12:.0f} TFLOP/s) and engine constants from {source} (at B*={profile.b_star}: {bound} bound)")
-    return plan.model_copy(update={"reasons": [why] + [_predicted_wording(r) for r in plan.reasons]})
+           f"model with {dev.source.split(':')[0]} figures ({figures}) and engine constants from {source} "
+           f"(at B*={profile.b_star}: {bound} bound)")
+    return plan.model_copy(update={"reasons": [why] + [_predicted_wording(r) for r in plan.reasons],
+                                   "predicted": True}), profile
 
 
 def _predicted_wording(reason: str) -> str:

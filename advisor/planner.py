@@ -93,7 +93,13 @@ class ReplicaPlan(BaseModel):
     memory_freed_bytes: int = Field(description="vs vLLM's default single engine at gpu_memory_utilization 0.9.")
     reasons: list[str]
     validation: Optional[Validation] = Field(None, description="Set by `plateau plan --validate`.")
-    provisional: bool = Field(False, description="Made from a profile flagged as noisy: used once, never cached.")
+    provisional: bool = Field(False, description="Made from a profile flagged as noisy, or predicted: used until a "
+                              "measured profile replaces it, never cached.")
+    predicted: bool = Field(False, description="Made from the performance model's predicted curve, not a measured "
+                            "profile (a first start serves on it while the profile is measured).")
+    profile: Optional[Profile] = Field(None, exclude=True, description="A first start's predicted profile, which "
+                                       "the app plans and re-packs with until the measured one is stored (a measured "
+                                       "profile is read from the store instead).")
     sharing: Optional[Sharing] = Field(None, description="How the replicas share their GPU (None on CPUs or where "
                                        "the profile did not record it).")
     mps_thread_percentage: Optional[int] = Field(None, description="Each replica's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
@@ -371,7 +377,7 @@ def _gpu_gain_bound(profile: Profile, reasons: list[str], warnings: list[str]) -
     sharing = profile.sharing
     if sharing == "exclusive":
         reasons.append("the GPU's compute mode is EXCLUSIVE_PROCESS without MPS: one engine per GPU")
-        warnings.append(reasons[-1] + "; start MPS (README: Running on GPUs) to pack several")
+        warnings.append(reasons[-1] + "; start MPS (docs/gpu-clusters.md) to pack several")
         return 1.0
     if sharing == "time-slice":
         if busy is None:

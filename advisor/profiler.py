@@ -32,6 +32,8 @@ def execution_mode(enforce_eager: bool) -> ExecutionMode:
     return "eager" if enforce_eager else "graphs"
 
 
+PREDICTED_ENGINE_VERSION = "predicted"  # the engine_version of a profile the performance model built
+
 class WorkloadShape(BaseModel):
     """Prompt and output lengths of the requests a profile is measured with."""
 
@@ -169,6 +171,11 @@ class Profile(BaseModel):
                                        "time-slice or exclusive; None on CPUs).")
     measured_gain: Optional[MeasuredGain] = Field(None, description="N engines at once against one, measured on the "
                                                   "device (CUDA); the planner's gain model yields to it.")
+
+    @property
+    def predicted(self) -> bool:
+        """Built by the performance model (advisor/perfmodel.py), not measured."""
+        return self.engine_version == PREDICTED_ENGINE_VERSION
 
     @property
     def trusted(self) -> bool:

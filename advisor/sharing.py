@@ -36,7 +36,7 @@ MPS_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
 NVML_COMPUTEMODE_PROHIBITED = 2
 START_MPS_HINT = ("start MPS on the GPU node (`nvidia-cuda-mps-control -d`, as the user the engines run as; "
-                  "README: Running on GPUs)")
+                  "docs/gpu-clusters.md)")
 
 
 class SharingProbe(BaseModel):

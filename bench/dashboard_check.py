@@ -1,4 +1,4 @@
-"""Does every query of a Grafana dashboard have data, and every metric the README names a series?
+"""Does every query of a Grafana dashboard have data, and every metric docs/observability.md names a series?
 Run each one against a live Prometheus.
 
     python -m bench.dashboard_check --prometheus http://127.0.0.1:9090 [--dashboard dashboards/plateau-serve.json]
@@ -11,7 +11,7 @@ variables as a series lookup) and must return at least one series carrying every
 (`{{label}}`) or its variable names. Panels that can only have data on a GPU are listed in
 `GPU_ONLY_PANELS` by title (their description in the dashboard says so too) and skipped with
 `--cpu-only`. Exit code 1 when a query came back empty or without its labels; the table printed
-names each one. `readme_metrics()` lists the `ray_plateau_*` series the README promises
+names each one. `readme_metrics()` lists the `ray_plateau_*` series a page (docs/observability.md) promises
 (`GPU_ONLY_METRICS` exist only on GPUs).
 """
 

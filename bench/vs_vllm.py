@@ -118,7 +118,7 @@ def shipped_model() -> Shipped:
 # What `make run` sets for `serve run` (Makefile's run recipe): Ray's HAProxy ingress, and Serve's
 # throughput-optimized mode (user code and the handle's router on the replica's own event loop,
 # gRPC between replicas, GC frozen after start-up) with replica logs still on stderr, so `serve run`
-# shows them as before (README "Serving path").
+# shows them as before (docs/architecture.md, the serving path).
 SHIPPED_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response", "RAY_SERVE_HAPROXY_RETRIES": "1",
                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1"}

@@ -30,7 +30,7 @@ from advisor.profiler import Profile, WorkloadShape
 from advisor.refit import FitCheck, LiveSample, RefitConfig
 from cluster.autoscaler import NeededDevices, devices_needed
 from cluster.packing import DeviceCapacity, ModelDemand, PackInput, pack
-from cluster.refit import RefitState, follow_reality
+from cluster.refit import RefitState, follow_reality, take_measured
 
 
 class PolicyConfig(BaseModel):
@@ -93,6 +93,8 @@ class ModelPolicyInput(BaseModel):
     device: Optional[DeviceSpec] = Field(None, description="The device the profile's plans are for.")
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     device_type: Optional[str] = Field(None, description="Ray accelerator type its replicas are pinned to.")
+    measured_key: Optional[str] = Field(None, description="The profile is a prediction: where (Ray's internal KV) "
+                                        "its measured replacement appears once the Advisor has measured it.")
 
     def variant(self, n: int) -> VariantSpec:
         return next(v for v in self.variants if v.n == n)
@@ -118,6 +120,8 @@ class ModelView(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     input: ModelPolicyInput
     variants: dict[int, VariantObservation] = Field(description="N -> observation; missing = nothing reported.")
+    measured: Optional[Profile] = Field(None, description="The measured profile of a model that started on a "
+                                                          "prediction, once the Advisor has published it.")
 
 
 class PolicyContext(BaseModel):
@@ -161,7 +165,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     at: float
     model: str
-    action: Literal["scale", "repack_start", "repack_drain", "repack_done", "repack_abort", "refit"]
+    action: Literal["scale", "repack_start", "repack_drain", "repack_done", "repack_abort", "refit", "measured"]
     from_n: int
     to_n: int
     replicas_from: int
@@ -275,9 +279,19 @@ def _follow_reality(ctx: PolicyContext, state: PolicyState,
     views, refits, decisions = [], dict(state.refits), []
     for view in ctx.models:
         inp = view.input
+        state_of_model = refits.get(inp.model, RefitState())
+        if view.measured is not None and inp.profile is not None and state_of_model.measured_at is None:
+            took = take_measured(ctx.now, inp.profile, view.measured, inp.device, inp.planner,
+                                 [v.n for v in inp.variants], state_of_model)
+            state_of_model = took.state
+            running = sum(o.running for o in view.variants.values())
+            decisions.append(_decision(ctx.now, inp.model, "measured", took.plan_from[0], took.plan_to[0], running,
+                                       running, took.refit_reason))
+        if state_of_model.measured_at is not None:  # measured knees admit the plateau past B*
+            inp = inp.model_copy(update={"planner": inp.planner.model_copy(update={"admit_plateau": True})})
+            view = view.model_copy(update={"input": inp})
         out = follow_reality(ctx.now, inp.profile, inp.device, inp.planner, [v.n for v in inp.variants],
-                             {n: o.samples for n, o in view.variants.items()},
-                             refits.get(inp.model, RefitState()), cfg.refit)
+                             {n: o.samples for n, o in view.variants.items()}, state_of_model, cfg.refit)
         refits[inp.model] = out.state
         if out.refit_reason is not None:
             running = sum(o.running for o in view.variants.values())

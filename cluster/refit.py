@@ -29,6 +29,8 @@ class RefitState(BaseModel):
     last_refit_at: Optional[float] = None
     refits: int = Field(0, ge=0, description="Refits so far.")
     check: Optional[FitCheck] = Field(None, description="The last comparison of live samples with the prediction.")
+    measured_at: Optional[float] = Field(None, description="When a measured profile replaced the predicted one "
+                                                           "the model started on (`take_measured`).")
 
 
 class RefitOutcome(BaseModel):
@@ -83,3 +85,20 @@ def _ingest(now: float, samples: dict[int, list[LiveSample]], state: RefitState,
         kept = (kept + fresh)[-cfg.max_samples:]
         return state.model_copy(update={"samples": kept, "last_sample_at": now})
     return state.model_copy(update={"samples": kept})
+
+
+def take_measured(now: float, profile: Profile, measured: Profile, device: Optional[DeviceSpec],
+                  planner: PlannerConfig, variants: list[int], state: RefitState) -> RefitOutcome:
+    """A model that started on a predicted profile plans with its measured one from now on: the
+    measured profile replaces the prediction (and any refit of it); the live samples, compared with
+    the prediction so far, start over against it. Measured knees admit the plateau past B*."""
+    current = state.profile or profile
+    planner = planner.model_copy(update={"admit_plateau": True})
+    before = best_variant(current, device, planner, variants) if device is not None else (0, current.b_star)
+    after = best_variant(measured, device, planner, variants) if device is not None else (0, measured.b_star)
+    change = ("the plan changes: the policy re-packs when the live shape agrees" if after[0] != before[0]
+              else "the same N")
+    reason = (f"the profile measured beside the replicas replaces the prediction: plan for the profiled shape "
+              f"N={before[0]} B*={before[1]} -> N={after[0]} B*={after[1]}: {change}")
+    state = state.model_copy(update={"profile": measured, "samples": [], "check": None, "measured_at": now})
+    return RefitOutcome(state=state, profile=measured, refit_reason=reason, plan_from=before, plan_to=after)

@@ -32,6 +32,7 @@ state saved over a re-pack would scale its warming variant to zero), and the nex
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -39,6 +40,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from advisor.profiler import Profile
 from advisor.refit import LiveSample
 from cluster.autoscaler import NeededDevices, ResourceRequest, describe, resource_request
 from cluster.inventory import DeviceRead, NodeCache, device_changes
@@ -53,6 +55,7 @@ POLICY_KWARGS_KEY = "plateau"
 POLICY_FUNCTION = "deployments.autoscale:PlateauAutoscaler"  # what config.yaml names as the app's policy
 BOARD_LOOKUP_EVERY_S = 10.0
 MIN_DECODE_STEPS = 5  # a replica's decode steps in its rate window before they make a live sample
+MEASURED_POLL_S = 10.0  # how often a model on a predicted plan looks for its measured profile
 
 
 class _VariantInput(BaseModel):
@@ -180,6 +183,46 @@ class _Call:
         return self._done.is_set()
 
 
+class MeasuredProfiles:
+    """Profiles measured beside serving replicas (a first start's), which the Advisor publishes in
+    Ray's internal KV under the key the builder named (`ModelPolicyInput.measured_key`): each key is
+    read at most every `every_s` seconds, on a daemon thread (`in_background`; tests read in the
+    tick), until its profile is there. A value that does not parse is logged once and ignored."""
+
+    def __init__(self, store: StateStore, every_s: float = MEASURED_POLL_S, in_background: bool = True):
+        self._store, self.every_s, self._in_background = store, every_s, in_background
+        self._found: dict[str, Profile] = {}
+        self._asked_at: dict[str, float] = {}
+        self._reading: dict[str, _Call] = {}
+        self._bad: set[str] = set()
+
+    def get(self, key: str, now: float) -> Optional[Profile]:
+        if key in self._found:
+            return self._found[key]
+        call = self._reading.get(key)
+        if call is not None and not call.done():
+            return None
+        self._reading.pop(key, None)
+        if now - self._asked_at.get(key, -math.inf) >= self.every_s:
+            self._asked_at[key] = now
+            if self._in_background:
+                self._reading[key] = _Call(self._read, key)
+            else:
+                self._read(key)
+        return self._found.get(key)
+
+    def _read(self, key: str) -> None:
+        raw = self._store.get(key)
+        if raw is None or key in self._bad:
+            return
+        try:
+            self._found[key] = Profile.model_validate_json(raw)
+        except ValueError as exc:
+            self._bad.add(key)
+            logger.error("plateau policy: the measured profile at %r does not parse (%s); the model keeps its "
+                         "predicted plan", key, exc)
+
+
 class PlateauAutoscaler:
     def __init__(self, evaluate_every_s: float = 1.0, publish_every_s: float = 2.0,
                  store: Optional[StateStore] = None, board=None,
@@ -215,6 +258,7 @@ class PlateauAutoscaler:
         self._watch: Optional[DeviceWatch] = None
         self._watching: Optional[tuple[DeviceRead, float]] = None  # what the watch reads, and how often
         self._seen_devices: Optional[list[str]] = None  # device names last used, to log a change once
+        self._measured = MeasuredProfiles(self._store, in_background=watch_in_background)
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
         now = time.time()
@@ -252,7 +296,8 @@ class PlateauAutoscaler:
         cfg = first.policy
         self._restore(app, first.deploy_id)
         pctx = PolicyContext(now=now, devices=self._devices(first), may_add_devices=first.cluster_autoscaling,
-                             models=[ModelView(input=inputs[m], variants=views[m]) for m in sorted(inputs)])
+                             models=[ModelView(input=inputs[m], variants=views[m], measured=self._measured_for(inputs[m], now))
+                                     for m in sorted(inputs)])
         out = decide(pctx, self.state, cfg)
         self.state = out.state
         self._save(app, first.deploy_id)
@@ -265,6 +310,13 @@ class PlateauAutoscaler:
             self._publish(app, out, cfg)
             self._last_routes, self._last_publish = routes, now
         return {ids[dep]: n for dep, n in out.targets.items() if dep in ids}
+
+    def _measured_for(self, inp: ModelPolicyInput, now: float) -> Optional[Profile]:
+        """The measured profile of a model that started on a prediction, until the policy took it."""
+        refit = self.state.refits.get(inp.model)
+        if inp.measured_key is None or (refit is not None and refit.measured_at is not None):
+            return None
+        return self._measured.get(inp.measured_key, now)
 
     def _devices(self, v: _VariantInput) -> list[DeviceCapacity]:
         """The devices growth packs onto: the latest reading of the cluster's (on a fixed cluster with

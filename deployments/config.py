@@ -69,6 +69,12 @@ class ModelConfig(BaseModel):
         None, description="the variant (N) the model starts on, one of `variants`; omit to start on the plan's N "
                           "(benchmarks and tests that need a fixed start set it)",
     )
+    first_start: Literal["auto", "predict", "profile"] = Field(
+        "auto", description="auto with no stored profile for the device: `predict` serves at once on the performance "
+                            "model's plan and measures the profile beside the replicas (the policy plans with it, the "
+                            "next start serves its plan); `profile` profiles before serving; `auto` predicts on CPUs "
+                            "and profiles first on GPUs",
+    )
     max_num_seqs: int = Field(32, ge=1, le=4096, description="per-replica batch cap (B), 1..4096 (auto: planned)")
     kv_cache_bytes: Optional[ByteSize] = Field(
         None, description="KV pool per replica, e.g. 512MiB or 2GiB; omit to let vLLM size it (auto: planned)"

@@ -52,7 +52,7 @@ RESULT = "RESULT "  # a child's one line of JSON facts
 LOG = "LOG "  # a child's progress line, relayed to stderr
 GIB = 1 << 30
 REPORT = "attach this output to the bug report"
-SETUP_GPU = "`GPU=1 make setup` (installs CUDA vLLM and PyPI's CUDA torch; README: Running on GPUs)"
+SETUP_GPU = "`GPU=1 make setup` (installs CUDA vLLM and PyPI's CUDA torch; docs/gpu-clusters.md)"
 GPM_PERMISSION_FIX = (
     "GPU performance counters are admin-only on this host: in a container start it with `--cap-add SYS_ADMIN` "
     "(outside one run as root; drivers R565+ also accept CAP_PERFMON), or let every user read them: "

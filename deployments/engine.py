@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, MutableMapping, Optional, Sequence
 
 from advisor.locks import file_lock, lock_holder, node_lock_dir
-from advisor.niceness import undo_worker_niceness
+from advisor.niceness import undo_worker_niceness, yield_to_serving
 from advisor.nvml import gpu_uuid
 from advisor.sharing import MPS_THREAD_PERCENTAGE_ENV
 from deployments.spec import ReplicaSpec
@@ -341,9 +341,12 @@ def serve_log_targets_kept() -> Iterator[None]:
                 handler.setTarget(target)
 
 
-def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None) -> "AsyncLLM":
-    """Build the replica's `AsyncLLM` (blocks until the engine is ready)."""
-    warning = undo_worker_niceness()
+def start_engine(spec: ReplicaSpec, cores: Optional[Sequence[int]] = None, stat_loggers: Optional[list] = None,
+                 yield_cpu: bool = False) -> "AsyncLLM":
+    """Build the replica's `AsyncLLM` (blocks until the engine is ready). `yield_cpu`: an engine that
+    measures beside serving replicas runs below them (nice YIELD_NICENESS), so their requests win the
+    cores; any other engine runs at normal priority."""
+    warning = yield_to_serving() if yield_cpu else undo_worker_niceness()
     if warning:
         logger.warning(warning)
     apply_engine_env(spec, cores, os.environ)

@@ -76,8 +76,10 @@ def advisor_request(m: ModelConfig, cluster: ClusterView, inventory: Inventory, 
     `store` is the app's shared profile store (None: each node's own)."""
     from deployments.profiling import AdvisorRequest
 
+    device = "cuda" if cluster.engine_device == "cuda" else "cpu"
+    first_start = m.first_start if m.first_start != "auto" else ("predict" if device == "cpu" else "profile")
     return AdvisorRequest(
-        model=m.model, device="cuda" if cluster.engine_device == "cuda" else "cpu",
+        model=m.model, device=device, first_start=first_start,
         shape=WorkloadShape(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens),
         tpot_slo_ms=m.tpot_slo_ms, dtype=m.dtype, max_model_len=m.max_model_len, enforce_eager=m.enforce_eager,
         device_memory=inventory.smallest_memory_bytes if m.device_type else None, store_dir=store,
@@ -209,7 +211,7 @@ def apply_plan(pending: PendingPlan, wait=ray.get) -> tuple[ModelConfig, Optiona
     for warning in plan.warnings:
         logger.warning("plan for %s%s: %s", m.served_name, on, warning)
     try:  # the profile of the device the plan was made on (a device task's, on a node of the model's type)
-        profile = stored_profile(pending.request, plan.device_name, plan.sharing)
+        profile = plan.profile if plan.predicted else stored_profile(pending.request, plan.device_name, plan.sharing)
     except AdvisorError:
         profile = None
     if profile is None:
@@ -230,8 +232,9 @@ def plan_summary(plan: ReplicaPlan) -> list[str]:
     sms = f", {plan.mps_thread_percentage}% of the SMs each" if plan.mps_thread_percentage else ""
     measured = plan.validation or plan.measured_gain
     gain = f", measured {measured.gain:+.0%} with {measured.replicas} engines" if measured is not None else ""
-    head = (f"N={plan.replicas_per_device}, max_num_seqs {plan.max_num_seqs}{sharing}{sms}{gain}"
-            + (" (provisional)" if plan.provisional else ""))
+    state = (" (provisional: predicted; the profile is measured beside the replicas: see the `measured` decision)"
+             if plan.predicted else " (provisional)" if plan.provisional else "")
+    head = f"N={plan.replicas_per_device}, max_num_seqs {plan.max_num_seqs}{sharing}{sms}{gain}{state}"
     return [head] + [f"warning: {w}" for w in plan.warnings]
 
 
@@ -258,13 +261,17 @@ def _device_for_plans(profile: Profile, inventory: Inventory, cluster: ClusterVi
 
 
 def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, device: str,
-                 profile: Optional[Profile], key: Optional[str] = None, sharing: Optional[str] = None) -> ModelLayout:
+                 profile: Optional[Profile], key: Optional[str] = None, sharing: Optional[str] = None,
+                 measured_key: Optional[str] = None) -> ModelLayout:
     """Variants, engine specs and replica bounds of one model whose N is resolved; `key` (default
     the served name) names its variants and its model in the policy (`<name>@<type>` for one of
     several device types); `sharing` (the plan's) caps each variant's SMs under MPS, also where the
-    profile behind the plan is not readable here."""
+    profile behind the plan is not readable here. `measured_key`: the profile is a prediction whose
+    measured replacement the policy picks up there."""
     name = key or m.served_name
-    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len)
+    planner = PlannerConfig(device_memory_fraction=m.device_memory_fraction, max_model_len=m.max_model_len,
+                            # a predicted curve plans B*: only a measured batch past the knee sets the cap
+                            admit_plateau=not (profile is not None and profile.predicted))
     dev = None
     other_batch = m.max_num_seqs  # the batch cap of the variants other than the planned N
     if profile is not None:
@@ -328,7 +335,7 @@ def layout_model(m: ModelConfig, cluster: ClusterView, inventory: Inventory, dev
     high = max(m.max_replicas or start, low)
     initial = min(max(start, low), high)
     inp = ModelPolicyInput(model=name, variants=variants, min_replicas=low, max_replicas=high, profile=profile,
-                           device=dev, planner=planner, device_type=m.device_type)
+                           device=dev, planner=planner, device_type=m.device_type, measured_key=measured_key)
     return ModelLayout(config=m, policy_input=inp, specs=specs, active_n=start_n, initial_replicas=initial)
 
 

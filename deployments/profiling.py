@@ -11,6 +11,7 @@ under interference, and a flagged profile is never reused for a later plan.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +54,9 @@ from deployments.replica_stats import ReplicaStats, stat_logger_factory
 from deployments.spec import DeviceKind, EngineKwargValue, ReplicaResources, ReplicaSpec
 
 KV_POLL_S = 0.05
+# CPU cores an idle serving stack keeps busy (Ray, Serve, the replicas and their idle engines): 0.42-0.45
+# of 2 cores measured beside `make run`'s two replicas; a profile beside replicas allows this much more.
+SERVING_IDLE_CORES = 0.5
 PROFILING_LEN_MARGIN_TOKENS = 16  # max_model_len above the longest profiled sequence
 
 
@@ -210,7 +214,7 @@ def engine_peak_bytes(after_start_bytes: int, used_before: int, points: Sequence
 class VllmBatchRunner:
     """Runs closed batches on one AsyncLLM; use as a context manager (shuts the engine down)."""
 
-    def __init__(self, spec: ReplicaSpec, seed: int = 0, cores: Optional[list[int]] = None):
+    def __init__(self, spec: ReplicaSpec, seed: int = 0, cores: Optional[list[int]] = None, yield_cpu: bool = False):
         self.spec = spec
         self.max_batch = spec.max_num_seqs
         self.stats = ReplicaStats()
@@ -222,7 +226,7 @@ class VllmBatchRunner:
         self._used_before = self._device.memory_used() if self._device is not None else 0
         # the engine dies with this process, however it ends (a device task cancelled at its time limit)
         ensure_reaper()
-        self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)])
+        self.engine = start_engine(spec, cores, [stat_logger_factory(self.stats)], yield_cpu=yield_cpu)
         self._loop = asyncio.new_event_loop()
         self._rng = random.Random(seed)
         self.num_kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks
@@ -359,6 +363,11 @@ class AdvisorRequest(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=1, description="Context length the served replicas start with "
                                                                  "(the plan's KV pool holds at least one such sequence).")
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Quiet wait, repeat and interference limits.")
+    first_start: Literal["profile", "predict"] = Field(
+        "profile", description="Without a trusted stored profile: profile first (`profile`), or plan from the "
+                               "performance model's prediction for this device at once (`predict`; the profile is "
+                               "measured later, beside the serving replicas). A device the model cannot predict "
+                               "profiles first either way.")
 
     @property
     def kind(self) -> DeviceKind:
@@ -487,13 +496,19 @@ def load_probe(req: AdvisorRequest, cores: Optional[list[int]] = None) -> CpuLoa
     return CpuLoadProbe(engine_pids, cores, gpu_others(sampler) if sampler else None)
 
 
-def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Profile, str]:
+def profile_model(req: AdvisorRequest, log: Callable[[str], None], beside: bool = False) -> tuple[Profile, str]:
     """Wait for a quiet device, run the adaptive sweep on a real engine, measure it again while it
-    is flagged as noisy (`noise.profile_retries`), store it with its noise; return it and the path."""
+    is flagged as noisy (`noise.profile_retries`), store it with its noise; return it and the path.
+    `beside`: serving replicas share the device; the engine runs below them (`yield_cpu`), so their
+    load shows as interference and a point taken under it is measured again, and a trusted profile is
+    also published for the app's policy (`publish_measured`), which switches to its plan live."""
+    asked = req  # the app's policy finds the profile under this request's key
+    if beside and req.kind == "cpu":  # the idle serving stack is part of the device's quiet now
+        req = req.model_copy(update={"noise": req.noise.model_copy(update={"serving_cores": SERVING_IDLE_CORES})})
     cfg = req.noise
     for attempt in range(1, cfg.profile_retries + 2):
         quiet = wait_for_quiet(load_probe(req), cfg, log)
-        profile = _measure_profile(req, log, quiet)
+        profile = _measure_profile(req, log, quiet, yield_cpu=beside)
         sharing = device_sharing(req)
         profile = profile.model_copy(update={"sharing": sharing.mode if sharing else None})
         profile = profile.model_copy(update={"noise": profile.noise.model_copy(update={"attempts": attempt})})
@@ -508,10 +523,27 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None]) -> tuple[Prof
             f"start profiles again")
     else:
         log(f"[profile] noise: {profile.noise.reason}")
-    return profile, req.store().put_profile(profile)
+    where = req.store().put_profile(profile)
+    if beside and profile.trusted:
+        publish_measured(asked, profile)
+        log("[profile] measured profile stored and handed to the app's policy, which re-plans with it")
+    return profile, where
 
 
-def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: QuietWait) -> Profile:
+def measured_key(req: AdvisorRequest) -> str:
+    """Where a profile measured beside serving replicas is published for the app's policy (Ray's
+    internal KV): one key per advisor request, which the app builder names in the policy's input."""
+    return "measured/" + hashlib.sha256(req.model_dump_json().encode()).hexdigest()[:24]
+
+
+def publish_measured(req: AdvisorRequest, profile: Profile) -> None:
+    from cluster.state_store import RayInternalKV
+
+    RayInternalKV().put(measured_key(req), profile.model_dump_json().encode())
+
+
+def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: QuietWait,
+                     yield_cpu: bool = False) -> Profile:
     folder, memory = _memory(req)
     rules = PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms)
     sweep = SweepConfig(max_points=req.max_points, min_tokens_per_point=req.min_tokens_per_point, noise=req.noise)
@@ -527,7 +559,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
         log(f"[profile] [{bar}] point {i}: batch {p.batch:4d} ctx {p.context_tokens:6.0f} -> "
             f"{p.tokens_per_s:8.1f} tok/s, TPOT p50 {p.tpot_p50_ms:7.1f} ms, KV {p.kv_usage:5.1%}{_noise_note(p)}")
 
-    with VllmBatchRunner(spec) as runner:
+    with VllmBatchRunner(spec, yield_cpu=yield_cpu) as runner:
         kv_allocated = runner.num_kv_blocks * runner.kv_block_tokens * memory.kv_bytes_per_token
         after_start = runner.engine_memory_bytes()
         try:
@@ -546,7 +578,7 @@ def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: Qui
     if req.kind == "cpu":
         profile = profile.model_copy(update={"cores": len(usable_cores())})
         if req.share_point:
-            profile = _with_share_point(profile, spec, req, sweep, progress, log)
+            profile = _with_share_point(profile, spec, req, sweep, progress, log, yield_cpu)
     return profile
 
 
@@ -559,14 +591,14 @@ def _noise_note(p: ProfilePoint) -> str:
 
 
 def _with_share_point(profile: Profile, spec: ReplicaSpec, req: AdvisorRequest, cfg: SweepConfig, progress,
-                      log) -> Profile:
+                      log, yield_cpu: bool = False) -> Profile:
     """On CPU: B* again on half the cores, so the planner knows how throughput scales with cores."""
     cores = usable_cores()
     if len(cores) < 2:
         return profile
     half = cores[: len(cores) // 2]
     log(f"[profile] share point: B*={profile.b_star} on {len(half)} of {len(cores)} cores")
-    with VllmBatchRunner(spec, cores=half) as runner:
+    with VllmBatchRunner(spec, cores=half, yield_cpu=yield_cpu) as runner:
         point = measure(runner, profile.b_star, req.shape, None, cfg, load_probe(req))
     progress(point, len(profile.points) + len(profile.fit_points) + 1)
     measured = profile.points + profile.fit_points + [point]
@@ -610,6 +642,10 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
     if profile is not None and not profile.trusted:
         log(f"[plan] not reusing the stored profile: {profile.distrust_reason}; profiling again")
         profile = None
+    if profile is None and req.first_start == "predict":
+        plan = predicted_first_plan(req, memory, name, log)
+        if plan is not None:
+            return plan
     if profile is None:
         log("[plan] no stored profile for this model/device/engine/dtype: profiling first")
         profile, _ = profiler(req, log)
@@ -650,6 +686,40 @@ def plan_model(req: AdvisorRequest, log: Callable[[str], None],
         plan = plan.model_copy(update={"reasons": plan.reasons + [note], "provisional": profile.noise.flagged})
     if req.validate_plan:
         plan = plan.model_copy(update={"validation": validate(req, folder, memory, profile, plan, log)})
+    return plan
+
+
+PREDICTED_FIRST_REASON = ("provisional: predicted: no measured profile of this model on this device yet, so it serves "
+                          "at once on the performance model's plan; the profile is measured beside the replicas while "
+                          "load allows, the app's policy plans with it from then on, and the next start serves its plan")
+
+
+def predicted_first_plan(req: AdvisorRequest, memory: MemoryModel, name: str,
+                         log: Callable[[str], None]) -> Optional[ReplicaPlan]:
+    """The plan a first start serves on before its profile exists: the performance model's
+    prediction for this device (a CPU: its bandwidth measured now, a few seconds), carrying the
+    predicted profile it was made from. None where the model cannot predict the device (a GPU not
+    in advisor/perf_constants.json): that start profiles first."""
+    from advisor.perfmodel import (PerfModelError, engine_for_named_device, load_constants, measure_memory_bandwidth,
+                                   predicted_plan, this_cpu)
+
+    if req.kind != "cpu":
+        log("[plan] a first start on a GPU profiles first (its prediction is not checked against a measurement yet)")
+        return None
+    constants = load_constants()
+    log("[plan] no stored profile: measuring this CPU's memory bandwidth for a predicted plan (a few seconds)")
+    dev = this_cpu(constants.device("cpu"), measure_memory_bandwidth(repeats=8),
+                   measure_memory_bandwidth(threads=1, repeats=8))
+    eng, source = engine_for_named_device(constants, "cpu", req.store(), lambda *_: memory)
+    cfg = PlannerConfig(max_model_len=req.max_model_len)
+    try:
+        plan, profile = predicted_plan(req.model, memory, name, dev, _device_spec(req, name), eng, source, req.shape,
+                                       cfg=cfg, rules=PlateauRules(tpot_p99_slo_ms=req.tpot_slo_ms))
+    except (PerfModelError, PlanError) as exc:
+        raise AdvisorError(str(exc)) from None
+    plan = plan.model_copy(update={"provisional": True, "reasons": [PREDICTED_FIRST_REASON] + plan.reasons,
+                                   "profile": profile})
+    log(f"[plan] predicted plan: N={plan.replicas_per_device}, max_num_seqs {plan.max_num_seqs} (provisional)")
     return plan
 
 

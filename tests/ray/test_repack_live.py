@@ -238,8 +238,8 @@ def test_every_metric_the_readme_names_is_scraped(shifted, prometheus):
     if prometheus is None:
         pytest.skip(f"no Prometheus: {INSTALL_HINT}")
     prom, since = prometheus
-    names = [n for n in readme_metrics((ROOT / "README.md").read_text()) if n not in GPU_ONLY_METRICS]
-    assert len(names) >= 20, names  # the README lists the board's, the replicas' and the counter
+    names = [n for n in readme_metrics((ROOT / "docs" / "observability.md").read_text()) if n not in GPU_ONLY_METRICS]
+    assert len(names) >= 20, names  # docs/observability.md lists the board's, the replicas' and the counter
     with httpx.Client(timeout=30) as client:
         assert missing_series(client, prom.url, names, since, time.time()) == []
 

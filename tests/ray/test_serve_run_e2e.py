@@ -276,7 +276,7 @@ def test_guidellm_completes_a_sweep_with_its_backend_check_on(served, smollm2_pa
 
 
 def test_fan_out_past_vllms_own_limits_is_refused_with_400_and_the_server_keeps_serving(served):
-    """The README's security table: `n` and a completions prompt list are capped by vLLM's own limits
+    """The security table (docs/faults-and-security.md): `n` and a completions prompt list are capped by vLLM's own limits
     (VLLM_MAX_N_SEQUENCES 16384, VLLM_MAX_COMPLETION_PROMPTS 1024), checked before anything runs."""
     with httpx.Client(base_url=served.base_url, timeout=120) as http:
         many_n = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1,

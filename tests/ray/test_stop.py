@@ -1,4 +1,4 @@
-"""The README's stop for `make run` in the background: `plateau stop`.
+"""The documented stop for `make run` in the background: `plateau stop`.
 
 `serve run config.yaml` runs as `make run` starts it (the Makefile's variables; Ray's default
 authentication: a local cluster with token auth, the token written to ~/.ray/auth_token), in the

@@ -56,7 +56,7 @@ PEAK_OVERHEAD = 3 * GIB  # the prefill activations of the long fit prompts, free
 class _FakeEngineRunner(FakeRunner):
     """`VllmBatchRunner`'s surface: an engine holding weights, KV and 1 GiB after start."""
 
-    def __init__(self, spec, seed=0, cores=None):
+    def __init__(self, spec, seed=0, cores=None, yield_cpu=False):
         super().__init__(max_batch=spec.max_num_seqs)
         self.cores = cores
         self.num_kv_blocks = KV_BLOCKS
