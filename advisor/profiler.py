@@ -34,6 +34,7 @@ def execution_mode(enforce_eager: bool) -> ExecutionMode:
 
 PREDICTED_ENGINE_VERSION = "predicted"  # the engine_version of a profile the performance model built
 
+
 class WorkloadShape(BaseModel):
     """Prompt and output lengths of the requests a profile is measured with."""
 

@@ -37,12 +37,7 @@ from deployments.vllm_api import openai_schema
 logger = logging.getLogger("ray.serve")
 
 
-def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = None,
-          has_policy: bool = False) -> Application:
-    """The app for `args` on `cluster`. `has_policy`: the app runs the plateau policy, so a model
-    served on a predicted plan gets the variants its measured plan may move it to."""
-    from deployments.profiling import measured_key
-
+def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = None) -> Application:
     read = DeviceRead(declared_gpu_memory=int(args.device_memory) if args.device_memory else None,
                       use_gpus=uses_gpus(args.device, cluster))
     inventory = inventory or read.inventory()
@@ -68,7 +63,7 @@ def build(args: AppArgs, cluster: ClusterView, inventory: Optional[Inventory] = 
         if key in pending:
             m, profile, plan = apply_plan(pending[key])
             plans[key], sharing = plan_summary(plan), plan.sharing
-            measured = measured_key(pending[key].request) if plan.predicted and has_policy else None
+            measured = pending[key].request.measured_key if plan.predicted else None
         layouts.append(layout_model(m, views[key], devices[key], args.device, profile, key=key, sharing=sharing,
                                     measured_key=measured))
     needed = place(layouts, inventory, autoscaling=args.cluster_autoscaling)
@@ -162,32 +157,25 @@ def build_app(raw_args: Optional[dict] = None) -> Application:
     # an unset api_key_env fails here, before anything starts; an empty key starts an open server, said aloud
     if (warning := open_access_warning(args)) is not None:
         logger.warning(warning)
-    configs = _serve_app_configs()
-    check_policy_configured(args, raw_args, configs)
-    return build(args, ClusterView.from_ray(), has_policy=policy_configured(raw_args, configs))
-
-
-def _our_configs(raw_args: Optional[dict], app_configs: list[dict]) -> list[dict]:
-    return [c for c in app_configs if str(c.get("import_path", "")).startswith("deployments.app:")
-            and (c.get("args") or {}) == (raw_args or {})]
-
-
-def policy_configured(raw_args: Optional[dict], app_configs: list[dict]) -> bool:
-    """Whether this app runs the plateau policy. The builder is not told the app's
-    `autoscaling_policy`, but Serve's controller writes the config (with it) to its checkpoint
-    before it starts the build task, so the builder reads the app configs back and looks for the one
-    built by this builder with these args."""
-    return any((c.get("autoscaling_policy") or {}).get("policy_function") == POLICY_FUNCTION
-               for c in _our_configs(raw_args, app_configs))
+    check_policy_configured(args, raw_args, _serve_app_configs())
+    return build(args, ClusterView.from_ray())
 
 
 def check_policy_configured(args: AppArgs, raw_args: Optional[dict], app_configs: list[dict]) -> None:
     """Elastic models (variants, min/max_replicas) need the app-level plateau policy: without it
-    Serve's default policy would scale their variant deployments (min_replicas 0, no delays)."""
+    Serve's default policy would scale their variant deployments (min_replicas 0, no delays).
+
+    The builder is not told the app's `autoscaling_policy`, but Serve's controller writes the
+    config (with it) to its checkpoint before it starts the build task, so the builder reads the
+    app configs back and looks for the one built by this builder with these args.
+    """
     elastic = [m.served_name for m in args.models if m.elastic]
-    if not elastic or policy_configured(raw_args, app_configs):
+    if not elastic:
         return
-    ours = _our_configs(raw_args, app_configs)
+    ours = [c for c in app_configs if str(c.get("import_path", "")).startswith("deployments.app:")
+            and (c.get("args") or {}) == (raw_args or {})]
+    if any((c.get("autoscaling_policy") or {}).get("policy_function") == POLICY_FUNCTION for c in ours):
+        return
     found = "no Serve application config with these args was found" if not ours else \
         f"its autoscaling_policy is {ours[0].get('autoscaling_policy')!r}"
     raise AppConfigError(

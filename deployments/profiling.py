@@ -393,6 +393,12 @@ class AdvisorRequest(BaseModel):
     def mode(self) -> ExecutionMode:
         return execution_mode(self.eager)
 
+    @property
+    def measured_key(self) -> str:
+        """Where a profile measured beside serving replicas is published for the app's policy (Ray's
+        internal KV): one key per request, which the app builder names in the policy's input."""
+        return "measured/" + hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:24]
+
     def store(self) -> ProfileStore:
         """The store named by `store_dir` (a folder is created if missing, unless it is a shared one), else this
         node's own."""
@@ -501,7 +507,7 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None], beside: bool 
     is flagged as noisy (`noise.profile_retries`), store it with its noise; return it and the path.
     `beside`: serving replicas share the device; the engine runs below them (`yield_cpu`), so their
     load shows as interference and a point taken under it is measured again, and a trusted profile is
-    also published for the app's policy (`publish_measured`), which switches to its plan live."""
+    also published for the app's policy (`publish_measured`), which plans with it from then on."""
     asked = req  # the app's policy finds the profile under this request's key
     if beside and req.kind == "cpu":  # the idle serving stack is part of the device's quiet now
         req = req.model_copy(update={"noise": req.noise.model_copy(update={"serving_cores": SERVING_IDLE_CORES})})
@@ -530,16 +536,10 @@ def profile_model(req: AdvisorRequest, log: Callable[[str], None], beside: bool 
     return profile, where
 
 
-def measured_key(req: AdvisorRequest) -> str:
-    """Where a profile measured beside serving replicas is published for the app's policy (Ray's
-    internal KV): one key per advisor request, which the app builder names in the policy's input."""
-    return "measured/" + hashlib.sha256(req.model_dump_json().encode()).hexdigest()[:24]
-
-
 def publish_measured(req: AdvisorRequest, profile: Profile) -> None:
     from cluster.state_store import RayInternalKV
 
-    RayInternalKV().put(measured_key(req), profile.model_dump_json().encode())
+    RayInternalKV().put(req.measured_key, profile.model_dump_json().encode())
 
 
 def _measure_profile(req: AdvisorRequest, log: Callable[[str], None], quiet: QuietWait,

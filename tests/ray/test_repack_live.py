@@ -234,7 +234,7 @@ def test_every_dashboard_query_has_data_in_a_real_prometheus(shifted, prometheus
                detail=lambda: report(checks))
 
 
-def test_every_metric_the_readme_names_is_scraped(shifted, prometheus):
+def test_every_metric_the_docs_name_is_scraped(shifted, prometheus):
     if prometheus is None:
         pytest.skip(f"no Prometheus: {INSTALL_HINT}")
     prom, since = prometheus

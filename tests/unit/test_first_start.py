@@ -233,7 +233,7 @@ def test_a_profile_measured_beside_replicas_is_published_under_the_key_the_build
     from advisor.noise import QuietWait
 
     req = _cpu_request(tmp_path, first_start="predict")
-    key = profiling.measured_key(req)  # what the app builder puts in the policy's input
+    key = req.measured_key  # what the app builder puts in the policy's input
     seen, published = [], {}
     monkeypatch.setattr(profiling, "wait_for_quiet", lambda probe, cfg, log: seen.append(cfg) or QuietWait(
         quiet=True, waited_s=0.0, load=None))
@@ -244,7 +244,7 @@ def test_a_profile_measured_beside_replicas_is_published_under_the_key_the_build
     clean = make_profile(model=req.model).model_copy(update={"noise": ProfileNoise(
         limits=NoiseConfig(), worst_cv=0.01, flagged=False, reason="quiet")})
     monkeypatch.setattr(profiling, "_measure_profile", lambda r, log, quiet, yield_cpu=False: clean)
-    monkeypatch.setattr(profiling, "publish_measured", lambda r, p: published.setdefault(profiling.measured_key(r), p))
+    monkeypatch.setattr(profiling, "publish_measured", lambda r, p: published.setdefault(r.measured_key, p))
     profiling.profile_model(req, lambda line: None, beside=True)
     assert seen[0].serving_cores == profiling.SERVING_IDLE_CORES  # measured with the serving stack allowed
     assert list(published) == [key]
